@@ -1,0 +1,67 @@
+//! What an operator can set.
+
+use np_identity::Name;
+use std::time::Duration;
+
+/// Limits and identity of a relay. Every field is public so a binary can fill it from flags.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// The relay's own name, sent in every Challenge and signed into every Join.
+    pub name: Name,
+    /// Identities allowed to use the relay; `None` (or an empty list) means any identity the key
+    /// directory knows.
+    pub allow: Option<Vec<Name>>,
+    /// Connections that have not finished authenticating, at most; beyond it a new connection
+    /// gets a Refused and is closed at once.
+    pub max_preauth: usize,
+    /// Time from accept to a verified Join.
+    pub auth_deadline: Duration,
+    /// Time the first side of a session waits for the second.
+    pub pairing_deadline: Duration,
+    /// A paired session with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Sessions (waiting or paired) one identity may take part in at once.
+    pub max_sessions_per_identity: usize,
+    /// Sessions (waiting or paired) on the relay at once.
+    pub max_sessions: usize,
+    /// How long a session whose first side timed out is remembered, so a late second side gets
+    /// "pairing deadline passed" instead of waiting alone for a peer that gave up.
+    pub expired_memory: Duration,
+    /// Bytes buffered in the relay per direction of a paired session.
+    pub forward_buffer: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            name: default_name(),
+            allow: None,
+            max_preauth: 1024,
+            auth_deadline: Duration::from_secs(5),
+            pairing_deadline: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            max_sessions_per_identity: 64,
+            max_sessions: 4096,
+            expired_memory: Duration::from_secs(60),
+            forward_buffer: 256 * 1024,
+        }
+    }
+}
+
+fn default_name() -> Name {
+    match "@relay".parse() {
+        Ok(n) => n,
+        Err(_) => unreachable!("\"@relay\" is a valid name"),
+    }
+}
+
+impl RelayConfig {
+    /// Whether `identity` may use this relay (before looking up its keys).
+    pub fn allows(&self, identity: &Name) -> bool {
+        match &self.allow {
+            None => true,
+            Some(list) if list.is_empty() => true,
+            Some(list) => list.contains(identity),
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! The tokio shell around [`Pairing`]: accept, authenticate, hand paired streams to
+//! [`forward`](crate::forward), enforce deadlines.
+//!
+//! Each connection is one task. A first side waits in its own task for a [`Outcome`]; the
+//! second side's task hands its stream over and ends, so the first side's task forwards both.
+//! A reaper task wakes at [`Pairing::poll_timeout`] and refuses sides whose peer never came.
+
+use crate::config::RelayConfig;
+use crate::directory::KeyDirectory;
+use crate::forward::{forward, Ended};
+use crate::pairing::{Decision, PairKey, Pairing, PairingLimits};
+use crate::proto::{join_transcript, short_hex, Join, RelayMsg, MAX_PREAUTH_FRAME};
+use crate::refusal::Refusal;
+use np_wire::io::read_frame;
+use np_wire::{decode_msg, encode_msg, WireError};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinSet;
+
+/// Listen backlog: a burst of connections is accepted (and then limited by `max_preauth`)
+/// instead of being dropped by the kernel. Linux caps it at net.core.somaxconn (4096 here).
+const BACKLOG: u32 = 4096;
+/// Time allowed to deliver a Refused frame and read what the side still sends before closing,
+/// so the close is a FIN after the reason rather than a reset that could destroy it.
+const REFUSE_LINGER: Duration = Duration::from_millis(250);
+/// Bytes read and dropped while lingering after a refusal.
+const REFUSE_DRAIN: usize = 64 * 1024;
+
+/// Counters an operator (or a test) can read at any time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Connections that have not finished authenticating.
+    pub preauth: usize,
+    /// Sessions held (waiting for a side or paired).
+    pub sessions: usize,
+    /// Sessions waiting for their second side.
+    pub waiting: usize,
+    /// Sessions forwarding bytes.
+    pub forwarding: usize,
+    /// TCP connections the relay holds open, in any state.
+    pub connections: usize,
+    /// Sessions remembered as expired (to refuse late sides).
+    pub expired: usize,
+}
+
+/// What the reaper or a second side tells a waiting first side.
+enum Outcome {
+    /// The second side arrived; this is its stream.
+    Paired(TcpStream),
+    /// The session cannot go on.
+    Refused(Refusal),
+}
+
+struct Table {
+    pairing: Pairing<u64>,
+    waiters: HashMap<u64, oneshot::Sender<Outcome>>,
+}
+
+struct Inner {
+    config: RelayConfig,
+    directory: Arc<dyn KeyDirectory>,
+    table: Mutex<Table>,
+    /// Wakes the reaper when a new deadline is set.
+    wake: Notify,
+    preauth: AtomicUsize,
+    connections: AtomicUsize,
+    forwarding: AtomicUsize,
+    next_conn: AtomicU64,
+}
+
+impl Inner {
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the lock leaves a table that is still consistent enough to
+        // serve: every mutation is a handful of map operations.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stats(&self) -> RelayStats {
+        let t = self.table();
+        RelayStats {
+            preauth: self.preauth.load(Ordering::SeqCst),
+            sessions: t.pairing.sessions(),
+            waiting: t.pairing.waiting(),
+            forwarding: self.forwarding.load(Ordering::SeqCst),
+            connections: self.connections.load(Ordering::SeqCst),
+            expired: t.pairing.expired(),
+        }
+    }
+}
+
+/// A cheap handle on a running relay, for statistics.
+#[derive(Clone)]
+pub struct RelayHandle {
+    inner: Arc<Inner>,
+}
+
+impl RelayHandle {
+    /// Current counters.
+    pub fn stats(&self) -> RelayStats {
+        self.inner.stats()
+    }
+}
+
+/// A bound relay; [`Relay::run`] serves it.
+pub struct Relay {
+    listener: TcpListener,
+    inner: Arc<Inner>,
+}
+
+impl Relay {
+    /// Binds the relay's single listening port.
+    pub async fn bind(
+        addr: SocketAddr,
+        config: RelayConfig,
+        directory: Arc<dyn KeyDirectory>,
+    ) -> io::Result<Relay> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(BACKLOG)?;
+        let limits = PairingLimits {
+            deadline: config.pairing_deadline,
+            expired_memory: config.expired_memory,
+            max_per_identity: config.max_sessions_per_identity,
+            max_sessions: config.max_sessions,
+        };
+        Ok(Relay {
+            listener,
+            inner: Arc::new(Inner {
+                config,
+                directory,
+                table: Mutex::new(Table {
+                    pairing: Pairing::new(limits),
+                    waiters: HashMap::new(),
+                }),
+                wake: Notify::new(),
+                preauth: AtomicUsize::new(0),
+                connections: AtomicUsize::new(0),
+                forwarding: AtomicUsize::new(0),
+                next_conn: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The address the relay listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A handle for reading statistics while [`Relay::run`] owns the relay.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> RelayStats {
+        self.inner.stats()
+    }
+
+    /// Serves until `shutdown` completes, then drops every connection.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let Relay { listener, inner } = self;
+        tracing::info!(
+            relay = %inner.config.name,
+            addr = ?listener.local_addr().ok(),
+            "relay listening"
+        );
+        let mut tasks = JoinSet::new();
+        tasks.spawn(reap(inner.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, addr)) => {
+                        let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+                        let counted = Counted::new(&inner);
+                        tasks.spawn(serve(inner.clone(), stream, addr, conn, counted));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = tasks.join_next() => {}
+            }
+        }
+        tracing::info!("relay shutting down");
+        tasks.shutdown().await;
+        Ok(())
+    }
+
+    /// Runs the relay on the current tokio runtime until the returned handle's task is aborted.
+    pub fn spawn(self) -> (RelayHandle, tokio::task::JoinHandle<io::Result<()>>) {
+        let handle = self.handle();
+        (handle, tokio::spawn(self.run(std::future::pending())))
+    }
+}
+
+/// Counts a connection (and, until [`Counted::authenticated`], a pre-auth one) while alive.
+struct Counted {
+    inner: Arc<Inner>,
+    preauth: bool,
+    over_limit: bool,
+}
+
+impl Counted {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.connections.fetch_add(1, Ordering::SeqCst);
+        let before = inner.preauth.fetch_add(1, Ordering::SeqCst);
+        Counted {
+            inner: inner.clone(),
+            preauth: true,
+            over_limit: before >= inner.config.max_preauth,
+        }
+    }
+
+    fn authenticated(&mut self) {
+        if std::mem::take(&mut self.preauth) {
+            self.inner.preauth.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.authenticated();
+        self.inner.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Ends a paired session in the table when its forwarding stops, however it stops.
+struct SessionGuard {
+    inner: Arc<Inner>,
+    key: PairKey,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.inner.table().pairing.end(&self.key);
+    }
+}
+
+async fn serve(
+    inner: Arc<Inner>,
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    conn: u64,
+    mut counted: Counted,
+) {
+    if counted.over_limit {
+        // No task time, no lingering: one non-blocking write of a tiny frame, then close.
+        let _ = stream.try_write(&encode_msg(&RelayMsg::Refused {
+            reason: Refusal::TooManyUnauthenticated.to_string(),
+        }));
+        tracing::debug!(%addr, reason = %Refusal::TooManyUnauthenticated, "refused");
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let auth = tokio::time::timeout(inner.config.auth_deadline, authenticate(&inner, &mut stream));
+    let (join, key) = match auth.await {
+        Err(_) => return refuse(stream, Refusal::AuthTimeout, conn, None).await,
+        Ok(Err(Some(refusal))) => return refuse(stream, refusal, conn, None).await,
+        Ok(Err(None)) => {
+            tracing::debug!(conn, "closed before authenticating");
+            return;
+        }
+        Ok(Ok(joined)) => joined,
+    };
+    let session = short_hex(&join.session);
+    let role = join.role;
+    let (decision, rx) = {
+        let mut t = inner.table();
+        let decision = t.pairing.join(&key, role, conn, Instant::now());
+        match decision {
+            Decision::Wait => {
+                let (tx, rx) = oneshot::channel();
+                t.waiters.insert(conn, tx);
+                (Decision::Wait, Some(Handoff::Wait(rx)))
+            }
+            Decision::Pair { first } => match t.waiters.remove(&first) {
+                Some(tx) => (Decision::Pair { first }, Some(Handoff::Give(tx))),
+                None => {
+                    // Cannot happen: waiters and pairing change under one lock. Stay safe.
+                    t.pairing.end(&key);
+                    (Decision::Refuse(Refusal::DeadlinePassed), None)
+                }
+            },
+            refuse => (refuse, None),
+        }
+    };
+    counted.authenticated();
+    match (decision, rx) {
+        (Decision::Refuse(refusal), _) => refuse(stream, refusal, conn, Some(&session)).await,
+        (Decision::Wait, Some(Handoff::Wait(rx))) => {
+            inner.wake.notify_one();
+            tracing::debug!(%session, %role, conn, "waiting for peer");
+            wait_then_forward(inner, stream, key, session, conn, rx).await;
+        }
+        (Decision::Pair { .. }, Some(Handoff::Give(tx))) => {
+            tracing::debug!(%session, %role, conn, "peer found");
+            if let Err(Outcome::Paired(stream)) = tx.send(Outcome::Paired(stream)) {
+                // The first side's task is gone (only at shutdown); give up the session.
+                inner.table().pairing.end(&key);
+                refuse(stream, Refusal::ShuttingDown, conn, Some(&session)).await;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The channel end a connection keeps after its Join: a receiver to wait on, or the first
+/// side's sender to hand itself over.
+enum Handoff {
+    Wait(oneshot::Receiver<Outcome>),
+    Give(oneshot::Sender<Outcome>),
+}
+
+/// Sends the Challenge and checks the Join. `Err(None)` means the side went away silently.
+async fn authenticate(
+    inner: &Inner,
+    stream: &mut TcpStream,
+) -> Result<(Join, PairKey), Option<Refusal>> {
+    let nonce = np_identity::random32().map_err(|_| None)?;
+    let challenge = RelayMsg::Challenge {
+        relay: inner.config.name.clone(),
+        nonce,
+    };
+    stream
+        .write_all(&encode_msg(&challenge))
+        .await
+        .map_err(|_| None)?;
+    let frame = match read_frame(stream, MAX_PREAUTH_FRAME).await {
+        Ok(Some(frame)) => frame,
+        Ok(None) | Err(WireError::Truncated | WireError::Io(_)) => return Err(None),
+        Err(e) => return Err(Some(Refusal::Malformed(e.to_string()))),
+    };
+    let join: Join = decode_msg(&frame).map_err(|e| Some(Refusal::Malformed(e.to_string())))?;
+    check_join(inner, &nonce, &join).await.map_err(Some)?;
+    let key = PairKey::new(&join.identity, join.role, join.session, &join.peer);
+    Ok((join, key))
+}
+
+/// Allow list, key lookup, signature: in that order, before any state is kept.
+async fn check_join(inner: &Inner, nonce: &[u8; 32], join: &Join) -> Result<(), Refusal> {
+    if !inner.config.allows(&join.identity) {
+        return Err(Refusal::NotAllowed(join.identity.clone()));
+    }
+    let keys = inner
+        .directory
+        .lookup(&join.identity)
+        .await
+        .ok_or_else(|| Refusal::UnknownIdentity(join.identity.clone()))?;
+    let transcript = join_transcript(
+        &inner.config.name,
+        nonce,
+        &join.identity,
+        join.role,
+        &join.session,
+        &join.peer,
+    );
+    np_identity::verify(&keys.signing, &transcript, &join.sig).map_err(|_| Refusal::BadSignature)
+}
+
+async fn wait_then_forward(
+    inner: Arc<Inner>,
+    mut stream: TcpStream,
+    key: PairKey,
+    session: String,
+    conn: u64,
+    mut rx: oneshot::Receiver<Outcome>,
+) {
+    let waiting = encode_msg(&RelayMsg::Waiting);
+    if stream.write_all(&waiting).await.is_err() {
+        withdraw_or_wait(&inner, &key, conn);
+    }
+    // Watch for the waiting side hanging up, so its place is freed before the deadline. If it
+    // sends bytes early (allowed: they are for the peer) stop watching and leave them queued.
+    let mut watch = true;
+    let mut probe = [0u8; 1];
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut rx => break outcome.ok(),
+            peeked = stream.peek(&mut probe), if watch => match peeked {
+                Ok(0) | Err(_) => {
+                    if withdraw_or_wait(&inner, &key, conn) {
+                        tracing::debug!(%session, conn, "waiting side left");
+                        return;
+                    }
+                    watch = false;
+                }
+                Ok(_) => watch = false,
+            },
+        }
+    };
+    let mut other = match outcome {
+        Some(Outcome::Paired(other)) => other,
+        Some(Outcome::Refused(refusal)) => {
+            return refuse(stream, refusal, conn, Some(&session)).await;
+        }
+        None => {
+            withdraw_or_wait(&inner, &key, conn);
+            return;
+        }
+    };
+    let _guard = SessionGuard {
+        inner: inner.clone(),
+        key: key.clone(),
+    };
+    inner.forwarding.fetch_add(1, Ordering::SeqCst);
+    let _counted = DecOnDrop(&inner.forwarding);
+    let paired = encode_msg(&RelayMsg::Paired);
+    let mut second_hello = encode_msg(&RelayMsg::Waiting);
+    second_hello.extend_from_slice(&paired);
+    let hello = async {
+        stream.write_all(&paired).await?;
+        other.write_all(&second_hello).await
+    };
+    match tokio::time::timeout(inner.config.auth_deadline, hello).await {
+        Ok(Ok(())) => {}
+        _ => {
+            tracing::debug!(%session, "a side left while being paired");
+            return;
+        }
+    }
+    tracing::info!(%session, "session paired");
+    let started = Instant::now();
+    let (ended, moved) = forward(
+        &mut stream,
+        &mut other,
+        inner.config.forward_buffer,
+        inner.config.idle_timeout,
+    )
+    .await;
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match ended {
+        Ok(Ended::Closed) => tracing::info!(
+            %session, first_to_second = moved.a_to_b, second_to_first = moved.b_to_a,
+            elapsed_ms, "session closed"
+        ),
+        Ok(Ended::Idle) => tracing::info!(
+            %session, first_to_second = moved.a_to_b, second_to_first = moved.b_to_a,
+            elapsed_ms, reason = "idle timeout", "session closed"
+        ),
+        Err(e) => tracing::info!(
+            %session, first_to_second = moved.a_to_b, second_to_first = moved.b_to_a,
+            elapsed_ms, error = %e, "session ended by a side"
+        ),
+    }
+}
+
+struct DecOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for DecOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Frees a waiting side's place. Returns false if it was paired meanwhile (its outcome is then
+/// on the way and the caller must wait for it).
+fn withdraw_or_wait(inner: &Inner, key: &PairKey, conn: u64) -> bool {
+    let mut t = inner.table();
+    if t.pairing.withdraw(key, conn) {
+        t.waiters.remove(&conn);
+        true
+    } else {
+        false
+    }
+}
+
+/// Tells the side why, then closes without a reset (see [`REFUSE_LINGER`]).
+async fn refuse(mut stream: TcpStream, refusal: Refusal, conn: u64, session: Option<&str>) {
+    tracing::debug!(conn, session = session.unwrap_or("-"), reason = %refusal, "refused");
+    let frame = encode_msg(&RelayMsg::Refused {
+        reason: refusal.to_string(),
+    });
+    let linger = async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < REFUSE_DRAIN {
+            let n = stream.read(&mut sink).await?;
+            if n == 0 {
+                break;
+            }
+            drained += n;
+        }
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(REFUSE_LINGER, linger).await;
+}
+
+/// Refuses waiting sides whose deadline passed.
+async fn reap(inner: Arc<Inner>) {
+    loop {
+        let next = inner.table().pairing.poll_timeout();
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = sleep => {}
+            () = inner.wake.notified() => continue,
+        }
+        let expired: Vec<_> = {
+            let mut t = inner.table();
+            let conns = t.pairing.expire(Instant::now());
+            conns
+                .into_iter()
+                .filter_map(|c| t.waiters.remove(&c))
+                .collect()
+        };
+        for tx in expired {
+            let _ = tx.send(Outcome::Refused(Refusal::DeadlinePassed));
+        }
+    }
+}
