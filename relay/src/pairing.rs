@@ -333,7 +333,10 @@ mod tests {
         );
         assert_eq!((p.sessions(), p.waiting()), (1, 0));
         assert!(p.expire(t0 + Duration::from_secs(11)).is_empty());
-        assert!(!p.withdraw(&key(1), 1), "paired connections do not withdraw");
+        assert!(
+            !p.withdraw(&key(1), 1),
+            "paired connections do not withdraw"
+        );
         p.end(&key(1));
         assert_eq!(p.sessions(), 0);
         assert_eq!(p.held_by(&name("@alice")), 0);

@@ -272,7 +272,10 @@ async fn serve(
         return;
     }
     let _ = stream.set_nodelay(true);
-    let auth = tokio::time::timeout(inner.config.auth_deadline, authenticate(&inner, &mut stream));
+    let auth = tokio::time::timeout(
+        inner.config.auth_deadline,
+        authenticate(&inner, &mut stream),
+    );
     let (join, key) = match auth.await {
         Err(_) => return refuse(stream, Refusal::AuthTimeout, conn, None).await,
         Ok(Err(Some(refusal))) => return refuse(stream, refusal, conn, None).await,

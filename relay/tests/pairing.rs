@@ -32,8 +32,10 @@ fn refused_with(r: Result<TcpStream, JoinError>, want: &str) {
 async fn pair_and_talk_both_ways_with_half_close() {
     let w = world(quick()).await;
     let (mut c, mut d) = w.pair(session(1)).await;
-    w.stats_until("one forwarding session", |s| s.forwarding == 1 && s.sessions == 1)
-        .await;
+    w.stats_until("one forwarding session", |s| {
+        s.forwarding == 1 && s.sessions == 1
+    })
+    .await;
     c.write_all(b"hello device").await.unwrap();
     let mut buf = [0u8; 12];
     d.read_exact(&mut buf).await.unwrap();
@@ -116,8 +118,10 @@ async fn device_first_then_client_and_waiting_is_visible() {
         let w = w.clone();
         async move { w.device(s).await }
     });
-    w.stats_until("one waiting session", |st| st.waiting == 1 && st.preauth == 0)
-        .await;
+    w.stats_until("one waiting session", |st| {
+        st.waiting == 1 && st.preauth == 0
+    })
+    .await;
     let mut c = w.client(s).await.unwrap();
     let mut d = dev.await.unwrap().unwrap();
     c.write_all(b"hi").await.unwrap();
@@ -145,7 +149,10 @@ async fn no_join_times_out() {
 async fn garbage_and_oversized_frames_are_refused() {
     let w = world(quick()).await;
     let reason = send_raw(w.addr, &[0xff, 0xff, 0xff, 0xff]).await.unwrap();
-    assert!(reason.starts_with("malformed join: frame of 4294967295 bytes exceeds"), "{reason}");
+    assert!(
+        reason.starts_with("malformed join: frame of 4294967295 bytes exceeds"),
+        "{reason}"
+    );
     let reason = send_raw(w.addr, &[0, 0, 16, 1]).await.unwrap();
     assert!(reason.contains("exceeds the limit of 4096"), "{reason}");
     let mut garbage = 12u32.to_be_bytes().to_vec();
@@ -159,8 +166,14 @@ async fn garbage_and_oversized_frames_are_refused() {
     challenge(&mut s).await;
     let (mut r, mut wr) = s.split();
     let (_, reason) = tokio::join!(
-        async { let _ = wr.write_all(&lots).await; },
-        async { tokio::time::timeout(Duration::from_secs(5), refusal_half(&mut r)).await.unwrap() }
+        async {
+            let _ = wr.write_all(&lots).await;
+        },
+        async {
+            tokio::time::timeout(Duration::from_secs(5), refusal_half(&mut r))
+                .await
+                .unwrap()
+        }
     );
     assert!(reason.unwrap().starts_with("malformed join"));
     // Random garbage of many shapes: a refusal or a close, never a stuck relay.
@@ -172,7 +185,9 @@ async fn garbage_and_oversized_frames_are_refused() {
         let mut s = TcpStream::connect(w.addr).await.unwrap();
         challenge(&mut s).await;
         s.write_all(&bytes).await.unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(5), refusal(&mut s)).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), refusal(&mut s))
+            .await
+            .unwrap();
     }
     w.idle().await;
     // Still serving.
@@ -280,7 +295,8 @@ async fn third_party_with_the_session_id_never_pairs() {
     w.stats_until("client waiting", |st| st.waiting == 1).await;
     // Mallory, enrolled and correctly signed, claims to be the device for Alice's session.
     refused_with(
-        w.join_as(&w.mallory, MALLORY, Role::Device, sid, ALICE).await,
+        w.join_as(&w.mallory, MALLORY, Role::Device, sid, ALICE)
+            .await,
         "pairing deadline passed",
     );
     refused_with(first.await.unwrap(), "pairing deadline passed");
@@ -295,7 +311,8 @@ async fn identity_not_in_allow_list_is_refused() {
     })
     .await;
     refused_with(
-        w.join_as(&w.mallory, MALLORY, Role::Client, session(11), DEV).await,
+        w.join_as(&w.mallory, MALLORY, Role::Client, session(11), DEV)
+            .await,
         "identity @mallory is not allowed on this relay",
     );
     let (_c, _d) = w.pair(session(12)).await;
@@ -306,7 +323,8 @@ async fn unknown_identity_is_refused() {
     let w = world(quick()).await;
     let eve = Keys::generate().unwrap();
     refused_with(
-        w.join_as(&eve, "@eve", Role::Client, session(13), DEV).await,
+        w.join_as(&eve, "@eve", Role::Client, session(13), DEV)
+            .await,
         "unknown identity @eve",
     );
     w.idle().await;
@@ -344,17 +362,23 @@ async fn session_limits() {
     let mut waiting = Vec::new();
     for i in 0..2 {
         let w2 = w.clone();
-        waiting.push(tokio::spawn(async move { w2.client(session(20 + i)).await }));
+        waiting.push(tokio::spawn(
+            async move { w2.client(session(20 + i)).await },
+        ));
     }
     w.stats_until("two waiting", |st| st.waiting == 2).await;
     refused_with(w.client(session(22)).await, "too many sessions for @alice");
     let m = tokio::spawn({
         let w = w.clone();
-        async move { w.join_as(&w.mallory, MALLORY, Role::Client, session(23), DEV).await }
+        async move {
+            w.join_as(&w.mallory, MALLORY, Role::Client, session(23), DEV)
+                .await
+        }
     });
     w.stats_until("three waiting", |st| st.waiting == 3).await;
     refused_with(
-        w.join_as(&w.mallory, MALLORY, Role::Client, session(24), DEV).await,
+        w.join_as(&w.mallory, MALLORY, Role::Client, session(24), DEV)
+            .await,
         "relay is full",
     );
     m.abort();
@@ -422,9 +446,14 @@ async fn waiting_side_that_leaves_frees_its_place() {
     .await;
     let mut s = TcpStream::connect(w.addr).await.unwrap();
     let (relay, nonce) = challenge(&mut s).await;
-    s.write_all(&encode_msg(&signed_join(&w.alice, &relay, &nonce, session(32))))
-        .await
-        .unwrap();
+    s.write_all(&encode_msg(&signed_join(
+        &w.alice,
+        &relay,
+        &nonce,
+        session(32),
+    )))
+    .await
+    .unwrap();
     w.stats_until("waiting", |st| st.waiting == 1).await;
     drop(s);
     w.idle().await;
