@@ -210,8 +210,7 @@ mod tests {
         p1: &[u8],
         p2: &[u8],
     ) -> Result<(SessionKeys, SessionKeys), SessionError> {
-        let (init, msg1) =
-            Initiator::start(client.x25519_private(), &device.public().x25519, p1)?;
+        let (init, msg1) = Initiator::start(client.x25519_private(), &device.public().x25519, p1)?;
         assert_eq!(msg1.len(), HANDSHAKE_MSG_LEN);
         let (msg2, dev_keys) =
             Responder::respond(device.x25519_private(), &client.public().x25519, p2, &msg1)?;

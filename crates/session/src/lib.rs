@@ -17,7 +17,6 @@ pub mod handshake;
 pub mod mux;
 pub mod record;
 
-
 pub use error::SessionError;
 pub use handshake::{Initiator, Responder, Role, SessionKeys};
 

@@ -113,9 +113,7 @@ impl Sealer {
                 Aad::from(header),
                 &mut out[start + HEADER_LEN..],
             )
-            .map_err(|_| {
-                SessionError::Crypto
-            });
+            .map_err(|_| SessionError::Crypto);
         let tag = match tag {
             Ok(t) => t,
             Err(e) => {
@@ -297,7 +295,10 @@ mod tests {
                 got.push(r.to_vec());
             }
         }
-        assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        assert_eq!(
+            got,
+            vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
     }
 
     #[test]
@@ -310,7 +311,9 @@ mod tests {
                 t[i] ^= bit;
                 match open_all(&t) {
                     Err(_) => {}
-                    Ok(got) => panic!("flip at {i} yielded {got:?} (expected error, clean {expected:?})"),
+                    Ok(got) => {
+                        panic!("flip at {i} yielded {got:?} (expected error, clean {expected:?})")
+                    }
                 }
                 // Also: no record after the flipped one is ever returned, and records before it
                 // are exactly the originals.
@@ -350,7 +353,12 @@ mod tests {
         s.seal(b"r0", &mut r0).expect("seal");
         s.seal(b"r1", &mut r1).expect("seal");
         s.seal(b"r2", &mut r2).expect("seal");
-        let cat = |parts: &[&Vec<u8>]| parts.iter().flat_map(|p| p.iter().copied()).collect::<Vec<u8>>();
+        let cat = |parts: &[&Vec<u8>]| {
+            parts
+                .iter()
+                .flat_map(|p| p.iter().copied())
+                .collect::<Vec<u8>>()
+        };
         assert!(open_all(&cat(&[&r1, &r0, &r2])).is_err());
         assert!(open_all(&cat(&[&r0, &r2])).is_err());
         assert!(open_all(&cat(&[&r0, &r0, &r1])).is_err());
@@ -383,7 +391,10 @@ mod tests {
         let mut s = Sealer::new(&K);
         let mut out = vec![1, 2, 3];
         let big = vec![0u8; MAX_RECORD_PLAINTEXT + 1];
-        assert!(matches!(s.seal(&big, &mut out), Err(SessionError::RecordTooLarge { .. })));
+        assert!(matches!(
+            s.seal(&big, &mut out),
+            Err(SessionError::RecordTooLarge { .. })
+        ));
         assert_eq!(out, vec![1, 2, 3]);
         assert_eq!(s.counter(), 0);
     }
@@ -397,11 +408,20 @@ mod tests {
         s.seal(b"a", &mut out).expect("seal");
         s.seal(b"b", &mut out).expect("seal");
         let before = out.len();
-        assert!(matches!(s.seal(b"c", &mut out), Err(SessionError::KeyExhausted)));
+        assert!(matches!(
+            s.seal(b"c", &mut out),
+            Err(SessionError::KeyExhausted)
+        ));
         assert_eq!(out.len(), before);
         o.push(&out);
-        assert_eq!(o.next().expect("a").map(|b| b.to_vec()), Some(b"a".to_vec()));
-        assert_eq!(o.next().expect("b").map(|b| b.to_vec()), Some(b"b".to_vec()));
+        assert_eq!(
+            o.next().expect("a").map(|b| b.to_vec()),
+            Some(b"a".to_vec())
+        );
+        assert_eq!(
+            o.next().expect("b").map(|b| b.to_vec()),
+            Some(b"b".to_vec())
+        );
         assert_eq!(o.next().expect("none"), None);
         // A record forged to sit past the limit is refused without being opened.
         let mut rogue = Sealer::with_counter(&K, limit, u64::MAX);
@@ -420,7 +440,10 @@ mod tests {
         out.extend_from_slice(b"payload");
         s.seal_tail(&mut out, start).expect("seal");
         assert_eq!(&out[..start], b"prefix");
-        assert_eq!(open_all(&out[start..]).expect("open"), vec![b"payload".to_vec()]);
+        assert_eq!(
+            open_all(&out[start..]).expect("open"),
+            vec![b"payload".to_vec()]
+        );
     }
 
     proptest! {
