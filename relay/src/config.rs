@@ -27,8 +27,17 @@ pub struct RelayConfig {
     /// How long a session whose first side timed out is remembered, so a late second side gets
     /// "pairing deadline passed" instead of waiting alone for a peer that gave up.
     pub expired_memory: Duration,
-    /// Bytes buffered in the relay per direction of a paired session.
+    /// Bytes buffered in the relay per direction of a paired session (the user-space buffer, or
+    /// the pipe size with `zero_copy`). 256 KiB per read keeps system calls per GiB low; the
+    /// memory it costs is paid only by paired sessions, and only for pages data went through.
     pub forward_buffer: usize,
+    /// Forward with `splice(2)` through a pipe (Linux) instead of copying through user space.
+    ///
+    /// Off by default: on these machines (loopback, 2 cores, 4 GiB per run, release) the copy
+    /// loop with 256 KiB buffers moved 2.5–3.0 GiB/s and the splice path 1.9–2.1 GiB/s
+    /// (`tests/throughput.rs`). The splice path drains its pipe fully before reading again;
+    /// overlapping the two may change the verdict.
+    pub zero_copy: bool,
 }
 
 impl Default for RelayConfig {
@@ -44,6 +53,7 @@ impl Default for RelayConfig {
             max_sessions: 4096,
             expired_memory: Duration::from_secs(60),
             forward_buffer: 256 * 1024,
+            zero_copy: false,
         }
     }
 }

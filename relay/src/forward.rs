@@ -54,18 +54,48 @@ impl Activity {
 /// Forwards `a` <-> `b` until both directions reached EOF, either side failed, or nothing moved
 /// for `idle`. EOF in one direction half-closes the other side's write end and keeps the other
 /// direction flowing.
+///
+/// With `zero_copy` (Linux), bytes go socket -> pipe -> socket through `splice(2)` and the pipe
+/// is the buffer; otherwise (or if no pipe can be made) through a user-space buffer.
 pub(crate) async fn forward(
     a: &mut TcpStream,
     b: &mut TcpStream,
     buffer: usize,
     idle: Duration,
+    zero_copy: bool,
 ) -> (io::Result<Ended>, Moved) {
     let activity = Activity::new();
     let moved_ab = AtomicU64::new(0);
     let moved_ba = AtomicU64::new(0);
-    let (mut ar, mut aw) = a.split();
-    let (mut br, mut bw) = b.split();
+    let pipes = if zero_copy {
+        #[cfg(target_os = "linux")]
+        {
+            crate::splice::Pipe::new(buffer)
+                .and_then(|p| Ok((p, crate::splice::Pipe::new(buffer)?)))
+                .ok()
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            None::<()>
+        }
+    } else {
+        None
+    };
     let both = async {
+        #[cfg(target_os = "linux")]
+        if let Some((pab, pba)) = &pipes {
+            let (a, b) = (&*a, &*b);
+            let count = |moved: &AtomicU64, n: usize| {
+                activity.touch();
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+            };
+            return tokio::try_join!(
+                crate::splice::pump(a, b, pab, buffer, |n| count(&moved_ab, n)),
+                crate::splice::pump(b, a, pba, buffer, |n| count(&moved_ba, n)),
+            );
+        }
+        let (mut ar, mut aw) = a.split();
+        let (mut br, mut bw) = b.split();
         tokio::try_join!(
             pump(&mut ar, &mut bw, buffer, &activity, &moved_ab),
             pump(&mut br, &mut aw, buffer, &activity, &moved_ba),

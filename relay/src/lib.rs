@@ -17,6 +17,8 @@ pub mod pairing;
 pub mod proto;
 mod refusal;
 mod server;
+#[cfg(target_os = "linux")]
+mod splice;
 
 pub use config::RelayConfig;
 pub use directory::{KeyDirectory, Lookup, StaticDirectory};

@@ -448,6 +448,7 @@ async fn wait_then_forward(
         &mut other,
         inner.config.forward_buffer,
         inner.config.idle_timeout,
+        inner.config.zero_copy,
     )
     .await;
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
