@@ -389,8 +389,8 @@ async fn wait_then_forward(
     mut rx: oneshot::Receiver<Outcome>,
 ) {
     let waiting = encode_msg(&RelayMsg::Waiting);
-    if stream.write_all(&waiting).await.is_err() {
-        withdraw_or_wait(&inner, &key, conn);
+    if stream.write_all(&waiting).await.is_err() && withdraw_or_wait(&inner, &key, conn) {
+        return;
     }
     // Watch for the waiting side hanging up, so its place is freed before the deadline. If it
     // sends bytes early (allowed: they are for the peer) stop watching and leave them queued.

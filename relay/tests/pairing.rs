@@ -458,3 +458,49 @@ async fn waiting_side_that_leaves_frees_its_place() {
     drop(s);
     w.idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_everything() {
+    let alice = Keys::generate().unwrap();
+    let dev = Keys::generate().unwrap();
+    let dir = np_relay::StaticDirectory::new()
+        .with(name(ALICE), alice.public())
+        .with(name(DEV), dev.public());
+    let relay = np_relay::Relay::bind("127.0.0.1:0".parse().unwrap(), quick(), Arc::new(dir))
+        .await
+        .unwrap();
+    let addr = relay.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(relay.run(async {
+        let _ = stopped.await;
+    }));
+    let s = session(40);
+    let side = |keys: &'static Keys, me: &'static str, role, peer: &'static str| async move {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        np_relay::join(
+            stream,
+            keys,
+            &name(me),
+            role,
+            s,
+            &name(peer),
+            Some(&name("@relay")),
+        )
+        .await
+        .unwrap()
+    };
+    let alice: &'static Keys = Box::leak(Box::new(alice));
+    let dev: &'static Keys = Box::leak(Box::new(dev));
+    let (mut c, mut d) = tokio::join!(
+        side(alice, ALICE, Role::Client, DEV),
+        side(dev, DEV, Role::Device, ALICE)
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "client not closed at shutdown");
+    let r = tokio::time::timeout(Duration::from_secs(5), d.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "device not closed at shutdown");
+    assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+}

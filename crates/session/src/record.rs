@@ -93,35 +93,42 @@ impl Sealer {
     /// it is the plaintext. On return that tail is a complete record. On error `out` is
     /// truncated back to `start`.
     pub fn seal_tail(&mut self, out: &mut Vec<u8>, start: usize) -> Result<(), SessionError> {
-        let Some(pt_len) = out.len().checked_sub(start + HEADER_LEN) else {
+        if out.len() < start + HEADER_LEN {
+            return Err(SessionError::Truncated);
+        }
+        out.extend_from_slice(&[0u8; TAG_LEN]);
+        let r = match out.get_mut(start..) {
+            Some(record) => self.seal_in_slice(record),
+            None => Err(SessionError::Truncated),
+        };
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
+    }
+
+    /// Seals a record laid out in `record`: 4 bytes reserved for the header, the plaintext, and
+    /// 16 bytes reserved for the tag. Lets a writer lay out several records in one buffer, fill
+    /// them under a lock, and seal them after releasing it.
+    pub fn seal_in_slice(&mut self, record: &mut [u8]) -> Result<(), SessionError> {
+        let Some(pt_len) = record.len().checked_sub(HEADER_LEN + TAG_LEN) else {
             return Err(SessionError::Truncated);
         };
         if pt_len > MAX_RECORD_PLAINTEXT {
-            out.truncate(start);
             return Err(SessionError::RecordTooLarge { len: pt_len });
         }
         if self.counter >= self.limit {
-            out.truncate(start);
             return Err(SessionError::KeyExhausted);
         }
         let header = ((pt_len + TAG_LEN) as u32).to_be_bytes();
-        out[start..start + HEADER_LEN].copy_from_slice(&header);
+        let (head, rest) = record.split_at_mut(HEADER_LEN);
+        head.copy_from_slice(&header);
+        let (plaintext, tag_slot) = rest.split_at_mut(pt_len);
         let tag = self
             .key
-            .seal_in_place_separate_tag(
-                nonce(self.counter),
-                Aad::from(header),
-                &mut out[start + HEADER_LEN..],
-            )
-            .map_err(|_| SessionError::Crypto);
-        let tag = match tag {
-            Ok(t) => t,
-            Err(e) => {
-                out.truncate(start);
-                return Err(e);
-            }
-        };
-        out.extend_from_slice(tag.as_ref());
+            .seal_in_place_separate_tag(nonce(self.counter), Aad::from(header), plaintext)
+            .map_err(|_| SessionError::Crypto)?;
+        tag_slot.copy_from_slice(tag.as_ref());
         self.counter += 1;
         Ok(())
     }

@@ -13,7 +13,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     let mut prefix = [0u8; LEN_PREFIX];
     let mut got = 0;
     while got < LEN_PREFIX {
-        let n = r.read(&mut prefix[got..]).await.map_err(io_err)?;
+        let n = match r.read(&mut prefix[got..]).await {
+            Ok(n) => n,
+            // TLS peers that hang up without close_notify: between frames that is just an end.
+            Err(e) if got == 0 && e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(io_err(e)),
+        };
         if n == 0 {
             return if got == 0 {
                 Ok(None)

@@ -1,0 +1,252 @@
+//! One TLS connection to the control plane, and the task that keeps one up.
+
+use crate::{ClientError, Inner};
+use np_control_proto::{
+    auth_transcript, enroll_transcript, ClientFrame, Delivery, EnrolCode, Reply, Request,
+    ServerFrame, ServerHello, MAX_FRAME, TLS_SERVER_NAME,
+};
+use np_identity::home::ControlConfig;
+use np_identity::{Keys, Name};
+use np_wire::io::{read_msg, write_msg};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Weak;
+use std::time::Duration;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::client::TlsStream;
+
+type Tls = TlsStream<TcpStream>;
+
+/// Time to connect, finish TLS and authenticate.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnection backoff bounds: quick first retries so a restarted server is found within a
+/// second or so, capped so a long outage costs little.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Sequence numbers remembered to drop duplicate pushes (a push can repeat across reconnects).
+const SEEN: usize = 4096;
+
+pub(crate) struct Cmd {
+    pub req: Request,
+    pub reply: oneshot::Sender<Result<Reply, ClientError>>,
+}
+
+pub(crate) struct Conn {
+    rd: ReadHalf<Tls>,
+    wr: WriteHalf<Tls>,
+}
+
+async fn dial(
+    cfg: &ControlConfig,
+) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, [u8; 32]), ClientError> {
+    let address = cfg.address.clone();
+    let tcp = TcpStream::connect(&cfg.address)
+        .await
+        .map_err(|e| ClientError::Connect {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let connector =
+        crate::tls::pinned_connector(&cfg.cert_sha256).map_err(|e| ClientError::Tls {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?;
+    let name = rustls::pki_types::ServerName::try_from(TLS_SERVER_NAME)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ClientError::Tls {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?;
+    let (mut rd, wr) = tokio::io::split(tls);
+    let hello: ServerHello = read_msg(&mut rd, MAX_FRAME)
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .ok_or(ClientError::Disconnected)?;
+    Ok((rd, wr, hello.nonce))
+}
+
+async fn first(
+    rd: &mut ReadHalf<Tls>,
+    wr: &mut WriteHalf<Tls>,
+    req: Request,
+) -> Result<Reply, ClientError> {
+    write_msg(wr, &ClientFrame { id: 1, req })
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    match read_msg::<ServerFrame, _>(rd, MAX_FRAME).await {
+        Ok(Some(ServerFrame::Reply { result: Ok(r), .. })) => Ok(r),
+        Ok(Some(ServerFrame::Reply { result: Err(e), .. })) => Err(ClientError::Refused {
+            code: e.code,
+            message: e.message,
+        }),
+        Ok(Some(other)) => Err(ClientError::Protocol(format!(
+            "unexpected {other:?} before authentication"
+        ))),
+        Ok(None) => Err(ClientError::Disconnected),
+        Err(e) => Err(ClientError::Protocol(e.to_string())),
+    }
+}
+
+impl Conn {
+    /// Connects and authenticates as `me`.
+    pub async fn open(cfg: &ControlConfig, me: &Name, keys: &Keys) -> Result<Conn, ClientError> {
+        let fut = async {
+            let (mut rd, mut wr, nonce) = dial(cfg).await?;
+            let sig = keys.sign(&auth_transcript(&nonce, me)).to_vec();
+            match first(
+                &mut rd,
+                &mut wr,
+                Request::Auth {
+                    name: me.clone(),
+                    sig,
+                },
+            )
+            .await?
+            {
+                Reply::Authenticated { name } if &name == me => Ok(Conn { rd, wr }),
+                other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, fut)
+            .await
+            .map_err(|_| ClientError::Timeout("connecting"))?
+    }
+
+    /// Enrols `me` with `keys` using `code`.
+    pub async fn enroll(
+        cfg: &ControlConfig,
+        me: &Name,
+        keys: &Keys,
+        code: &EnrolCode,
+    ) -> Result<(), ClientError> {
+        let fut = async {
+            let (mut rd, mut wr, nonce) = dial(cfg).await?;
+            let public = keys.public();
+            let sig = keys.sign(&enroll_transcript(&nonce, me, &public)).to_vec();
+            let req = Request::Enroll {
+                secret: code.secret,
+                name: me.clone(),
+                keys: public,
+                sig,
+            };
+            match first(&mut rd, &mut wr, req).await? {
+                Reply::Enrolled { name } if &name == me => Ok(()),
+                other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, fut)
+            .await
+            .map_err(|_| ClientError::Timeout("enrolling"))?
+    }
+}
+
+/// Keeps a connection up until every client handle is dropped.
+pub(crate) async fn run(
+    mut conn: Conn,
+    cfg: ControlConfig,
+    me: Name,
+    inner: Weak<Inner>,
+    mut cmds: mpsc::Receiver<Cmd>,
+    pushes: mpsc::Sender<Delivery>,
+) {
+    let mut seen: VecDeque<u64> = VecDeque::with_capacity(SEEN);
+    loop {
+        let reason = serve(conn, &mut cmds, &pushes, &mut seen).await;
+        let Some(reason) = reason else { return };
+        tracing::warn!(%me, address = %cfg.address, %reason, "control-plane connection lost; reconnecting");
+        let mut backoff = BACKOFF_MIN;
+        conn = loop {
+            tokio::time::sleep(backoff).await;
+            // Everyone is gone: stop instead of reconnecting for nobody.
+            let Some(strong) = inner.upgrade() else {
+                return;
+            };
+            let r = Conn::open(&cfg, &me, &strong.keys).await;
+            drop(strong);
+            match r {
+                Ok(c) => {
+                    tracing::info!(%me, address = %cfg.address, "control-plane connection re-established");
+                    break c;
+                }
+                Err(e) => {
+                    tracing::debug!(%me, error = %e, "reconnect failed");
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        };
+    }
+}
+
+/// Serves one connection; `None` when the client is gone, else why the connection ended.
+async fn serve(
+    conn: Conn,
+    cmds: &mut mpsc::Receiver<Cmd>,
+    pushes: &mpsc::Sender<Delivery>,
+    seen: &mut VecDeque<u64>,
+) -> Option<String> {
+    let Conn { mut rd, mut wr } = conn;
+    let (frames_tx, mut frames) = mpsc::channel::<Result<ServerFrame, String>>(64);
+    // read_msg is not cancel-safe, so reading lives in its own task.
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = match read_msg::<ServerFrame, _>(&mut rd, MAX_FRAME).await {
+                Ok(Some(f)) => Ok(f),
+                Ok(None) => Err("closed by the server".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let end = r.is_err();
+            if frames_tx.send(r).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let mut pending: HashMap<u32, oneshot::Sender<Result<Reply, ClientError>>> = HashMap::new();
+    let mut next_id: u32 = 2;
+    let reason = loop {
+        tokio::select! {
+            cmd = cmds.recv() => {
+                let Some(cmd) = cmd else { reader.abort(); return None };
+                let id = next_id;
+                next_id = next_id.wrapping_add(1).max(2);
+                if let Err(e) = write_msg(&mut wr, &ClientFrame { id, req: cmd.req }).await {
+                    let _ = cmd.reply.send(Err(ClientError::Disconnected));
+                    break e.to_string();
+                }
+                pending.insert(id, cmd.reply);
+            }
+            frame = frames.recv() => match frame {
+                Some(Ok(ServerFrame::Reply { id, result })) => {
+                    if let Some(tx) = pending.remove(&id) {
+                        let _ = tx.send(result.map_err(|e| ClientError::Refused { code: e.code, message: e.message }));
+                    } else if let Err(e) = result {
+                        break format!("server error: {}", e.message);
+                    }
+                }
+                Some(Ok(ServerFrame::Push(d))) => {
+                    if seen.contains(&d.seq) {
+                        continue;
+                    }
+                    if seen.len() == SEEN {
+                        seen.pop_front();
+                    }
+                    seen.push_back(d.seq);
+                    if pushes.send(d).await.is_err() {
+                        return None;
+                    }
+                }
+                Some(Err(e)) => break e,
+                None => break "reader ended".to_string(),
+            }
+        }
+    };
+    reader.abort();
+    for (_, tx) in pending.drain() {
+        let _ = tx.send(Err(ClientError::Disconnected));
+    }
+    Some(reason)
+}

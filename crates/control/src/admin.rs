@@ -1,0 +1,104 @@
+//! The operator's local channel: a Unix socket in the data directory (mode 0600, so only the
+//! operator's account reaches it) through which `np-control enroll` asks the running server for a
+//! code. When no server runs, the tool opens the database itself.
+
+use crate::store::{Store, StoreError};
+use anyhow::{bail, Context, Result};
+use np_control_proto::{AdminReply, AdminRequest, EnrolCode};
+use np_identity::Name;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixStream;
+
+pub(crate) const SOCKET: &str = "admin.sock";
+
+/// Creates a code: a random secret stored (hashed) in the database, with the certificate pin.
+pub(crate) fn new_code(
+    store: &Store,
+    cert_der: &[u8],
+    name: &Name,
+    ttl: Duration,
+) -> Result<String, StoreError> {
+    let mut secret = [0u8; 16];
+    np_identity::random_bytes(&mut secret).map_err(|e| StoreError::Limit(e.to_string()))?;
+    store.issue_code(
+        name,
+        &secret,
+        crate::now_ms().saturating_add(ttl.as_millis() as u64),
+    )?;
+    let mut cert_sha256 = [0u8; 32];
+    cert_sha256.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, cert_der).as_ref());
+    Ok(EnrolCode {
+        secret,
+        cert_sha256,
+    }
+    .to_string())
+}
+
+/// Serves admin requests until the listener fails.
+pub(crate) async fn serve(
+    listener: tokio::net::UnixListener,
+    store: Arc<Store>,
+    cert_der: Arc<Vec<u8>>,
+) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let (store, cert) = (store.clone(), cert_der.clone());
+        tokio::spawn(async move {
+            let req = match np_wire::io::read_msg::<AdminRequest, _>(&mut s, 4096).await {
+                Ok(Some(r)) => r,
+                _ => return,
+            };
+            let reply = match req {
+                AdminRequest::IssueCode { name, ttl_secs } => {
+                    let r = tokio::task::spawn_blocking(move || {
+                        new_code(&store, &cert, &name, Duration::from_secs(ttl_secs))
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(code)) => {
+                            tracing::info!("issued an enrolment code");
+                            AdminReply::Code(code)
+                        }
+                        Ok(Err(e)) => AdminReply::Error(e.to_string()),
+                        Err(e) => AdminReply::Error(e.to_string()),
+                    }
+                }
+            };
+            let _ = np_wire::io::write_msg(&mut s, &reply).await;
+        });
+    }
+}
+
+/// Issues a code for `name`: through the running server's admin socket, or directly in the
+/// database when no server is running.
+pub async fn issue_code(data: &Path, name: &Name, ttl: Duration) -> Result<String> {
+    let sock = data.join(SOCKET);
+    if let Ok(mut s) = UnixStream::connect(&sock).await {
+        let req = AdminRequest::IssueCode {
+            name: name.clone(),
+            ttl_secs: ttl.as_secs(),
+        };
+        np_wire::io::write_msg(&mut s, &req)
+            .await
+            .context("asking the running server for a code")?;
+        return match np_wire::io::read_msg::<AdminReply, _>(&mut s, 4096).await {
+            Ok(Some(AdminReply::Code(c))) => Ok(c),
+            Ok(Some(AdminReply::Error(e))) => bail!("{e}"),
+            _ => bail!("the running server closed the admin socket without an answer"),
+        };
+    }
+    if !data.join(crate::server::DB_FILE).exists() {
+        bail!(
+            "no control-plane data in {}: start the server first with `np-control serve --data {}`",
+            data.display(),
+            data.display()
+        );
+    }
+    let tls = crate::tls::TlsIdentity::load_or_create(data)?;
+    let store = Store::open(&data.join(crate::server::DB_FILE))?;
+    Ok(new_code(&store, &tls.cert_der, name, ttl)?)
+}

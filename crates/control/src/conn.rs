@@ -1,0 +1,386 @@
+//! One client connection: TLS, hello, authentication (or enrolment) within a deadline, then
+//! requests and pushes.
+
+use crate::server::Shared;
+use crate::store::{Store, StoreError};
+use np_control_proto::{
+    auth_transcript, enroll_transcript, ClientFrame, Delivery, ErrorCode, ErrorReply, IdentityInfo,
+    Reply, Request, ServerFrame, ServerHello, MAX_FRAME, MAX_PREAUTH_FRAME, PROTOCOL_VERSION,
+};
+use np_identity::Name;
+use np_wire::io::{read_msg, write_msg};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio_rustls::server::TlsStream;
+
+type Tls = TlsStream<TcpStream>;
+
+/// Largest record value, key and reader list a client may publish.
+const MAX_RECORD_VALUE: usize = 16 * 1024;
+const MAX_RECORD_KEY: usize = 128;
+const MAX_READERS: usize = 64;
+/// Most records one `List` returns.
+const MAX_LIST: usize = 1000;
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+    ErrorReply {
+        code,
+        message: message.into(),
+    }
+}
+
+fn store_err(e: StoreError) -> ErrorReply {
+    match e {
+        StoreError::BadCode => err(ErrorCode::BadCode, e.to_string()),
+        StoreError::CodeUsed => err(ErrorCode::CodeUsed, e.to_string()),
+        StoreError::CodeExpired => err(ErrorCode::CodeExpired, e.to_string()),
+        StoreError::CodeForOtherName(_) => err(ErrorCode::CodeForOtherName, e.to_string()),
+        StoreError::NameTaken(_) => err(ErrorCode::NameTaken, e.to_string()),
+        StoreError::Limit(_) => err(ErrorCode::TooLarge, e.to_string()),
+        StoreError::Db(_) | StoreError::InUse(_) | StoreError::Corrupt(_) => {
+            tracing::error!(error = %e, "storage failure");
+            err(
+                ErrorCode::Internal,
+                "the control plane could not complete this (storage failure); try again",
+            )
+        }
+    }
+}
+
+/// Runs a store operation off the async workers (redb commits wait for the disk).
+async fn db<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ErrorReply> {
+    let s = store.clone();
+    match tokio::task::spawn_blocking(move || f(&s)).await {
+        Ok(r) => r.map_err(store_err),
+        Err(_) => Err(err(ErrorCode::Internal, "storage task failed")),
+    }
+}
+
+/// Serves one connection to its end.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    conn: u64,
+    permit: OwnedSemaphorePermit,
+) {
+    let deadline = shared.cfg.auth_timeout;
+    let authed = tokio::time::timeout(deadline, authenticate(&shared, acceptor, tcp)).await;
+    drop(permit);
+    let (rd, wr, me) = match authed {
+        Err(_) => {
+            tracing::debug!(%peer, "closed: authentication timed out");
+            return;
+        }
+        Ok(Err(reason)) => {
+            tracing::debug!(%peer, %reason, "closed before authentication");
+            return;
+        }
+        Ok(Ok(x)) => x,
+    };
+    tracing::info!(name = %me.name, %peer, conn, "authenticated");
+    let (tx, rx) = mpsc::channel(crate::hub::CONN_QUEUE);
+    let kill = Arc::new(Notify::new());
+    shared.hub.add(&me.name, conn, tx.clone(), kill.clone());
+    // Registered before reading the queue, so a notification arriving in between is pushed (and
+    // perhaps sent twice; clients drop duplicate sequence numbers) rather than missed.
+    let name = me.name.clone();
+    match db(&shared.store, move |s| s.pending(&name, crate::now_ms())).await {
+        Ok(pending) => {
+            for (seq, envelope) in pending {
+                if tx
+                    .send(ServerFrame::Push(Delivery { seq, envelope }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(name = %me.name, error = %e.message, "could not read queued notifications")
+        }
+    }
+    let writer = tokio::spawn(write_loop(rx, wr));
+    let result = tokio::select! {
+        r = read_loop(&shared, &me, rd, &tx) => r,
+        _ = kill.notified() => Err("its push queue was full (client too slow); it will reconnect and catch up".into()),
+    };
+    shared.hub.remove(&me.name, conn);
+    drop(tx);
+    let _ = writer.await;
+    match result {
+        Ok(()) => tracing::info!(name = %me.name, conn, "disconnected"),
+        Err(reason) => tracing::info!(name = %me.name, conn, %reason, "connection closed"),
+    }
+}
+
+async fn write_loop(mut rx: mpsc::Receiver<ServerFrame>, mut wr: WriteHalf<Tls>) {
+    while let Some(frame) = rx.recv().await {
+        if write_msg(&mut wr, &frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn authenticate(
+    shared: &Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, IdentityInfo), String> {
+    let tls = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let nonce = np_identity::random32().map_err(|e| e.to_string())?;
+    write_msg(
+        &mut wr,
+        &ServerHello {
+            version: PROTOCOL_VERSION,
+            nonce,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let frame: ClientFrame = match read_msg(&mut rd, MAX_PREAUTH_FRAME).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err("closed by the client".into()),
+        Err(e) => {
+            // Tell a confused client why, then close.
+            let reply = ServerFrame::Reply {
+                id: 0,
+                result: Err(err(ErrorCode::BadRequest, e.to_string())),
+            };
+            let _ = write_msg(&mut wr, &reply).await;
+            return Err(e.to_string());
+        }
+    };
+    let result = first_request(shared, &nonce, frame.req).await;
+    let reply = ServerFrame::Reply {
+        id: frame.id,
+        result: result
+            .as_ref()
+            .map(|(r, _)| r.clone())
+            .map_err(|e| e.clone()),
+    };
+    write_msg(&mut wr, &reply)
+        .await
+        .map_err(|e| e.to_string())?;
+    match result {
+        Ok((_, info)) => Ok((rd, wr, info)),
+        Err(e) => {
+            let _ = wr.shutdown().await;
+            Err(e.message)
+        }
+    }
+}
+
+async fn first_request(
+    shared: &Arc<Shared>,
+    nonce: &[u8; 32],
+    req: Request,
+) -> Result<(Reply, IdentityInfo), ErrorReply> {
+    match req {
+        Request::Auth { name, sig } => {
+            let n = name.clone();
+            let info = db(&shared.store, move |s| s.identity(&n))
+                .await?
+                .ok_or_else(|| {
+                    err(
+                        ErrorCode::UnknownIdentity,
+                        format!("{name} is not enrolled on this control plane"),
+                    )
+                })?;
+            np_identity::verify(&info.keys.signing, &auth_transcript(nonce, &name), &sig)
+                .map_err(|_| err(ErrorCode::BadSignature, format!("authentication as {name} failed: signature does not verify with its enrolled key")))?;
+            Ok((Reply::Authenticated { name }, info))
+        }
+        Request::Enroll {
+            secret,
+            name,
+            keys,
+            sig,
+        } => {
+            np_identity::verify(&keys.signing, &enroll_transcript(nonce, &name, &keys), &sig)
+                .map_err(|_| {
+                    err(
+                        ErrorCode::BadSignature,
+                        "enrolment signature does not verify",
+                    )
+                })?;
+            let n = name.clone();
+            let info = db(&shared.store, move |s| {
+                s.enroll(&secret, &n, &keys, crate::now_ms())
+            })
+            .await?;
+            tracing::info!(%name, keys = %keys.fingerprint(), "enrolled");
+            Ok((Reply::Enrolled { name }, info))
+        }
+        _ => Err(err(
+            ErrorCode::NotAuthenticated,
+            "authenticate first (Auth or Enroll)",
+        )),
+    }
+}
+
+async fn read_loop(
+    shared: &Arc<Shared>,
+    me: &IdentityInfo,
+    mut rd: ReadHalf<Tls>,
+    tx: &mpsc::Sender<ServerFrame>,
+) -> Result<(), String> {
+    loop {
+        let frame: ClientFrame = match read_msg(&mut rd, MAX_FRAME).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let reply = ServerFrame::Reply {
+                    id: 0,
+                    result: Err(err(ErrorCode::BadRequest, e.to_string())),
+                };
+                let _ = tx.send(reply).await;
+                return Err(e.to_string());
+            }
+        };
+        let result = handle(shared, me, frame.req).await;
+        if tx
+            .send(ServerFrame::Reply {
+                id: frame.id,
+                result,
+            })
+            .await
+            .is_err()
+        {
+            return Err("writer ended".into());
+        }
+    }
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    me: &IdentityInfo,
+    req: Request,
+) -> Result<Reply, ErrorReply> {
+    let store = &shared.store;
+    match req {
+        Request::Auth { .. } | Request::Enroll { .. } => {
+            Err(err(ErrorCode::BadRequest, "already authenticated"))
+        }
+        Request::Ping => Ok(Reply::Pong),
+        Request::Lookup { name } => {
+            let n = name.clone();
+            db(store, move |s| s.identity(&n))
+                .await?
+                .map(Reply::Identity)
+                .ok_or_else(|| {
+                    err(
+                        ErrorCode::UnknownIdentity,
+                        format!("{name} is not enrolled on this control plane"),
+                    )
+                })
+        }
+        Request::Resolve { name } => {
+            let n = name.clone();
+            match db(store, move |s| s.identity(&n)).await? {
+                Some(_) => Ok(Reply::Node {
+                    address: shared.public_address.clone(),
+                }),
+                None => Err(err(
+                    ErrorCode::UnknownIdentity,
+                    format!("{name} is not enrolled on this control plane"),
+                )),
+            }
+        }
+        Request::Publish { record } => {
+            if record.owner != me.name {
+                return Err(err(
+                    ErrorCode::Forbidden,
+                    "a record can only be published by its owner",
+                ));
+            }
+            if record.value.len() > MAX_RECORD_VALUE
+                || record.key.len() > MAX_RECORD_KEY
+                || record.readers.len() > MAX_READERS
+            {
+                return Err(err(ErrorCode::TooLarge, format!("records are limited to a {MAX_RECORD_KEY}-byte key, {MAX_RECORD_VALUE}-byte value and {MAX_READERS} readers")));
+            }
+            np_identity::verify(&me.keys.signing, &record.signed_bytes(), &record.sig)
+                .map_err(|_| err(ErrorCode::BadSignature, "record signature does not verify"))?;
+            db(store, move |s| s.put_record(&record)).await?;
+            Ok(Reply::Published)
+        }
+        Request::Fetch { owner, key } => {
+            let reader = me.name.clone();
+            let (o, k) = (owner.clone(), key.clone());
+            match db(store, move |s| s.record(&o, &k)).await? {
+                Some(r) if r.readable_by(&reader) => Ok(Reply::Record(r)),
+                _ => Err(err(
+                    ErrorCode::NotFound,
+                    format!("no record {key} of {owner} that you may read"),
+                )),
+            }
+        }
+        Request::List { key_prefix } => {
+            let reader = me.name.clone();
+            Ok(Reply::Records(
+                db(store, move |s| {
+                    s.records_for(&reader, &key_prefix, MAX_LIST)
+                })
+                .await?,
+            ))
+        }
+        Request::Notify { envelope, ttl_secs } => notify(shared, me, envelope, ttl_secs).await,
+        Request::Ack { seq } => {
+            let name = me.name.clone();
+            db(store, move |s| s.ack(&name, seq)).await?;
+            Ok(Reply::Acked)
+        }
+    }
+}
+
+async fn notify(
+    shared: &Arc<Shared>,
+    me: &IdentityInfo,
+    envelope: np_identity::Envelope,
+    ttl_secs: u32,
+) -> Result<Reply, ErrorReply> {
+    if envelope.from != me.name {
+        return Err(err(
+            ErrorCode::Forbidden,
+            format!(
+                "envelope claims to be from {}, but you are {}",
+                envelope.from, me.name
+            ),
+        ));
+    }
+    envelope.verify_sender(&me.keys.signing).map_err(|_| {
+        err(
+            ErrorCode::BadSignature,
+            "envelope signature does not verify",
+        )
+    })?;
+    let to: Name = envelope.to.clone();
+    let t = to.clone();
+    if db(&shared.store, move |s| s.identity(&t)).await?.is_none() {
+        return Err(err(
+            ErrorCode::UnknownIdentity,
+            format!("{to} is not enrolled on this control plane"),
+        ));
+    }
+    let ttl_ms = (u64::from(ttl_secs) * 1000).min(shared.cfg.max_ttl.as_millis() as u64);
+    let expires = crate::now_ms().saturating_add(ttl_ms);
+    let env = envelope.clone();
+    let seq = db(&shared.store, move |s| s.enqueue(&env, expires)).await?;
+    let delivered = shared.hub.push(&to, &Delivery { seq, envelope });
+    tracing::debug!(from = %me.name, %to, seq, delivered, "notification accepted");
+    Ok(Reply::Accepted { seq, delivered })
+}

@@ -1,0 +1,162 @@
+//! `np-control`: the np control plane.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use np_control::{ControlServer, ServerConfig};
+use np_identity::Name;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// The np control plane: enrols identities, publishes their signed public records, and carries
+/// end-to-end encrypted notifications between them. It never holds a private key and never
+/// sees a message's plaintext.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the control plane (creates its database and TLS certificate on first start).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "NP_CONTROL_LISTEN", default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Data directory: database, certificate, admin socket [default: ~/.np-control].
+        #[arg(long, env = "NP_CONTROL_DATA")]
+        data: Option<PathBuf>,
+        /// Address to give out in directory lookups, if not the listen address (e.g. a public name).
+        #[arg(long)]
+        public_address: Option<String>,
+        /// Time a new connection has to finish TLS and authenticate.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        auth_timeout: Duration,
+        /// Unauthenticated connections allowed at once; more are closed at once.
+        #[arg(long, default_value_t = 512)]
+        max_preauth: usize,
+        /// Longest a notification waits for an absent recipient.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        max_ttl: Duration,
+        /// How often expired notifications are deleted.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        sweep_interval: Duration,
+    },
+    /// Print a one-time enrolment code for a new identity (only the code, on standard output).
+    ///
+    /// Works while the server runs (through its admin socket) or when it is stopped.
+    Enroll {
+        /// The identity to enrol, e.g. @alice or @alice_device.
+        name: Name,
+        /// The server's data directory [default: ~/.np-control].
+        #[arg(long, env = "NP_CONTROL_DATA")]
+        data: Option<PathBuf>,
+        /// How long the code stays valid.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn default_data(d: Option<PathBuf>) -> PathBuf {
+    d.unwrap_or_else(|| {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join(".np-control")
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Serve {
+            listen,
+            data,
+            public_address,
+            auth_timeout,
+            max_preauth,
+            max_ttl,
+            sweep_interval,
+        } => {
+            let data = default_data(data);
+            let mut cfg = ServerConfig::new(listen, data.clone());
+            cfg.public_address = public_address;
+            cfg.auth_timeout = auth_timeout;
+            cfg.max_preauth = max_preauth;
+            cfg.max_ttl = max_ttl;
+            cfg.sweep_interval = sweep_interval;
+            let server = ControlServer::start(cfg)
+                .await
+                .context("starting the control plane")?;
+            let addr = server.local_addr();
+            let port = addr.port();
+            println!("np-control is running");
+            println!("  listening on   {addr}");
+            println!("  data           {}", data.display());
+            println!("  certificate    sha256:{}", server.fingerprint());
+            println!("To add an identity, run on this machine:");
+            println!("  np-control enroll @NAME --data {}", data.display());
+            println!("and give the printed code to its owner, who runs on their machine:");
+            println!("  np keys new @NAME --control THIS_HOST:{port} --code CODE");
+            tokio::select! {
+                r = server.run() => r,
+                _ = shutdown() => {
+                    tracing::info!("shutting down");
+                    Ok(())
+                }
+            }
+        }
+        Cmd::Enroll { name, data, ttl } => {
+            let data = default_data(data);
+            let code = np_control::issue_code(&data, &name, ttl)
+                .await
+                .with_context(|| format!("issuing a code for {name}"))?;
+            println!("{code}");
+            eprintln!(
+                "one-time code for {name}, valid {}; on its machine run:",
+                humantime::format_duration(ttl)
+            );
+            eprintln!("  np keys new {name} --control HOST:PORT --code {code}");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

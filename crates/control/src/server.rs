@@ -1,0 +1,171 @@
+//! The accept loop: TLS, pre-authentication limits, and the background sweeper.
+
+use crate::hub::Hub;
+use crate::store::Store;
+use crate::tls::TlsIdentity;
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub(crate) const DB_FILE: &str = "control.redb";
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The data directory: database, certificate, admin socket.
+    pub data_dir: PathBuf,
+    /// The address this node gives out in directory lookups (default: the listen address).
+    pub public_address: Option<String>,
+    /// Time a new connection has to finish TLS and authenticate.
+    pub auth_timeout: Duration,
+    /// Connections that may be between accept and authentication at once.
+    pub max_preauth: usize,
+    /// Longest time a notification waits for an absent recipient.
+    pub max_ttl: Duration,
+    /// How often expired notifications are deleted.
+    pub sweep_interval: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for a data directory and listen address.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        ServerConfig {
+            listen,
+            data_dir,
+            public_address: None,
+            auth_timeout: Duration::from_secs(10),
+            max_preauth: 512,
+            max_ttl: Duration::from_secs(7 * 24 * 3600),
+            sweep_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub cfg: ServerConfig,
+    pub store: Arc<Store>,
+    pub hub: Hub,
+    pub public_address: String,
+    pub next_conn: AtomicU64,
+}
+
+/// A running control plane.
+pub struct ControlServer {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    fingerprint: String,
+}
+
+impl ControlServer {
+    /// Opens the data directory (creating the database and certificate on first start), binds
+    /// the listener and the admin socket.
+    pub async fn start(cfg: ServerConfig) -> Result<Self> {
+        let d = &cfg.data_dir;
+        if !d.exists() {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("creating data directory {}", d.display()))?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("securing {}", d.display()))?;
+        }
+        let tls = TlsIdentity::load_or_create(d)?;
+        let store = Arc::new(Store::open(&d.join(DB_FILE))?);
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("listening on {}", cfg.listen))?;
+        let local = listener.local_addr()?;
+        let sock = d.join(crate::admin::SOCKET);
+        let _ = std::fs::remove_file(&sock);
+        let admin = tokio::net::UnixListener::bind(&sock)
+            .with_context(|| format!("binding admin socket {}", sock.display()))?;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+        tokio::spawn(crate::admin::serve(
+            admin,
+            store.clone(),
+            Arc::new(tls.cert_der.clone()),
+        ));
+        let public_address = cfg
+            .public_address
+            .clone()
+            .unwrap_or_else(|| local.to_string());
+        let shared = Arc::new(Shared {
+            cfg,
+            store,
+            hub: Hub::default(),
+            public_address,
+            next_conn: AtomicU64::new(1),
+        });
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
+        Ok(ControlServer {
+            shared,
+            listener,
+            acceptor,
+            fingerprint: tls.fingerprint(),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.shared.cfg.listen)
+    }
+
+    /// SHA-256 of the certificate, as clients pin it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Accepts connections forever.
+    pub async fn run(self) -> Result<()> {
+        let preauth = Arc::new(Semaphore::new(self.shared.cfg.max_preauth));
+        tokio::spawn(sweeper(self.shared.clone()));
+        let mut refused: u64 = 0;
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = preauth.clone().try_acquire_owned() else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(%peer, refused, limit = self.shared.cfg.max_preauth, "too many unauthenticated connections; closing new ones");
+                }
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let shared = self.shared.clone();
+            let acceptor = self.acceptor.clone();
+            let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(crate::conn::serve(
+                shared, acceptor, tcp, peer, conn, permit,
+            ));
+        }
+    }
+}
+
+async fn sweeper(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.cfg.sweep_interval);
+    loop {
+        tick.tick().await;
+        let store = shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.sweep(crate::now_ms())).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(expired = n, "deleted expired notifications"),
+            Ok(Err(e)) => tracing::error!(error = %e, "sweeping expired notifications failed"),
+            Err(e) => tracing::error!(error = %e, "sweeper task failed"),
+        }
+    }
+}
