@@ -1,1 +1,263 @@
+//! Helpers for the end-to-end tests: start the real binaries (built by `cargo build` before the
+//! tests run), enrol identities through them, and speak the raw protocol where a test needs to
+//! misbehave.
+#![allow(clippy::unwrap_used)]
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory holding the built binaries: `$NP_BIN_DIR`, else the target directory this test
+/// executable was built into.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("NP_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/test-xxxx -> target/debug
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// Path of a built binary; panics with a hint if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --workspace` before the tests",
+        p.display()
+    );
+    p
+}
+
+/// A running `np-control` process on its own data directory.
+pub struct Control {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub extra: Vec<String>,
+}
+
+impl Control {
+    /// Starts on 127.0.0.1 with a random port and fresh data; `extra` flags are added to `serve`.
+    pub fn start(extra: &[&str]) -> Control {
+        let dir = tempfile::tempdir().unwrap();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, addr) = spawn_control(dir.path(), "127.0.0.1:0", &extra);
+        Control {
+            child,
+            addr,
+            dir,
+            extra,
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("control.log")
+    }
+
+    /// Kills with SIGKILL (no chance to flush anything) and waits for the exit.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts again on the same data directory and port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The port may linger briefly; retry until it binds.
+            match try_spawn_control(self.dir.path(), &self.addr.to_string(), &self.extra) {
+                Some((child, addr)) => {
+                    self.child = child;
+                    self.addr = addr;
+                    return;
+                }
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                None => panic!("np-control did not restart"),
+            }
+        }
+    }
+
+    /// `np-control enroll NAME`: returns (exit ok, stdout, stderr).
+    pub fn enroll_code(&self, name: &str, extra: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin("np-control"))
+            .args(["enroll", name, "--data"])
+            .arg(self.data())
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    /// A code that must be issued.
+    pub fn code(&self, name: &str) -> String {
+        let (ok, code, err) = self.enroll_code(name, &[]);
+        assert!(ok, "enroll failed: {err}");
+        code
+    }
+
+    /// Creates and enrols `name` in a new home under this test's directory.
+    pub fn identity(&self, name: &str) -> PathBuf {
+        let home = self
+            .dir
+            .path()
+            .join(format!("home-{}", name.trim_start_matches('@')));
+        let code = self.code(name);
+        let (ok, out, err) = np_keys_new(&home, name, &self.addr.to_string(), &code);
+        assert!(ok, "np keys new failed: {out} {err}");
+        home
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn spawn_control(dir: &Path, listen: &str, extra: &[String]) -> (Child, SocketAddr) {
+    try_spawn_control(dir, listen, extra).expect("np-control did not start")
+}
+
+fn try_spawn_control(dir: &Path, listen: &str, extra: &[String]) -> Option<(Child, SocketAddr)> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("control.log"))
+        .unwrap();
+    let mut child = Command::new(bin("np-control"))
+        .args(["serve", "--listen", listen, "--data"])
+        .arg(dir.join("data"))
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("NP_TEST_CONTROL_LOG").unwrap_or_else(|_| "debug".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    while let Some(Ok(line)) = lines.next() {
+        if let Some(a) = line.trim().strip_prefix("listening on") {
+            let addr = a.trim().parse().unwrap();
+            // Keep draining stdout so the server never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines.by_ref() {});
+            return Some((child, addr));
+        }
+    }
+    let _ = child.wait();
+    None
+}
+
+/// Runs `np keys new`; returns (exit ok, stdout, stderr).
+pub fn np_keys_new(home: &Path, name: &str, control: &str, code: &str) -> (bool, String, String) {
+    let out = Command::new(bin("np"))
+        .args([
+            "keys",
+            "new",
+            name,
+            "--control",
+            control,
+            "--code",
+            code,
+            "--home",
+        ])
+        .arg(home)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-file limit as far as allowed (flood tests open thousands).
+pub fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY-free: plain libc calls through the libc crate's safe-to-call wrappers are unsafe fns.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Waits until `f` holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in any file under `dir` (binary search of raw bytes).
+pub fn bytes_in_tree(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
+    files_under(dir).into_iter().find(|p| {
+        std::fs::read(p)
+            .map(|b| b.windows(needle.len()).any(|w| w == needle))
+            .unwrap_or(false)
+    })
+}
+
+pub mod raw;
