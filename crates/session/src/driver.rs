@@ -1,1 +1,711 @@
+//! The tokio shell: runs a [`Mux`] over one byte stream with a [`Sealer`]/[`Opener`] pair.
+//!
+//! Two tasks per session. The reader reads big chunks straight into the [`Opener`]'s buffer,
+//! opens every complete record without holding any lock, then takes the lock once to feed the
+//! plaintexts to the mux and hand data to the flows. The writer takes the lock to collect as
+//! many frames as fit into up to [`WRITE_BATCH`] bytes of records, releases it, seals the records
+//! in place and writes them with one call. Flows ([`FlowStream`]) lock the shared state once per
+//! `poll_read`/`poll_write` call, never per byte.
 
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::mux::{Event, FlowId, Mux, MuxConfig};
+use crate::record::{Opener, Sealer, HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
+use crate::{SessionError, SessionKeys};
+
+/// Bytes of records the writer gathers before one socket write: four full records, enough to
+/// amortise the syscall and the lock without delaying the first record much.
+pub const WRITE_BATCH: usize = 4 * (MAX_RECORD_PLAINTEXT + HEADER_LEN + TAG_LEN);
+
+/// Buffer size for the byte pumps between a flow and a local TCP stream.
+const PUMP_BUFFER: usize = 256 * 1024;
+
+/// Why opening a flow failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OpenError {
+    /// The device refused the flow (not permitted, or the target could not be reached).
+    #[error("refused by device: {0}")]
+    Refused(String),
+    /// The session is gone or the request was invalid.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+#[derive(Default)]
+struct Slot {
+    recv: VecDeque<Bytes>,
+    fin: bool,
+    reset: Option<String>,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+    open_tx: Option<oneshot::Sender<Result<(), OpenError>>>,
+}
+
+impl Slot {
+    fn wake(&mut self) {
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+struct Shared {
+    mux: Mux,
+    slots: HashMap<FlowId, Slot>,
+    error: Option<SessionError>,
+    incoming: Option<mpsc::UnboundedSender<IncomingFlow>>,
+}
+
+struct Inner {
+    shared: Mutex<Shared>,
+    transmit: Notify,
+    done: watch::Sender<Option<SessionError>>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding the lock cannot leave the mux half-updated in a way that matters
+        // more than losing the session; keep going with the inner value.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the session with `err` (the first error wins) and wakes everyone.
+    fn fail(&self, st: &mut Shared, err: SessionError) {
+        if st.error.is_some() {
+            return;
+        }
+        tracing::debug!(error = %err, "session ended");
+        st.mux.close(&err.to_string());
+        for slot in st.slots.values_mut() {
+            if let Some(tx) = slot.open_tx.take() {
+                let _ = tx.send(Err(OpenError::Session(err.clone())));
+            }
+            slot.wake();
+        }
+        st.incoming = None;
+        st.error = Some(err.clone());
+        self.done.send_replace(Some(err));
+        self.transmit.notify_one();
+    }
+
+    /// Hands the mux's events to the flows.
+    fn dispatch(self: &Arc<Self>, st: &mut Shared) {
+        while let Some(ev) = st.mux.poll_event() {
+            match ev {
+                Event::FlowOpened { flow, target } => {
+                    st.slots.insert(flow, Slot::default());
+                    let incoming = IncomingFlow {
+                        inner: self.clone(),
+                        flow,
+                        target,
+                        answered: false,
+                    };
+                    let refused = match &st.incoming {
+                        Some(tx) => tx.send(incoming).err().map(|e| e.0),
+                        None => Some(incoming),
+                    };
+                    if let Some(mut inc) = refused {
+                        // Nobody takes incoming flows here (a client, or a dropped receiver).
+                        inc.answered = true;
+                        st.slots.remove(&flow);
+                        let _ = st.mux.refuse(flow, "incoming flows not accepted");
+                    }
+                }
+                Event::FlowAccepted { flow } => {
+                    if let Some(tx) = st.slots.get_mut(&flow).and_then(|s| s.open_tx.take()) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Event::FlowRefused { flow, reason } => {
+                    if let Some(tx) = st.slots.get_mut(&flow).and_then(|s| s.open_tx.take()) {
+                        let _ = tx.send(Err(OpenError::Refused(reason)));
+                    }
+                }
+                Event::FlowData { flow, bytes } => match st.slots.get_mut(&flow) {
+                    Some(slot) => {
+                        slot.recv.push_back(bytes);
+                        if let Some(w) = slot.read_waker.take() {
+                            w.wake();
+                        }
+                    }
+                    // The application dropped the flow after finishing its side: discard, but
+                    // keep credit flowing so the peer can reach its Fin.
+                    None => st.mux.consumed(flow, bytes.len()),
+                },
+                Event::FlowFin { flow } => {
+                    if let Some(slot) = st.slots.get_mut(&flow) {
+                        slot.fin = true;
+                        if let Some(w) = slot.read_waker.take() {
+                            w.wake();
+                        }
+                    }
+                }
+                Event::FlowReset { flow, reason } => {
+                    if let Some(slot) = st.slots.get_mut(&flow) {
+                        slot.reset = Some(reason);
+                        slot.wake();
+                    }
+                }
+                Event::FlowWritable { flow } => {
+                    if let Some(w) = st.slots.get_mut(&flow).and_then(|s| s.write_waker.take()) {
+                        w.wake();
+                    }
+                }
+                Event::Closed { reason } => self.fail(st, SessionError::Closed(reason)),
+            }
+        }
+    }
+}
+
+/// A running session. Cloning shares it; dropping the last clone closes it.
+#[derive(Clone)]
+pub struct SessionHandle {
+    guard: Arc<HandleGuard>,
+}
+
+struct HandleGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        self.inner.fail(
+            &mut st,
+            SessionError::Closed("session handle dropped".into()),
+        );
+    }
+}
+
+impl std::fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHandle").finish_non_exhaustive()
+    }
+}
+
+impl SessionHandle {
+    /// Opens a flow to `target` (`host:port` as the device will dial it) and waits for the
+    /// device's answer.
+    pub async fn open(&self, target: &str) -> Result<FlowStream, OpenError> {
+        let inner = &self.guard.inner;
+        let (tx, rx) = oneshot::channel();
+        let stream = {
+            let mut st = inner.lock();
+            if let Some(e) = &st.error {
+                return Err(OpenError::Session(e.clone()));
+            }
+            let flow = st.mux.open(target)?;
+            st.slots.insert(
+                flow,
+                Slot {
+                    open_tx: Some(tx),
+                    ..Slot::default()
+                },
+            );
+            inner.transmit.notify_one();
+            // Created before awaiting so that a cancelled `open` still cleans up on drop.
+            FlowStream::new(inner.clone(), flow)
+        };
+        match rx.await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(OpenError::Session(SessionError::Closed(
+                "session ended".into(),
+            ))),
+        }
+    }
+
+    /// Closes the session: a `Close` frame is sent and every flow fails.
+    pub fn close(&self, reason: &str) {
+        let inner = &self.guard.inner;
+        let mut st = inner.lock();
+        st.mux.close(reason);
+        inner.fail(&mut st, SessionError::Closed(reason.to_owned()));
+    }
+
+    /// Waits until the session ends and returns why (`Closed` for an orderly end).
+    pub async fn closed(&self) -> SessionError {
+        let mut rx = self.guard.inner.done.subscribe();
+        loop {
+            if let Some(e) = rx.borrow_and_update().clone() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                return SessionError::Closed("session ended".into());
+            }
+        }
+    }
+
+    /// The error that ended the session, if it has ended.
+    pub fn error(&self) -> Option<SessionError> {
+        self.guard.inner.lock().error.clone()
+    }
+}
+
+/// The device side of a session: yields the client's flow requests.
+pub struct DeviceSession {
+    handle: SessionHandle,
+    incoming: mpsc::UnboundedReceiver<IncomingFlow>,
+}
+
+impl std::fmt::Debug for DeviceSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSession").finish_non_exhaustive()
+    }
+}
+
+impl DeviceSession {
+    /// The next flow the client asks for; `None` once the session has ended.
+    pub async fn next_flow(&mut self) -> Option<IncomingFlow> {
+        self.incoming.recv().await
+    }
+
+    /// The session, to close it or wait for its end.
+    pub fn handle(&self) -> &SessionHandle {
+        &self.handle
+    }
+}
+
+/// A flow the client asked for. Answer with [`IncomingFlow::accept`] (or
+/// [`IncomingFlow::accept_with`]) or [`IncomingFlow::refuse`]; dropping it refuses.
+pub struct IncomingFlow {
+    inner: Arc<Inner>,
+    flow: FlowId,
+    target: String,
+    answered: bool,
+}
+
+impl std::fmt::Debug for IncomingFlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingFlow")
+            .field("flow", &self.flow)
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+impl IncomingFlow {
+    /// Where the client wants to go (`host:port`).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The flow's id.
+    pub fn id(&self) -> FlowId {
+        self.flow
+    }
+
+    /// Refuses the flow; the client sees `reason`.
+    pub fn refuse(mut self, reason: &str) {
+        self.answered = true;
+        let mut st = self.inner.lock();
+        st.slots.remove(&self.flow);
+        let _ = st.mux.refuse(self.flow, reason);
+        self.inner.transmit.notify_one();
+    }
+
+    /// Accepts the flow and returns it as a byte stream.
+    pub fn accept(mut self) -> Result<FlowStream, SessionError> {
+        self.answered = true;
+        let mut st = self.inner.lock();
+        st.mux.accept(self.flow)?;
+        self.inner.transmit.notify_one();
+        Ok(FlowStream::new(self.inner.clone(), self.flow))
+    }
+
+    /// Accepts the flow and pumps bytes between it and `stream` (typically the dialled
+    /// `TcpStream`) until both directions end. Returns bytes moved (to stream, from stream).
+    pub fn accept_with<S>(
+        self,
+        mut stream: S,
+    ) -> Result<tokio::task::JoinHandle<io::Result<(u64, u64)>>, SessionError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut flow = self.accept()?;
+        Ok(tokio::spawn(async move {
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut flow,
+                &mut stream,
+                PUMP_BUFFER,
+                PUMP_BUFFER,
+            )
+            .await
+        }))
+    }
+}
+
+impl Drop for IncomingFlow {
+    fn drop(&mut self) {
+        if !self.answered {
+            let mut st = self.inner.lock();
+            st.slots.remove(&self.flow);
+            let _ = st.mux.refuse(self.flow, "not answered");
+            self.inner.transmit.notify_one();
+        }
+    }
+}
+
+/// One flow as a byte stream: `AsyncRead + AsyncWrite`, so it can be
+/// `tokio::io::copy_bidirectional`-ed with a local socket. `shutdown` half-closes.
+pub struct FlowStream {
+    inner: Arc<Inner>,
+    flow: FlowId,
+    write_closed: bool,
+}
+
+impl std::fmt::Debug for FlowStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowStream")
+            .field("flow", &self.flow)
+            .finish()
+    }
+}
+
+fn session_io_error(e: &SessionError) -> io::Error {
+    let kind = match e {
+        SessionError::Closed(_) => io::ErrorKind::ConnectionAborted,
+        _ => io::ErrorKind::InvalidData,
+    };
+    io::Error::new(kind, e.clone())
+}
+
+impl FlowStream {
+    fn new(inner: Arc<Inner>, flow: FlowId) -> FlowStream {
+        FlowStream {
+            inner,
+            flow,
+            write_closed: false,
+        }
+    }
+
+    /// The flow's id.
+    pub fn id(&self) -> FlowId {
+        self.flow
+    }
+}
+
+impl AsyncRead for FlowStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut guard = this.inner.lock();
+        let st = &mut *guard;
+        let Some(slot) = st.slots.get_mut(&this.flow) else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "flow gone",
+            )));
+        };
+        let mut taken = 0;
+        while buf.remaining() > 0 {
+            let Some(front) = slot.recv.front_mut() else {
+                break;
+            };
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                slot.recv.pop_front();
+            }
+            taken += n;
+        }
+        if taken > 0 {
+            st.mux.consumed(this.flow, taken);
+            if st.mux.wants_transmit() {
+                this.inner.transmit.notify_one();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(reason) = &slot.reset {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("flow reset by peer: {reason}"),
+            )));
+        }
+        if slot.fin {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = &st.error {
+            return Poll::Ready(Err(session_io_error(e)));
+        }
+        slot.read_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for FlowStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "flow shut down",
+            )));
+        }
+        let mut guard = this.inner.lock();
+        let st = &mut *guard;
+        if let Some(e) = &st.error {
+            return Poll::Ready(Err(session_io_error(e)));
+        }
+        let Some(slot) = st.slots.get_mut(&this.flow) else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "flow gone",
+            )));
+        };
+        if let Some(reason) = &slot.reset {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("flow reset by peer: {reason}"),
+            )));
+        }
+        match st.mux.send(this.flow, data) {
+            Ok(0) if !data.is_empty() => {
+                slot.write_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Ok(n) => {
+                this.inner.transmit.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(session_io_error(&e))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        this.write_closed = true;
+        let mut st = this.inner.lock();
+        if let Some(e) = &st.error {
+            return Poll::Ready(Err(session_io_error(e)));
+        }
+        if st.mux.has_flow(this.flow) {
+            if let Err(e) = st.mux.finish(this.flow) {
+                return Poll::Ready(Err(session_io_error(&e)));
+            }
+            this.inner.transmit.notify_one();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for FlowStream {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        st.slots.remove(&self.flow);
+        // Our side finished: let queued data and the Fin go out, discard what still arrives.
+        // Otherwise nobody will read or write this flow again: abort it.
+        if !self.write_closed && st.mux.has_flow(self.flow) {
+            st.mux.reset(self.flow, "flow dropped");
+            self.inner.transmit.notify_one();
+        }
+    }
+}
+
+/// Starts the client side of a session over `stream` (already connected and paired at the
+/// relay, handshake done). Must be called within a tokio runtime.
+pub fn client_session<S>(stream: S, keys: SessionKeys, config: MuxConfig) -> SessionHandle
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    start(stream, keys, config, None)
+}
+
+/// Starts the device side of a session over `stream`. Must be called within a tokio runtime.
+pub fn device_session<S>(stream: S, keys: SessionKeys, config: MuxConfig) -> DeviceSession
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = start(stream, keys, config, Some(tx));
+    DeviceSession {
+        handle,
+        incoming: rx,
+    }
+}
+
+fn start<S>(
+    stream: S,
+    keys: SessionKeys,
+    config: MuxConfig,
+    incoming: Option<mpsc::UnboundedSender<IncomingFlow>>,
+) -> SessionHandle
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (done, _) = watch::channel(None);
+    let inner = Arc::new(Inner {
+        shared: Mutex::new(Shared {
+            mux: Mux::new(keys.role(), config, Instant::now()),
+            slots: HashMap::new(),
+            error: None,
+            incoming,
+        }),
+        transmit: Notify::new(),
+        done,
+    });
+    let sealer = Sealer::new(keys.send_key());
+    let opener = Opener::new(keys.recv_key());
+    drop(keys);
+    let (rd, wr) = tokio::io::split(stream);
+    tokio::spawn(read_loop(inner.clone(), rd, opener));
+    tokio::spawn(write_loop(inner.clone(), wr, sealer));
+    SessionHandle {
+        guard: Arc::new(HandleGuard { inner }),
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R, mut opener: Opener) {
+    let mut records = Vec::new();
+    let mut done = inner.done.subscribe();
+    loop {
+        let read = tokio::select! {
+            r = rd.read_buf(opener.recv_buffer()) => r,
+            // The session ended elsewhere (writer error, local close): stop reading.
+            _ = done.wait_for(Option::is_some) => return,
+        };
+        let eof = matches!(read, Ok(0));
+        let mut failure = match read {
+            Err(e) => Some(SessionError::from(e)),
+            Ok(_) => None,
+        };
+        if failure.is_none() {
+            loop {
+                match opener.next() {
+                    Ok(Some(r)) => records.push(r.freeze()),
+                    Ok(None) => break,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        let mut guard = inner.lock();
+        let st = &mut *guard;
+        if st.error.is_some() {
+            return;
+        }
+        // Records opened before a failure are authentic and in order: deliver them first.
+        let now = Instant::now();
+        for r in records.drain(..) {
+            if let Err(e) = st.mux.handle_frames(r, now) {
+                failure.get_or_insert(e);
+                break;
+            }
+        }
+        inner.dispatch(st);
+        if failure.is_none() && eof {
+            // A session ends with a Close frame; a bare end of stream may be a truncation.
+            failure = Some(match opener.finish() {
+                Err(e) => e,
+                Ok(()) if st.mux.is_closed() => return,
+                Ok(()) => SessionError::Truncated,
+            });
+        }
+        if let Some(e) = failure {
+            inner.fail(st, e);
+            return;
+        }
+        if st.mux.wants_transmit() {
+            inner.transmit.notify_one();
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, mut sealer: Sealer) {
+    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_RECORD_PLAINTEXT);
+    let mut records: Vec<(usize, usize)> = Vec::new();
+    loop {
+        let (finished, timeout) = {
+            let mut guard = inner.lock();
+            let st = &mut *guard;
+            let now = Instant::now();
+            if st.mux.poll_timeout().is_some_and(|t| t <= now) {
+                st.mux.handle_timeout(now);
+                inner.dispatch(st);
+            }
+            while out.len() < WRITE_BATCH {
+                let start = out.len();
+                out.extend_from_slice(&[0u8; HEADER_LEN]);
+                if !st
+                    .mux
+                    .poll_transmit_into(now, &mut out, MAX_RECORD_PLAINTEXT)
+                {
+                    out.truncate(start);
+                    break;
+                }
+                out.extend_from_slice(&[0u8; TAG_LEN]);
+                records.push((start, out.len()));
+            }
+            (
+                st.mux.is_closed() || st.error.is_some(),
+                st.mux.poll_timeout(),
+            )
+        };
+        if !out.is_empty() {
+            for (s, e) in records.drain(..) {
+                let sealed = match out.get_mut(s..e) {
+                    Some(record) => sealer.seal_in_slice(record),
+                    None => Err(SessionError::Truncated),
+                };
+                if let Err(e) = sealed {
+                    let mut st = inner.lock();
+                    inner.fail(&mut st, e);
+                    return;
+                }
+            }
+            tracing::trace!(bytes = out.len(), "writing records");
+            if let Err(e) = wr.write_all(&out).await {
+                let mut st = inner.lock();
+                inner.fail(&mut st, e.into());
+                return;
+            }
+            out.clear();
+            continue;
+        }
+        if finished {
+            let _ = wr.shutdown().await;
+            return;
+        }
+        match timeout {
+            Some(t) => {
+                tokio::select! {
+                    _ = inner.transmit.notified() => {}
+                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(t)) => {}
+                }
+            }
+            None => inner.transmit.notified().await,
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! End-to-end sessions over real loopback TCP: a client session, a device session dialling a
+//! real echo server, and a tampering proxy.
+
+use std::time::Duration;
+
+use np_identity::Keys;
+use np_session::{
+    client_session, device_session, DeviceSession, FlowStream, Initiator, MuxConfig, OpenError,
+    Responder, SessionError, SessionHandle, SessionKeys,
+};
+use ring::digest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn keys() -> (SessionKeys, SessionKeys) {
+    let c = Keys::generate().expect("keys");
+    let d = Keys::generate().expect("keys");
+    let prologue = b"np test session";
+    let (init, msg1) =
+        Initiator::start(c.x25519_private(), &d.public().x25519, prologue).expect("start");
+    let (msg2, dk) = Responder::respond(d.x25519_private(), &c.public().x25519, prologue, &msg1)
+        .expect("respond");
+    (init.finish(&msg2).expect("finish"), dk)
+}
+
+async fn echo_server() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Serves flows like the daemon will: "refuse:*" is refused, "hold:*" is accepted and never
+/// read, anything else is dialled.
+fn serve_device(mut dev: DeviceSession) -> tokio::task::JoinHandle<DeviceSession> {
+    tokio::spawn(async move {
+        let mut held: Vec<FlowStream> = Vec::new();
+        while let Some(inc) = dev.next_flow().await {
+            let target = inc.target().to_owned();
+            if target.starts_with("refuse:") {
+                inc.refuse("target not permitted");
+            } else if target.starts_with("hold:") {
+                held.push(inc.accept().expect("accept"));
+            } else {
+                match TcpStream::connect(&target).await {
+                    Ok(tcp) => {
+                        let _ = inc.accept_with(tcp);
+                    }
+                    Err(e) => inc.refuse(&format!("connect failed: {e}")),
+                }
+            }
+        }
+        dev
+    })
+}
+
+/// A connected client/device pair over loopback, optionally through `middle`.
+async fn pair(config: MuxConfig) -> (SessionHandle, tokio::task::JoinHandle<DeviceSession>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (ck, dk) = keys();
+    let (client_tcp, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
+    let (device_tcp, _) = accepted.expect("accept");
+    let client = client_session(client_tcp.expect("connect"), ck, config.clone());
+    let device = device_session(device_tcp, dk, config);
+    (client, serve_device(device))
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `total` bytes of a pattern through `flow`, reads the echo, returns both SHA-256s.
+async fn echo_through(flow: FlowStream, total: usize, seed: u64) -> (Vec<u8>, Vec<u8>, usize) {
+    let (mut r, mut w) = tokio::io::split(flow);
+    let writer = tokio::spawn(async move {
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        let chunk = pattern(seed, 256 * 1024);
+        let mut sent = 0;
+        while sent < total {
+            let n = chunk.len().min(total - sent);
+            // Vary the data per chunk so reordering would show.
+            let mut c = chunk[..n].to_vec();
+            c[0] = (sent / chunk.len()) as u8;
+            ctx.update(&c);
+            w.write_all(&c).await.expect("write");
+            sent += n;
+        }
+        w.shutdown().await.expect("shutdown");
+        ctx.finish().as_ref().to_vec()
+    });
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    loop {
+        let n = r.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        got += n;
+    }
+    let sent = writer.await.expect("writer");
+    (sent, ctx.finish().as_ref().to_vec(), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_through_one_flow() {
+    let echo = echo_server().await;
+    let (client, _dev) = pair(MuxConfig::default()).await;
+    let flow = client.open(&echo).await.expect("open");
+    let total = 64 << 20;
+    let start = std::time::Instant::now();
+    let (sent, got, n) = tokio::time::timeout(LIMIT, echo_through(flow, total, 1))
+        .await
+        .expect("in time");
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "64 MiB echoed in {secs:.2}s ({:.0} Mbit/s each way)",
+        total as f64 * 8.0 / secs / 1e6
+    );
+    assert_eq!(n, total);
+    assert_eq!(sent, got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_flow_gets_reason() {
+    let (client, _dev) = pair(MuxConfig::default()).await;
+    match client.open("refuse:22").await {
+        Err(OpenError::Refused(reason)) => assert_eq!(reason, "target not permitted"),
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    // The session is still usable.
+    let echo = echo_server().await;
+    let flow = client.open(&echo).await.expect("open");
+    let (a, b, _) = echo_through(flow, 1000, 3).await;
+    assert_eq!(a, b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_flows_and_a_stalled_one() {
+    let echo = echo_server().await;
+    let config = MuxConfig {
+        initial_window: 256 * 1024,
+        ..MuxConfig::default()
+    };
+    let (client, _dev) = pair(config).await;
+
+    // A flow the device accepts but never reads: its writer must block at the window...
+    let mut stalled = client.open("hold:1").await.expect("open");
+    let stalled_writer = tokio::spawn(async move {
+        let chunk = vec![9u8; 64 * 1024];
+        let mut sent = 0usize;
+        loop {
+            stalled.write_all(&chunk).await.expect("write");
+            sent += chunk.len();
+            if sent > (64 << 20) {
+                return sent;
+            }
+        }
+    });
+
+    // ...while 50 other flows complete.
+    let mut tasks = Vec::new();
+    for i in 0..50u64 {
+        let client = client.clone();
+        let echo = echo.clone();
+        tasks.push(tokio::spawn(async move {
+            let flow = client.open(&echo).await.expect("open");
+            echo_through(flow, 1 << 20, i + 10).await
+        }));
+    }
+    for t in tasks {
+        let (a, b, n) = tokio::time::timeout(LIMIT, t)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert_eq!(n, 1 << 20);
+        assert_eq!(a, b);
+    }
+    assert!(
+        !stalled_writer.is_finished(),
+        "stalled flow must be blocked by its window"
+    );
+    stalled_writer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_byte_ends_session_without_wrong_bytes() {
+    let echo = echo_server().await;
+    // client <-> proxy <-> device; the proxy flips one byte of the client->device stream.
+    let dl = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let daddr = dl.local_addr().expect("addr");
+    let pl = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let paddr = pl.local_addr().expect("addr");
+    const FLIP_AT: usize = 300_000;
+    tokio::spawn(async move {
+        let (from_client, _) = pl.accept().await.expect("accept");
+        let to_device = TcpStream::connect(daddr).await.expect("connect");
+        let (mut cr, mut cw) = from_client.into_split();
+        let (mut dr, mut dw) = to_device.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut dr, &mut cw).await;
+            let _ = cw.shutdown().await;
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut offset = 0usize;
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if (offset..offset + n).contains(&FLIP_AT) {
+                buf[FLIP_AT - offset] ^= 0x01;
+            }
+            offset += n;
+            if dw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = dw.shutdown().await;
+    });
+    let (ck, dk) = keys();
+    let (client_tcp, accepted) = tokio::join!(TcpStream::connect(paddr), dl.accept());
+    let (device_tcp, _) = accepted.expect("accept");
+    let client = client_session(client_tcp.expect("connect"), ck, MuxConfig::default());
+    let device = device_session(device_tcp, dk, MuxConfig::default());
+    let dev_handle = device.handle().clone();
+    let _dev = serve_device(device);
+
+    let flow = client.open(&echo).await.expect("open");
+    let total = 4 << 20;
+    let data = pattern(7, total);
+    let (mut r, mut w) = tokio::io::split(flow);
+    let to_send = data.clone();
+    tokio::spawn(async move {
+        let _ = w.write_all(&to_send).await;
+        let _ = w.shutdown().await;
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = tokio::time::timeout(LIMIT, async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("in time");
+    assert!(
+        end.is_err(),
+        "a tampered session must end in an error, not EOF"
+    );
+    assert!(got.len() < total);
+    assert_eq!(
+        &got[..],
+        &data[..got.len()],
+        "no wrong byte reaches the application"
+    );
+    let dev_err = tokio::time::timeout(LIMIT, dev_handle.closed())
+        .await
+        .expect("in time");
+    assert!(
+        matches!(dev_err, SessionError::Crypto),
+        "device saw {dev_err:?}"
+    );
+    assert!(client.error().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orderly_close_reaches_peer() {
+    let (client, dev) = pair(MuxConfig::default()).await;
+    let echo = echo_server().await;
+    let flow = client.open(&echo).await.expect("open");
+    client.close("bye");
+    drop(flow);
+    let dev = tokio::time::timeout(LIMIT, dev)
+        .await
+        .expect("in time")
+        .expect("task");
+    match dev.handle().closed().await {
+        SessionError::Closed(reason) => assert_eq!(reason, "bye"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
