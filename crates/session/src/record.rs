@@ -197,6 +197,8 @@ impl Opener {
 
     /// Opens the next complete record, if one is buffered. The plaintext is decrypted in place
     /// and handed out without a copy.
+    // Not an `Iterator`: it returns a `Result` and `None` only means "need more bytes".
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<BytesMut>, SessionError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
