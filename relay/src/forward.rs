@@ -35,10 +35,7 @@ struct Activity {
 
 impl Activity {
     fn new() -> Self {
-        Activity {
-            base: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
+        Activity { base: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
     fn touch(&self) {
@@ -70,9 +67,7 @@ pub(crate) async fn forward(
     let pipes = if zero_copy {
         #[cfg(target_os = "linux")]
         {
-            crate::splice::Pipe::new(buffer)
-                .and_then(|p| Ok((p, crate::splice::Pipe::new(buffer)?)))
-                .ok()
+            crate::splice::Pipe::new(buffer).and_then(|p| Ok((p, crate::splice::Pipe::new(buffer)?))).ok()
         }
         #[cfg(not(target_os = "linux"))]
         {
@@ -114,20 +109,11 @@ pub(crate) async fn forward(
         r = both => r.map(|_| Ended::Closed),
         () = watchdog => Ok(Ended::Idle),
     };
-    let moved = Moved {
-        a_to_b: moved_ab.load(Ordering::Relaxed),
-        b_to_a: moved_ba.load(Ordering::Relaxed),
-    };
+    let moved = Moved { a_to_b: moved_ab.load(Ordering::Relaxed), b_to_a: moved_ba.load(Ordering::Relaxed) };
     (result, moved)
 }
 
-async fn pump<R, W>(
-    r: &mut R,
-    w: &mut W,
-    buffer: usize,
-    activity: &Activity,
-    moved: &AtomicU64,
-) -> io::Result<()>
+async fn pump<R, W>(r: &mut R, w: &mut W, buffer: usize, activity: &Activity, moved: &AtomicU64) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

@@ -49,17 +49,7 @@ pub async fn join(
     peer: &Name,
     expected_relay: Option<&Name>,
 ) -> Result<TcpStream, JoinError> {
-    join_with_timeout(
-        stream,
-        keys,
-        identity,
-        role,
-        session,
-        peer,
-        expected_relay,
-        DEFAULT_JOIN_TIMEOUT,
-    )
-    .await
+    join_with_timeout(stream, keys, identity, role, session, peer, expected_relay, DEFAULT_JOIN_TIMEOUT).await
 }
 
 /// [`join`] with an explicit overall timeout.
@@ -82,20 +72,12 @@ pub async fn join_with_timeout(
     };
     if let Some(expected) = expected_relay {
         if *expected != relay {
-            return Err(JoinError::WrongRelay {
-                expected: expected.clone(),
-                actual: relay,
-            });
+            return Err(JoinError::WrongRelay { expected: expected.clone(), actual: relay });
         }
     }
     let transcript = join_transcript(&relay, &nonce, identity, role, &session, peer);
-    let join = Join {
-        identity: identity.clone(),
-        role,
-        session,
-        peer: peer.clone(),
-        sig: keys.sign(&transcript).to_vec(),
-    };
+    let join =
+        Join { identity: identity.clone(), role, session, peer: peer.clone(), sig: keys.sign(&transcript).to_vec() };
     tokio::time::timeout_at(deadline, write_msg(&mut stream, &join))
         .await
         .map_err(|_| JoinError::Timeout(timeout, "accept the join"))?

@@ -29,11 +29,7 @@ impl PairKey {
             Role::Client => (identity.clone(), peer.clone()),
             Role::Device => (peer.clone(), identity.clone()),
         };
-        PairKey {
-            session,
-            client,
-            device,
-        }
+        PairKey { session, client, device }
     }
 
     /// The identity that plays `role` in this session.
@@ -155,11 +151,7 @@ impl<C: Copy + Eq> Pairing<C> {
                     return Decision::Refuse(Refusal::RelayFull);
                 }
                 let deadline = now + self.limits.deadline;
-                let mut entry = Entry {
-                    client: None,
-                    device: None,
-                    deadline: Some(deadline),
-                };
+                let mut entry = Entry { client: None, device: None, deadline: Some(deadline) };
                 *entry.slot(role) = Some(conn);
                 self.sessions.insert(key.clone(), entry);
                 self.deadlines.push_back((deadline, key.clone()));
@@ -216,10 +208,7 @@ impl<C: Copy + Eq> Pairing<C> {
             let Some((deadline, key)) = self.deadlines.pop_front() else {
                 break;
             };
-            let still_waiting = self
-                .sessions
-                .get(&key)
-                .is_some_and(|e| e.deadline == Some(deadline));
+            let still_waiting = self.sessions.get(&key).is_some_and(|e| e.deadline == Some(deadline));
             if !still_waiting {
                 continue;
             }
@@ -234,8 +223,7 @@ impl<C: Copy + Eq> Pairing<C> {
                 }
             }
             if self.expired_set.insert(key.clone()) {
-                self.expired
-                    .push_back((now + self.limits.expired_memory, key));
+                self.expired.push_back((now + self.limits.expired_memory, key));
             }
         }
         self.forget_expired(now);
@@ -327,16 +315,10 @@ mod tests {
         assert_eq!(p.join(&key(1), Role::Client, 1, t0), Decision::Wait);
         let dkey = PairKey::new(&name("@dev"), Role::Device, [1; 16], &name("@alice"));
         assert_eq!(dkey, key(1));
-        assert_eq!(
-            p.join(&dkey, Role::Device, 2, t0 + Duration::from_secs(9)),
-            Decision::Pair { first: 1 }
-        );
+        assert_eq!(p.join(&dkey, Role::Device, 2, t0 + Duration::from_secs(9)), Decision::Pair { first: 1 });
         assert_eq!((p.sessions(), p.waiting()), (1, 0));
         assert!(p.expire(t0 + Duration::from_secs(11)).is_empty());
-        assert!(
-            !p.withdraw(&key(1), 1),
-            "paired connections do not withdraw"
-        );
+        assert!(!p.withdraw(&key(1), 1), "paired connections do not withdraw");
         p.end(&key(1));
         assert_eq!(p.sessions(), 0);
         assert_eq!(p.held_by(&name("@alice")), 0);
@@ -348,18 +330,9 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pairing::new(limits());
         assert_eq!(p.join(&key(1), Role::Client, 1, t0), Decision::Wait);
-        assert_eq!(
-            p.join(&key(1), Role::Client, 2, t0),
-            Decision::Refuse(Refusal::Duplicate(Role::Client))
-        );
-        assert_eq!(
-            p.join(&key(1), Role::Device, 3, t0),
-            Decision::Pair { first: 1 }
-        );
-        assert_eq!(
-            p.join(&key(1), Role::Device, 4, t0),
-            Decision::Refuse(Refusal::Duplicate(Role::Device))
-        );
+        assert_eq!(p.join(&key(1), Role::Client, 2, t0), Decision::Refuse(Refusal::Duplicate(Role::Client)));
+        assert_eq!(p.join(&key(1), Role::Device, 3, t0), Decision::Pair { first: 1 });
+        assert_eq!(p.join(&key(1), Role::Device, 4, t0), Decision::Refuse(Refusal::Duplicate(Role::Device)));
         assert_eq!(p.held_by(&name("@alice")), 1);
     }
 
@@ -425,27 +398,15 @@ mod tests {
         for s in 0..3 {
             assert_eq!(p.join(&key(s), Role::Client, s as u32, t0), Decision::Wait);
         }
-        assert_eq!(
-            p.join(&key(3), Role::Client, 3, t0),
-            Decision::Refuse(Refusal::TooManyForIdentity(name("@alice")))
-        );
+        assert_eq!(p.join(&key(3), Role::Client, 3, t0), Decision::Refuse(Refusal::TooManyForIdentity(name("@alice"))));
         // Device side of an existing session still fits (its own count is 0).
-        assert_eq!(
-            p.join(&key(0), Role::Device, 10, t0),
-            Decision::Pair { first: 0 }
-        );
+        assert_eq!(p.join(&key(0), Role::Device, 10, t0), Decision::Pair { first: 0 });
         let other = |s: u8| PairKey::new(&name("@bob"), Role::Client, [s; 16], &name("@dev"));
         assert_eq!(p.join(&other(1), Role::Client, 20, t0), Decision::Wait);
         assert_eq!(p.join(&other(2), Role::Client, 21, t0), Decision::Wait);
-        assert_eq!(
-            p.join(&other(3), Role::Client, 22, t0),
-            Decision::Refuse(Refusal::RelayFull)
-        );
+        assert_eq!(p.join(&other(3), Role::Client, 22, t0), Decision::Refuse(Refusal::RelayFull));
         // The second side of a waiting session is not refused by a full relay.
-        assert_eq!(
-            p.join(&other(2), Role::Device, 23, t0),
-            Decision::Pair { first: 21 }
-        );
+        assert_eq!(p.join(&other(2), Role::Device, 23, t0), Decision::Pair { first: 21 });
         p.end(&key(0));
         assert_eq!(p.join(&other(3), Role::Client, 22, t0), Decision::Wait);
     }
@@ -453,10 +414,7 @@ mod tests {
     #[test]
     fn expired_memory_is_bounded() {
         let t0 = Instant::now();
-        let mut p = Pairing::new(PairingLimits {
-            max_per_identity: 100,
-            ..limits()
-        });
+        let mut p = Pairing::new(PairingLimits { max_per_identity: 100, ..limits() });
         for round in 0..4u8 {
             for s in 0..5u8 {
                 let k = key(round * 5 + s);

@@ -147,31 +147,10 @@ mod tests {
     #[test]
     fn transcript_fields_cannot_shift() {
         let r = name("@relay");
-        let a = join_transcript(
-            &r,
-            &[1; 32],
-            &name("@ab"),
-            Role::Client,
-            &[2; 16],
-            &name("@c"),
-        );
-        let b = join_transcript(
-            &r,
-            &[1; 32],
-            &name("@a"),
-            Role::Client,
-            &[2; 16],
-            &name("@bc"),
-        );
+        let a = join_transcript(&r, &[1; 32], &name("@ab"), Role::Client, &[2; 16], &name("@c"));
+        let b = join_transcript(&r, &[1; 32], &name("@a"), Role::Client, &[2; 16], &name("@bc"));
         assert_ne!(a, b);
-        let c = join_transcript(
-            &r,
-            &[1; 32],
-            &name("@ab"),
-            Role::Device,
-            &[2; 16],
-            &name("@c"),
-        );
+        let c = join_transcript(&r, &[1; 32], &name("@ab"), Role::Device, &[2; 16], &name("@c"));
         assert_ne!(a, c);
     }
 
@@ -187,10 +166,7 @@ mod tests {
         let bytes = encode_msg(&j);
         assert_eq!(decode_join(&bytes), Ok(Some(j)));
         assert_eq!(decode_join(&bytes[..bytes.len() - 1]), Ok(None));
-        assert!(matches!(
-            decode_join(&[0xff, 0xff, 0xff, 0xff]),
-            Err(WireError::TooLarge { .. })
-        ));
+        assert!(matches!(decode_join(&[0xff, 0xff, 0xff, 0xff]), Err(WireError::TooLarge { .. })));
     }
 
     proptest! {

@@ -117,16 +117,8 @@ pub struct Relay {
 
 impl Relay {
     /// Binds the relay's single listening port.
-    pub async fn bind(
-        addr: SocketAddr,
-        config: RelayConfig,
-        directory: Arc<dyn KeyDirectory>,
-    ) -> io::Result<Relay> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
+    pub async fn bind(addr: SocketAddr, config: RelayConfig, directory: Arc<dyn KeyDirectory>) -> io::Result<Relay> {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         let listener = socket.listen(BACKLOG)?;
@@ -141,10 +133,7 @@ impl Relay {
             inner: Arc::new(Inner {
                 config,
                 directory,
-                table: Mutex::new(Table {
-                    pairing: Pairing::new(limits),
-                    waiters: HashMap::new(),
-                }),
+                table: Mutex::new(Table { pairing: Pairing::new(limits), waiters: HashMap::new() }),
                 wake: Notify::new(),
                 preauth: AtomicUsize::new(0),
                 connections: AtomicUsize::new(0),
@@ -161,9 +150,7 @@ impl Relay {
 
     /// A handle for reading statistics while [`Relay::run`] owns the relay.
     pub fn handle(&self) -> RelayHandle {
-        RelayHandle {
-            inner: self.inner.clone(),
-        }
+        RelayHandle { inner: self.inner.clone() }
     }
 
     /// Current counters.
@@ -223,11 +210,7 @@ impl Counted {
     fn new(inner: &Arc<Inner>) -> Self {
         inner.connections.fetch_add(1, Ordering::SeqCst);
         let before = inner.preauth.fetch_add(1, Ordering::SeqCst);
-        Counted {
-            inner: inner.clone(),
-            preauth: true,
-            over_limit: before >= inner.config.max_preauth,
-        }
+        Counted { inner: inner.clone(), preauth: true, over_limit: before >= inner.config.max_preauth }
     }
 
     fn authenticated(&mut self) {
@@ -256,26 +239,16 @@ impl Drop for SessionGuard {
     }
 }
 
-async fn serve(
-    inner: Arc<Inner>,
-    mut stream: TcpStream,
-    addr: SocketAddr,
-    conn: u64,
-    mut counted: Counted,
-) {
+async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn: u64, mut counted: Counted) {
     if counted.over_limit {
         // No task time, no lingering: one non-blocking write of a tiny frame, then close.
-        let _ = stream.try_write(&encode_msg(&RelayMsg::Refused {
-            reason: Refusal::TooManyUnauthenticated.to_string(),
-        }));
+        let _ =
+            stream.try_write(&encode_msg(&RelayMsg::Refused { reason: Refusal::TooManyUnauthenticated.to_string() }));
         tracing::debug!(%addr, reason = %Refusal::TooManyUnauthenticated, "refused");
         return;
     }
     let _ = stream.set_nodelay(true);
-    let auth = tokio::time::timeout(
-        inner.config.auth_deadline,
-        authenticate(&inner, &mut stream),
-    );
+    let auth = tokio::time::timeout(inner.config.auth_deadline, authenticate(&inner, &mut stream));
     let (join, key) = match auth.await {
         Err(_) => return refuse(stream, Refusal::AuthTimeout, conn, None).await,
         Ok(Err(Some(refusal))) => return refuse(stream, refusal, conn, None).await,
@@ -335,19 +308,10 @@ enum Handoff {
 }
 
 /// Sends the Challenge and checks the Join. `Err(None)` means the side went away silently.
-async fn authenticate(
-    inner: &Inner,
-    stream: &mut TcpStream,
-) -> Result<(Join, PairKey), Option<Refusal>> {
+async fn authenticate(inner: &Inner, stream: &mut TcpStream) -> Result<(Join, PairKey), Option<Refusal>> {
     let nonce = np_identity::random32().map_err(|_| None)?;
-    let challenge = RelayMsg::Challenge {
-        relay: inner.config.name.clone(),
-        nonce,
-    };
-    stream
-        .write_all(&encode_msg(&challenge))
-        .await
-        .map_err(|_| None)?;
+    let challenge = RelayMsg::Challenge { relay: inner.config.name.clone(), nonce };
+    stream.write_all(&encode_msg(&challenge)).await.map_err(|_| None)?;
     let frame = match read_frame(stream, MAX_PREAUTH_FRAME).await {
         Ok(Some(frame)) => frame,
         Ok(None) | Err(WireError::Truncated | WireError::Io(_)) => return Err(None),
@@ -364,19 +328,9 @@ async fn check_join(inner: &Inner, nonce: &[u8; 32], join: &Join) -> Result<(), 
     if !inner.config.allows(&join.identity) {
         return Err(Refusal::NotAllowed(join.identity.clone()));
     }
-    let keys = inner
-        .directory
-        .lookup(&join.identity)
-        .await
-        .ok_or_else(|| Refusal::UnknownIdentity(join.identity.clone()))?;
-    let transcript = join_transcript(
-        &inner.config.name,
-        nonce,
-        &join.identity,
-        join.role,
-        &join.session,
-        &join.peer,
-    );
+    let keys =
+        inner.directory.lookup(&join.identity).await.ok_or_else(|| Refusal::UnknownIdentity(join.identity.clone()))?;
+    let transcript = join_transcript(&inner.config.name, nonce, &join.identity, join.role, &join.session, &join.peer);
     np_identity::verify(&keys.signing, &transcript, &join.sig).map_err(|_| Refusal::BadSignature)
 }
 
@@ -421,10 +375,7 @@ async fn wait_then_forward(
             return;
         }
     };
-    let _guard = SessionGuard {
-        inner: inner.clone(),
-        key: key.clone(),
-    };
+    let _guard = SessionGuard { inner: inner.clone(), key: key.clone() };
     inner.forwarding.fetch_add(1, Ordering::SeqCst);
     let _counted = DecOnDrop(&inner.forwarding);
     let paired = encode_msg(&RelayMsg::Paired);
@@ -491,9 +442,7 @@ fn withdraw_or_wait(inner: &Inner, key: &PairKey, conn: u64) -> bool {
 /// Tells the side why, then closes without a reset (see [`REFUSE_LINGER`]).
 async fn refuse(mut stream: TcpStream, refusal: Refusal, conn: u64, session: Option<&str>) {
     tracing::debug!(conn, session = session.unwrap_or("-"), reason = %refusal, "refused");
-    let frame = encode_msg(&RelayMsg::Refused {
-        reason: refusal.to_string(),
-    });
+    let frame = encode_msg(&RelayMsg::Refused { reason: refusal.to_string() });
     let linger = async {
         stream.write_all(&frame).await?;
         stream.shutdown().await?;
@@ -528,10 +477,7 @@ async fn reap(inner: Arc<Inner>) {
         let expired: Vec<_> = {
             let mut t = inner.table();
             let conns = t.pairing.expire(Instant::now());
-            conns
-                .into_iter()
-                .filter_map(|c| t.waiters.remove(&c))
-                .collect()
+            conns.into_iter().filter_map(|c| t.waiters.remove(&c)).collect()
         };
         for tx in expired {
             let _ = tx.send(Outcome::Refused(Refusal::DeadlinePassed));

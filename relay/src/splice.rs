@@ -65,9 +65,7 @@ pub(crate) async fn pump(
     loop {
         // Fill: only when the pipe is empty, so EAGAIN here means "socket has nothing".
         from.readable().await?;
-        let n = match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe.write.as_raw_fd(), chunk)
-        }) {
+        let n = match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.write.as_raw_fd(), chunk)) {
             Ok(0) => {
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
                 return Ok(());
@@ -80,9 +78,7 @@ pub(crate) async fn pump(
         let mut left = n;
         while left > 0 {
             to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
-            }) {
+            match to.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(k) => left -= k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -21,11 +21,7 @@ async fn one_gib_arrives_intact() {
 }
 
 async fn one_gib(zero_copy: bool) {
-    let w = world(RelayConfig {
-        zero_copy,
-        ..RelayConfig::default()
-    })
-    .await;
+    let w = world(RelayConfig { zero_copy, ..RelayConfig::default() }).await;
     let (mut c, mut d) = w.pair(session(1)).await;
 
     // A pseudo-random block, varied per block by its index so reordering would show.

@@ -15,12 +15,8 @@ const CONNS: usize = 2000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_preauth_flood_is_closed_at_the_deadline() {
-    let w = world(RelayConfig {
-        auth_deadline: Duration::from_secs(1),
-        max_preauth: 4096,
-        ..RelayConfig::default()
-    })
-    .await;
+    let w =
+        world(RelayConfig { auth_deadline: Duration::from_secs(1), max_preauth: 4096, ..RelayConfig::default() }).await;
     let rss_before = rss_bytes();
     let started = Instant::now();
     let mut conns = Vec::with_capacity(CONNS);
@@ -42,16 +38,8 @@ async fn idle_preauth_flood_is_closed_at_the_deadline() {
         }));
     }
     for t in tasks {
-        let (second, third, at) = tokio::time::timeout(Duration::from_secs(10), t)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            second,
-            Some(RelayMsg::Refused {
-                reason: "authentication timed out".into()
-            })
-        );
+        let (second, third, at) = tokio::time::timeout(Duration::from_secs(10), t).await.unwrap().unwrap();
+        assert_eq!(second, Some(RelayMsg::Refused { reason: "authentication timed out".into() }));
         assert_eq!(third, None);
         assert!(at - started <= connected + Duration::from_secs(3));
     }

@@ -32,10 +32,7 @@ fn refused_with(r: Result<TcpStream, JoinError>, want: &str) {
 async fn pair_and_talk_both_ways_with_half_close() {
     let w = world(quick()).await;
     let (mut c, mut d) = w.pair(session(1)).await;
-    w.stats_until("one forwarding session", |s| {
-        s.forwarding == 1 && s.sessions == 1
-    })
-    .await;
+    w.stats_until("one forwarding session", |s| s.forwarding == 1 && s.sessions == 1).await;
     c.write_all(b"hello device").await.unwrap();
     let mut buf = [0u8; 12];
     d.read_exact(&mut buf).await.unwrap();
@@ -118,10 +115,7 @@ async fn device_first_then_client_and_waiting_is_visible() {
         let w = w.clone();
         async move { w.device(s).await }
     });
-    w.stats_until("one waiting session", |st| {
-        st.waiting == 1 && st.preauth == 0
-    })
-    .await;
+    w.stats_until("one waiting session", |st| st.waiting == 1 && st.preauth == 0).await;
     let mut c = w.client(s).await.unwrap();
     let mut d = dev.await.unwrap().unwrap();
     c.write_all(b"hi").await.unwrap();
@@ -138,9 +132,7 @@ async fn no_join_times_out() {
     let mut s = TcpStream::connect(w.addr).await.unwrap();
     challenge(&mut s).await;
     w.stats_until("one pre-auth", |st| st.preauth == 1).await;
-    let reason = tokio::time::timeout(Duration::from_secs(5), refusal(&mut s))
-        .await
-        .unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), refusal(&mut s)).await.unwrap();
     assert_eq!(reason.as_deref(), Some("authentication timed out"));
     w.idle().await;
 }
@@ -149,10 +141,7 @@ async fn no_join_times_out() {
 async fn garbage_and_oversized_frames_are_refused() {
     let w = world(quick()).await;
     let reason = send_raw(w.addr, &[0xff, 0xff, 0xff, 0xff]).await.unwrap();
-    assert!(
-        reason.starts_with("malformed join: frame of 4294967295 bytes exceeds"),
-        "{reason}"
-    );
+    assert!(reason.starts_with("malformed join: frame of 4294967295 bytes exceeds"), "{reason}");
     let reason = send_raw(w.addr, &[0, 0, 16, 1]).await.unwrap();
     assert!(reason.contains("exceeds the limit of 4096"), "{reason}");
     let mut garbage = 12u32.to_be_bytes().to_vec();
@@ -169,11 +158,7 @@ async fn garbage_and_oversized_frames_are_refused() {
         async {
             let _ = wr.write_all(&lots).await;
         },
-        async {
-            tokio::time::timeout(Duration::from_secs(5), refusal_half(&mut r))
-                .await
-                .unwrap()
-        }
+        async { tokio::time::timeout(Duration::from_secs(5), refusal_half(&mut r)).await.unwrap() }
     );
     assert!(reason.unwrap().starts_with("malformed join"));
     // Random garbage of many shapes: a refusal or a close, never a stuck relay.
@@ -185,9 +170,7 @@ async fn garbage_and_oversized_frames_are_refused() {
         let mut s = TcpStream::connect(w.addr).await.unwrap();
         challenge(&mut s).await;
         s.write_all(&bytes).await.unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(5), refusal(&mut s))
-            .await
-            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), refusal(&mut s)).await.unwrap();
     }
     w.idle().await;
     // Still serving.
@@ -207,13 +190,7 @@ async fn refusal_half(r: &mut tokio::net::tcp::ReadHalf<'_>) -> Option<String> {
 
 fn signed_join(keys: &Keys, relay: &np_identity::Name, nonce: &[u8; 32], s: [u8; 16]) -> Join {
     let t = join_transcript(relay, nonce, &name(ALICE), Role::Client, &s, &name(DEV));
-    Join {
-        identity: name(ALICE),
-        role: Role::Client,
-        session: s,
-        peer: name(DEV),
-        sig: keys.sign(&t).to_vec(),
-    }
+    Join { identity: name(ALICE), role: Role::Client, session: s, peer: name(DEV), sig: keys.sign(&t).to_vec() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,8 +255,7 @@ async fn lone_side_times_out_and_late_side_is_refused() {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(450), "{waited:?}");
     assert!(waited < Duration::from_secs(3), "{waited:?}");
-    w.stats_until("no sessions", |st| st.sessions == 0 && st.connections == 0)
-        .await;
+    w.stats_until("no sessions", |st| st.sessions == 0 && st.connections == 0).await;
     refused_with(w.device(sid).await, "pairing deadline passed");
     w.idle().await;
 }
@@ -294,25 +270,16 @@ async fn third_party_with_the_session_id_never_pairs() {
     });
     w.stats_until("client waiting", |st| st.waiting == 1).await;
     // Mallory, enrolled and correctly signed, claims to be the device for Alice's session.
-    refused_with(
-        w.join_as(&w.mallory, MALLORY, Role::Device, sid, ALICE)
-            .await,
-        "pairing deadline passed",
-    );
+    refused_with(w.join_as(&w.mallory, MALLORY, Role::Device, sid, ALICE).await, "pairing deadline passed");
     refused_with(first.await.unwrap(), "pairing deadline passed");
     w.idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_not_in_allow_list_is_refused() {
-    let w = world(RelayConfig {
-        allow: Some(vec![name(ALICE), name(DEV)]),
-        ..quick()
-    })
-    .await;
+    let w = world(RelayConfig { allow: Some(vec![name(ALICE), name(DEV)]), ..quick() }).await;
     refused_with(
-        w.join_as(&w.mallory, MALLORY, Role::Client, session(11), DEV)
-            .await,
+        w.join_as(&w.mallory, MALLORY, Role::Client, session(11), DEV).await,
         "identity @mallory is not allowed on this relay",
     );
     let (_c, _d) = w.pair(session(12)).await;
@@ -322,11 +289,7 @@ async fn identity_not_in_allow_list_is_refused() {
 async fn unknown_identity_is_refused() {
     let w = world(quick()).await;
     let eve = Keys::generate().unwrap();
-    refused_with(
-        w.join_as(&eve, "@eve", Role::Client, session(13), DEV)
-            .await,
-        "unknown identity @eve",
-    );
+    refused_with(w.join_as(&eve, "@eve", Role::Client, session(13), DEV).await, "unknown identity @eve");
     w.idle().await;
 }
 
@@ -362,25 +325,16 @@ async fn session_limits() {
     let mut waiting = Vec::new();
     for i in 0..2 {
         let w2 = w.clone();
-        waiting.push(tokio::spawn(
-            async move { w2.client(session(20 + i)).await },
-        ));
+        waiting.push(tokio::spawn(async move { w2.client(session(20 + i)).await }));
     }
     w.stats_until("two waiting", |st| st.waiting == 2).await;
     refused_with(w.client(session(22)).await, "too many sessions for @alice");
     let m = tokio::spawn({
         let w = w.clone();
-        async move {
-            w.join_as(&w.mallory, MALLORY, Role::Client, session(23), DEV)
-                .await
-        }
+        async move { w.join_as(&w.mallory, MALLORY, Role::Client, session(23), DEV).await }
     });
     w.stats_until("three waiting", |st| st.waiting == 3).await;
-    refused_with(
-        w.join_as(&w.mallory, MALLORY, Role::Client, session(24), DEV)
-            .await,
-        "relay is full",
-    );
+    refused_with(w.join_as(&w.mallory, MALLORY, Role::Client, session(24), DEV).await, "relay is full");
     m.abort();
     for t in waiting {
         t.abort();
@@ -390,11 +344,7 @@ async fn session_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_unauthenticated_connections() {
-    let w = world(RelayConfig {
-        max_preauth: 3,
-        ..quick()
-    })
-    .await;
+    let w = world(RelayConfig { max_preauth: 3, ..quick() }).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut s = TcpStream::connect(w.addr).await.unwrap();
@@ -402,10 +352,7 @@ async fn too_many_unauthenticated_connections() {
         held.push(s);
     }
     let mut s = TcpStream::connect(w.addr).await.unwrap();
-    assert_eq!(
-        refusal(&mut s).await.as_deref(),
-        Some("too many unauthenticated connections")
-    );
+    assert_eq!(refusal(&mut s).await.as_deref(), Some("too many unauthenticated connections"));
     drop(held);
     w.idle().await;
     let (_c, _d) = w.pair(session(30)).await;
@@ -413,11 +360,7 @@ async fn too_many_unauthenticated_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_paired_session_is_closed() {
-    let w = world(RelayConfig {
-        idle_timeout: Duration::from_millis(400),
-        ..quick()
-    })
-    .await;
+    let w = world(RelayConfig { idle_timeout: Duration::from_millis(400), ..quick() }).await;
     let (mut c, mut d) = w.pair(session(31)).await;
     // Activity keeps it alive past the timeout.
     for _ in 0..4 {
@@ -428,10 +371,7 @@ async fn idle_paired_session_is_closed() {
     }
     let started = std::time::Instant::now();
     let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await.unwrap().unwrap();
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(350), "{waited:?}");
     w.idle().await;
@@ -439,21 +379,10 @@ async fn idle_paired_session_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_side_that_leaves_frees_its_place() {
-    let w = world(RelayConfig {
-        pairing_deadline: Duration::from_secs(30),
-        ..quick()
-    })
-    .await;
+    let w = world(RelayConfig { pairing_deadline: Duration::from_secs(30), ..quick() }).await;
     let mut s = TcpStream::connect(w.addr).await.unwrap();
     let (relay, nonce) = challenge(&mut s).await;
-    s.write_all(&encode_msg(&signed_join(
-        &w.alice,
-        &relay,
-        &nonce,
-        session(32),
-    )))
-    .await
-    .unwrap();
+    s.write_all(&encode_msg(&signed_join(&w.alice, &relay, &nonce, session(32)))).await.unwrap();
     w.stats_until("waiting", |st| st.waiting == 1).await;
     drop(s);
     w.idle().await;
@@ -463,12 +392,8 @@ async fn waiting_side_that_leaves_frees_its_place() {
 async fn shutdown_closes_everything() {
     let alice = Keys::generate().unwrap();
     let dev = Keys::generate().unwrap();
-    let dir = np_relay::StaticDirectory::new()
-        .with(name(ALICE), alice.public())
-        .with(name(DEV), dev.public());
-    let relay = np_relay::Relay::bind("127.0.0.1:0".parse().unwrap(), quick(), Arc::new(dir))
-        .await
-        .unwrap();
+    let dir = np_relay::StaticDirectory::new().with(name(ALICE), alice.public()).with(name(DEV), dev.public());
+    let relay = np_relay::Relay::bind("127.0.0.1:0".parse().unwrap(), quick(), Arc::new(dir)).await.unwrap();
     let addr = relay.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(relay.run(async {
@@ -477,24 +402,11 @@ async fn shutdown_closes_everything() {
     let s = session(40);
     let side = |keys: &'static Keys, me: &'static str, role, peer: &'static str| async move {
         let stream = TcpStream::connect(addr).await.unwrap();
-        np_relay::join(
-            stream,
-            keys,
-            &name(me),
-            role,
-            s,
-            &name(peer),
-            Some(&name("@relay")),
-        )
-        .await
-        .unwrap()
+        np_relay::join(stream, keys, &name(me), role, s, &name(peer), Some(&name("@relay"))).await.unwrap()
     };
     let alice: &'static Keys = Box::leak(Box::new(alice));
     let dev: &'static Keys = Box::leak(Box::new(dev));
-    let (mut c, mut d) = tokio::join!(
-        side(alice, ALICE, Role::Client, DEV),
-        side(dev, DEV, Role::Device, ALICE)
-    );
+    let (mut c, mut d) = tokio::join!(side(alice, ALICE, Role::Client, DEV), side(dev, DEV, Role::Device, ALICE));
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
     let mut rest = Vec::new();

@@ -66,10 +66,9 @@ async fn slow_reader_does_not_slow_other_sessions() {
             n += k;
         }
     };
-    let (_b_client, got) =
-        tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(send, recv) })
-            .await
-            .expect("session B stalled behind session A");
+    let (_b_client, got) = tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(send, recv) })
+        .await
+        .expect("session B stalled behind session A");
     let took = started.elapsed();
     assert_eq!(got, N);
 
@@ -84,13 +83,9 @@ async fn slow_reader_does_not_slow_other_sessions() {
         rss_after / 1024
     );
     // A is stuck at what the socket buffers and the relay's one buffer per direction hold.
-    assert!(
-        a_pushed < 32 << 20,
-        "A pushed {a_pushed} bytes into a reader that never reads"
-    );
+    assert!(a_pushed < 32 << 20, "A pushed {a_pushed} bytes into a reader that never reads");
     assert!(rss_after.saturating_sub(rss_before) < 64 << 20);
-    w.stats_until("only A forwarding", |s| s.forwarding == 1)
-        .await;
+    w.stats_until("only A forwarding", |s| s.forwarding == 1).await;
     pusher.abort();
     drop(a_device);
     w.idle().await;

@@ -48,11 +48,7 @@ async fn forwarding_throughput() {
         let direct = blast(tx.unwrap(), rx.unwrap().0).await;
         let mut line = format!("round {round}: direct {direct:.0} MiB/s");
         for zero_copy in [false, true] {
-            let w = world(RelayConfig {
-                zero_copy,
-                ..RelayConfig::default()
-            })
-            .await;
+            let w = world(RelayConfig { zero_copy, ..RelayConfig::default() }).await;
             let (c, d) = w.pair(session(1)).await;
             let mbps = blast(c, d).await;
             line += &format!(", relay zero_copy={zero_copy} {mbps:.0} MiB/s");

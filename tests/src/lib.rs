@@ -23,11 +23,7 @@ pub fn bin_dir() -> PathBuf {
 /// Path of a built binary; panics with a hint if it was not built.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} not found: run `cargo build --workspace` before the tests",
-        p.display()
-    );
+    assert!(p.exists(), "{} not found: run `cargo build --workspace` before the tests", p.display());
     p
 }
 
@@ -45,12 +41,7 @@ impl Control {
         let dir = tempfile::tempdir().unwrap();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (child, addr) = spawn_control(dir.path(), "127.0.0.1:0", &extra);
-        Control {
-            child,
-            addr,
-            dir,
-            extra,
-        }
+        Control { child, addr, dir, extra }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -109,10 +100,7 @@ impl Control {
 
     /// Creates and enrols `name` in a new home under this test's directory.
     pub fn identity(&self, name: &str) -> PathBuf {
-        let home = self
-            .dir
-            .path()
-            .join(format!("home-{}", name.trim_start_matches('@')));
+        let home = self.dir.path().join(format!("home-{}", name.trim_start_matches('@')));
         let code = self.code(name);
         let (ok, out, err) = np_keys_new(&home, name, &self.addr.to_string(), &code);
         assert!(ok, "np keys new failed: {out} {err}");
@@ -135,19 +123,12 @@ fn spawn_control(dir: &Path, listen: &str, extra: &[String]) -> (Child, SocketAd
 }
 
 fn try_spawn_control(dir: &Path, listen: &str, extra: &[String]) -> Option<(Child, SocketAddr)> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("control.log"))
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("control.log")).unwrap();
     let mut child = Command::new(bin("np-control"))
         .args(["serve", "--listen", listen, "--data"])
         .arg(dir.join("data"))
         .args(extra)
-        .env(
-            "RUST_LOG",
-            std::env::var("NP_TEST_CONTROL_LOG").unwrap_or_else(|_| "debug".into()),
-        )
+        .env("RUST_LOG", std::env::var("NP_TEST_CONTROL_LOG").unwrap_or_else(|_| "debug".into()))
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
@@ -169,16 +150,7 @@ fn try_spawn_control(dir: &Path, listen: &str, extra: &[String]) -> Option<(Chil
 /// Runs `np keys new`; returns (exit ok, stdout, stderr).
 pub fn np_keys_new(home: &Path, name: &str, control: &str, code: &str) -> (bool, String, String) {
     let out = Command::new(bin("np"))
-        .args([
-            "keys",
-            "new",
-            name,
-            "--control",
-            control,
-            "--code",
-            code,
-            "--home",
-        ])
+        .args(["keys", "new", name, "--control", control, "--code", code, "--home"])
         .arg(home)
         .output()
         .unwrap();
@@ -201,17 +173,12 @@ pub fn rss_kib(pid: u32) -> u64 {
 
 /// Open file descriptors of a process.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// Raises this process's open-file limit as far as allowed (flood tests open thousands).
 pub fn raise_nofile() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY-free: plain libc calls through the libc crate's safe-to-call wrappers are unsafe fns.
     #[allow(unsafe_code)]
     unsafe {
@@ -253,11 +220,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 /// Whether `needle` occurs in any file under `dir` (binary search of raw bytes).
 pub fn bytes_in_tree(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
-    files_under(dir).into_iter().find(|p| {
-        std::fs::read(p)
-            .map(|b| b.windows(needle.len()).any(|w| w == needle))
-            .unwrap_or(false)
-    })
+    files_under(dir)
+        .into_iter()
+        .find(|p| std::fs::read(p).map(|b| b.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
 }
 
 pub mod raw;

@@ -20,13 +20,8 @@ impl RawConn {
         let connector = np_control_client::tls::pinned_connector(pin)?;
         let name = rustls::pki_types::ServerName::try_from(TLS_SERVER_NAME)?;
         let mut tls = connector.connect(name, tcp).await?;
-        let hello: ServerHello = read_msg(&mut tls, MAX_FRAME)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("no hello"))?;
-        Ok(RawConn {
-            tls,
-            nonce: hello.nonce,
-        })
+        let hello: ServerHello = read_msg(&mut tls, MAX_FRAME).await?.ok_or_else(|| anyhow::anyhow!("no hello"))?;
+        Ok(RawConn { tls, nonce: hello.nonce })
     }
 
     pub async fn send(&mut self, f: &ClientFrame) -> anyhow::Result<()> {

@@ -1,9 +1,7 @@
 //! Enrolment and authentication against the real `np-control` and `np` binaries.
 #![allow(clippy::unwrap_used)]
 
-use np_control_proto::{
-    auth_transcript, ClientFrame, EnrolCode, ErrorCode, Reply, Request, ServerFrame,
-};
+use np_control_proto::{auth_transcript, ClientFrame, EnrolCode, ErrorCode, Reply, Request, ServerFrame};
 use np_identity::home::Home;
 use np_identity::Name;
 use np_tests::raw::{pin_of, RawConn};
@@ -89,27 +87,17 @@ fn private_keys_are_private_and_only_public_halves_reach_the_server() {
     let home = ctl.identity("@alice");
     use std::os::unix::fs::PermissionsExt;
     for f in ["signing.key", "x25519.key"] {
-        let m = std::fs::metadata(home.join("alice").join(f))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let m = std::fs::metadata(home.join("alice").join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(m, 0o600, "{f}");
         let secret = std::fs::read_to_string(home.join("alice").join(f)).unwrap();
         let raw = hex_decode(secret.trim());
-        assert!(
-            np_tests::bytes_in_tree(&ctl.data(), &raw).is_none(),
-            "{f} found in the server's data"
-        );
+        assert!(np_tests::bytes_in_tree(&ctl.data(), &raw).is_none(), "{f} found in the server's data");
         assert!(np_tests::bytes_in_tree(&ctl.data(), secret.trim().as_bytes()).is_none());
     }
 }
 
 fn hex_decode(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 async fn auth_reply(conn: &mut RawConn, req: Request) -> Result<Reply, (ErrorCode, String)> {
@@ -131,32 +119,13 @@ async fn wrong_key_replayed_signature_and_unknown_identity_are_refused() {
     // The right key on a fresh nonce works.
     let mut c1 = RawConn::connect(ctl.addr, &pin).await.unwrap();
     let sig1 = keys.sign(&auth_transcript(&c1.nonce, &alice)).to_vec();
-    let r = auth_reply(
-        &mut c1,
-        Request::Auth {
-            name: alice.clone(),
-            sig: sig1.clone(),
-        },
-    )
-    .await;
-    assert_eq!(
-        r,
-        Ok(Reply::Authenticated {
-            name: alice.clone()
-        })
-    );
+    let r = auth_reply(&mut c1, Request::Auth { name: alice.clone(), sig: sig1.clone() }).await;
+    assert_eq!(r, Ok(Reply::Authenticated { name: alice.clone() }));
 
     // The same signature replayed on another connection: its nonce differs, so it fails.
     let mut c2 = RawConn::connect(ctl.addr, &pin).await.unwrap();
     assert_ne!(c1.nonce, c2.nonce);
-    let r = auth_reply(
-        &mut c2,
-        Request::Auth {
-            name: alice.clone(),
-            sig: sig1,
-        },
-    )
-    .await;
+    let r = auth_reply(&mut c2, Request::Auth { name: alice.clone(), sig: sig1 }).await;
     assert_eq!(r.map_err(|e| e.0), Err(ErrorCode::BadSignature));
     // ... and the connection is closed afterwards.
     assert!(c2.recv().await.map(|f| f.is_none()).unwrap_or(true));
@@ -165,14 +134,7 @@ async fn wrong_key_replayed_signature_and_unknown_identity_are_refused() {
     let mallory = np_identity::Keys::generate().unwrap();
     let mut c3 = RawConn::connect(ctl.addr, &pin).await.unwrap();
     let sig = mallory.sign(&auth_transcript(&c3.nonce, &alice)).to_vec();
-    let r = auth_reply(
-        &mut c3,
-        Request::Auth {
-            name: alice.clone(),
-            sig,
-        },
-    )
-    .await;
+    let r = auth_reply(&mut c3, Request::Auth { name: alice.clone(), sig }).await;
     assert_eq!(r.map_err(|e| e.0), Err(ErrorCode::BadSignature));
 
     // An identity nobody enrolled.
@@ -186,27 +148,14 @@ async fn wrong_key_replayed_signature_and_unknown_identity_are_refused() {
 
     // Anything but Auth/Enroll first is refused.
     let mut c5 = RawConn::connect(ctl.addr, &pin).await.unwrap();
-    let r = auth_reply(
-        &mut c5,
-        Request::Lookup {
-            name: alice.clone(),
-        },
-    )
-    .await;
+    let r = auth_reply(&mut c5, Request::Lookup { name: alice.clone() }).await;
     assert_eq!(r.map_err(|e| e.0), Err(ErrorCode::NotAuthenticated));
 
     // The library client reports a wrong key clearly: swap @alice's keys for new ones.
     let other = tempfile::tempdir().unwrap();
     let oh = Home::new(other.path());
     oh.create_keys(&alice).unwrap();
-    oh.save_control(&alice, &Home::new(&home).load_control(&alice).unwrap())
-        .unwrap();
-    let err = np_control_client::ControlClient::connect(&oh, &alice)
-        .await
-        .err()
-        .unwrap();
-    assert!(
-        err.to_string().contains("signature does not verify"),
-        "{err}"
-    );
+    oh.save_control(&alice, &Home::new(&home).load_control(&alice).unwrap()).unwrap();
+    let err = np_control_client::ControlClient::connect(&oh, &alice).await.err().unwrap();
+    assert!(err.to_string().contains("signature does not verify"), "{err}");
 }

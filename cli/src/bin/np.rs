@@ -63,44 +63,28 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let home = Home::resolve(cli.home.as_deref());
     match cli.cmd {
-        Cmd::Keys {
-            cmd:
-                KeysCmd::New {
-                    name,
-                    control,
-                    code,
-                },
-        } => {
+        Cmd::Keys { cmd: KeysCmd::New { name, control, code } } => {
             let code: EnrolCode = code.parse()?;
-            eprintln!(
-                "creating keys for {name} in {} and enrolling with {control} …",
-                home.dir().display()
-            );
+            eprintln!("creating keys for {name} in {} and enrolling with {control} …", home.dir().display());
             let keys = ControlClient::enroll(&home, &name, &control, &code)
                 .await
                 .with_context(|| format!("enrolling {name} with {control}"))?;
             println!("enrolled {name} (keys {})", keys.fingerprint());
-            println!(
-                "control plane {control} pinned (sha256:{}…)",
-                &code.cert_hex()[..16]
-            );
+            println!("control plane {control} pinned (sha256:{}…)", &code.cert_hex()[..16]);
             Ok(())
         }
         Cmd::Keys { cmd: KeysCmd::List } => {
             let ids = home.identities();
             if ids.is_empty() {
-                println!("no identities in {}; create one with `np keys new @NAME --control HOST:PORT --code CODE`", home.dir().display());
+                println!(
+                    "no identities in {}; create one with `np keys new @NAME --control HOST:PORT --code CODE`",
+                    home.dir().display()
+                );
             }
             for n in ids {
                 let keys = home.load_keys(&n)?;
-                let control = home
-                    .load_control(&n)
-                    .map(|c| c.address)
-                    .unwrap_or_else(|_| "(not enrolled)".into());
-                println!(
-                    "{n}\tkeys {}\tcontrol {control}",
-                    keys.public().fingerprint()
-                );
+                let control = home.load_control(&n).map(|c| c.address).unwrap_or_else(|_| "(not enrolled)".into());
+                println!("{n}\tkeys {}\tcontrol {control}", keys.public().fingerprint());
             }
             Ok(())
         }

@@ -2,8 +2,8 @@
 
 use crate::{ClientError, Inner};
 use np_control_proto::{
-    auth_transcript, enroll_transcript, ClientFrame, Delivery, EnrolCode, Reply, Request,
-    ServerFrame, ServerHello, MAX_FRAME, TLS_SERVER_NAME,
+    auth_transcript, enroll_transcript, ClientFrame, Delivery, EnrolCode, Reply, Request, ServerFrame, ServerHello,
+    MAX_FRAME, TLS_SERVER_NAME,
 };
 use np_identity::home::ControlConfig;
 use np_identity::{Keys, Name};
@@ -37,31 +37,20 @@ pub(crate) struct Conn {
     wr: WriteHalf<Tls>,
 }
 
-async fn dial(
-    cfg: &ControlConfig,
-) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, [u8; 32]), ClientError> {
+async fn dial(cfg: &ControlConfig) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, [u8; 32]), ClientError> {
     let address = cfg.address.clone();
     let tcp = TcpStream::connect(&cfg.address)
         .await
-        .map_err(|e| ClientError::Connect {
-            address: address.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| ClientError::Connect { address: address.clone(), reason: e.to_string() })?;
     let _ = tcp.set_nodelay(true);
-    let connector =
-        crate::tls::pinned_connector(&cfg.cert_sha256).map_err(|e| ClientError::Tls {
-            address: address.clone(),
-            reason: e.to_string(),
-        })?;
-    let name = rustls::pki_types::ServerName::try_from(TLS_SERVER_NAME)
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let connector = crate::tls::pinned_connector(&cfg.cert_sha256)
+        .map_err(|e| ClientError::Tls { address: address.clone(), reason: e.to_string() })?;
+    let name =
+        rustls::pki_types::ServerName::try_from(TLS_SERVER_NAME).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let tls = connector
         .connect(name, tcp)
         .await
-        .map_err(|e| ClientError::Tls {
-            address: address.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| ClientError::Tls { address: address.clone(), reason: e.to_string() })?;
     let (mut rd, wr) = tokio::io::split(tls);
     let hello: ServerHello = read_msg(&mut rd, MAX_FRAME)
         .await
@@ -70,23 +59,14 @@ async fn dial(
     Ok((rd, wr, hello.nonce))
 }
 
-async fn first(
-    rd: &mut ReadHalf<Tls>,
-    wr: &mut WriteHalf<Tls>,
-    req: Request,
-) -> Result<Reply, ClientError> {
-    write_msg(wr, &ClientFrame { id: 1, req })
-        .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+async fn first(rd: &mut ReadHalf<Tls>, wr: &mut WriteHalf<Tls>, req: Request) -> Result<Reply, ClientError> {
+    write_msg(wr, &ClientFrame { id: 1, req }).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
     match read_msg::<ServerFrame, _>(rd, MAX_FRAME).await {
         Ok(Some(ServerFrame::Reply { result: Ok(r), .. })) => Ok(r),
-        Ok(Some(ServerFrame::Reply { result: Err(e), .. })) => Err(ClientError::Refused {
-            code: e.code,
-            message: e.message,
-        }),
-        Ok(Some(other)) => Err(ClientError::Protocol(format!(
-            "unexpected {other:?} before authentication"
-        ))),
+        Ok(Some(ServerFrame::Reply { result: Err(e), .. })) => {
+            Err(ClientError::Refused { code: e.code, message: e.message })
+        }
+        Ok(Some(other)) => Err(ClientError::Protocol(format!("unexpected {other:?} before authentication"))),
         Ok(None) => Err(ClientError::Disconnected),
         Err(e) => Err(ClientError::Protocol(e.to_string())),
     }
@@ -98,50 +78,27 @@ impl Conn {
         let fut = async {
             let (mut rd, mut wr, nonce) = dial(cfg).await?;
             let sig = keys.sign(&auth_transcript(&nonce, me)).to_vec();
-            match first(
-                &mut rd,
-                &mut wr,
-                Request::Auth {
-                    name: me.clone(),
-                    sig,
-                },
-            )
-            .await?
-            {
+            match first(&mut rd, &mut wr, Request::Auth { name: me.clone(), sig }).await? {
                 Reply::Authenticated { name } if &name == me => Ok(Conn { rd, wr }),
                 other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             }
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, fut)
-            .await
-            .map_err(|_| ClientError::Timeout("connecting"))?
+        tokio::time::timeout(CONNECT_TIMEOUT, fut).await.map_err(|_| ClientError::Timeout("connecting"))?
     }
 
     /// Enrols `me` with `keys` using `code`.
-    pub async fn enroll(
-        cfg: &ControlConfig,
-        me: &Name,
-        keys: &Keys,
-        code: &EnrolCode,
-    ) -> Result<(), ClientError> {
+    pub async fn enroll(cfg: &ControlConfig, me: &Name, keys: &Keys, code: &EnrolCode) -> Result<(), ClientError> {
         let fut = async {
             let (mut rd, mut wr, nonce) = dial(cfg).await?;
             let public = keys.public();
             let sig = keys.sign(&enroll_transcript(&nonce, me, &public)).to_vec();
-            let req = Request::Enroll {
-                secret: code.secret,
-                name: me.clone(),
-                keys: public,
-                sig,
-            };
+            let req = Request::Enroll { secret: code.secret, name: me.clone(), keys: public, sig };
             match first(&mut rd, &mut wr, req).await? {
                 Reply::Enrolled { name } if &name == me => Ok(()),
                 other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             }
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, fut)
-            .await
-            .map_err(|_| ClientError::Timeout("enrolling"))?
+        tokio::time::timeout(CONNECT_TIMEOUT, fut).await.map_err(|_| ClientError::Timeout("enrolling"))?
     }
 }
 

@@ -71,27 +71,16 @@ pub struct ControlClient {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl ControlClient {
     /// Creates keys for `me` in `home`, enrols them with the control plane at `address` using
     /// `code`, and remembers the address and the pinned certificate. On failure the new keys are
     /// removed again, so the command can simply be re-run.
-    pub async fn enroll(
-        home: &Home,
-        me: &Name,
-        address: &str,
-        code: &EnrolCode,
-    ) -> Result<PublicKeys, ClientError> {
+    pub async fn enroll(home: &Home, me: &Name, address: &str, code: &EnrolCode) -> Result<PublicKeys, ClientError> {
         let keys = home.create_keys(me)?;
-        let cfg = ControlConfig {
-            address: address.to_string(),
-            cert_sha256: code.cert_hex(),
-        };
+        let cfg = ControlConfig { address: address.to_string(), cert_sha256: code.cert_hex() };
         let result = Conn::enroll(&cfg, me, &keys, code).await;
         match result {
             Ok(()) => {
@@ -121,14 +110,7 @@ impl ControlClient {
             known: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&inner);
-        tokio::spawn(conn::run(
-            conn,
-            cfg,
-            me.clone(),
-            weak.clone(),
-            cmd_rx,
-            push_tx,
-        ));
+        tokio::spawn(conn::run(conn, cfg, me.clone(), weak.clone(), cmd_rx, push_tx));
         tokio::spawn(open_pushes(weak, push_rx, msg_tx));
         Ok((ControlClient { inner }, Incoming { rx: msg_rx }))
     }
@@ -147,16 +129,10 @@ impl ControlClient {
         let (tx, rx) = oneshot::channel();
         let what = request_name(&req);
         let fut = async {
-            self.inner
-                .cmd
-                .send(Cmd { req, reply: tx })
-                .await
-                .map_err(|_| ClientError::Closed)?;
+            self.inner.cmd.send(Cmd { req, reply: tx }).await.map_err(|_| ClientError::Closed)?;
             rx.await.map_err(|_| ClientError::Disconnected)?
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut)
-            .await
-            .map_err(|_| ClientError::Timeout(what))?
+        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.map_err(|_| ClientError::Timeout(what))?
     }
 
     /// Measures a round trip.
@@ -170,13 +146,7 @@ impl ControlClient {
 
     /// The public keys of `name`, pinned on first use: a later change is an error.
     pub async fn lookup(&self, name: &Name) -> Result<PublicKeys, ClientError> {
-        if let Some(k) = self
-            .inner
-            .known
-            .lock()
-            .ok()
-            .and_then(|m| m.get(name).copied())
-        {
+        if let Some(k) = self.inner.known.lock().ok().and_then(|m| m.get(name).copied()) {
             return Ok(k);
         }
         let keys = match self.request(Request::Lookup { name: name.clone() }).await? {
@@ -192,22 +162,14 @@ impl ControlClient {
 
     /// The control-plane node that serves `name`.
     pub async fn resolve(&self, name: &Name) -> Result<String, ClientError> {
-        match self
-            .request(Request::Resolve { name: name.clone() })
-            .await?
-        {
+        match self.request(Request::Resolve { name: name.clone() }).await? {
             Reply::Node { address } => Ok(address),
             other => Err(unexpected(other)),
         }
     }
 
     /// Publishes (or replaces) one of this identity's records.
-    pub async fn publish(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        readers: Vec<Name>,
-    ) -> Result<(), ClientError> {
+    pub async fn publish(&self, key: &str, value: Vec<u8>, readers: Vec<Name>) -> Result<(), ClientError> {
         let mut record = Record {
             owner: self.inner.me.clone(),
             key: key.to_string(),
@@ -225,24 +187,14 @@ impl ControlClient {
 
     async fn verified(&self, r: Record) -> Result<Record, ClientError> {
         let keys = self.lookup(&r.owner).await?;
-        np_identity::verify(&keys.signing, &r.signed_bytes(), &r.sig).map_err(|_| {
-            ClientError::Protocol(format!(
-                "record {} of {} has a bad signature",
-                r.key, r.owner
-            ))
-        })?;
+        np_identity::verify(&keys.signing, &r.signed_bytes(), &r.sig)
+            .map_err(|_| ClientError::Protocol(format!("record {} of {} has a bad signature", r.key, r.owner)))?;
         Ok(r)
     }
 
     /// One record of `owner`, its signature checked.
     pub async fn fetch(&self, owner: &Name, key: &str) -> Result<Record, ClientError> {
-        match self
-            .request(Request::Fetch {
-                owner: owner.clone(),
-                key: key.to_string(),
-            })
-            .await?
-        {
+        match self.request(Request::Fetch { owner: owner.clone(), key: key.to_string() }).await? {
             Reply::Record(r) if &r.owner == owner && r.key == key => self.verified(r).await,
             other => Err(unexpected(other)),
         }
@@ -251,12 +203,7 @@ impl ControlClient {
     /// Records with keys starting `prefix` that name this identity as a reader; records whose
     /// signature does not verify are dropped (and logged).
     pub async fn list(&self, prefix: &str) -> Result<Vec<Record>, ClientError> {
-        let records = match self
-            .request(Request::List {
-                key_prefix: prefix.to_string(),
-            })
-            .await?
-        {
+        let records = match self.request(Request::List { key_prefix: prefix.to_string() }).await? {
             Reply::Records(r) => r,
             other => return Err(unexpected(other)),
         };
@@ -272,21 +219,9 @@ impl ControlClient {
 
     /// Seals `payload` to `to` and sends it; the server keeps it up to `ttl` for an absent
     /// recipient.
-    pub async fn send(
-        &self,
-        to: &Name,
-        payload: &[u8],
-        ttl: Duration,
-    ) -> Result<Sent, ClientError> {
+    pub async fn send(&self, to: &Name, payload: &[u8], ttl: Duration) -> Result<Sent, ClientError> {
         let to_keys = self.lookup(to).await?;
-        let envelope = Envelope::seal(
-            &self.inner.me,
-            &self.inner.keys,
-            to,
-            &to_keys,
-            now_ms(),
-            payload,
-        )?;
+        let envelope = Envelope::seal(&self.inner.me, &self.inner.keys, to, &to_keys, now_ms(), payload)?;
         let ttl_secs = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
         match self.request(Request::Notify { envelope, ttl_secs }).await? {
             Reply::Accepted { seq, delivered } => Ok(Sent { seq, delivered }),
@@ -326,29 +261,16 @@ async fn open_pushes(
         let client = ControlClient { inner };
         let env = &d.envelope;
         let opened = if env.to != client.inner.me {
-            Err(ClientError::Protocol(format!(
-                "got a notification addressed to {}",
-                env.to
-            )))
+            Err(ClientError::Protocol(format!("got a notification addressed to {}", env.to)))
         } else {
             match client.lookup(&env.from).await {
-                Ok(keys) => env
-                    .open(&client.inner.keys, &keys)
-                    .map_err(ClientError::from),
+                Ok(keys) => env.open(&client.inner.keys, &keys).map_err(ClientError::from),
                 Err(e) => Err(e),
             }
         };
         match opened {
             Ok(payload) => {
-                if out
-                    .send(Message {
-                        from: env.from.clone(),
-                        payload,
-                        created_ms: env.created_ms,
-                    })
-                    .await
-                    .is_err()
-                {
+                if out.send(Message { from: env.from.clone(), payload, created_ms: env.created_ms }).await.is_err() {
                     // Nobody reads: leave it queued on the server for the next connection.
                     continue;
                 }

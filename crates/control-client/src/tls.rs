@@ -51,19 +51,14 @@ impl ServerCertVerifier for Pinned {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
 /// A connector that accepts only the certificate whose SHA-256 (hex) is `sha256`.
 pub fn pinned_connector(sha256: &str) -> Result<tokio_rustls::TlsConnector, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(Pinned {
-        sha256: sha256.to_ascii_lowercase(),
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(Pinned { sha256: sha256.to_ascii_lowercase(), provider: provider.clone() });
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

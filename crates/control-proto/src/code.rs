@@ -65,10 +65,7 @@ impl FromStr for EnrolCode {
         let mut cert_sha256 = [0u8; 32];
         secret.copy_from_slice(&raw[..16]);
         cert_sha256.copy_from_slice(&raw[16..]);
-        Ok(EnrolCode {
-            secret,
-            cert_sha256,
-        })
+        Ok(EnrolCode { secret, cert_sha256 })
     }
 }
 
@@ -78,10 +75,7 @@ mod tests {
 
     #[test]
     fn roundtrip_and_rejects() {
-        let c = EnrolCode {
-            secret: [7; 16],
-            cert_sha256: [9; 32],
-        };
+        let c = EnrolCode { secret: [7; 16], cert_sha256: [9; 32] };
         assert_eq!(c.to_string().parse::<EnrolCode>(), Ok(c.clone()));
         assert_eq!(format!(" {c}\n").parse::<EnrolCode>(), Ok(c));
         for bad in ["", "npe1_", "npe1_!!!", "xyz", "npe1_AAAA"] {

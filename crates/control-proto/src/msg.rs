@@ -81,13 +81,7 @@ impl Record {
     /// The bytes the owner signs.
     pub fn signed_bytes(&self) -> Vec<u8> {
         let mut b = b"np-record-v1".to_vec();
-        let body = postcard::to_stdvec(&(
-            &self.owner,
-            &self.key,
-            &self.value,
-            &self.readers,
-            self.updated_ms,
-        ));
+        let body = postcard::to_stdvec(&(&self.owner, &self.key, &self.value, &self.readers, self.updated_ms));
         b.extend_from_slice(&body.unwrap_or_default());
         b
     }
@@ -111,10 +105,7 @@ pub struct IdentityInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerFrame {
     /// The answer to request `id`.
-    Reply {
-        id: u32,
-        result: Result<Reply, ErrorReply>,
-    },
+    Reply { id: u32, result: Result<Reply, ErrorReply> },
     /// A notification for this identity; acknowledge it with `Ack { seq }`.
     Push(Delivery),
 }

@@ -35,14 +35,8 @@ mod tests {
     #[test]
     fn transcripts_differ_by_domain_and_nonce() {
         let n: Name = "@a".parse().expect("n");
-        let k = PublicKeys {
-            signing: [1; 32],
-            x25519: [2; 32],
-        };
+        let k = PublicKeys { signing: [1; 32], x25519: [2; 32] };
         assert_ne!(auth_transcript(&[0; 32], &n), auth_transcript(&[1; 32], &n));
-        assert_ne!(
-            auth_transcript(&[0; 32], &n),
-            enroll_transcript(&[0; 32], &n, &k)
-        );
+        assert_ne!(auth_transcript(&[0; 32], &n), enroll_transcript(&[0; 32], &n, &k));
     }
 }

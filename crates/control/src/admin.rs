@@ -14,34 +14,17 @@ use tokio::net::UnixStream;
 pub(crate) const SOCKET: &str = "admin.sock";
 
 /// Creates a code: a random secret stored (hashed) in the database, with the certificate pin.
-pub(crate) fn new_code(
-    store: &Store,
-    cert_der: &[u8],
-    name: &Name,
-    ttl: Duration,
-) -> Result<String, StoreError> {
+pub(crate) fn new_code(store: &Store, cert_der: &[u8], name: &Name, ttl: Duration) -> Result<String, StoreError> {
     let mut secret = [0u8; 16];
     np_identity::random_bytes(&mut secret).map_err(|e| StoreError::Limit(e.to_string()))?;
-    store.issue_code(
-        name,
-        &secret,
-        crate::now_ms().saturating_add(ttl.as_millis() as u64),
-    )?;
+    store.issue_code(name, &secret, crate::now_ms().saturating_add(ttl.as_millis() as u64))?;
     let mut cert_sha256 = [0u8; 32];
     cert_sha256.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, cert_der).as_ref());
-    Ok(EnrolCode {
-        secret,
-        cert_sha256,
-    }
-    .to_string())
+    Ok(EnrolCode { secret, cert_sha256 }.to_string())
 }
 
 /// Serves admin requests until the listener fails.
-pub(crate) async fn serve(
-    listener: tokio::net::UnixListener,
-    store: Arc<Store>,
-    cert_der: Arc<Vec<u8>>,
-) {
+pub(crate) async fn serve(listener: tokio::net::UnixListener, store: Arc<Store>, cert_der: Arc<Vec<u8>>) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             return;
@@ -78,13 +61,8 @@ pub(crate) async fn serve(
 pub async fn issue_code(data: &Path, name: &Name, ttl: Duration) -> Result<String> {
     let sock = data.join(SOCKET);
     if let Ok(mut s) = UnixStream::connect(&sock).await {
-        let req = AdminRequest::IssueCode {
-            name: name.clone(),
-            ttl_secs: ttl.as_secs(),
-        };
-        np_wire::io::write_msg(&mut s, &req)
-            .await
-            .context("asking the running server for a code")?;
+        let req = AdminRequest::IssueCode { name: name.clone(), ttl_secs: ttl.as_secs() };
+        np_wire::io::write_msg(&mut s, &req).await.context("asking the running server for a code")?;
         return match np_wire::io::read_msg::<AdminReply, _>(&mut s, 4096).await {
             Ok(Some(AdminReply::Code(c))) => Ok(c),
             Ok(Some(AdminReply::Error(e))) => bail!("{e}"),

@@ -4,8 +4,8 @@
 use crate::server::Shared;
 use crate::store::{Store, StoreError};
 use np_control_proto::{
-    auth_transcript, enroll_transcript, ClientFrame, Delivery, ErrorCode, ErrorReply, IdentityInfo,
-    Reply, Request, ServerFrame, ServerHello, MAX_FRAME, MAX_PREAUTH_FRAME, PROTOCOL_VERSION,
+    auth_transcript, enroll_transcript, ClientFrame, Delivery, ErrorCode, ErrorReply, IdentityInfo, Reply, Request,
+    ServerFrame, ServerHello, MAX_FRAME, MAX_PREAUTH_FRAME, PROTOCOL_VERSION,
 };
 use np_identity::Name;
 use np_wire::io::{read_msg, write_msg};
@@ -26,10 +26,7 @@ const MAX_READERS: usize = 64;
 const MAX_LIST: usize = 1000;
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
-    ErrorReply {
-        code,
-        message: message.into(),
-    }
+    ErrorReply { code, message: message.into() }
 }
 
 fn store_err(e: StoreError) -> ErrorReply {
@@ -42,10 +39,7 @@ fn store_err(e: StoreError) -> ErrorReply {
         StoreError::Limit(_) => err(ErrorCode::TooLarge, e.to_string()),
         StoreError::Db(_) | StoreError::InUse(_) | StoreError::Corrupt(_) => {
             tracing::error!(error = %e, "storage failure");
-            err(
-                ErrorCode::Internal,
-                "the control plane could not complete this (storage failure); try again",
-            )
+            err(ErrorCode::Internal, "the control plane could not complete this (storage failure); try again")
         }
     }
 }
@@ -95,11 +89,7 @@ pub(crate) async fn serve(
     match db(&shared.store, move |s| s.pending(&name, crate::now_ms())).await {
         Ok(pending) => {
             for (seq, envelope) in pending {
-                if tx
-                    .send(ServerFrame::Push(Delivery { seq, envelope }))
-                    .await
-                    .is_err()
-                {
+                if tx.send(ServerFrame::Push(Delivery { seq, envelope })).await.is_err() {
                     break;
                 }
             }
@@ -136,45 +126,24 @@ async fn authenticate(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
 ) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, IdentityInfo), String> {
-    let tls = acceptor
-        .accept(tcp)
-        .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let nonce = np_identity::random32().map_err(|e| e.to_string())?;
-    write_msg(
-        &mut wr,
-        &ServerHello {
-            version: PROTOCOL_VERSION,
-            nonce,
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    write_msg(&mut wr, &ServerHello { version: PROTOCOL_VERSION, nonce }).await.map_err(|e| e.to_string())?;
     let frame: ClientFrame = match read_msg(&mut rd, MAX_PREAUTH_FRAME).await {
         Ok(Some(f)) => f,
         Ok(None) => return Err("closed by the client".into()),
         Err(e) => {
             // Tell a confused client why, then close.
-            let reply = ServerFrame::Reply {
-                id: 0,
-                result: Err(err(ErrorCode::BadRequest, e.to_string())),
-            };
+            let reply = ServerFrame::Reply { id: 0, result: Err(err(ErrorCode::BadRequest, e.to_string())) };
             let _ = write_msg(&mut wr, &reply).await;
             return Err(e.to_string());
         }
     };
     let result = first_request(shared, &nonce, frame.req).await;
-    let reply = ServerFrame::Reply {
-        id: frame.id,
-        result: result
-            .as_ref()
-            .map(|(r, _)| r.clone())
-            .map_err(|e| e.clone()),
-    };
-    write_msg(&mut wr, &reply)
-        .await
-        .map_err(|e| e.to_string())?;
+    let reply =
+        ServerFrame::Reply { id: frame.id, result: result.as_ref().map(|(r, _)| r.clone()).map_err(|e| e.clone()) };
+    write_msg(&mut wr, &reply).await.map_err(|e| e.to_string())?;
     match result {
         Ok((_, info)) => Ok((rd, wr, info)),
         Err(e) => {
@@ -192,43 +161,26 @@ async fn first_request(
     match req {
         Request::Auth { name, sig } => {
             let n = name.clone();
-            let info = db(&shared.store, move |s| s.identity(&n))
-                .await?
-                .ok_or_else(|| {
-                    err(
-                        ErrorCode::UnknownIdentity,
-                        format!("{name} is not enrolled on this control plane"),
-                    )
-                })?;
-            np_identity::verify(&info.keys.signing, &auth_transcript(nonce, &name), &sig)
-                .map_err(|_| err(ErrorCode::BadSignature, format!("authentication as {name} failed: signature does not verify with its enrolled key")))?;
+            let info = db(&shared.store, move |s| s.identity(&n)).await?.ok_or_else(|| {
+                err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane"))
+            })?;
+            np_identity::verify(&info.keys.signing, &auth_transcript(nonce, &name), &sig).map_err(|_| {
+                err(
+                    ErrorCode::BadSignature,
+                    format!("authentication as {name} failed: signature does not verify with its enrolled key"),
+                )
+            })?;
             Ok((Reply::Authenticated { name }, info))
         }
-        Request::Enroll {
-            secret,
-            name,
-            keys,
-            sig,
-        } => {
+        Request::Enroll { secret, name, keys, sig } => {
             np_identity::verify(&keys.signing, &enroll_transcript(nonce, &name, &keys), &sig)
-                .map_err(|_| {
-                    err(
-                        ErrorCode::BadSignature,
-                        "enrolment signature does not verify",
-                    )
-                })?;
+                .map_err(|_| err(ErrorCode::BadSignature, "enrolment signature does not verify"))?;
             let n = name.clone();
-            let info = db(&shared.store, move |s| {
-                s.enroll(&secret, &n, &keys, crate::now_ms())
-            })
-            .await?;
+            let info = db(&shared.store, move |s| s.enroll(&secret, &n, &keys, crate::now_ms())).await?;
             tracing::info!(%name, keys = %keys.fingerprint(), "enrolled");
             Ok((Reply::Enrolled { name }, info))
         }
-        _ => Err(err(
-            ErrorCode::NotAuthenticated,
-            "authenticate first (Auth or Enroll)",
-        )),
+        _ => Err(err(ErrorCode::NotAuthenticated, "authenticate first (Auth or Enroll)")),
     }
 }
 
@@ -243,69 +195,40 @@ async fn read_loop(
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(e) => {
-                let reply = ServerFrame::Reply {
-                    id: 0,
-                    result: Err(err(ErrorCode::BadRequest, e.to_string())),
-                };
+                let reply = ServerFrame::Reply { id: 0, result: Err(err(ErrorCode::BadRequest, e.to_string())) };
                 let _ = tx.send(reply).await;
                 return Err(e.to_string());
             }
         };
         let result = handle(shared, me, frame.req).await;
-        if tx
-            .send(ServerFrame::Reply {
-                id: frame.id,
-                result,
-            })
-            .await
-            .is_err()
-        {
+        if tx.send(ServerFrame::Reply { id: frame.id, result }).await.is_err() {
             return Err("writer ended".into());
         }
     }
 }
 
-async fn handle(
-    shared: &Arc<Shared>,
-    me: &IdentityInfo,
-    req: Request,
-) -> Result<Reply, ErrorReply> {
+async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, req: Request) -> Result<Reply, ErrorReply> {
     let store = &shared.store;
     match req {
-        Request::Auth { .. } | Request::Enroll { .. } => {
-            Err(err(ErrorCode::BadRequest, "already authenticated"))
-        }
+        Request::Auth { .. } | Request::Enroll { .. } => Err(err(ErrorCode::BadRequest, "already authenticated")),
         Request::Ping => Ok(Reply::Pong),
         Request::Lookup { name } => {
             let n = name.clone();
             db(store, move |s| s.identity(&n))
                 .await?
                 .map(Reply::Identity)
-                .ok_or_else(|| {
-                    err(
-                        ErrorCode::UnknownIdentity,
-                        format!("{name} is not enrolled on this control plane"),
-                    )
-                })
+                .ok_or_else(|| err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane")))
         }
         Request::Resolve { name } => {
             let n = name.clone();
             match db(store, move |s| s.identity(&n)).await? {
-                Some(_) => Ok(Reply::Node {
-                    address: shared.public_address.clone(),
-                }),
-                None => Err(err(
-                    ErrorCode::UnknownIdentity,
-                    format!("{name} is not enrolled on this control plane"),
-                )),
+                Some(_) => Ok(Reply::Node { address: shared.public_address.clone() }),
+                None => Err(err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane"))),
             }
         }
         Request::Publish { record } => {
             if record.owner != me.name {
-                return Err(err(
-                    ErrorCode::Forbidden,
-                    "a record can only be published by its owner",
-                ));
+                return Err(err(ErrorCode::Forbidden, "a record can only be published by its owner"));
             }
             if record.value.len() > MAX_RECORD_VALUE
                 || record.key.len() > MAX_RECORD_KEY
@@ -323,20 +246,12 @@ async fn handle(
             let (o, k) = (owner.clone(), key.clone());
             match db(store, move |s| s.record(&o, &k)).await? {
                 Some(r) if r.readable_by(&reader) => Ok(Reply::Record(r)),
-                _ => Err(err(
-                    ErrorCode::NotFound,
-                    format!("no record {key} of {owner} that you may read"),
-                )),
+                _ => Err(err(ErrorCode::NotFound, format!("no record {key} of {owner} that you may read"))),
             }
         }
         Request::List { key_prefix } => {
             let reader = me.name.clone();
-            Ok(Reply::Records(
-                db(store, move |s| {
-                    s.records_for(&reader, &key_prefix, MAX_LIST)
-                })
-                .await?,
-            ))
+            Ok(Reply::Records(db(store, move |s| s.records_for(&reader, &key_prefix, MAX_LIST)).await?))
         }
         Request::Notify { envelope, ttl_secs } => notify(shared, me, envelope, ttl_secs).await,
         Request::Ack { seq } => {
@@ -356,25 +271,16 @@ async fn notify(
     if envelope.from != me.name {
         return Err(err(
             ErrorCode::Forbidden,
-            format!(
-                "envelope claims to be from {}, but you are {}",
-                envelope.from, me.name
-            ),
+            format!("envelope claims to be from {}, but you are {}", envelope.from, me.name),
         ));
     }
-    envelope.verify_sender(&me.keys.signing).map_err(|_| {
-        err(
-            ErrorCode::BadSignature,
-            "envelope signature does not verify",
-        )
-    })?;
+    envelope
+        .verify_sender(&me.keys.signing)
+        .map_err(|_| err(ErrorCode::BadSignature, "envelope signature does not verify"))?;
     let to: Name = envelope.to.clone();
     let t = to.clone();
     if db(&shared.store, move |s| s.identity(&t)).await?.is_none() {
-        return Err(err(
-            ErrorCode::UnknownIdentity,
-            format!("{to} is not enrolled on this control plane"),
-        ));
+        return Err(err(ErrorCode::UnknownIdentity, format!("{to} is not enrolled on this control plane")));
     }
     let ttl_ms = (u64::from(ttl_secs) * 1000).min(shared.cfg.max_ttl.as_millis() as u64);
     let expires = crate::now_ms().saturating_add(ttl_ms);

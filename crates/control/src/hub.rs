@@ -25,9 +25,7 @@ impl Hub {
     /// Registers a connection of `name`.
     pub fn add(&self, name: &Name, conn: u64, tx: mpsc::Sender<ServerFrame>, kill: Arc<Notify>) {
         if let Ok(mut m) = self.conns.lock() {
-            m.entry(name.clone())
-                .or_default()
-                .push(Entry { conn, tx, kill });
+            m.entry(name.clone()).or_default().push(Entry { conn, tx, kill });
         }
     }
 

@@ -62,10 +62,7 @@ enum Cmd {
 
 fn default_data(d: Option<PathBuf>) -> PathBuf {
     d.unwrap_or_else(|| {
-        std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."))
-            .join(".np-control")
+        std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".np-control")
     })
 }
 
@@ -97,15 +94,7 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve {
-            listen,
-            data,
-            public_address,
-            auth_timeout,
-            max_preauth,
-            max_ttl,
-            sweep_interval,
-        } => {
+        Cmd::Serve { listen, data, public_address, auth_timeout, max_preauth, max_ttl, sweep_interval } => {
             let data = default_data(data);
             let mut cfg = ServerConfig::new(listen, data.clone());
             cfg.public_address = public_address;
@@ -113,9 +102,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             cfg.max_preauth = max_preauth;
             cfg.max_ttl = max_ttl;
             cfg.sweep_interval = sweep_interval;
-            let server = ControlServer::start(cfg)
-                .await
-                .context("starting the control plane")?;
+            let server = ControlServer::start(cfg).await.context("starting the control plane")?;
             let addr = server.local_addr();
             let port = addr.port();
             println!("np-control is running");
@@ -140,10 +127,7 @@ async fn run(cmd: Cmd) -> Result<()> {
                 .await
                 .with_context(|| format!("issuing a code for {name}"))?;
             println!("{code}");
-            eprintln!(
-                "one-time code for {name}, valid {}; on its machine run:",
-                humantime::format_duration(ttl)
-            );
+            eprintln!("one-time code for {name}, valid {}; on its machine run:", humantime::format_duration(ttl));
             eprintln!("  np keys new {name} --control HOST:PORT --code {code}");
             Ok(())
         }

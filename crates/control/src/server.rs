@@ -71,45 +71,24 @@ impl ControlServer {
     pub async fn start(cfg: ServerConfig) -> Result<Self> {
         let d = &cfg.data_dir;
         if !d.exists() {
-            std::fs::create_dir_all(d)
-                .with_context(|| format!("creating data directory {}", d.display()))?;
+            std::fs::create_dir_all(d).with_context(|| format!("creating data directory {}", d.display()))?;
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("securing {}", d.display()))?;
         }
         let tls = TlsIdentity::load_or_create(d)?;
         let store = Arc::new(Store::open(&d.join(DB_FILE))?);
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("listening on {}", cfg.listen))?;
+        let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
         let local = listener.local_addr()?;
         let sock = d.join(crate::admin::SOCKET);
         let _ = std::fs::remove_file(&sock);
         let admin = tokio::net::UnixListener::bind(&sock)
             .with_context(|| format!("binding admin socket {}", sock.display()))?;
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
-        tokio::spawn(crate::admin::serve(
-            admin,
-            store.clone(),
-            Arc::new(tls.cert_der.clone()),
-        ));
-        let public_address = cfg
-            .public_address
-            .clone()
-            .unwrap_or_else(|| local.to_string());
-        let shared = Arc::new(Shared {
-            cfg,
-            store,
-            hub: Hub::default(),
-            public_address,
-            next_conn: AtomicU64::new(1),
-        });
+        tokio::spawn(crate::admin::serve(admin, store.clone(), Arc::new(tls.cert_der.clone())));
+        let public_address = cfg.public_address.clone().unwrap_or_else(|| local.to_string());
+        let shared = Arc::new(Shared { cfg, store, hub: Hub::default(), public_address, next_conn: AtomicU64::new(1) });
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
-        Ok(ControlServer {
-            shared,
-            listener,
-            acceptor,
-            fingerprint: tls.fingerprint(),
-        })
+        Ok(ControlServer { shared, listener, acceptor, fingerprint: tls.fingerprint() })
     }
 
     /// The bound address.
@@ -149,9 +128,7 @@ impl ControlServer {
             let shared = self.shared.clone();
             let acceptor = self.acceptor.clone();
             let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(crate::conn::serve(
-                shared, acceptor, tcp, peer, conn, permit,
-            ));
+            tokio::spawn(crate::conn::serve(shared, acceptor, tcp, peer, conn, permit));
         }
     }
 }

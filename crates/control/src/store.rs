@@ -89,9 +89,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = match Database::create(path) {
             Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StoreError::InUse(path.display().to_string()))
-            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.display().to_string())),
             Err(e) => return Err(StoreError::Db(e.into())),
         };
         let w = db!(db.begin_write())?;
@@ -107,23 +105,14 @@ impl Store {
     }
 
     /// Stores a new one-time code for `name`, valid until `expires_ms`.
-    pub fn issue_code(
-        &self,
-        name: &Name,
-        secret: &[u8; 16],
-        expires_ms: u64,
-    ) -> Result<(), StoreError> {
+    pub fn issue_code(&self, name: &Name, secret: &[u8; 16], expires_ms: u64) -> Result<(), StoreError> {
         if self.identity(name)?.is_some() {
             return Err(StoreError::NameTaken(name.clone()));
         }
         let w = db!(self.db.begin_write())?;
         {
             let mut t = db!(w.open_table(CODES))?;
-            let entry = CodeEntry {
-                name: name.clone(),
-                expires_ms,
-                used: false,
-            };
+            let entry = CodeEntry { name: name.clone(), expires_ms, used: false };
             db!(t.insert(&EnrolCode::secret_hash(secret)[..], &enc(&entry)[..]))?;
         }
         db!(w.commit())
@@ -159,11 +148,7 @@ impl Store {
             if db!(ids.get(name.as_str()))?.is_some() {
                 return Err(StoreError::NameTaken(name.clone()));
             }
-            let info = IdentityInfo {
-                name: name.clone(),
-                keys: *keys,
-                enrolled_ms: now_ms,
-            };
+            let info = IdentityInfo { name: name.clone(), keys: *keys, enrolled_ms: now_ms };
             db!(ids.insert(name.as_str(), &enc(&info)[..]))?;
             // Keep the used code as a tombstone so a second attempt is told "already used".
             entry.used = true;
@@ -193,16 +178,10 @@ impl Store {
             let exists = db!(t.get((owner, rec.key.as_str())))?.is_some();
             if !exists {
                 let n = db!(t.range((owner, "")..))?
-                    .take_while(|e| {
-                        e.as_ref()
-                            .map(|(k, _)| k.value().0 == owner)
-                            .unwrap_or(false)
-                    })
+                    .take_while(|e| e.as_ref().map(|(k, _)| k.value().0 == owner).unwrap_or(false))
                     .count();
                 if n >= MAX_RECORDS_PER_OWNER {
-                    return Err(StoreError::Limit(format!(
-                        "{owner} has {n} records, the most allowed"
-                    )));
+                    return Err(StoreError::Limit(format!("{owner} has {n} records, the most allowed")));
                 }
             }
             db!(t.insert((owner, rec.key.as_str()), &enc(rec)[..]))?;
@@ -221,12 +200,7 @@ impl Store {
     }
 
     /// Records with keys starting `prefix` that `reader` may read and is named in (or owns).
-    pub fn records_for(
-        &self,
-        reader: &Name,
-        prefix: &str,
-        max: usize,
-    ) -> Result<Vec<Record>, StoreError> {
+    pub fn records_for(&self, reader: &Name, prefix: &str, max: usize) -> Result<Vec<Record>, StoreError> {
         let r = db!(self.db.begin_read())?;
         let t = db!(r.open_table(RECORDS))?;
         let mut out = Vec::new();
@@ -257,14 +231,9 @@ impl Store {
             let to = envelope.to.as_str();
             let queued = db!(q.range((to, 0)..=(to, u64::MAX)))?.count();
             if queued >= MAX_QUEUED_PER_RECIPIENT {
-                return Err(StoreError::Limit(format!(
-                    "{to} has {queued} notifications waiting, the most allowed"
-                )));
+                return Err(StoreError::Limit(format!("{to} has {queued} notifications waiting, the most allowed")));
             }
-            let item = Queued {
-                envelope: envelope.clone(),
-                expires_ms,
-            };
+            let item = Queued { envelope: envelope.clone(), expires_ms };
             db!(q.insert((to, seq), &enc(&item)[..]))?;
             seq
         };
@@ -306,9 +275,7 @@ impl Store {
         {
             let mut q = db!(w.open_table(QUEUE))?;
             db!(q.retain(|_, v| {
-                let keep = postcard::from_bytes::<Queued>(v)
-                    .map(|i| i.expires_ms >= now_ms)
-                    .unwrap_or(false);
+                let keep = postcard::from_bytes::<Queued>(v).map(|i| i.expires_ms >= now_ms).unwrap_or(false);
                 if !keep {
                     n += 1;
                 }
@@ -342,27 +309,12 @@ mod tests {
         let s = Store::open(&t.path().join("db")).expect("open");
         let k = Keys::generate().expect("k").public();
         s.issue_code(&n("@a"), &[1; 16], 1000).expect("issue");
-        assert!(matches!(
-            s.enroll(&[2; 16], &n("@a"), &k, 10),
-            Err(StoreError::BadCode)
-        ));
-        assert!(matches!(
-            s.enroll(&[1; 16], &n("@b"), &k, 10),
-            Err(StoreError::CodeForOtherName(_))
-        ));
-        assert!(matches!(
-            s.enroll(&[1; 16], &n("@a"), &k, 2000),
-            Err(StoreError::CodeExpired)
-        ));
+        assert!(matches!(s.enroll(&[2; 16], &n("@a"), &k, 10), Err(StoreError::BadCode)));
+        assert!(matches!(s.enroll(&[1; 16], &n("@b"), &k, 10), Err(StoreError::CodeForOtherName(_))));
+        assert!(matches!(s.enroll(&[1; 16], &n("@a"), &k, 2000), Err(StoreError::CodeExpired)));
         s.enroll(&[1; 16], &n("@a"), &k, 10).expect("enrol");
-        assert!(matches!(
-            s.enroll(&[1; 16], &n("@a"), &k, 10),
-            Err(StoreError::CodeUsed)
-        ));
-        assert!(matches!(
-            s.issue_code(&n("@a"), &[3; 16], 1000),
-            Err(StoreError::NameTaken(_))
-        ));
+        assert!(matches!(s.enroll(&[1; 16], &n("@a"), &k, 10), Err(StoreError::CodeUsed)));
+        assert!(matches!(s.issue_code(&n("@a"), &[3; 16], 1000), Err(StoreError::NameTaken(_))));
     }
 
     #[test]
@@ -373,14 +325,7 @@ mod tests {
         let env = Envelope::seal(&n("@a"), &a, &n("@b"), &b.public(), 1, b"x").expect("seal");
         let s1 = s.enqueue(&env, 100).expect("q");
         let s2 = s.enqueue(&env, 10).expect("q");
-        assert_eq!(
-            s.pending(&n("@b"), 50)
-                .expect("p")
-                .iter()
-                .map(|p| p.0)
-                .collect::<Vec<_>>(),
-            vec![s1]
-        );
+        assert_eq!(s.pending(&n("@b"), 50).expect("p").iter().map(|p| p.0).collect::<Vec<_>>(), vec![s1]);
         assert!(s.pending(&n("@a"), 0).expect("p").is_empty());
         assert_eq!(s.sweep(50).expect("sweep"), 1);
         assert!(s.ack(&n("@b"), s1).expect("ack"));

@@ -25,9 +25,8 @@ impl TlsIdentity {
             let key_der = fs::read(&kp).with_context(|| format!("reading {}", kp.display()))?;
             return Ok(TlsIdentity { cert_der, key_der });
         }
-        let ck =
-            rcgen::generate_simple_self_signed(vec![np_control_proto::TLS_SERVER_NAME.to_string()])
-                .context("generating the server certificate")?;
+        let ck = rcgen::generate_simple_self_signed(vec![np_control_proto::TLS_SERVER_NAME.to_string()])
+            .context("generating the server certificate")?;
         let cert_der = ck.cert.der().to_vec();
         let key_der = ck.signing_key.serialize_der();
         write_private(&kp, &key_der)?;
@@ -63,7 +62,5 @@ fn write_private(p: &Path, bytes: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(p)
         .with_context(|| format!("creating {}", p.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", p.display()))
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", p.display()))
 }

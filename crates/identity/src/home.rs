@@ -41,11 +41,7 @@ pub struct Home {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> IdentityError + 'a {
-    move |source| IdentityError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| IdentityError::Io { what, path: path.to_path_buf(), source }
 }
 
 impl Home {
@@ -62,9 +58,7 @@ impl Home {
         if let Some(d) = std::env::var_os("NP_HOME").filter(|d| !d.is_empty()) {
             return Home::new(d);
         }
-        let base = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
         Home::new(base.join(".np"))
     }
 
@@ -81,34 +75,19 @@ impl Home {
     pub fn create_keys(&self, name: &Name) -> Result<Keys, IdentityError> {
         let d = self.id_dir(name);
         if d.join("signing.key").exists() {
-            return Err(IdentityError::KeysExist {
-                name: name.to_string(),
-                dir: self.dir.clone(),
-            });
+            return Err(IdentityError::KeysExist { name: name.to_string(), dir: self.dir.clone() });
         }
         make_private_dir(&self.dir)?;
         make_private_dir(&d)?;
         let keys = Keys::generate()?;
-        write_new(
-            &d.join("signing.key"),
-            hex::encode(keys.signing_seed()).as_bytes(),
-            0o600,
-        )?;
-        write_new(
-            &d.join("x25519.key"),
-            hex::encode(keys.x25519_private()).as_bytes(),
-            0o600,
-        )?;
+        write_new(&d.join("signing.key"), hex::encode(keys.signing_seed()).as_bytes(), 0o600)?;
+        write_new(&d.join("x25519.key"), hex::encode(keys.x25519_private()).as_bytes(), 0o600)?;
         let public = PublicFile {
             name: name.to_string(),
             signing: hex::encode(keys.public().signing),
             x25519: hex::encode(keys.public().x25519),
         };
-        write_new(
-            &d.join("identity.toml"),
-            toml_string(&public).as_bytes(),
-            0o644,
-        )?;
+        write_new(&d.join("identity.toml"), toml_string(&public).as_bytes(), 0o644)?;
         Ok(keys)
     }
 
@@ -122,17 +101,13 @@ impl Home {
     pub fn load_keys(&self, name: &Name) -> Result<Keys, IdentityError> {
         let d = self.id_dir(name);
         if !d.join("signing.key").exists() {
-            return Err(IdentityError::NoKeys {
-                name: name.to_string(),
-                dir: self.dir.clone(),
-            });
+            return Err(IdentityError::NoKeys { name: name.to_string(), dir: self.dir.clone() });
         }
         let seed = read_secret(&d.join("signing.key"))?;
         let xpriv = read_secret(&d.join("x25519.key"))?;
         let pubfile = d.join("identity.toml");
         let text = fs::read_to_string(&pubfile).map_err(io("reading", &pubfile))?;
-        let p: PublicFile =
-            toml::from_str(&text).map_err(|_| IdentityError::BadKeyFile(pubfile.clone()))?;
+        let p: PublicFile = toml::from_str(&text).map_err(|_| IdentityError::BadKeyFile(pubfile.clone()))?;
         let xpub = decode32(&p.x25519).ok_or_else(|| IdentityError::BadKeyFile(pubfile.clone()))?;
         let keys = Keys::from_parts(seed, xpriv, xpub)?;
         if hex::encode(keys.public().signing) != p.signing {
@@ -162,17 +137,11 @@ impl Home {
         let ids = self.identities();
         match ids.as_slice() {
             [one] => Ok(one.clone()),
-            [] => Err(IdentityError::NoKeys {
-                name: "(any identity)".into(),
-                dir: self.dir.clone(),
-            }),
+            [] => Err(IdentityError::NoKeys { name: "(any identity)".into(), dir: self.dir.clone() }),
             _ => Err(IdentityError::InvalidName(format!(
                 "several identities in {}: choose one with --as ({})",
                 self.dir.display(),
-                ids.iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                ids.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
             ))),
         }
     }
@@ -195,22 +164,16 @@ impl Home {
     pub fn pin_peer(&self, peer: &Name, keys: &PublicKeys) -> Result<(), PinError> {
         let dir = self.dir.join("known");
         let p = dir.join(format!("{}.toml", peer.bare()));
-        let file = PublicFile {
-            name: peer.to_string(),
-            signing: hex::encode(keys.signing),
-            x25519: hex::encode(keys.x25519),
-        };
+        let file =
+            PublicFile { name: peer.to_string(), signing: hex::encode(keys.signing), x25519: hex::encode(keys.x25519) };
         match fs::read_to_string(&p) {
             Ok(text) => {
-                let old: PublicFile = toml::from_str(&text)
-                    .map_err(|_| PinError::Io(IdentityError::BadKeyFile(p.clone())))?;
+                let old: PublicFile =
+                    toml::from_str(&text).map_err(|_| PinError::Io(IdentityError::BadKeyFile(p.clone())))?;
                 if old.signing == file.signing && old.x25519 == file.x25519 {
                     Ok(())
                 } else {
-                    Err(PinError::Changed {
-                        peer: peer.to_string(),
-                        file: p,
-                    })
+                    Err(PinError::Changed { peer: peer.to_string(), file: p })
                 }
             }
             Err(_) => {
@@ -251,15 +214,8 @@ fn make_private_dir(d: &Path) -> Result<(), IdentityError> {
 }
 
 fn write_new(p: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(p)
-        .map_err(io("creating", p))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(io("writing", p))
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(p).map_err(io("creating", p))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io("writing", p))
 }
 
 fn write_replace(p: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
@@ -273,10 +229,7 @@ fn read_secret(p: &Path) -> Result<[u8; 32], IdentityError> {
     let meta = fs::metadata(p).map_err(io("reading", p))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(IdentityError::InsecureKeyFile {
-            path: p.to_path_buf(),
-            mode,
-        });
+        return Err(IdentityError::InsecureKeyFile { path: p.to_path_buf(), mode });
     }
     let text = fs::read_to_string(p).map_err(io("reading", p))?;
     decode32(&text).ok_or_else(|| IdentityError::BadKeyFile(p.to_path_buf()))
@@ -292,30 +245,17 @@ mod tests {
         let h = Home::new(t.path().join("h"));
         let n: Name = "@alice".parse().expect("n");
         let k = h.create_keys(&n).expect("create");
-        assert!(matches!(
-            h.create_keys(&n),
-            Err(IdentityError::KeysExist { .. })
-        ));
+        assert!(matches!(h.create_keys(&n), Err(IdentityError::KeysExist { .. })));
         for f in ["signing.key", "x25519.key"] {
-            let m = fs::metadata(t.path().join("h/alice").join(f))
-                .expect("meta")
-                .permissions()
-                .mode();
+            let m = fs::metadata(t.path().join("h/alice").join(f)).expect("meta").permissions().mode();
             assert_eq!(m & 0o777, 0o600, "{f}");
         }
         let k2 = h.load_keys(&n).expect("load");
         assert_eq!(k.public(), k2.public());
         assert_eq!(h.identities(), vec![n.clone()]);
         assert_eq!(h.pick_identity(None).expect("pick"), n);
-        fs::set_permissions(
-            t.path().join("h/alice/signing.key"),
-            fs::Permissions::from_mode(0o644),
-        )
-        .expect("chmod");
-        assert!(matches!(
-            h.load_keys(&n),
-            Err(IdentityError::InsecureKeyFile { .. })
-        ));
+        fs::set_permissions(t.path().join("h/alice/signing.key"), fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert!(matches!(h.load_keys(&n), Err(IdentityError::InsecureKeyFile { .. })));
     }
 
     #[test]
@@ -323,10 +263,7 @@ mod tests {
         let t = tempfile::tempdir().expect("tmp");
         let h = Home::new(t.path());
         let n: Name = "@bob".parse().expect("n");
-        let (a, b) = (
-            Keys::generate().expect("k").public(),
-            Keys::generate().expect("k").public(),
-        );
+        let (a, b) = (Keys::generate().expect("k").public(), Keys::generate().expect("k").public());
         h.pin_peer(&n, &a).expect("first use");
         h.pin_peer(&n, &a).expect("same again");
         assert!(matches!(h.pin_peer(&n, &b), Err(PinError::Changed { .. })));

@@ -17,23 +17,14 @@ pub struct PublicKeys {
 
 impl fmt::Debug for PublicKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "PublicKeys(ed25519:{}, x25519:{})",
-            hex::encode(&self.signing[..8]),
-            hex::encode(&self.x25519[..8])
-        )
+        write!(f, "PublicKeys(ed25519:{}, x25519:{})", hex::encode(&self.signing[..8]), hex::encode(&self.x25519[..8]))
     }
 }
 
 impl PublicKeys {
     /// A short fingerprint for humans (first 16 hex digits of each key).
     pub fn fingerprint(&self) -> String {
-        format!(
-            "{}:{}",
-            hex::encode(&self.signing[..8]),
-            hex::encode(&self.x25519[..8])
-        )
+        format!("{}:{}", hex::encode(&self.signing[..8]), hex::encode(&self.x25519[..8]))
     }
 }
 
@@ -55,13 +46,9 @@ impl Keys {
     /// Fresh keys from the system's random source.
     pub fn generate() -> Result<Self, IdentityError> {
         let seed = crate::random32()?;
-        let x = snow::Builder::new(
-            crate::seal::NOISE_X
-                .parse()
-                .map_err(|_| IdentityError::Random)?,
-        )
-        .generate_keypair()
-        .map_err(|_| IdentityError::Random)?;
+        let x = snow::Builder::new(crate::seal::NOISE_X.parse().map_err(|_| IdentityError::Random)?)
+            .generate_keypair()
+            .map_err(|_| IdentityError::Random)?;
         let mut xp = [0u8; 32];
         let mut xpub = [0u8; 32];
         xp.copy_from_slice(&x.private);
@@ -75,19 +62,10 @@ impl Keys {
         x25519_private: [u8; 32],
         x25519_public: [u8; 32],
     ) -> Result<Self, IdentityError> {
-        let signing = Ed25519KeyPair::from_seed_unchecked(&signing_seed)
-            .map_err(|_| IdentityError::Random)?;
+        let signing = Ed25519KeyPair::from_seed_unchecked(&signing_seed).map_err(|_| IdentityError::Random)?;
         let mut spub = [0u8; 32];
         spub.copy_from_slice(signing.public_key().as_ref());
-        Ok(Keys {
-            signing,
-            signing_seed,
-            x25519_private,
-            public: PublicKeys {
-                signing: spub,
-                x25519: x25519_public,
-            },
-        })
+        Ok(Keys { signing, signing_seed, x25519_private, public: PublicKeys { signing: spub, x25519: x25519_public } })
     }
 
     /// The public halves.
@@ -114,9 +92,7 @@ impl Keys {
 
 /// Verifies an Ed25519 signature.
 pub fn verify(signing_pk: &[u8; 32], msg: &[u8], sig: &[u8]) -> Result<(), IdentityError> {
-    UnparsedPublicKey::new(&ED25519, signing_pk)
-        .verify(msg, sig)
-        .map_err(|_| IdentityError::BadSignature)
+    UnparsedPublicKey::new(&ED25519, signing_pk).verify(msg, sig).map_err(|_| IdentityError::BadSignature)
 }
 
 #[cfg(test)]

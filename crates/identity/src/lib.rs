@@ -18,9 +18,7 @@ pub use seal::Envelope;
 /// Fills `buf` from the operating system's random source.
 pub fn random_bytes(buf: &mut [u8]) -> Result<(), IdentityError> {
     use ring::rand::SecureRandom;
-    ring::rand::SystemRandom::new()
-        .fill(buf)
-        .map_err(|_| IdentityError::Random)
+    ring::rand::SystemRandom::new().fill(buf).map_err(|_| IdentityError::Random)
 }
 
 /// A fresh random 32-byte value.

@@ -24,8 +24,7 @@ impl Name {
     fn valid_bare(s: &str) -> bool {
         !s.is_empty()
             && s.len() <= MAX_NAME
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
     }
 }
 
@@ -81,16 +80,12 @@ impl DeviceRef {
 impl FromStr for DeviceRef {
     type Err = IdentityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (device, id) = s
-            .split_once('@')
-            .ok_or_else(|| IdentityError::InvalidDevice(s.to_string()))?;
+        let (device, id) = s.split_once('@').ok_or_else(|| IdentityError::InvalidDevice(s.to_string()))?;
         let device = device.to_ascii_lowercase();
         if !Self::valid_device_name(&device) || id.starts_with('@') {
             return Err(IdentityError::InvalidDevice(s.to_string()));
         }
-        let identity = id
-            .parse()
-            .map_err(|_| IdentityError::InvalidDevice(s.to_string()))?;
+        let identity = id.parse().map_err(|_| IdentityError::InvalidDevice(s.to_string()))?;
         Ok(DeviceRef { device, identity })
     }
 }
@@ -107,23 +102,9 @@ mod tests {
 
     #[test]
     fn names_normalise_and_validate() {
-        assert_eq!(
-            "@Alice".parse::<Name>().map(|n| n.to_string()).ok(),
-            Some("@alice".into())
-        );
-        assert_eq!(
-            "bob_2".parse::<Name>().map(|n| n.to_string()).ok(),
-            Some("@bob_2".into())
-        );
-        for bad in [
-            "",
-            "@",
-            "@a b",
-            "@../x",
-            "@a/b",
-            "@é",
-            &format!("@{}", "a".repeat(56)),
-        ] {
+        assert_eq!("@Alice".parse::<Name>().map(|n| n.to_string()).ok(), Some("@alice".into()));
+        assert_eq!("bob_2".parse::<Name>().map(|n| n.to_string()).ok(), Some("@bob_2".into()));
+        for bad in ["", "@", "@a b", "@../x", "@a/b", "@é", &format!("@{}", "a".repeat(56))] {
             assert!(bad.parse::<Name>().is_err(), "{bad:?} accepted");
         }
     }

@@ -52,14 +52,9 @@ impl Envelope {
         plaintext: &[u8],
     ) -> Result<Self, IdentityError> {
         if plaintext.len() > MAX_PLAINTEXT {
-            return Err(IdentityError::Seal(format!(
-                "{} bytes exceeds {MAX_PLAINTEXT}",
-                plaintext.len()
-            )));
+            return Err(IdentityError::Seal(format!("{} bytes exceeds {MAX_PLAINTEXT}", plaintext.len())));
         }
-        let params = NOISE_X
-            .parse()
-            .map_err(|e| IdentityError::Seal(format!("{e:?}")))?;
+        let params = NOISE_X.parse().map_err(|e| IdentityError::Seal(format!("{e:?}")))?;
         let pro = prologue(from, to, created_ms);
         let mut hs = snow::Builder::new(params)
             .local_private_key(from_keys.x25519_private())
@@ -68,17 +63,9 @@ impl Envelope {
             .and_then(|b| b.build_initiator())
             .map_err(|e| IdentityError::Seal(format!("{e:?}")))?;
         let mut noise = vec![0u8; plaintext.len() + 200];
-        let n = hs
-            .write_message(plaintext, &mut noise)
-            .map_err(|e| IdentityError::Seal(format!("{e:?}")))?;
+        let n = hs.write_message(plaintext, &mut noise).map_err(|e| IdentityError::Seal(format!("{e:?}")))?;
         noise.truncate(n);
-        let mut env = Envelope {
-            from: from.clone(),
-            to: to.clone(),
-            created_ms,
-            noise,
-            sig: Vec::new(),
-        };
+        let mut env = Envelope { from: from.clone(), to: to.clone(), created_ms, noise, sig: Vec::new() };
         env.sig = from_keys.sign(&env.signed_bytes()).to_vec();
         Ok(env)
     }
@@ -98,8 +85,7 @@ impl Envelope {
     /// Verifies and decrypts as the recipient. `from_keys` are the sender's known public keys;
     /// the sender's static X25519 key inside the Noise message must match them.
     pub fn open(&self, my_keys: &Keys, from_keys: &PublicKeys) -> Result<Vec<u8>, IdentityError> {
-        self.verify_sender(&from_keys.signing)
-            .map_err(|_| IdentityError::Unseal)?;
+        self.verify_sender(&from_keys.signing).map_err(|_| IdentityError::Unseal)?;
         let params = NOISE_X.parse().map_err(|_| IdentityError::Unseal)?;
         let pro = prologue(&self.from, &self.to, self.created_ms);
         let mut hs = snow::Builder::new(params)
@@ -108,9 +94,7 @@ impl Envelope {
             .and_then(|b| b.build_responder())
             .map_err(|_| IdentityError::Unseal)?;
         let mut out = vec![0u8; self.noise.len()];
-        let n = hs
-            .read_message(&self.noise, &mut out)
-            .map_err(|_| IdentityError::Unseal)?;
+        let n = hs.read_message(&self.noise, &mut out).map_err(|_| IdentityError::Unseal)?;
         if hs.get_remote_static() != Some(&from_keys.x25519[..]) {
             return Err(IdentityError::Unseal);
         }
@@ -129,20 +113,8 @@ mod tests {
 
     #[test]
     fn seal_open_and_every_tamper_fails() {
-        let (a, b, c) = (
-            Keys::generate().expect("k"),
-            Keys::generate().expect("k"),
-            Keys::generate().expect("k"),
-        );
-        let env = Envelope::seal(
-            &name("@a"),
-            &a,
-            &name("@b"),
-            &b.public(),
-            42,
-            b"secret marker",
-        )
-        .expect("seal");
+        let (a, b, c) = (Keys::generate().expect("k"), Keys::generate().expect("k"), Keys::generate().expect("k"));
+        let env = Envelope::seal(&name("@a"), &a, &name("@b"), &b.public(), 42, b"secret marker").expect("seal");
         assert!(!env.noise.windows(6).any(|w| w == b"secret"));
         assert_eq!(env.open(&b, &a.public()).expect("open"), b"secret marker");
         // Wrong recipient, or a claimed sender whose keys do not match.

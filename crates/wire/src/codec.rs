@@ -38,13 +38,9 @@ pub fn encode_msg<T: Serialize>(msg: &T) -> Vec<u8> {
 
 /// Parses one message from a frame's payload; trailing bytes are an error.
 pub fn decode_msg<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
-    let (msg, rest) =
-        postcard::take_from_bytes(payload).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let (msg, rest) = postcard::take_from_bytes(payload).map_err(|e| WireError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(WireError::Malformed(format!(
-            "{} trailing bytes",
-            rest.len()
-        )));
+        return Err(WireError::Malformed(format!("{} trailing bytes", rest.len())));
     }
     Ok(msg)
 }
@@ -59,10 +55,7 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that refuses frames whose payload is larger than `max` bytes.
     pub fn new(max: usize) -> Self {
-        Self {
-            max,
-            buf: Vec::new(),
-        }
+        Self { max, buf: Vec::new() }
     }
 
     /// Appends received bytes.
@@ -122,13 +115,7 @@ mod tests {
     fn oversized_prefix_is_refused_before_body() {
         let mut d = FrameDecoder::new(16);
         d.push(&1_000_000u32.to_be_bytes());
-        assert_eq!(
-            d.next_frame(),
-            Err(WireError::TooLarge {
-                len: 1_000_000,
-                max: 16
-            })
-        );
+        assert_eq!(d.next_frame(), Err(WireError::TooLarge { len: 1_000_000, max: 16 }));
         assert_eq!(d.buffered(), 4);
     }
 
@@ -136,10 +123,7 @@ mod tests {
     fn trailing_bytes_are_malformed() {
         let mut body = postcard::to_stdvec(&7u32).unwrap_or_default();
         body.push(0);
-        assert!(matches!(
-            decode_msg::<u32>(&body),
-            Err(WireError::Malformed(_))
-        ));
+        assert!(matches!(decode_msg::<u32>(&body), Err(WireError::Malformed(_))));
     }
 
     proptest! {

@@ -6,10 +6,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Reads one frame whose payload is at most `max` bytes. `Ok(None)` on a clean end of stream
 /// between frames.
-pub async fn read_frame<R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> Result<Option<Vec<u8>>, WireError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Vec<u8>>, WireError> {
     let mut prefix = [0u8; LEN_PREFIX];
     let mut got = 0;
     while got < LEN_PREFIX {
@@ -20,11 +17,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             Err(e) => return Err(io_err(e)),
         };
         if n == 0 {
-            return if got == 0 {
-                Ok(None)
-            } else {
-                Err(WireError::Truncated)
-            };
+            return if got == 0 { Ok(None) } else { Err(WireError::Truncated) };
         }
         got += n;
     }
@@ -52,10 +45,7 @@ pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin>(
 }
 
 /// Encodes, frames and writes one message, then flushes.
-pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(
-    w: &mut W,
-    msg: &T,
-) -> Result<(), WireError> {
+pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), WireError> {
     w.write_all(&encode_msg(msg)).await.map_err(io_err)?;
     w.flush().await.map_err(io_err)
 }

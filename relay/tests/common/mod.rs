@@ -3,8 +3,7 @@
 
 use np_identity::{Keys, Name};
 use np_relay::{
-    join_with_timeout, JoinError, Relay, RelayConfig, RelayHandle, RelayMsg, RelayStats, Role,
-    StaticDirectory,
+    join_with_timeout, JoinError, Relay, RelayConfig, RelayHandle, RelayMsg, RelayStats, Role, StaticDirectory,
 };
 use np_wire::io::read_msg;
 use std::net::SocketAddr;
@@ -38,18 +37,10 @@ pub async fn world(config: RelayConfig) -> World {
         .with(name(ALICE), alice.public())
         .with(name(DEV), dev.public())
         .with(name(MALLORY), mallory.public());
-    let relay = Relay::bind("127.0.0.1:0".parse().unwrap(), config, Arc::new(dir))
-        .await
-        .unwrap();
+    let relay = Relay::bind("127.0.0.1:0".parse().unwrap(), config, Arc::new(dir)).await.unwrap();
     let addr = relay.local_addr().unwrap();
     let (handle, _task) = relay.spawn();
-    World {
-        addr,
-        relay: handle,
-        alice,
-        dev,
-        mallory,
-    }
+    World { addr, relay: handle, alice, dev, mallory }
 }
 
 pub fn session(n: u8) -> [u8; 16] {
@@ -70,27 +61,16 @@ impl World {
         peer: &str,
     ) -> Result<TcpStream, JoinError> {
         let stream = TcpStream::connect(self.addr).await.unwrap();
-        join_with_timeout(
-            stream,
-            keys,
-            &name(identity),
-            role,
-            session,
-            &name(peer),
-            None,
-            Duration::from_secs(20),
-        )
-        .await
+        join_with_timeout(stream, keys, &name(identity), role, session, &name(peer), None, Duration::from_secs(20))
+            .await
     }
 
     pub async fn client(&self, session: [u8; 16]) -> Result<TcpStream, JoinError> {
-        self.join_as(&self.alice, ALICE, Role::Client, session, DEV)
-            .await
+        self.join_as(&self.alice, ALICE, Role::Client, session, DEV).await
     }
 
     pub async fn device(&self, session: [u8; 16]) -> Result<TcpStream, JoinError> {
-        self.join_as(&self.dev, DEV, Role::Device, session, ALICE)
-            .await
+        self.join_as(&self.dev, DEV, Role::Device, session, ALICE).await
     }
 
     /// Client and device of one session, joined concurrently.
@@ -116,10 +96,8 @@ impl World {
 
     /// Waits until the relay holds nothing at all.
     pub async fn idle(&self) -> RelayStats {
-        self.stats_until("empty", |s| {
-            s.preauth == 0 && s.sessions == 0 && s.connections == 0 && s.forwarding == 0
-        })
-        .await
+        self.stats_until("empty", |s| s.preauth == 0 && s.sessions == 0 && s.connections == 0 && s.forwarding == 0)
+            .await
     }
 }
 
@@ -147,9 +125,7 @@ pub async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Option<String> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     challenge(&mut s).await;
     s.write_all(bytes).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), refusal(&mut s))
-        .await
-        .unwrap()
+    tokio::time::timeout(Duration::from_secs(10), refusal(&mut s)).await.unwrap()
 }
 
 /// Resident memory of this process, from /proc/self/status.

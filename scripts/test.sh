@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need, builds once, checks format and lints, and
+# runs every test (unit, property and end-to-end with the real binaries). `.ci/run` calls this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the end-to-end tests use.
+PKGS=(iproute2 openssh-server openssh-client iperf3 nftables socat python3)
+missing=()
+for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  else
+    echo "warning: missing packages (tests that need them will fail): ${missing[*]}" >&2
+  fi
+fi
+
+cargo fmt --all --check
+cargo build --workspace --all-targets --locked
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the binaries built above (target/debug).
+cargo test --workspace --locked
