@@ -28,7 +28,7 @@ async fn until_closed(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     r.ok().map(|_| t.elapsed())
 }
 
-async fn still_serves(ctl: &Control, home: &std::path::Path, name: &str) {
+async fn still_serves(home: &std::path::Path, name: &str) {
     let (c, _i) = ControlClient::connect(&Home::new(home), &name.parse().unwrap()).await.unwrap();
     c.ping().await.unwrap();
 }
@@ -81,7 +81,7 @@ async fn garbage_stalls_and_oversized_frames_get_a_close_or_a_clear_error() {
         other => panic!("expected an error reply, got {other:?}"),
     }
 
-    still_serves(&ctl, &home, "@alice").await;
+    still_serves(&home, "@alice").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

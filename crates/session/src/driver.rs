@@ -106,12 +106,7 @@ impl Inner {
             match ev {
                 Event::FlowOpened { flow, target } => {
                     st.slots.insert(flow, Slot::default());
-                    let incoming = IncomingFlow {
-                        inner: self.clone(),
-                        flow,
-                        target,
-                        answered: false,
-                    };
+                    let incoming = IncomingFlow { inner: self.clone(), flow, target, answered: false };
                     let refused = match &st.incoming {
                         Some(tx) => tx.send(incoming).err().map(|e| e.0),
                         None => Some(incoming),
@@ -182,10 +177,7 @@ struct HandleGuard {
 impl Drop for HandleGuard {
     fn drop(&mut self) {
         let mut st = self.inner.lock();
-        self.inner.fail(
-            &mut st,
-            SessionError::Closed("session handle dropped".into()),
-        );
+        self.inner.fail(&mut st, SessionError::Closed("session handle dropped".into()));
     }
 }
 
@@ -207,13 +199,7 @@ impl SessionHandle {
                 return Err(OpenError::Session(e.clone()));
             }
             let flow = st.mux.open(target)?;
-            st.slots.insert(
-                flow,
-                Slot {
-                    open_tx: Some(tx),
-                    ..Slot::default()
-                },
-            );
+            st.slots.insert(flow, Slot { open_tx: Some(tx), ..Slot::default() });
             inner.transmit.notify_one();
             // Created before awaiting so that a cancelled `open` still cleans up on drop.
             FlowStream::new(inner.clone(), flow)
@@ -221,9 +207,7 @@ impl SessionHandle {
         match rx.await {
             Ok(Ok(())) => Ok(stream),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(OpenError::Session(SessionError::Closed(
-                "session ended".into(),
-            ))),
+            Err(_) => Err(OpenError::Session(SessionError::Closed("session ended".into()))),
         }
     }
 
@@ -289,10 +273,7 @@ pub struct IncomingFlow {
 
 impl std::fmt::Debug for IncomingFlow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IncomingFlow")
-            .field("flow", &self.flow)
-            .field("target", &self.target)
-            .finish()
+        f.debug_struct("IncomingFlow").field("flow", &self.flow).field("target", &self.target).finish()
     }
 }
 
@@ -327,22 +308,13 @@ impl IncomingFlow {
 
     /// Accepts the flow and pumps bytes between it and `stream` (typically the dialled
     /// `TcpStream`) until both directions end. Returns bytes moved (to stream, from stream).
-    pub fn accept_with<S>(
-        self,
-        mut stream: S,
-    ) -> Result<tokio::task::JoinHandle<io::Result<(u64, u64)>>, SessionError>
+    pub fn accept_with<S>(self, mut stream: S) -> Result<tokio::task::JoinHandle<io::Result<(u64, u64)>>, SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut flow = self.accept()?;
         Ok(tokio::spawn(async move {
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut flow,
-                &mut stream,
-                PUMP_BUFFER,
-                PUMP_BUFFER,
-            )
-            .await
+            tokio::io::copy_bidirectional_with_sizes(&mut flow, &mut stream, PUMP_BUFFER, PUMP_BUFFER).await
         }))
     }
 }
@@ -368,9 +340,7 @@ pub struct FlowStream {
 
 impl std::fmt::Debug for FlowStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlowStream")
-            .field("flow", &self.flow)
-            .finish()
+        f.debug_struct("FlowStream").field("flow", &self.flow).finish()
     }
 }
 
@@ -384,11 +354,7 @@ fn session_io_error(e: &SessionError) -> io::Error {
 
 impl FlowStream {
     fn new(inner: Arc<Inner>, flow: FlowId) -> FlowStream {
-        FlowStream {
-            inner,
-            flow,
-            write_closed: false,
-        }
+        FlowStream { inner, flow, write_closed: false }
     }
 
     /// The flow's id.
@@ -398,19 +364,12 @@ impl FlowStream {
 }
 
 impl AsyncRead for FlowStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let mut guard = this.inner.lock();
         let st = &mut *guard;
         let Some(slot) = st.slots.get_mut(&this.flow) else {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "flow gone",
-            )));
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
         };
         let mut taken = 0;
         while buf.remaining() > 0 {
@@ -453,17 +412,10 @@ impl AsyncRead for FlowStream {
 }
 
 impl AsyncWrite for FlowStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.write_closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "flow shut down",
-            )));
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "flow shut down")));
         }
         let mut guard = this.inner.lock();
         let st = &mut *guard;
@@ -471,10 +423,7 @@ impl AsyncWrite for FlowStream {
             return Poll::Ready(Err(session_io_error(e)));
         }
         let Some(slot) = st.slots.get_mut(&this.flow) else {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "flow gone",
-            )));
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
         };
         if let Some(reason) = &slot.reset {
             return Poll::Ready(Err(io::Error::new(
@@ -548,10 +497,7 @@ where
 {
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = start(stream, keys, config, Some(tx));
-    DeviceSession {
-        handle,
-        incoming: rx,
-    }
+    DeviceSession { handle, incoming: rx }
 }
 
 fn start<S>(
@@ -580,9 +526,7 @@ where
     let (rd, wr) = tokio::io::split(stream);
     tokio::spawn(read_loop(inner.clone(), rd, opener));
     tokio::spawn(write_loop(inner.clone(), wr, sealer));
-    SessionHandle {
-        guard: Arc::new(HandleGuard { inner }),
-    }
+    SessionHandle { guard: Arc::new(HandleGuard { inner }) }
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R, mut opener: Opener) {
@@ -658,20 +602,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, mut sea
             while out.len() < WRITE_BATCH {
                 let start = out.len();
                 out.extend_from_slice(&[0u8; HEADER_LEN]);
-                if !st
-                    .mux
-                    .poll_transmit_into(now, &mut out, MAX_RECORD_PLAINTEXT)
-                {
+                if !st.mux.poll_transmit_into(now, &mut out, MAX_RECORD_PLAINTEXT) {
                     out.truncate(start);
                     break;
                 }
                 out.extend_from_slice(&[0u8; TAG_LEN]);
                 records.push((start, out.len()));
             }
-            (
-                st.mux.is_closed() || st.error.is_some(),
-                st.mux.poll_timeout(),
-            )
+            (st.mux.is_closed() || st.error.is_some(), st.mux.poll_timeout())
         };
         if !out.is_empty() {
             for (s, e) in records.drain(..) {

@@ -188,14 +188,8 @@ impl FrameReader {
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8], SessionError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(SessionError::BadFrame("length overflow"))?;
-        let s = self
-            .buf
-            .get(self.pos..end)
-            .ok_or(SessionError::BadFrame("truncated frame"))?;
+        let end = self.pos.checked_add(n).ok_or(SessionError::BadFrame("length overflow"))?;
+        let s = self.buf.get(self.pos..end).ok_or(SessionError::BadFrame("truncated frame"))?;
         self.pos = end;
         Ok(s)
     }
@@ -223,9 +217,7 @@ impl FrameReader {
             return Err(SessionError::BadFrame("text too long"));
         }
         let b = self.take(n)?;
-        std::str::from_utf8(b)
-            .map(str::to_owned)
-            .map_err(|_| SessionError::BadFrame("text is not UTF-8"))
+        std::str::from_utf8(b).map(str::to_owned).map_err(|_| SessionError::BadFrame("text is not UTF-8"))
     }
 
     /// The next frame, `None` at the end of the record.
@@ -235,15 +227,9 @@ impl FrameReader {
         }
         let ty = self.take(1)?[0];
         let f = match ty {
-            OPEN => Frame::Open {
-                flow: self.u32()?,
-                target: self.text()?,
-            },
+            OPEN => Frame::Open { flow: self.u32()?, target: self.text()? },
             OPEN_OK => Frame::OpenOk { flow: self.u32()? },
-            OPEN_ERR => Frame::OpenErr {
-                flow: self.u32()?,
-                reason: self.text()?,
-            },
+            OPEN_ERR => Frame::OpenErr { flow: self.u32()?, reason: self.text()? },
             DATA => {
                 let flow = self.u32()?;
                 let len = self.u32()? as usize;
@@ -252,25 +238,14 @@ impl FrameReader {
                 }
                 let start = self.pos;
                 self.take(len)?;
-                Frame::Data {
-                    flow,
-                    bytes: self.buf.slice(start..start + len),
-                }
+                Frame::Data { flow, bytes: self.buf.slice(start..start + len) }
             }
-            CREDIT => Frame::Credit {
-                flow: self.u32()?,
-                bytes: self.u32()?,
-            },
+            CREDIT => Frame::Credit { flow: self.u32()?, bytes: self.u32()? },
             FIN => Frame::Fin { flow: self.u32()? },
-            RESET => Frame::Reset {
-                flow: self.u32()?,
-                reason: self.text()?,
-            },
+            RESET => Frame::Reset { flow: self.u32()?, reason: self.text()? },
             PING => Frame::Ping { id: self.u64()? },
             PONG => Frame::Pong { id: self.u64()? },
-            CLOSE => Frame::Close {
-                reason: self.text()?,
-            },
+            CLOSE => Frame::Close { reason: self.text()? },
             _ => return Err(SessionError::BadFrame("unknown frame type")),
         };
         Ok(Some(f))
@@ -291,12 +266,8 @@ mod tests {
             (any::<u32>(), text()).prop_map(|(flow, target)| Frame::Open { flow, target }),
             any::<u32>().prop_map(|flow| Frame::OpenOk { flow }),
             (any::<u32>(), text()).prop_map(|(flow, reason)| Frame::OpenErr { flow, reason }),
-            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(flow, b)| {
-                Frame::Data {
-                    flow,
-                    bytes: Bytes::from(b),
-                }
-            }),
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300))
+                .prop_map(|(flow, b)| { Frame::Data { flow, bytes: Bytes::from(b) } }),
             (any::<u32>(), any::<u32>()).prop_map(|(flow, bytes)| Frame::Credit { flow, bytes }),
             any::<u32>().prop_map(|flow| Frame::Fin { flow }),
             (any::<u32>(), text()).prop_map(|(flow, reason)| Frame::Reset { flow, reason }),
@@ -308,9 +279,7 @@ mod tests {
 
     #[test]
     fn long_text_is_cut_on_char_boundary() {
-        let f = Frame::Close {
-            reason: "é".repeat(MAX_TEXT),
-        };
+        let f = Frame::Close { reason: "é".repeat(MAX_TEXT) };
         let mut out = Vec::new();
         f.encode(&mut out);
         let mut r = FrameReader::new(Bytes::from(out));

@@ -66,9 +66,7 @@ impl SessionKeys {
 
 impl std::fmt::Debug for SessionKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionKeys")
-            .field("role", &self.role)
-            .finish_non_exhaustive()
+        f.debug_struct("SessionKeys").field("role", &self.role).finish_non_exhaustive()
     }
 }
 
@@ -97,9 +95,8 @@ fn builder<'a>(
     peer_public: &'a [u8; 32],
     prologue: &'a [u8],
 ) -> Result<snow::Builder<'a>, SessionError> {
-    let params: snow::params::NoiseParams = NOISE_PARAMS
-        .parse()
-        .map_err(|_| SessionError::Handshake("unsupported noise parameters"))?;
+    let params: snow::params::NoiseParams =
+        NOISE_PARAMS.parse().map_err(|_| SessionError::Handshake("unsupported noise parameters"))?;
     snow::Builder::new(params)
         .local_private_key(my_private)
         .and_then(|b| b.remote_public_key(peer_public))
@@ -118,12 +115,7 @@ fn split(state: &mut snow::HandshakeState, role: Role) -> Result<SessionKeys, Se
         return Err(SessionError::Handshake("unexpected handshake hash length"));
     }
     handshake_hash.copy_from_slice(h);
-    Ok(SessionKeys {
-        role,
-        initiator_to_responder: first,
-        responder_to_initiator: second,
-        handshake_hash,
-    })
+    Ok(SessionKeys { role, initiator_to_responder: first, responder_to_initiator: second, handshake_hash })
 }
 
 /// Reads a handshake message that must carry no payload.
@@ -132,9 +124,7 @@ fn read_empty(state: &mut snow::HandshakeState, msg: &[u8]) -> Result<(), Sessio
         return Err(SessionError::Crypto);
     }
     let mut payload = [0u8; HANDSHAKE_MSG_LEN];
-    let n = state
-        .read_message(msg, &mut payload)
-        .map_err(|_| SessionError::Crypto)?;
+    let n = state.read_message(msg, &mut payload).map_err(|_| SessionError::Crypto)?;
     if n != 0 {
         return Err(SessionError::Crypto);
     }
@@ -152,9 +142,7 @@ impl Initiator {
             .build_initiator()
             .map_err(|_| SessionError::Handshake("cannot build initiator"))?;
         let mut msg1 = vec![0u8; HANDSHAKE_MSG_LEN];
-        let n = state
-            .write_message(&[], &mut msg1)
-            .map_err(|_| SessionError::Crypto)?;
+        let n = state.write_message(&[], &mut msg1).map_err(|_| SessionError::Crypto)?;
         msg1.truncate(n);
         Ok((Initiator { state }, msg1))
     }
@@ -183,9 +171,7 @@ impl Responder {
             .map_err(|_| SessionError::Handshake("cannot build responder"))?;
         read_empty(&mut state, msg1)?;
         let mut msg2 = vec![0u8; HANDSHAKE_MSG_LEN];
-        let n = state
-            .write_message(&[], &mut msg2)
-            .map_err(|_| SessionError::Crypto)?;
+        let n = state.write_message(&[], &mut msg2).map_err(|_| SessionError::Crypto)?;
         msg2.truncate(n);
         let keys = split(&mut state, Role::Responder)?;
         Ok((msg2, keys))
@@ -198,22 +184,13 @@ mod tests {
     use np_identity::Keys;
 
     fn pair() -> (Keys, Keys) {
-        (
-            Keys::generate().expect("keys"),
-            Keys::generate().expect("keys"),
-        )
+        (Keys::generate().expect("keys"), Keys::generate().expect("keys"))
     }
 
-    fn run(
-        client: &Keys,
-        device: &Keys,
-        p1: &[u8],
-        p2: &[u8],
-    ) -> Result<(SessionKeys, SessionKeys), SessionError> {
+    fn run(client: &Keys, device: &Keys, p1: &[u8], p2: &[u8]) -> Result<(SessionKeys, SessionKeys), SessionError> {
         let (init, msg1) = Initiator::start(client.x25519_private(), &device.public().x25519, p1)?;
         assert_eq!(msg1.len(), HANDSHAKE_MSG_LEN);
-        let (msg2, dev_keys) =
-            Responder::respond(device.x25519_private(), &client.public().x25519, p2, &msg1)?;
+        let (msg2, dev_keys) = Responder::respond(device.x25519_private(), &client.public().x25519, p2, &msg1)?;
         let cli_keys = init.finish(&msg2)?;
         Ok((cli_keys, dev_keys))
     }
@@ -241,10 +218,7 @@ mod tests {
     #[test]
     fn prologue_mismatch_fails() {
         let (c, d) = pair();
-        assert!(matches!(
-            run(&c, &d, b"relay-a", b"relay-b"),
-            Err(SessionError::Crypto)
-        ));
+        assert!(matches!(run(&c, &d, b"relay-a", b"relay-b"), Err(SessionError::Crypto)));
     }
 
     #[test]
@@ -252,14 +226,10 @@ mod tests {
         let (c, d) = pair();
         let (_, mallory) = pair();
         // Device expects mallory as the client.
-        let (init, msg1) =
-            Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
-        assert!(
-            Responder::respond(d.x25519_private(), &mallory.public().x25519, b"p", &msg1).is_err()
-        );
+        let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
+        assert!(Responder::respond(d.x25519_private(), &mallory.public().x25519, b"p", &msg1).is_err());
         // Mallory answers instead of the device.
-        let (init2, msg1b) =
-            Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
+        let (init2, msg1b) = Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
         let r = Responder::respond(mallory.x25519_private(), &c.public().x25519, b"p", &msg1b);
         if let Ok((msg2, _)) = r {
             assert!(init2.finish(&msg2).is_err());
@@ -271,19 +241,14 @@ mod tests {
     fn tampered_messages_fail() {
         let (c, d) = pair();
         for i in 0..HANDSHAKE_MSG_LEN {
-            let (_, mut msg1) =
-                Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
+            let (_, mut msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
             msg1[i] ^= 1;
-            assert!(
-                Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &msg1).is_err()
-            );
+            assert!(Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &msg1).is_err());
         }
         for i in 0..HANDSHAKE_MSG_LEN {
-            let (init, msg1) =
-                Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
+            let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
             let (mut msg2, _) =
-                Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &msg1)
-                    .expect("respond");
+                Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &msg1).expect("respond");
             msg2[i] ^= 0x80;
             assert!(init.finish(&msg2).is_err());
         }
@@ -292,14 +257,11 @@ mod tests {
     #[test]
     fn wrong_lengths_fail() {
         let (c, d) = pair();
-        let (init, msg1) =
-            Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
+        let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
         let mut long = msg1.clone();
         long.push(0);
         assert!(Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &long).is_err());
-        assert!(
-            Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &msg1[..47]).is_err()
-        );
+        assert!(Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &msg1[..47]).is_err());
         assert!(Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &[]).is_err());
         assert!(init.finish(&[0u8; 10]).is_err());
     }

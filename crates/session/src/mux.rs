@@ -201,12 +201,7 @@ impl Mux {
 
     /// Was this id valid once (so late frames for it are ignored, not an error)?
     fn is_past(&self, flow: FlowId) -> bool {
-        flow != 0
-            && if self.is_local(flow) {
-                flow < self.next_local
-            } else {
-                flow <= self.highest_peer
-            }
+        flow != 0 && if self.is_local(flow) { flow < self.next_local } else { flow <= self.highest_peer }
     }
 
     fn remove_flow(&mut self, flow: FlowId) {
@@ -249,9 +244,7 @@ impl Mux {
         self.flows.clear();
         self.ready.clear();
         self.control.clear();
-        self.control.push_back(Frame::Close {
-            reason: reason.to_owned(),
-        });
+        self.control.push_back(Frame::Close { reason: reason.to_owned() });
     }
 
     /// Is the session over?
@@ -272,17 +265,9 @@ impl Mux {
             return Err(SessionError::Protocol("target too long"));
         }
         let flow = self.next_local;
-        self.next_local = flow
-            .checked_add(2)
-            .ok_or(SessionError::Protocol("flow ids exhausted"))?;
-        self.flows.insert(
-            flow,
-            Flow::new(FlowState::Opening, self.config.initial_window),
-        );
-        self.control.push_back(Frame::Open {
-            flow,
-            target: target.to_owned(),
-        });
+        self.next_local = flow.checked_add(2).ok_or(SessionError::Protocol("flow ids exhausted"))?;
+        self.flows.insert(flow, Flow::new(FlowState::Opening, self.config.initial_window));
+        self.control.push_back(Frame::Open { flow, target: target.to_owned() });
         Ok(flow)
     }
 
@@ -305,10 +290,7 @@ impl Mux {
         match self.flows.get(&flow) {
             Some(f) if f.state == FlowState::Incoming => {
                 self.remove_flow(flow);
-                self.control.push_back(Frame::OpenErr {
-                    flow,
-                    reason: reason.to_owned(),
-                });
+                self.control.push_back(Frame::OpenErr { flow, reason: reason.to_owned() });
                 Ok(())
             }
             _ => Err(SessionError::UnknownFlow(flow)),
@@ -319,19 +301,14 @@ impl Mux {
     /// When it is less than `data.len()`, a [`Event::FlowWritable`] follows once credit arrives.
     pub fn send(&mut self, flow: FlowId, data: &[u8]) -> Result<usize, SessionError> {
         self.check_open()?;
-        let f = self
-            .flows
-            .get_mut(&flow)
-            .ok_or(SessionError::UnknownFlow(flow))?;
+        let f = self.flows.get_mut(&flow).ok_or(SessionError::UnknownFlow(flow))?;
         if f.state == FlowState::Incoming {
             return Err(SessionError::Protocol("flow not accepted yet"));
         }
         if f.fin_pending {
             return Err(SessionError::Protocol("flow already finished"));
         }
-        let n = data
-            .len()
-            .min(usize::try_from(f.send_credit).unwrap_or(usize::MAX));
+        let n = data.len().min(usize::try_from(f.send_credit).unwrap_or(usize::MAX));
         if n < data.len() {
             f.send_blocked = true;
         }
@@ -373,10 +350,7 @@ impl Mux {
     /// Half-closes our direction of `flow` once queued data is sent.
     pub fn finish(&mut self, flow: FlowId) -> Result<(), SessionError> {
         self.check_open()?;
-        let f = self
-            .flows
-            .get_mut(&flow)
-            .ok_or(SessionError::UnknownFlow(flow))?;
+        let f = self.flows.get_mut(&flow).ok_or(SessionError::UnknownFlow(flow))?;
         if f.state == FlowState::Incoming {
             return Err(SessionError::Protocol("flow not accepted yet"));
         }
@@ -391,10 +365,7 @@ impl Mux {
             return;
         }
         self.remove_flow(flow);
-        self.control.push_back(Frame::Reset {
-            flow,
-            reason: reason.to_owned(),
-        });
+        self.control.push_back(Frame::Reset { flow, reason: reason.to_owned() });
     }
 
     /// Does the flow still exist?
@@ -439,17 +410,11 @@ impl Mux {
                 }
                 self.highest_peer = flow;
                 if self.peer_flows >= self.config.max_peer_flows {
-                    self.control.push_back(Frame::OpenErr {
-                        flow,
-                        reason: "too many flows".to_owned(),
-                    });
+                    self.control.push_back(Frame::OpenErr { flow, reason: "too many flows".to_owned() });
                     return Ok(());
                 }
                 self.peer_flows += 1;
-                self.flows.insert(
-                    flow,
-                    Flow::new(FlowState::Incoming, self.config.initial_window),
-                );
+                self.flows.insert(flow, Flow::new(FlowState::Incoming, self.config.initial_window));
                 self.events.push_back(Event::FlowOpened { flow, target });
             }
             Frame::OpenOk { flow } => {
@@ -477,11 +442,7 @@ impl Mux {
             Frame::Data { flow, bytes } => {
                 let past = self.is_past(flow);
                 let Some(f) = self.flows.get_mut(&flow) else {
-                    return if past {
-                        Ok(())
-                    } else {
-                        Err(SessionError::Protocol("data for unknown flow"))
-                    };
+                    return if past { Ok(()) } else { Err(SessionError::Protocol("data for unknown flow")) };
                 };
                 if f.state == FlowState::Opening {
                     return Err(SessionError::Protocol("data before OpenOk"));
@@ -556,8 +517,7 @@ impl Mux {
     /// Plaintext for one record (at most [`MAX_RECORD_PLAINTEXT`] bytes), if anything is pending.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        self.poll_transmit_into(now, &mut out, MAX_RECORD_PLAINTEXT)
-            .then_some(out)
+        self.poll_transmit_into(now, &mut out, MAX_RECORD_PLAINTEXT).then_some(out)
     }
 
     /// Appends pending frames to `out`, at most `max` bytes (at least 2 KiB is assumed, so any
@@ -619,10 +579,7 @@ impl Mux {
         if self.closed.is_some() {
             return None;
         }
-        Some(
-            (self.last_send + self.config.keepalive_interval)
-                .min(self.last_recv + self.config.idle_timeout),
-        )
+        Some((self.last_send + self.config.keepalive_interval).min(self.last_recv + self.config.idle_timeout))
     }
 
     /// Runs timers: queues a keepalive `Ping` or declares the session dead.
@@ -633,9 +590,7 @@ impl Mux {
         if now >= self.last_recv + self.config.idle_timeout {
             let reason = "keepalive timeout";
             self.close(reason);
-            self.events.push_back(Event::Closed {
-                reason: reason.to_owned(),
-            });
+            self.events.push_back(Event::Closed { reason: reason.to_owned() });
             return;
         }
         if now >= self.last_send + self.config.keepalive_interval {
@@ -681,16 +636,12 @@ mod tests {
                 let mut moved = false;
                 while let Some(p) = self.client.poll_transmit(self.now) {
                     assert!(p.len() <= MAX_RECORD_PLAINTEXT);
-                    self.device
-                        .handle_frames(p.into(), self.now)
-                        .expect("device handles");
+                    self.device.handle_frames(p.into(), self.now).expect("device handles");
                     moved = true;
                 }
                 while let Some(p) = self.device.poll_transmit(self.now) {
                     assert!(p.len() <= MAX_RECORD_PLAINTEXT);
-                    self.client
-                        .handle_frames(p.into(), self.now)
-                        .expect("client handles");
+                    self.client.handle_frames(p.into(), self.now).expect("client handles");
                     moved = true;
                 }
                 while let Some(e) = self.client.poll_event() {
@@ -735,10 +686,7 @@ mod tests {
     }
 
     fn small_window() -> MuxConfig {
-        MuxConfig {
-            initial_window: 4096,
-            ..MuxConfig::default()
-        }
+        MuxConfig { initial_window: 4096, ..MuxConfig::default() }
     }
 
     #[test]
@@ -749,18 +697,9 @@ mod tests {
         // Data may follow Open before the device accepts.
         assert_eq!(p.client.send(flow, b"early").expect("send"), 5);
         p.pump();
-        assert_eq!(
-            p.device_events.remove(0),
-            Event::FlowOpened {
-                flow,
-                target: "127.0.0.1:22".into()
-            }
-        );
+        assert_eq!(p.device_events.remove(0), Event::FlowOpened { flow, target: "127.0.0.1:22".into() });
         assert_eq!(p.device_data(flow, true), b"early");
-        assert!(
-            p.device.send(flow, b"x").is_err(),
-            "no sending before accept"
-        );
+        assert!(p.device.send(flow, b"x").is_err(), "no sending before accept");
         p.device.accept(flow).expect("accept");
         p.device.send(flow, b"banner").expect("send");
         p.pump();
@@ -792,10 +731,7 @@ mod tests {
         p.device.refuse(a, "not permitted").expect("refuse");
         p.device.accept(b).expect("accept");
         p.pump();
-        assert!(p.client_events.contains(&Event::FlowRefused {
-            flow: a,
-            reason: "not permitted".into()
-        }));
+        assert!(p.client_events.contains(&Event::FlowRefused { flow: a, reason: "not permitted".into() }));
         assert!(!p.client.has_flow(a));
         assert!(p.client.send(a, b"x").is_err());
         // Reset from the device while the client is still sending: late data is ignored.
@@ -803,13 +739,8 @@ mod tests {
         p.device.reset(b, "target closed");
         let to_device = p.client.poll_transmit(p.now).expect("data");
         p.pump();
-        p.device
-            .handle_frames(to_device.into(), p.now)
-            .expect("late data ignored");
-        assert!(p.client_events.contains(&Event::FlowReset {
-            flow: b,
-            reason: "target closed".into()
-        }));
+        p.device.handle_frames(to_device.into(), p.now).expect("late data ignored");
+        assert!(p.client_events.contains(&Event::FlowReset { flow: b, reason: "target closed".into() }));
         assert!(!p.client.has_flow(b));
     }
 
@@ -833,18 +764,13 @@ mod tests {
             live_got += p.device_data(live, true).len();
             assert!(n > 0, "live flow must never be blocked");
         }
-        assert_eq!(
-            stalled_sent, 4096,
-            "stalled flow stops exactly at its window"
-        );
+        assert_eq!(stalled_sent, 4096, "stalled flow stops exactly at its window");
         assert_eq!(live_got, 200 * 1000);
         assert_eq!(p.device_data(stalled, false).len(), 4096);
         // The stalled flow resumes once consumed, with a FlowWritable event.
         p.device.consumed(stalled, 4096);
         p.pump();
-        assert!(p
-            .client_events
-            .contains(&Event::FlowWritable { flow: stalled }));
+        assert!(p.client_events.contains(&Event::FlowWritable { flow: stalled }));
         assert!(p.client.send_credit(stalled) > 0);
     }
 
@@ -853,32 +779,15 @@ mod tests {
         let now = Instant::now();
         let mut device = Mux::new(Role::Responder, small_window(), now);
         let mut rec = Vec::new();
-        Frame::Open {
-            flow: 1,
-            target: "x:1".into(),
-        }
-        .encode(&mut rec);
+        Frame::Open { flow: 1, target: "x:1".into() }.encode(&mut rec);
         device.handle_frames(rec.into(), now).expect("open");
         device.accept(1).expect("accept");
         let mut rec = Vec::new();
-        Frame::Data {
-            flow: 1,
-            bytes: Bytes::from(vec![0u8; 4096]),
-        }
-        .encode(&mut rec);
-        device
-            .handle_frames(rec.into(), now)
-            .expect("within window");
+        Frame::Data { flow: 1, bytes: Bytes::from(vec![0u8; 4096]) }.encode(&mut rec);
+        device.handle_frames(rec.into(), now).expect("within window");
         let mut rec = Vec::new();
-        Frame::Data {
-            flow: 1,
-            bytes: Bytes::from(vec![0u8; 1]),
-        }
-        .encode(&mut rec);
-        assert!(matches!(
-            device.handle_frames(rec.into(), now),
-            Err(SessionError::Protocol("flow credit exceeded"))
-        ));
+        Frame::Data { flow: 1, bytes: Bytes::from(vec![0u8; 1]) }.encode(&mut rec);
+        assert!(matches!(device.handle_frames(rec.into(), now), Err(SessionError::Protocol("flow credit exceeded"))));
         assert!(device.is_closed());
         // A Close frame telling the peer why is queued.
         let out = device.poll_transmit(now).expect("close frame");
@@ -889,9 +798,7 @@ mod tests {
     #[test]
     fn many_flows_round_robin_and_window_bound() {
         let mut p = Pair::new(small_window());
-        let flows: Vec<FlowId> = (0..20)
-            .map(|i| p.client.open(&format!("h:{i}")).expect("open"))
-            .collect();
+        let flows: Vec<FlowId> = (0..20).map(|i| p.client.open(&format!("h:{i}")).expect("open")).collect();
         p.pump();
         for f in &flows {
             p.device.accept(*f).expect("accept");
@@ -943,12 +850,7 @@ mod tests {
             while p.client.poll_transmit(p.now).is_some() {}
         }
         assert_eq!(p.now, silent_from + Duration::from_secs(45));
-        assert_eq!(
-            p.client.poll_event(),
-            Some(Event::Closed {
-                reason: "keepalive timeout".into()
-            })
-        );
+        assert_eq!(p.client.poll_event(), Some(Event::Closed { reason: "keepalive timeout".into() }));
         assert!(p.client.open("x:1").is_err());
     }
 
@@ -959,9 +861,7 @@ mod tests {
         p.pump();
         p.device.close("shutting down");
         p.pump();
-        assert!(p.client_events.contains(&Event::Closed {
-            reason: "shutting down".into()
-        }));
+        assert!(p.client_events.contains(&Event::Closed { reason: "shutting down".into() }));
         assert!(p.client.send(f, b"x").is_err());
     }
 
@@ -975,69 +875,27 @@ mod tests {
             Bytes::from(v)
         };
         // Even ids belong to the device.
-        assert!(device
-            .handle_frames(
-                frame(Frame::Open {
-                    flow: 2,
-                    target: "x".into()
-                }),
-                now
-            )
-            .is_err());
+        assert!(device.handle_frames(frame(Frame::Open { flow: 2, target: "x".into() }), now).is_err());
         let mut device = Mux::new(Role::Responder, MuxConfig::default(), now);
-        device
-            .handle_frames(
-                frame(Frame::Open {
-                    flow: 5,
-                    target: "x".into(),
-                }),
-                now,
-            )
-            .expect("open");
-        assert!(device
-            .handle_frames(
-                frame(Frame::Open {
-                    flow: 3,
-                    target: "x".into()
-                }),
-                now
-            )
-            .is_err());
+        device.handle_frames(frame(Frame::Open { flow: 5, target: "x".into() }), now).expect("open");
+        assert!(device.handle_frames(frame(Frame::Open { flow: 3, target: "x".into() }), now).is_err());
         let mut device = Mux::new(Role::Responder, MuxConfig::default(), now);
-        assert!(device
-            .handle_frames(
-                frame(Frame::Data {
-                    flow: 9,
-                    bytes: Bytes::new()
-                }),
-                now
-            )
-            .is_err());
+        assert!(device.handle_frames(frame(Frame::Data { flow: 9, bytes: Bytes::new() }), now).is_err());
     }
 
     #[test]
     fn too_many_peer_flows_refused() {
         let now = Instant::now();
-        let cfg = MuxConfig {
-            max_peer_flows: 2,
-            ..MuxConfig::default()
-        };
+        let cfg = MuxConfig { max_peer_flows: 2, ..MuxConfig::default() };
         let mut device = Mux::new(Role::Responder, cfg, now);
         let mut rec = Vec::new();
         for flow in [1, 3, 5] {
-            Frame::Open {
-                flow,
-                target: "x:1".into(),
-            }
-            .encode(&mut rec);
+            Frame::Open { flow, target: "x:1".into() }.encode(&mut rec);
         }
         device.handle_frames(rec.into(), now).expect("opens");
         let out = device.poll_transmit(now).expect("refusal");
         let mut r = FrameReader::new(out.into());
-        assert!(matches!(
-            r.next_frame(),
-            Ok(Some(Frame::OpenErr { flow: 5, .. }))
-        ));
+        assert!(matches!(r.next_frame(), Ok(Some(Frame::OpenErr { flow: 5, .. }))));
     }
 
     proptest! {

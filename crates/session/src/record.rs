@@ -59,9 +59,7 @@ pub struct Sealer {
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer")
-            .field("counter", &self.counter)
-            .finish_non_exhaustive()
+        f.debug_struct("Sealer").field("counter", &self.counter).finish_non_exhaustive()
     }
 }
 
@@ -73,11 +71,7 @@ impl Sealer {
 
     /// A sealer whose next record uses nonce `counter` and which stops at `limit` records.
     pub fn with_counter(key_bytes: &[u8; 32], counter: u64, limit: u64) -> Sealer {
-        Sealer {
-            key: key(key_bytes),
-            counter,
-            limit,
-        }
+        Sealer { key: key(key_bytes), counter, limit }
     }
 
     /// Appends one record holding `plaintext` to `out`.
@@ -167,13 +161,7 @@ impl Opener {
 
     /// An opener expecting nonce `counter` next and stopping at `limit` records.
     pub fn with_counter(key_bytes: &[u8; 32], counter: u64, limit: u64) -> Opener {
-        Opener {
-            key: key(key_bytes),
-            counter,
-            limit,
-            buf: BytesMut::new(),
-            failed: None,
-        }
+        Opener { key: key(key_bytes), counter, limit, buf: BytesMut::new(), failed: None }
     }
 
     /// Appends received bytes.
@@ -304,10 +292,7 @@ mod tests {
                 got.push(r.to_vec());
             }
         }
-        assert_eq!(
-            got,
-            vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
-        );
+        assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
     }
 
     #[test]
@@ -362,12 +347,7 @@ mod tests {
         s.seal(b"r0", &mut r0).expect("seal");
         s.seal(b"r1", &mut r1).expect("seal");
         s.seal(b"r2", &mut r2).expect("seal");
-        let cat = |parts: &[&Vec<u8>]| {
-            parts
-                .iter()
-                .flat_map(|p| p.iter().copied())
-                .collect::<Vec<u8>>()
-        };
+        let cat = |parts: &[&Vec<u8>]| parts.iter().flat_map(|p| p.iter().copied()).collect::<Vec<u8>>();
         assert!(open_all(&cat(&[&r1, &r0, &r2])).is_err());
         assert!(open_all(&cat(&[&r0, &r2])).is_err());
         assert!(open_all(&cat(&[&r0, &r0, &r1])).is_err());
@@ -400,10 +380,7 @@ mod tests {
         let mut s = Sealer::new(&K);
         let mut out = vec![1, 2, 3];
         let big = vec![0u8; MAX_RECORD_PLAINTEXT + 1];
-        assert!(matches!(
-            s.seal(&big, &mut out),
-            Err(SessionError::RecordTooLarge { .. })
-        ));
+        assert!(matches!(s.seal(&big, &mut out), Err(SessionError::RecordTooLarge { .. })));
         assert_eq!(out, vec![1, 2, 3]);
         assert_eq!(s.counter(), 0);
     }
@@ -417,20 +394,11 @@ mod tests {
         s.seal(b"a", &mut out).expect("seal");
         s.seal(b"b", &mut out).expect("seal");
         let before = out.len();
-        assert!(matches!(
-            s.seal(b"c", &mut out),
-            Err(SessionError::KeyExhausted)
-        ));
+        assert!(matches!(s.seal(b"c", &mut out), Err(SessionError::KeyExhausted)));
         assert_eq!(out.len(), before);
         o.push(&out);
-        assert_eq!(
-            o.next().expect("a").map(|b| b.to_vec()),
-            Some(b"a".to_vec())
-        );
-        assert_eq!(
-            o.next().expect("b").map(|b| b.to_vec()),
-            Some(b"b".to_vec())
-        );
+        assert_eq!(o.next().expect("a").map(|b| b.to_vec()), Some(b"a".to_vec()));
+        assert_eq!(o.next().expect("b").map(|b| b.to_vec()), Some(b"b".to_vec()));
         assert_eq!(o.next().expect("none"), None);
         // A record forged to sit past the limit is refused without being opened.
         let mut rogue = Sealer::with_counter(&K, limit, u64::MAX);
@@ -449,10 +417,7 @@ mod tests {
         out.extend_from_slice(b"payload");
         s.seal_tail(&mut out, start).expect("seal");
         assert_eq!(&out[..start], b"prefix");
-        assert_eq!(
-            open_all(&out[start..]).expect("open"),
-            vec![b"payload".to_vec()]
-        );
+        assert_eq!(open_all(&out[start..]).expect("open"), vec![b"payload".to_vec()]);
     }
 
     proptest! {

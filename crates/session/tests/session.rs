@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use np_identity::Keys;
 use np_session::{
-    client_session, device_session, DeviceSession, FlowStream, Initiator, MuxConfig, OpenError,
-    Responder, SessionError, SessionHandle, SessionKeys,
+    client_session, device_session, DeviceSession, FlowStream, Initiator, MuxConfig, OpenError, Responder,
+    SessionError, SessionHandle, SessionKeys,
 };
 use ring::digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,10 +18,8 @@ fn keys() -> (SessionKeys, SessionKeys) {
     let c = Keys::generate().expect("keys");
     let d = Keys::generate().expect("keys");
     let prologue = b"np test session";
-    let (init, msg1) =
-        Initiator::start(c.x25519_private(), &d.public().x25519, prologue).expect("start");
-    let (msg2, dk) = Responder::respond(d.x25519_private(), &c.public().x25519, prologue, &msg1)
-        .expect("respond");
+    let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, prologue).expect("start");
+    let (msg2, dk) = Responder::respond(d.x25519_private(), &c.public().x25519, prologue, &msg1).expect("respond");
     (init.finish(&msg2).expect("finish"), dk)
 }
 
@@ -139,14 +137,9 @@ async fn sixty_four_mib_through_one_flow() {
     let flow = client.open(&echo).await.expect("open");
     let total = 64 << 20;
     let start = std::time::Instant::now();
-    let (sent, got, n) = tokio::time::timeout(LIMIT, echo_through(flow, total, 1))
-        .await
-        .expect("in time");
+    let (sent, got, n) = tokio::time::timeout(LIMIT, echo_through(flow, total, 1)).await.expect("in time");
     let secs = start.elapsed().as_secs_f64();
-    eprintln!(
-        "64 MiB echoed in {secs:.2}s ({:.0} Mbit/s each way)",
-        total as f64 * 8.0 / secs / 1e6
-    );
+    eprintln!("64 MiB echoed in {secs:.2}s ({:.0} Mbit/s each way)", total as f64 * 8.0 / secs / 1e6);
     assert_eq!(n, total);
     assert_eq!(sent, got);
 }
@@ -168,10 +161,7 @@ async fn refused_flow_gets_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_flows_and_a_stalled_one() {
     let echo = echo_server().await;
-    let config = MuxConfig {
-        initial_window: 256 * 1024,
-        ..MuxConfig::default()
-    };
+    let config = MuxConfig { initial_window: 256 * 1024, ..MuxConfig::default() };
     let (client, _dev) = pair(config).await;
 
     // A flow the device accepts but never reads: its writer must block at the window...
@@ -199,17 +189,11 @@ async fn fifty_flows_and_a_stalled_one() {
         }));
     }
     for t in tasks {
-        let (a, b, n) = tokio::time::timeout(LIMIT, t)
-            .await
-            .expect("in time")
-            .expect("task");
+        let (a, b, n) = tokio::time::timeout(LIMIT, t).await.expect("in time").expect("task");
         assert_eq!(n, 1 << 20);
         assert_eq!(a, b);
     }
-    assert!(
-        !stalled_writer.is_finished(),
-        "stalled flow must be blocked by its window"
-    );
+    assert!(!stalled_writer.is_finished(), "stalled flow must be blocked by its window");
     stalled_writer.abort();
 }
 
@@ -278,23 +262,11 @@ async fn tampered_byte_ends_session_without_wrong_bytes() {
     })
     .await
     .expect("in time");
-    assert!(
-        end.is_err(),
-        "a tampered session must end in an error, not EOF"
-    );
+    assert!(end.is_err(), "a tampered session must end in an error, not EOF");
     assert!(got.len() < total);
-    assert_eq!(
-        &got[..],
-        &data[..got.len()],
-        "no wrong byte reaches the application"
-    );
-    let dev_err = tokio::time::timeout(LIMIT, dev_handle.closed())
-        .await
-        .expect("in time");
-    assert!(
-        matches!(dev_err, SessionError::Crypto),
-        "device saw {dev_err:?}"
-    );
+    assert_eq!(&got[..], &data[..got.len()], "no wrong byte reaches the application");
+    let dev_err = tokio::time::timeout(LIMIT, dev_handle.closed()).await.expect("in time");
+    assert!(matches!(dev_err, SessionError::Crypto), "device saw {dev_err:?}");
     assert!(client.error().is_some());
 }
 
@@ -305,10 +277,7 @@ async fn orderly_close_reaches_peer() {
     let flow = client.open(&echo).await.expect("open");
     client.close("bye");
     drop(flow);
-    let dev = tokio::time::timeout(LIMIT, dev)
-        .await
-        .expect("in time")
-        .expect("task");
+    let dev = tokio::time::timeout(LIMIT, dev).await.expect("in time").expect("task");
     match dev.handle().closed().await {
         SessionError::Closed(reason) => assert_eq!(reason, "bye"),
         other => panic!("unexpected {other:?}"),
