@@ -1,0 +1,2 @@
+//! The client network stack behind `np up`: a TUN interface whose TCP flows are terminated by
+//! smoltcp and handed to an [`Opener`] that carries them to a device.
