@@ -10,6 +10,7 @@
 //! the relay's per-connection nonce, and the session limits.
 
 mod config;
+mod control_directory;
 mod directory;
 mod forward;
 mod join;
@@ -21,6 +22,7 @@ mod server;
 mod splice;
 
 pub use config::RelayConfig;
+pub use control_directory::{ControlDirectory, LOOKUP_TIMEOUT};
 pub use directory::{KeyDirectory, Lookup, StaticDirectory};
 pub use join::{join, join_with_timeout, JoinError, DEFAULT_JOIN_TIMEOUT};
 pub use pairing::{Decision, PairKey, Pairing, PairingLimits};

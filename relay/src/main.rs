@@ -1,0 +1,169 @@
+//! `np-relay`: pairs the client's and the device's outbound connections of one session and
+//! forwards the end-to-end encrypted bytes between them, unread.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use np_identity::home::Home;
+use np_identity::Name;
+use np_relay::{ControlDirectory, Relay, RelayConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long start-up waits for the control plane before serving without it.
+const STARTUP_WAIT: Duration = Duration::from_secs(5);
+
+/// The np relay: the client and the device daemon each connect here (outbound), authenticate for
+/// a session with their identity keys, and are paired; the relay then forwards their end-to-end
+/// encrypted bytes without being able to read them.
+///
+/// The relay is an enrolled identity like any other (`np keys new @relay ...`): it looks up the
+/// keys of whoever connects on the control plane, with its own keys from the home directory.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// The relay's identity (enrolled in the home directory); default: the only identity there.
+    #[arg(long = "as", value_name = "@NAME", env = "NP_AS")]
+    identity: Option<Name>,
+    /// Address of the one listening port for all sessions.
+    #[arg(long, value_name = "ADDR", env = "NP_RELAY_LISTEN", default_value = "0.0.0.0:7444")]
+    listen: SocketAddr,
+    /// Home directory holding the relay's keys and control-plane address [default: ~/.np].
+    #[arg(long, value_name = "DIR", env = "NP_HOME")]
+    home: Option<PathBuf>,
+    /// Only these identities may use the relay (comma-separated); default: any enrolled identity.
+    #[arg(long, value_name = "@a,@b,...", value_delimiter = ',', env = "NP_RELAY_ALLOW")]
+    allow: Vec<Name>,
+    /// Connections still authenticating at once, at most; more are refused at once.
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::default().max_preauth)]
+    max_preauth: usize,
+    /// Time a connection has, from accept, to authenticate for a session.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    auth_timeout: Duration,
+    /// Time the first side of a session waits for the second before it is refused.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pairing_timeout: Duration,
+    /// A paired session with no byte either way for this long is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Sessions (waiting or paired) on the relay at once, at most.
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::default().max_sessions)]
+    max_sessions: usize,
+    /// Sessions (waiting or paired) one identity may take part in at once, at most.
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::default().max_sessions_per_identity)]
+    max_sessions_per_identity: usize,
+    /// Bytes buffered per direction of a paired session (memory per session is twice this).
+    #[arg(long, value_name = "BYTES", default_value_t = RelayConfig::default().forward_buffer)]
+    forward_buffer: usize,
+    /// Forward with splice(2) through a kernel pipe instead of copying through user space.
+    #[arg(long, env = "NP_RELAY_ZERO_COPY")]
+    zero_copy: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let home = Home::resolve(cli.home.as_deref());
+    let me = home
+        .pick_identity(cli.identity.as_ref())
+        .with_context(|| format!("choosing the relay's identity in {}", home.dir().display()))?;
+    let control = home.load_control(&me).with_context(|| {
+        format!("reading the control plane of {me} in {} (run `np keys new` first)", home.dir().display())
+    })?;
+    let directory = ControlDirectory::connect(&home, &me)
+        .with_context(|| format!("loading the keys of {me} from {}", home.dir().display()))?;
+    let config = RelayConfig {
+        name: me.clone(),
+        allow: (!cli.allow.is_empty()).then_some(cli.allow),
+        max_preauth: cli.max_preauth,
+        auth_deadline: cli.auth_timeout,
+        pairing_deadline: cli.pairing_timeout,
+        idle_timeout: cli.idle_timeout,
+        max_sessions_per_identity: cli.max_sessions_per_identity,
+        max_sessions: cli.max_sessions,
+        forward_buffer: cli.forward_buffer.max(4096),
+        zero_copy: cli.zero_copy,
+        ..RelayConfig::default()
+    };
+    // Give the control plane a moment, so the banner says whether it answered; the relay serves
+    // either way and keeps trying in the background.
+    let reached = directory.wait_connected(STARTUP_WAIT).await;
+    let relay = Relay::bind(cli.listen, config.clone(), Arc::new(directory))
+        .await
+        .with_context(|| format!("listening on {}", cli.listen))?;
+    let addr = relay.local_addr().context("reading the listening address")?;
+    print_banner(&config, addr, &control.address, reached, &home);
+    relay.run(shutdown()).await.context("serving")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What an operator needs to know and check, on standard output.
+fn print_banner(config: &RelayConfig, addr: SocketAddr, control: &str, reached: bool, home: &Home) {
+    let allow = match &config.allow {
+        None => "any enrolled identity".to_string(),
+        Some(list) => list.iter().map(Name::to_string).collect::<Vec<_>>().join(", "),
+    };
+    let d = |t: Duration| humantime::format_duration(t).to_string();
+    println!("np-relay is running");
+    println!("  identity       {}", config.name);
+    println!("  listening on   {addr}");
+    let state = if reached { "connected" } else { "not reachable yet, retrying in the background" };
+    println!("  control plane  {control} ({state})");
+    println!("  home           {}", home.dir().display());
+    println!("  allow          {allow}");
+    println!(
+        "  limits         {} sessions, {} per identity, {} authenticating",
+        config.max_sessions, config.max_sessions_per_identity, config.max_preauth
+    );
+    println!(
+        "  timeouts       auth {}, pairing {}, idle {}",
+        d(config.auth_deadline),
+        d(config.pairing_deadline),
+        d(config.idle_timeout)
+    );
+    println!(
+        "  forwarding     {} KiB per direction, {}",
+        config.forward_buffer / 1024,
+        if config.zero_copy { "splice(2)" } else { "user-space copy" }
+    );
+    println!("Clients and devices use this relay as {} at HOST:{}.", config.name, addr.port());
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received, shutting down");
+}
