@@ -33,3 +33,48 @@ pub fn run_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> E
         }
     }
 }
+
+pub mod forward;
+
+use anyhow::Context;
+use np_control_client::{ControlClient, Incoming};
+use np_identity::home::Home;
+use np_identity::Name;
+
+/// Connects to the control plane as `who` (or the only identity in `home`).
+pub async fn connect_control(home: &Home, who: Option<&Name>) -> anyhow::Result<(ControlClient, Incoming)> {
+    let me = home.pick_identity(who)?;
+    ControlClient::connect(home, &me).await.with_context(|| format!("connecting to the control plane as {me}"))
+}
+
+/// Connects, retrying with backoff while the control plane is unreachable (for daemons, which
+/// should come up whatever the order of start).
+pub async fn connect_control_retrying(home: &Home, who: Option<&Name>) -> anyhow::Result<(ControlClient, Incoming)> {
+    let me = home.pick_identity(who)?;
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match ControlClient::connect(home, &me).await {
+            Ok(x) => return Ok(x),
+            Err(e @ (np_control_client::ClientError::Identity(_) | np_control_client::ClientError::Refused { .. })) => {
+                return Err(e).with_context(|| format!("connecting to the control plane as {me}"));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "control plane unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -123,16 +123,19 @@ fn spawn_control(dir: &Path, listen: &str, extra: &[String]) -> (Child, SocketAd
 }
 
 fn try_spawn_control(dir: &Path, listen: &str, extra: &[String]) -> Option<(Child, SocketAddr)> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("control.log")).unwrap();
-    let mut child = Command::new(bin("np-control"))
-        .args(["serve", "--listen", listen, "--data"])
+    let mut cmd = Command::new(bin("np-control"));
+    cmd.args(["serve", "--listen", listen, "--data"])
         .arg(dir.join("data"))
         .args(extra)
-        .env("RUST_LOG", std::env::var("NP_TEST_CONTROL_LOG").unwrap_or_else(|_| "debug".into()))
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+        .env("RUST_LOG", std::env::var("NP_TEST_CONTROL_LOG").unwrap_or_else(|_| "debug".into()));
+    spawn_listening(cmd, &dir.join("control.log"))
+}
+
+/// Spawns a server that prints `listening on ADDR` on stdout once bound, with its standard error
+/// appended to `log`; returns it with the address, or `None` if it exited first.
+pub fn spawn_listening(mut cmd: Command, log: &Path) -> Option<(Child, SocketAddr)> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     while let Some(Ok(line)) = lines.next() {
@@ -145,6 +148,21 @@ fn try_spawn_control(dir: &Path, listen: &str, extra: &[String]) -> Option<(Chil
     }
     let _ = child.wait();
     None
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills a child on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Runs `np keys new`; returns (exit ok, stdout, stderr).
@@ -226,3 +244,6 @@ pub fn bytes_in_tree(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
 }
 
 pub mod raw;
+pub mod servers;
+pub mod sshd;
+pub mod stack;

@@ -2,12 +2,16 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use np_cli::forward::{LocalForward, SessionSlot};
 use np_control_client::ControlClient;
 use np_control_proto::EnrolCode;
 use np_identity::home::Home;
-use np_identity::Name;
+use np_identity::{DeviceRef, Name};
+use np_tunnel::{Connector, DeviceInfo, Router};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// np: reach the TCP services of your devices (ssh above all) from anywhere, with no inbound
 /// port open on any device or client.
@@ -30,6 +34,51 @@ enum Cmd {
     Keys {
         #[command(subcommand)]
         cmd: KeysCmd,
+    },
+    /// Forward local ports to services on a device, through one encrypted session (no root needed).
+    ///
+    /// Example: `np forward --to pi4@alice_device --relay relay.example:7444 -L 2222:localhost:22`,
+    /// then `ssh -p 2222 pi@127.0.0.1`.
+    Forward {
+        /// Your identity [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+        /// The device, NAME@ID (e.g. pi4@alice_device).
+        #[arg(long)]
+        to: DeviceRef,
+        /// The relay both sides meet at, HOST:PORT.
+        #[arg(long, env = "NP_RELAY")]
+        relay: String,
+        /// A forward, [BIND:]PORT:HOST:PORT; HOST:PORT is dialled on the device's side. Repeatable.
+        #[arg(short = 'L', required = true)]
+        forwards: Vec<LocalForward>,
+        /// How long to wait for the device to answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// List the devices that share their info with you, live or gone.
+    Devices {
+        /// Your identity [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+    },
+    /// Run a policy service that devices started with `npd --policy @P` ask.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Answer policy queries from devices using the rules in a TOML file.
+    Serve {
+        /// The policy identity [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+        /// The rules: `[[rule]]` tables with `identities`, `devices` and `permit` lists.
+        #[arg(long)]
+        file: PathBuf,
     },
 }
 
@@ -87,6 +136,76 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{n}\tkeys {}\tcontrol {control}", keys.public().fingerprint());
             }
             Ok(())
+        }
+        Cmd::Forward { me, to, relay, forwards, timeout } => {
+            let t0 = std::time::Instant::now();
+            let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
+            if cli.verbose {
+                eprintln!(
+                    "{:>9.1} ms  authenticated to the control plane as {}",
+                    t0.elapsed().as_secs_f64() * 1e3,
+                    ctl.me()
+                );
+            }
+            let (router, _requests) = Router::start(incoming);
+            let connector = Connector { ctl, router, timeout, mux: Default::default() };
+            let targets = forwards.iter().map(|f| f.target.clone()).collect();
+            let slot = Arc::new(SessionSlot::new(connector, to, relay, targets, cli.verbose));
+            tokio::select! {
+                r = np_cli::forward::run(slot, forwards) => r,
+                _ = np_cli::shutdown_signal() => Ok(()),
+            }
+        }
+        Cmd::Devices { me } => {
+            let (ctl, _incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
+            let records = ctl.list("device/").await.context("listing devices")?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            if records.is_empty() {
+                println!(
+                    "no devices share their info with {} (start one with `npd --as @ID --device NAME --manager {}`)",
+                    ctl.me(),
+                    ctl.me()
+                );
+                return Ok(());
+            }
+            println!("{:<32} {:<6} {:<12} {:<10} PERMIT-OPEN", "DEVICE", "STATE", "LAST SEEN", "VERSION");
+            for r in records {
+                let Ok(info) = postcard::from_bytes::<DeviceInfo>(&r.value) else { continue };
+                let age = now.saturating_sub(r.updated_ms);
+                // Live while the heartbeat is at most three beats overdue.
+                let live = age <= 3 * 1000 * info.heartbeat_secs.max(1);
+                let seen = humantime::format_duration(Duration::from_secs(age / 1000)).to_string();
+                let name = format!("{}@{}", info.device, r.owner.bare());
+                println!(
+                    "{:<32} {:<6} {:<12} {:<10} {}",
+                    name,
+                    if live { "live" } else { "gone" },
+                    format!("{seen} ago"),
+                    info.version,
+                    info.permit_open
+                );
+            }
+            Ok(())
+        }
+        Cmd::Policy { cmd: PolicyCmd::Serve { me, file } } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let policy =
+                np_tunnel::policy::PolicyFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let (ctl, incoming) = np_cli::connect_control_retrying(&home, me.as_ref()).await?;
+            eprintln!(
+                "policy service {} running with {} rule(s) from {}",
+                ctl.me(),
+                policy.rules.len(),
+                file.display()
+            );
+            let (_router, requests) = Router::start(incoming);
+            tokio::select! {
+                _ = np_tunnel::policy::serve(ctl, requests, policy) => Ok(()),
+                _ = np_cli::shutdown_signal() => Ok(()),
+            }
         }
     }
 }

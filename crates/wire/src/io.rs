@@ -53,3 +53,11 @@ pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) 
 fn io_err(e: std::io::Error) -> WireError {
     WireError::Io(e.to_string())
 }
+
+/// Frames and writes raw bytes, then flushes.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> Result<(), WireError> {
+    let mut out = Vec::with_capacity(payload.len() + LEN_PREFIX);
+    crate::codec::encode_frame(payload, &mut out);
+    w.write_all(&out).await.map_err(io_err)?;
+    w.flush().await.map_err(io_err)
+}

@@ -1,0 +1,74 @@
+//! `npd`: the np device daemon.
+
+use anyhow::Result;
+use clap::Parser;
+use np_identity::home::Home;
+use np_identity::{DeviceRef, Name};
+use np_tunnel::{DaemonConfig, PermitOpen};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// npd: lets permitted identities reach this device's TCP services through np, with no inbound
+/// port open. It connects out to the control plane, publishes this device's info and a
+/// heartbeat to its managers, and for each permitted session request joins the client at the
+/// relay and dials only the permitted targets.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// The device identity this daemon runs as, e.g. @alice_device [default: the only one in the home].
+    #[arg(long = "as", env = "NPD_AS")]
+    me: Option<Name>,
+    /// This device's name, unique within its identity (e.g. pi4, reached as pi4@alice_device).
+    #[arg(long, env = "NPD_DEVICE")]
+    device: String,
+    /// An identity allowed to connect (repeatable).
+    #[arg(long = "manager")]
+    managers: Vec<Name>,
+    /// A policy identity to ask whether others may connect, and to what.
+    #[arg(long)]
+    policy: Option<Name>,
+    /// Targets this daemon will dial: comma-separated host:port, *:port, host:* or *:*.
+    #[arg(long, default_value = "localhost:22")]
+    permit_open: String,
+    /// Home directory with the identity's keys [default: ~/.np].
+    #[arg(long, env = "NP_HOME")]
+    home: Option<PathBuf>,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    np_cli::init_logs("info");
+    np_cli::run_main(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if !DeviceRef::valid_device_name(&cli.device) {
+        anyhow::bail!("invalid device name {:?}: use 1-55 of a-z, 0-9, _ and -", cli.device);
+    }
+    if cli.managers.is_empty() && cli.policy.is_none() {
+        anyhow::bail!("nobody could connect: give at least one --manager @NAME or a --policy @NAME");
+    }
+    let permit = PermitOpen::parse_list(&cli.permit_open).map_err(|e| anyhow::anyhow!("--permit-open: {e}"))?;
+    let home = Home::resolve(cli.home.as_deref());
+    let (ctl, incoming) = np_cli::connect_control_retrying(&home, cli.me.as_ref()).await?;
+    let mut cfg = DaemonConfig::new(&cli.device);
+    cfg.managers = cli.managers;
+    cfg.policy = cli.policy;
+    cfg.permit = permit;
+    cfg.heartbeat = cli.heartbeat;
+    eprintln!(
+        "npd: {}@{} ready; managers {}; permit-open {}",
+        cfg.device,
+        ctl.me().bare(),
+        cfg.managers.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(","),
+        cfg.permit
+    );
+    tokio::select! {
+        _ = np_tunnel::daemon::run(ctl, incoming, cfg) => Ok(()),
+        _ = np_cli::shutdown_signal() => Ok(()),
+    }
+}

@@ -1,0 +1,145 @@
+//! The client's side of session setup: one signed, sealed request to the device over the control
+//! plane; the relay join; the device's handshake answer over the relay; then the encrypted,
+//! multiplexed session.
+
+use crate::msg::{prologue, SessionRequest, TunnelMsg};
+use crate::router::Router;
+use np_control_client::ControlClient;
+use np_identity::DeviceRef;
+use np_relay::Role;
+use np_session::{client_session, Initiator, MuxConfig, SessionHandle};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Longest a handshake answer frame may be.
+pub(crate) const MAX_ANSWER: usize = 1024;
+
+/// Why a session could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The device said no.
+    #[error("{device} refused: {reason}")]
+    Refused { device: String, reason: String },
+    /// No answer in time.
+    #[error("{device} did not answer within {secs}s: is npd running there and connected to the control plane? (`np devices` shows its last heartbeat)")]
+    Timeout { device: String, secs: u64 },
+    /// The control plane failed.
+    #[error("control plane: {0}")]
+    Control(#[from] np_control_client::ClientError),
+    /// The relay could not be reached or refused.
+    #[error("relay {relay}: {reason}")]
+    Relay { relay: String, reason: String },
+    /// The handshake failed (wrong keys, or tampering).
+    #[error("handshake with {device} failed: {reason}")]
+    Handshake { device: String, reason: String },
+}
+
+/// Sets up sessions for one identity.
+#[derive(Clone)]
+pub struct Connector {
+    pub ctl: ControlClient,
+    pub router: Router,
+    /// How long to wait for the device.
+    pub timeout: Duration,
+    pub mux: MuxConfig,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn random16() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let _ = np_identity::random_bytes(&mut b);
+    b
+}
+
+impl Connector {
+    /// Opens a session to `device` through `relay`. `targets` are checked by the device up
+    /// front so an unpermitted one is refused at once. `step` is told each step as it completes.
+    pub async fn open_session(
+        &self,
+        device: &DeviceRef,
+        relay: &str,
+        targets: &[String],
+        step: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<SessionHandle, SetupError> {
+        let t0 = Instant::now();
+        let dev_name = device.to_string();
+        let me = self.ctl.me().clone();
+        let keys = self.ctl.lookup(&device.identity).await?;
+        step(&format!("resolved {}'s keys ({})", device.identity, keys.fingerprint()));
+
+        let session = random16();
+        let request_id = random16();
+        let pro = prologue(&session, &me, &device.identity, &device.device, relay);
+        let (init, msg1) = Initiator::start(self.ctl.keys().x25519_private(), &keys.x25519, &pro)
+            .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?;
+        let req = TunnelMsg::SessionRequest(SessionRequest {
+            request_id,
+            timestamp_ms: now_ms(),
+            device: device.device.clone(),
+            relay: relay.to_string(),
+            session,
+            handshake: msg1,
+            targets: targets.to_vec(),
+        });
+        let refusal = self.router.expect(request_id);
+        let ttl = self.timeout.max(Duration::from_secs(1));
+        let fut = async {
+            let sent = self.ctl.send(&device.identity, &req.encode(), ttl).await?;
+            step(if sent.delivered {
+                "request delivered to the device"
+            } else {
+                "request queued (device not connected right now)"
+            });
+            let tcp = TcpStream::connect(relay)
+                .await
+                .map_err(|e| SetupError::Relay { relay: relay.to_string(), reason: e.to_string() })?;
+            let _ = tcp.set_nodelay(true);
+            step("connected to the relay");
+            let mut stream = np_relay::join_with_timeout(
+                tcp,
+                self.ctl.keys(),
+                &me,
+                Role::Client,
+                session,
+                &device.identity,
+                None,
+                ttl,
+            )
+            .await
+            .map_err(|e| SetupError::Relay { relay: relay.to_string(), reason: e.to_string() })?;
+            step("paired with the device at the relay");
+            let msg2 = np_wire::io::read_frame(&mut stream, MAX_ANSWER)
+                .await
+                .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?
+                .ok_or_else(|| SetupError::Handshake {
+                    device: dev_name.clone(),
+                    reason: "closed before answering".into(),
+                })?;
+            let keys = init
+                .finish(&msg2)
+                .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?;
+            step("handshake complete");
+            Ok::<_, SetupError>(client_session(stream, keys, self.mux.clone()))
+        };
+        let result = tokio::select! {
+            r = tokio::time::timeout(ttl, fut) => match r {
+                Ok(r) => r,
+                Err(_) => Err(SetupError::Timeout { device: dev_name.clone(), secs: ttl.as_secs() }),
+            },
+            Ok(answer) = refusal => match answer.msg {
+                TunnelMsg::SessionRefused { reason, .. } if answer.from == device.identity => {
+                    Err(SetupError::Refused { device: dev_name.clone(), reason })
+                }
+                _ => Err(SetupError::Refused { device: dev_name.clone(), reason: format!("answer from an unexpected identity {}", answer.from) }),
+            },
+        };
+        self.router.forget(&request_id);
+        if result.is_ok() {
+            tracing::info!(device = %dev_name, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
+        }
+        result
+    }
+}

@@ -1,0 +1,22 @@
+//! np sessions end to end, above the control plane, the relay and the session layer:
+//!
+//! - [`msg`]: what a client, a device and a policy identity say to each other (sealed and signed
+//!   by the control-plane client);
+//! - [`permit`]: which targets a device dials;
+//! - [`replay`]: freshness and single use of requests;
+//! - [`client`]: the client's session setup;
+//! - [`daemon`]: the device daemon's checks and service;
+//! - [`policy`]: delegating the decision to a policy identity.
+
+pub mod client;
+pub mod daemon;
+pub mod msg;
+pub mod permit;
+pub mod policy;
+pub mod replay;
+pub mod router;
+
+pub use client::{Connector, SetupError};
+pub use daemon::{DaemonConfig, DeviceInfo};
+pub use permit::PermitOpen;
+pub use router::Router;

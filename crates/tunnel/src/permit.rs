@@ -1,0 +1,195 @@
+//! Permit-open: which `host:port` targets a daemon will dial.
+//!
+//! Patterns are `host:port`, `*:port`, `host:*` and `*:*`. Matching is on the *spelling* of the
+//! host after normalisation (lower case, no brackets, no trailing dot), never on what it resolves
+//! to: permitting `localhost:22` permits exactly `localhost:22`, not `0.0.0.0:22`, `[::]:22`,
+//! `127.0.0.2:22`, `127.1:22` or any other way to reach the same machine. The daemon then dials
+//! the normalised target it matched, so what is checked is what is dialled.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A target a flow asks for, normalised.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// Lower-case host name or address, without brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+/// Why a target or pattern was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not HOST:PORT")]
+pub struct BadTarget(pub String);
+
+fn split_host_port(s: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:")?;
+        return Some((h, p));
+    }
+    let (h, p) = s.rsplit_once(':')?;
+    // An unbracketed IPv6 address is ambiguous.
+    if h.contains(':') {
+        return None;
+    }
+    Some((h, p))
+}
+
+fn normal_host(h: &str) -> Option<String> {
+    let h = h.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+    ok.then_some(h)
+}
+
+impl FromStr for Target {
+    type Err = BadTarget;
+    fn from_str(s: &str) -> Result<Self, BadTarget> {
+        let bad = || BadTarget(s.to_string());
+        let (h, p) = split_host_port(s.trim()).ok_or_else(bad)?;
+        let host = normal_host(h).ok_or_else(bad)?;
+        let port: u16 = p.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        Ok(Target { host, port })
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern {
+    host: Option<String>,
+    port: Option<u16>,
+}
+
+impl FromStr for Pattern {
+    type Err = BadTarget;
+    fn from_str(s: &str) -> Result<Self, BadTarget> {
+        let bad = || BadTarget(s.to_string());
+        let (h, p) = split_host_port(s.trim()).ok_or_else(bad)?;
+        let host = if h == "*" { None } else { Some(normal_host(h).ok_or_else(bad)?) };
+        let port = if p == "*" { None } else { Some(p.parse::<u16>().map_err(|_| bad())?) };
+        Ok(Pattern { host, port })
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = match &self.host {
+            None => "*".to_string(),
+            Some(h) if h.contains(':') => format!("[{h}]"),
+            Some(h) => h.clone(),
+        };
+        match self.port {
+            None => write!(f, "{h}:*"),
+            Some(p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+impl Pattern {
+    /// Whether `t` is permitted by this pattern.
+    pub fn matches(&self, t: &Target) -> bool {
+        self.host.as_ref().is_none_or(|h| h == &t.host) && self.port.is_none_or(|p| p == t.port)
+    }
+}
+
+/// A list of patterns; a target is permitted if any matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PermitOpen(pub Vec<Pattern>);
+
+impl Default for PermitOpen {
+    /// `localhost:22`.
+    fn default() -> Self {
+        PermitOpen(vec![Pattern { host: Some("localhost".into()), port: Some(22) }])
+    }
+}
+
+impl PermitOpen {
+    /// Parses a comma-separated list.
+    pub fn parse_list(s: &str) -> Result<Self, BadTarget> {
+        s.split(',').filter(|p| !p.trim().is_empty()).map(str::parse).collect::<Result<_, _>>().map(PermitOpen)
+    }
+
+    /// Parses the target string and checks it; `Ok(normalised)` if permitted.
+    pub fn check(&self, target: &str) -> Result<Target, String> {
+        let t: Target = target.parse().map_err(|e: BadTarget| e.to_string())?;
+        if self.0.iter().any(|p| p.matches(&t)) {
+            Ok(t)
+        } else {
+            Err(format!("{t} is not in the device's permit-open list ({self})"))
+        }
+    }
+}
+
+impl fmt::Display for PermitOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v: Vec<String> = self.0.iter().map(|p| p.to_string()).collect();
+        f.write_str(&v.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localhost_22_permits_only_that_spelling() {
+        let p = PermitOpen::default();
+        assert_eq!(p.check("localhost:22").map(|t| t.to_string()), Ok("localhost:22".into()));
+        assert!(p.check("LOCALHOST.:22").is_ok());
+        for other in [
+            "0.0.0.0:22",
+            "[::]:22",
+            "[::1]:22",
+            "127.0.0.1:22",
+            "127.0.0.2:22",
+            "127.1:22",
+            "0x7f000001:22",
+            "2130706433:22",
+            "localhost:2222",
+            "localhost:022x",
+            "localhost",
+            "localhost:0",
+            "[::ffff:127.0.0.1]:22",
+            "localhost.localdomain:22",
+            "local host:22",
+            "",
+        ] {
+            assert!(p.check(other).is_err(), "{other} permitted");
+        }
+    }
+
+    #[test]
+    fn wildcards() {
+        let p = PermitOpen::parse_list("*:80, db.lan:*, [fd00::1]:443").expect("list");
+        assert!(p.check("anything:80").is_ok());
+        assert!(p.check("db.lan:5432").is_ok());
+        assert!(p.check("[FD00::1]:443").is_ok());
+        assert!(p.check("db.lan2:5432").is_err());
+        assert!(p.check("x:81").is_err());
+        assert!(PermitOpen::parse_list("*:*").expect("any").check("10.1.2.3:9").is_ok());
+        assert!(PermitOpen::parse_list("nope").is_err());
+        assert_eq!(p.to_string(), "*:80,db.lan:*,[fd00::1]:443");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics(s in ".{0,80}") {
+            let _ = s.parse::<Target>();
+            let _ = PermitOpen::parse_list(&s);
+        }
+    }
+}
