@@ -96,7 +96,10 @@ fn policy_decides_for_non_managers() {
             .spawn()
             .unwrap(),
     );
-    let _npd = s.npd("pi4", &["--manager", "@alice", "--policy", "@policy", "--permit-open", &format!("localhost:{port},localhost:22")]);
+    let _npd = s.npd(
+        "pi4",
+        &["--manager", "@alice", "--policy", "@policy", "--permit-open", &format!("localhost:{port},localhost:22")],
+    );
 
     // Bob is allowed by the policy, to the port it names.
     let f = s.forward_as(&bob, "@bob", "pi4@alice_device", &[&format!("0:localhost:{port}")], &[]).unwrap();
@@ -122,13 +125,27 @@ fn a_bad_policy_file_names_the_line() {
     let file = s.dir().join("bad.toml");
     std::fs::write(&file, "[[rule]]\nidentities = [\"@bob\"]\ndevices = [\"*\"]\npermit = [\"nonsense\"]\n").unwrap();
     let (ok, _, err) = np_tests::stack::np(&[
-        "policy", "serve", "--as", "@policy", "--file", file.to_str().unwrap(), "--home", pol_home.to_str().unwrap(),
+        "policy",
+        "serve",
+        "--as",
+        "@policy",
+        "--file",
+        file.to_str().unwrap(),
+        "--home",
+        pol_home.to_str().unwrap(),
     ]);
     assert!(!ok);
     assert!(err.contains("nonsense"), "{err}");
     std::fs::write(&file, "[[rule]]\nidentities = [\"@bob\"]\ndevice = []\n").unwrap();
     let (ok, _, err) = np_tests::stack::np(&[
-        "policy", "serve", "--as", "@policy", "--file", file.to_str().unwrap(), "--home", pol_home.to_str().unwrap(),
+        "policy",
+        "serve",
+        "--as",
+        "@policy",
+        "--file",
+        file.to_str().unwrap(),
+        "--home",
+        pol_home.to_str().unwrap(),
     ]);
     assert!(!ok);
     assert!(err.contains("line 3"), "{err}");
