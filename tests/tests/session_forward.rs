@@ -111,3 +111,28 @@ fn ssh_big_transfers_many_flows_and_one_session() {
     assert!(out.contains("pi4@alice_device") && out.contains("live"), "{out}");
     drop(fwd);
 }
+
+#[test]
+fn verbose_prints_each_setup_step_with_its_time() {
+    let s = Stack::start();
+    let port = echo();
+    let _npd = s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{port}")]);
+    let _f = s.forward("pi4@alice_device", &[&format!("0:localhost:{port}")], &["-v"]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let log = std::fs::read_to_string(s.dir().join("forward.log")).unwrap_or_default();
+    drop(_f);
+    std::thread::sleep(Duration::from_millis(200));
+    let log = log + &std::fs::read_to_string(s.dir().join("forward.log")).unwrap_or_default();
+    for step in [
+        "authenticated to the control plane",
+        "resolved @alice_device's keys",
+        "request delivered",
+        "connected to the relay",
+        "paired with the device",
+        "handshake complete",
+        "session ready",
+    ] {
+        let line = log.lines().find(|l| l.contains(step)).unwrap_or_else(|| panic!("no step {step:?} in:\n{log}"));
+        assert!(line.trim_start().split_whitespace().nth(1) == Some("ms"), "{line}");
+    }
+}
