@@ -1,0 +1,282 @@
+//! Reading the TCP segment out of a packet from the TUN, and writing the two replies the stack
+//! makes itself: a TCP reset ("connection refused") and an ICMP destination unreachable.
+//!
+//! Everything here takes untrusted bytes and never panics on them: smoltcp's `new_checked` and
+//! `Repr::parse` check every length and checksum before a field is read.
+
+use std::net::{IpAddr, SocketAddr};
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpAddress,
+    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+};
+
+/// Hop limit of the packets we write.
+const HOP_LIMIT: u8 = 64;
+
+/// How much of the offending TCP segment an ICMP error quotes: all of a SYN (RFC 4443 asks for
+/// as much as fits in 1280 bytes; the kernel itself only needs the first 8 bytes).
+const MAX_QUOTE: usize = 512;
+
+/// The fields of a TCP segment the stack decides on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Segment {
+    /// The application's end (the packet's source).
+    pub src: SocketAddr,
+    /// The virtual end (the packet's destination).
+    pub dst: SocketAddr,
+    pub control: TcpControl,
+    pub seq: TcpSeqNumber,
+    pub ack: Option<TcpSeqNumber>,
+    pub payload_len: usize,
+    /// The IP header of the packet, for an ICMP reply that quotes it.
+    ip: IpHeader,
+    /// The start of the TCP segment, quoted in an ICMP reply.
+    quote: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IpHeader {
+    V4(Ipv4Repr),
+    V6(Ipv6Repr),
+}
+
+impl Segment {
+    /// A SYN opening a connection (not a SYN-ACK).
+    pub fn is_syn(&self) -> bool {
+        self.control == TcpControl::Syn && self.ack.is_none()
+    }
+
+    pub fn is_rst(&self) -> bool {
+        self.control == TcpControl::Rst
+    }
+}
+
+/// Why a packet was not a TCP segment we can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unusable {
+    /// Truncated, bad lengths, bad checksum, bad version, fragment.
+    Malformed,
+    /// A well-formed packet of another protocol (UDP, ICMP, IPv6 extension headers).
+    NotTcp,
+}
+
+fn checksums() -> ChecksumCapabilities {
+    ChecksumCapabilities::default()
+}
+
+/// Parse an IPv4 or IPv6 packet carrying TCP, checking lengths and checksums.
+pub(crate) fn parse_tcp(packet: &[u8]) -> Result<Segment, Unusable> {
+    let caps = checksums();
+    let version = packet.first().ok_or(Unusable::Malformed)? >> 4;
+    let (ip, payload, src, dst): (IpHeader, &[u8], IpAddr, IpAddr) = match version {
+        4 => {
+            let pkt = Ipv4Packet::new_checked(packet).map_err(|_| Unusable::Malformed)?;
+            // Rejects bad checksums and fragments (we never reassemble: the TUN MTU is large
+            // and the kernel does not fragment locally generated TCP).
+            let repr = Ipv4Repr::parse(&pkt, &caps).map_err(|_| Unusable::Malformed)?;
+            if repr.next_header != IpProtocol::Tcp {
+                return Err(Unusable::NotTcp);
+            }
+            let header_len = usize::from(pkt.header_len());
+            let payload = packet.get(header_len..header_len + repr.payload_len).ok_or(Unusable::Malformed)?;
+            (IpHeader::V4(repr), payload, repr.src_addr.into(), repr.dst_addr.into())
+        }
+        6 => {
+            let pkt = Ipv6Packet::new_checked(packet).map_err(|_| Unusable::Malformed)?;
+            let repr = Ipv6Repr::parse(&pkt).map_err(|_| Unusable::Malformed)?;
+            if repr.next_header != IpProtocol::Tcp {
+                return Err(Unusable::NotTcp);
+            }
+            let payload = packet.get(40..40 + repr.payload_len).ok_or(Unusable::Malformed)?;
+            (IpHeader::V6(repr), payload, repr.src_addr.into(), repr.dst_addr.into())
+        }
+        _ => return Err(Unusable::Malformed),
+    };
+    let tcp = TcpPacket::new_checked(payload).map_err(|_| Unusable::Malformed)?;
+    let tcp_repr =
+        TcpRepr::parse(&tcp, &IpAddress::from(src), &IpAddress::from(dst), &caps).map_err(|_| Unusable::Malformed)?;
+    let quote = payload[..payload.len().min(MAX_QUOTE)].to_vec();
+    Ok(Segment {
+        src: SocketAddr::new(src, tcp_repr.src_port),
+        dst: SocketAddr::new(dst, tcp_repr.dst_port),
+        control: tcp_repr.control,
+        seq: tcp_repr.seq_number,
+        ack: tcp_repr.ack_number,
+        payload_len: tcp_repr.payload.len(),
+        ip,
+        quote,
+    })
+}
+
+/// The reset that answers `seg` (RFC 9293 3.10.7.1): it tells the application "connection
+/// refused" when `seg` is a SYN, and "connection reset" otherwise.
+pub(crate) fn reset_for(seg: &Segment) -> Vec<u8> {
+    let (seq_number, ack_number) = match seg.ack {
+        Some(ack) => (ack, None),
+        None => {
+            let syn_fin = usize::from(matches!(seg.control, TcpControl::Syn | TcpControl::Fin));
+            (TcpSeqNumber(0), Some(seg.seq + seg.payload_len + syn_fin))
+        }
+    };
+    let repr = TcpRepr {
+        src_port: seg.dst.port(),
+        dst_port: seg.src.port(),
+        control: TcpControl::Rst,
+        seq_number,
+        ack_number,
+        window_len: 0,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let (src, dst) = (IpAddress::from(seg.dst.ip()), IpAddress::from(seg.src.ip()));
+    ip_packet(seg.dst.ip(), seg.src.ip(), IpProtocol::Tcp, repr.buffer_len(), |buf| {
+        repr.emit(&mut TcpPacket::new_unchecked(buf), &src, &dst, &checksums())
+    })
+}
+
+/// The ICMP "host unreachable" (IPv4) or "address unreachable" (IPv6) that answers `seg`,
+/// quoting its IP header and TCP segment; the application's `connect` fails with
+/// `EHOSTUNREACH` at once.
+pub(crate) fn unreachable_for(seg: &Segment) -> Vec<u8> {
+    let caps = checksums();
+    match seg.ip {
+        IpHeader::V4(header) => {
+            let repr =
+                Icmpv4Repr::DstUnreachable { reason: Icmpv4DstUnreachable::HostUnreachable, header, data: &seg.quote };
+            ip_packet(seg.dst.ip(), seg.src.ip(), IpProtocol::Icmp, repr.buffer_len(), |buf| {
+                repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps)
+            })
+        }
+        IpHeader::V6(header) => {
+            let repr =
+                Icmpv6Repr::DstUnreachable { reason: Icmpv6DstUnreachable::AddrUnreachable, header, data: &seg.quote };
+            let (IpAddr::V6(src), IpAddr::V6(dst)) = (seg.dst.ip(), seg.src.ip()) else {
+                return Vec::new();
+            };
+            ip_packet(seg.dst.ip(), seg.src.ip(), IpProtocol::Icmpv6, repr.buffer_len(), |buf| {
+                repr.emit(&src, &dst, &mut Icmpv6Packet::new_unchecked(buf), &caps)
+            })
+        }
+    }
+}
+
+/// An IP packet from `src` to `dst` whose payload of `len` bytes is written by `fill`.
+pub(crate) fn ip_packet(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: IpProtocol,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => {
+            let repr = Ipv4Repr { src_addr, dst_addr, next_header: proto, payload_len: len, hop_limit: HOP_LIMIT };
+            let mut buf = vec![0u8; repr.buffer_len() + len];
+            repr.emit(&mut Ipv4Packet::new_unchecked(&mut buf), &checksums());
+            fill(&mut buf[repr.buffer_len()..]);
+            buf
+        }
+        (IpAddr::V6(src_addr), IpAddr::V6(dst_addr)) => {
+            let repr = Ipv6Repr { src_addr, dst_addr, next_header: proto, payload_len: len, hop_limit: HOP_LIMIT };
+            let mut buf = vec![0u8; repr.buffer_len() + len];
+            repr.emit(&mut Ipv6Packet::new_unchecked(&mut buf));
+            fill(&mut buf[repr.buffer_len()..]);
+            buf
+        }
+        // Mixed families cannot come from one parsed packet.
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn syn(src: &str, dst: &str) -> Vec<u8> {
+        let (src, dst): (SocketAddr, SocketAddr) = (src.parse().expect("src"), dst.parse().expect("dst"));
+        let repr = TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: None,
+            window_len: 64240,
+            window_scale: Some(7),
+            max_seg_size: Some(1460),
+            sack_permitted: true,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let (s, d) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
+        ip_packet(src.ip(), dst.ip(), IpProtocol::Tcp, repr.buffer_len(), |buf| {
+            repr.emit(&mut TcpPacket::new_unchecked(buf), &s, &d, &checksums())
+        })
+    }
+
+    #[test]
+    fn a_syn_parses_and_its_reset_acks_it() {
+        for (src, dst) in [("100.80.0.1:40000", "100.80.0.2:22"), ("[fd00::1]:40000", "[fd00::2]:22")] {
+            let seg = parse_tcp(&syn(src, dst)).expect("parse");
+            assert!(seg.is_syn());
+            assert_eq!(seg.src.to_string(), src);
+            let rst = parse_tcp(&reset_for(&seg)).expect("reset parses");
+            assert!(rst.is_rst());
+            assert_eq!((rst.src, rst.dst), (seg.dst, seg.src));
+            assert_eq!(rst.ack, Some(TcpSeqNumber(1001)));
+        }
+    }
+
+    #[test]
+    fn unreachable_quotes_the_syn() {
+        let seg = parse_tcp(&syn("100.80.0.1:40000", "100.80.0.2:22")).expect("parse");
+        let icmp = unreachable_for(&seg);
+        let ip = Ipv4Packet::new_checked(&icmp[..]).expect("ip");
+        let repr = Ipv4Repr::parse(&ip, &checksums()).expect("ipv4");
+        assert_eq!(repr.next_header, IpProtocol::Icmp);
+        let msg = Icmpv4Packet::new_checked(ip.payload()).expect("icmp");
+        match Icmpv4Repr::parse(&msg, &checksums()).expect("icmp repr") {
+            Icmpv4Repr::DstUnreachable { reason, header, data } => {
+                assert_eq!(reason, Icmpv4DstUnreachable::HostUnreachable);
+                assert_eq!(header.dst_addr.to_string(), "100.80.0.2");
+                assert_eq!(&data[..2], &40000u16.to_be_bytes());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        let seg = parse_tcp(&syn("[fd00::1]:40000", "[fd00::2]:22")).expect("parse");
+        let icmp = unreachable_for(&seg);
+        let ip = Ipv6Packet::new_checked(&icmp[..]).expect("ip6");
+        assert_eq!(ip.next_header(), IpProtocol::Icmpv6);
+        let msg = Icmpv6Packet::new_checked(ip.payload()).expect("icmp6");
+        let (s, d) = (ip.src_addr(), ip.dst_addr());
+        assert!(matches!(
+            Icmpv6Repr::parse(&s, &d, &msg, &checksums()).expect("icmp6 repr"),
+            Icmpv6Repr::DstUnreachable { reason: Icmpv6DstUnreachable::AddrUnreachable, .. }
+        ));
+    }
+
+    #[test]
+    fn damaged_packets_are_malformed() {
+        let good = syn("100.80.0.1:40000", "100.80.0.2:22");
+        for n in 0..good.len() {
+            assert_eq!(parse_tcp(&good[..n]), Err(Unusable::Malformed), "truncated to {n}");
+        }
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            // Any single flipped bit breaks a checksum, a length or the version.
+            assert!(parse_tcp(&bad).is_err(), "bit flipped in byte {i}");
+        }
+        let good6 = syn("[fd00::1]:40000", "[fd00::2]:22");
+        for n in 0..good6.len() {
+            assert_eq!(parse_tcp(&good6[..n]), Err(Unusable::Malformed), "v6 truncated to {n}");
+        }
+    }
+}
