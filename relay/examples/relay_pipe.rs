@@ -185,12 +185,18 @@ async fn main() -> Result<()> {
 
 fn spawn_device(side: Arc<Joiner>, n: u64, target: SocketAddr, more: tokio::sync::mpsc::UnboundedSender<()>) {
     tokio::spawn(async move {
-        let joined = side.join(n).await;
-        let _ = more.send(());
-        let remote = match joined {
-            Ok(r) => r,
-            Err(e) => return eprintln!("error: {e:#}"),
+        // Retry the same session until it pairs: skipping one would shift every later session
+        // against the client's numbering.
+        let remote = loop {
+            match side.join(n).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    eprintln!("error: {e:#}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         };
+        let _ = more.send(());
         match TcpStream::connect(target).await {
             Ok(local) => bridge(local, remote, side.cli.buffer).await,
             Err(e) => eprintln!("error: dialing {target}: {e}"),

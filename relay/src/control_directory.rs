@@ -32,6 +32,10 @@ pub struct ControlDirectory {
     client: watch::Receiver<Option<ControlClient>>,
     known: Mutex<HashMap<Name, PublicKeys>>,
     unknown: Mutex<HashMap<Name, Instant>>,
+    /// One first-time lookup at a time: the control client pins keys to a file in the home,
+    /// and two pins of one name at once race on that file. Only the first Join of an identity
+    /// takes this lock; later ones are answered from `known`.
+    fetching: tokio::sync::Mutex<()>,
     timeout: Duration,
 }
 
@@ -65,6 +69,7 @@ impl ControlDirectory {
             client,
             known: Mutex::new(HashMap::new()),
             unknown: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
             timeout: LOOKUP_TIMEOUT,
         })
     }
@@ -113,6 +118,17 @@ impl ControlDirectory {
             return None;
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let Ok(_one) = tokio::time::timeout_at(deadline, self.fetching.lock()).await else {
+            tracing::warn!(%name, "key lookup failed: earlier lookups are still waiting for the control plane");
+            return None;
+        };
+        // Another Join may have fetched it while this one waited.
+        if let Some(k) = self.cached(name) {
+            return Some(k);
+        }
+        if self.recently_unknown(name) {
+            return None;
+        }
         let Some(client) = self.client(deadline).await else {
             tracing::warn!(%name, "control plane not reached yet: cannot look up an identity seen for the first time");
             return None;

@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# np benchmark: our paths beside the peers of ../shared/bench/peers.sh, measured in one run on the
+# same three network namespaces, reported as ratios (not absolute figures).
+#
+#   sudo scripts/bench.sh            # T=seconds per throughput test (default 5)
+#
+# Hosts (bridge pbr0, 198.18.0.0/24, same as peers.sh): pc client 198.18.0.1, pr relay 198.18.0.2,
+# pd device 198.18.0.3. np-control and np-relay run in pr; identities are enrolled with the real
+# `np keys new`; iperf3 -s and sshd run in pd.
+#
+# Layout: one "section" per path of ours. A section starts what it needs (bg), measures with
+# `measure LABEL HOST IPERF_PORT SSH_PORT` (or prints its own `LABEL: X Gbit/s, ...` line into
+# $OURS) and stops what it started (stop_bg). Add `np forward`, `np up`, ... as new sections.
+set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export T=${T:-5}
+TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+BIN=$TARGET/release
+WORK=$(mktemp -d /tmp/np-bench.XXXXXX)
+OURS=$WORK/ours.txt
+PEERS_OUT=$WORK/peers.txt
+CONTROL=198.18.0.2:7443
+: >"$OURS"; : >"$WORK/pids"
+
+ns() { ip netns exec "$@"; }
+log() { echo "bench: $*" >&2; }
+
+# --- hosts ----------------------------------------------------------------------------------
+teardown_hosts() {
+  for p in $(cat "$WORK/pids" 2>/dev/null); do kill "$p" 2>/dev/null; done; : >"$WORK/pids"
+  for n in pc pr pd; do ip netns pids $n 2>/dev/null | xargs -r kill 2>/dev/null; ip netns del $n 2>/dev/null; done
+  ip link del pbr0 2>/dev/null
+}
+cleanup() { teardown_hosts; [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# make_hosts: the three namespaces of peers.sh, from scratch.
+make_hosts() {
+  teardown_hosts
+  ip link add pbr0 type bridge && ip link set pbr0 up
+  local i=1 n
+  for n in pc pr pd; do
+    ip netns add $n
+    ip link add v$n type veth peer name eth0 netns $n
+    ip link set v$n master pbr0 up
+    ns $n ip addr add 198.18.0.$i/24 dev eth0; ns $n ip link set eth0 up; ns $n ip link set lo up
+    i=$((i+1))
+  done
+}
+
+# bg CMD...: start in the background, remembered for stop_bg / cleanup; output to $WORK/logs.
+bg() { mkdir -p "$WORK/logs"; "$@" >>"$WORK/logs/bg.log" 2>&1 & echo $! >>"$WORK/pids"; }
+# mark / stop_since MARK: stop only what was started after `mark` (a section's own processes).
+mark() { wc -l <"$WORK/pids" 2>/dev/null || echo 0; }
+stop_since() { local m=$1
+  for p in $(tail -n +$((m+1)) "$WORK/pids" 2>/dev/null); do kill "$p" 2>/dev/null; done
+  head -n "$m" "$WORK/pids" >"$WORK/pids.tmp" 2>/dev/null; mv "$WORK/pids.tmp" "$WORK/pids"; sleep 0.3; }
+
+gbps() { python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))'; }
+# median ms from connect() to the first byte of the SSH banner, 20 tries (as peers.sh)
+cfb() { ns pc python3 - "$1" "$2" <<'PY'
+import socket,sys,time,statistics
+h,p=sys.argv[1],int(sys.argv[2]); r=[]
+for _ in range(20):
+    t=time.perf_counter(); s=socket.create_connection((h,p),timeout=5); s.recv(1); r.append((time.perf_counter()-t)*1e3); s.close()
+print("%.2f" % statistics.median(r))
+PY
+}
+# measure LABEL HOST IPERF_PORT SSH_PORT: iperf3 from pc, one flow, and connect-to-first-byte.
+measure() { local label=$1 host=$2 iport=$3 sport=$4 r l
+  r=$(ns pc iperf3 -J -t "$T" -c "$host" -p "$iport" 2>/dev/null | gbps 2>/dev/null)
+  l=$(cfb "$host" "$sport" 2>/dev/null)
+  echo "$label: ${r:-FAIL} Gbit/s, connect-to-first-byte ${l:-FAIL} ms" | tee -a "$OURS" >&2; }
+
+# --- setup ------------------------------------------------------------------------------------
+install_deps() {
+  local need=0 c
+  for c in iperf3 socat sshd wireguard-go wg python3; do command -v $c >/dev/null || [ -x /usr/sbin/$c ] || need=1; done
+  [ $need = 0 ] && return
+  log "installing missing packages"
+  apt-get update -qq >/dev/null 2>&1
+  for p in iperf3 openssh-server socat wireguard-go wireguard-tools python3; do
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $p >/dev/null 2>&1 || log "package $p not available; carrying on"
+  done
+}
+
+build() {
+  log "building (release) into $TARGET"
+  (cd "$REPO" && cargo build --release --bins --examples -q) || {
+    log "workspace build failed; building only what the bench needs"
+    (cd "$REPO" && cargo build --release -q -p np-control -p np-cli -p np-relay --bins --examples) || exit 1
+  }
+  for b in np-control np np-relay examples/relay_pipe; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
+}
+
+# start_control: np-control in pr, data under $WORK.
+start_control() {
+  bg ns pr "$BIN/np-control" serve --listen $CONTROL --data "$WORK/control"
+  local i; for i in $(seq 50); do ns pr bash -c "exec 3<>/dev/tcp/${CONTROL%:*}/${CONTROL#*:}" 2>/dev/null && return; sleep 0.1; done
+  log "np-control did not start"; exit 1
+}
+
+# enrol NAME: a home at $WORK/home-NAME enrolled with the real CLI (from pc, over the bridge).
+enrol() { local name=$1 code
+  code=$("$BIN/np-control" enroll "$name" --data "$WORK/control" 2>/dev/null) || { log "enroll $name failed"; exit 1; }
+  ns pc "$BIN/np" keys new "$name" --control $CONTROL --code "$code" --home "$WORK/home-${name#@}" >/dev/null \
+    || { log "np keys new $name failed"; exit 1; }
+}
+
+start_services() { # iperf3 and sshd on the device host
+  mkdir -p /run/sshd
+  bg ns pd iperf3 -s
+  bg ns pd /usr/sbin/sshd -D -o PidFile=none -p 22
+  sleep 0.5
+}
+
+# --- peers -------------------------------------------------------------------------------------
+section_peers() {
+  log "running peers ($T s per test)"
+  bash "${NP_PEERS:-$REPO/../shared/bench/peers.sh}" >"$PEERS_OUT" 2>"$WORK/peers.err"
+  cat "$PEERS_OUT" >&2
+}
+
+# --- np-relay ----------------------------------------------------------------------------------
+# One session between pc and pd through np-relay in pr. relay_pipe (relay/examples) joins the relay
+# as client (pc, bridging a local port) or device (pd, dialing iperf3/sshd); each local TCP
+# connection is one relay session. "alone" is one session carrying bytes generated and counted by
+# relay_pipe itself, so only the relay is in the path (like the socat peer).
+pipe() { local host=$1 who=$2 peer=$3; shift 3
+  bg ns $host "$BIN/examples/relay_pipe" --home "$WORK/home-${who#@}" --as $who --peer $peer "$@"; }
+
+# wait_port NS HOST PORT: until something listens there (5 s at most). Looks at the socket table
+# rather than connecting: a connection to a relay_pipe would use up a session.
+wait_port() { local i; for i in $(seq 50); do ns $1 ss -Hltn "sport = :$3" | grep -q . && return 0; sleep 0.1; done
+  log "nothing listening on $2:$3 in $1"; return 1; }
+
+# relay_variant LABEL PORT LOCAL_BASE [np-relay flags]: the relay on PORT, pipes on pc ports
+# LOCAL_BASE+1 (iperf3) and LOCAL_BASE+2 (ssh).
+relay_variant() { local label=$1 port=$2 lb=$3 m; shift 3
+  m=$(mark)
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:$port \
+    --pairing-timeout 10m "$@"
+  wait_port pr 198.18.0.2 $port
+  local r="--relay 198.18.0.2:$port --relay-name @relay"
+  pipe pd @bench_device @bench_client $r --role device --session 1000 --connect 127.0.0.1:5201
+  pipe pd @bench_device @bench_client $r --role device --session 2000 --connect 127.0.0.1:22
+  pipe pc @bench_client @bench_device $r --role client --session 1000 --listen 127.0.0.1:$((lb+1))
+  pipe pc @bench_client @bench_device $r --role client --session 2000 --listen 127.0.0.1:$((lb+2))
+  wait_port pc 127.0.0.1 $((lb+1)); wait_port pc 127.0.0.1 $((lb+2))
+  measure "np-relay $label (relay_pipe at both ends + iperf3)" 127.0.0.1 $((lb+1)) $((lb+2))
+  # Alone: sink in pd prints Gbit/s when the blaster in pc closes.
+  local sink=$WORK/sink.$port
+  ns pd "$BIN/examples/relay_pipe" --home "$WORK/home-bench_device" --as @bench_device --peer @bench_client \
+    $r --role device --session 9000 --sink >"$sink" 2>>"$WORK/logs/bg.log" &
+  local sp=$!
+  ns pc "$BIN/examples/relay_pipe" --home "$WORK/home-bench_client" --as @bench_client --peer @bench_device \
+    $r --role client --session 9000 --blast "${T}s" 2>>"$WORK/logs/bg.log"
+  wait $sp
+  echo "np-relay $label alone (one session, no iperf3): $(cat "$sink" 2>/dev/null || echo FAIL) Gbit/s, connect-to-first-byte - ms" \
+    | tee -a "$OURS" >&2
+  stop_since "$m"
+}
+
+section_relay() {
+  log "np-relay"
+  relay_variant "copy" 7444 15200
+  relay_variant "splice" 7445 15300 --zero-copy
+}
+
+# --- report ------------------------------------------------------------------------------------
+report() {
+  python3 - "$PEERS_OUT" "$OURS" <<'PY'
+import re, sys
+def parse(path):
+    out = []
+    for line in open(path):
+        m = re.match(r"(.*?): (\S+) Gbit/s, connect-to-first-byte (\S+) ms", line.strip())
+        if m:
+            g = m.group(2)
+            out.append((m.group(1), float(g) if re.match(r"^[0-9.]+$", g) else None, m.group(3)))
+    return out
+peers, ours = parse(sys.argv[1]), parse(sys.argv[2])
+def find(prefix):
+    return next((g for l, g, _ in peers if l.startswith(prefix)), None)
+direct, ssh, socat = find("direct kernel TCP"), find("reverse SSH tunnel"), find("plain TCP relay")
+def ratio(a, b):
+    return "%.2f" % (a / b) if a is not None and b else "-"
+w = max(len(l) for l, _, _ in peers + ours) if peers + ours else 40
+print()
+print("%-*s  %8s  %9s  %8s  %8s  %8s" % (w, "path", "Gbit/s", "cfb ms", "/direct", "/rev-ssh", "/socat"))
+print("-" * (w + 56))
+for l, g, c in ours:
+    print("%-*s  %8s  %9s  %8s  %8s  %8s" % (w, l, "FAIL" if g is None else "%.2f" % g, c, ratio(g, direct), ratio(g, ssh), ratio(g, socat)))
+print("-" * (w + 56))
+for l, g, c in peers:
+    print("%-*s  %8s  %9s  %8s  %8s  %8s" % (w, l, "FAIL" if g is None else "%.2f" % g, c, ratio(g, direct), ratio(g, ssh), ratio(g, socat)))
+PY
+}
+
+[ "$(id -u)" = 0 ] || { echo "bench.sh needs root (network namespaces)" >&2; exit 1; }
+install_deps
+build
+section_peers
+make_hosts
+start_control
+for n in @relay @bench_client @bench_device; do enrol $n; done
+start_services
+section_relay
+teardown_hosts
+report
