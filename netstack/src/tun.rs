@@ -1,0 +1,179 @@
+//! The TUN interface: created with tun-rs, given the subnet's `.1` and a large MTU, with routes for
+//! the routed prefixes. The kernel deletes a (non-persistent) TUN interface, and every route
+//! through it, when the last file descriptor closes, so exiting or crashing leaves nothing
+//! behind; a stale interface of the same name (a persistent one, left by something else) is
+//! deleted at start if no process holds it.
+
+use std::io;
+use std::path::Path;
+use std::process::Command;
+
+use tun_rs::{AsyncDevice, DeviceBuilder};
+
+use crate::map::{AddressMap, Prefix};
+
+/// Why the interface could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    /// The interface name is in use by a live process (another `np up`?).
+    #[error("interface {name} is in use by process {pid}")]
+    InUse {
+        /// The interface.
+        name: String,
+        /// A process holding it.
+        pid: u32,
+    },
+    /// An interface of that name exists and is not a TUN device.
+    #[error("interface {0} exists and is not a TUN device")]
+    NotTun(String),
+    /// Creating or configuring the device failed (not root? no /dev/net/tun?).
+    #[error("creating TUN interface {name}: {source}")]
+    Create {
+        /// The interface.
+        name: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// An `ip` command failed.
+    #[error("`ip {args}` failed: {detail}")]
+    Ip {
+        /// The arguments.
+        args: String,
+        /// Its stderr, or the spawn error.
+        detail: String,
+    },
+}
+
+/// An interface name as Linux accepts it: 1 to 15 bytes, no `/`, whitespace or `:`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+/// The TUN interface; dropping it removes the interface and its routes.
+pub struct Tun {
+    device: AsyncDevice,
+    name: String,
+}
+
+impl Tun {
+    /// Create interface `name` with address `map.interface_addr()` in `map.subnet()`, MTU `mtu`,
+    /// up, and routes for the map's routed prefixes.
+    pub fn create(name: &str, map: &AddressMap, mtu: u16) -> Result<Tun, TunError> {
+        if !valid_name(name) {
+            return Err(TunError::Create {
+                name: name.to_owned(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"),
+            });
+        }
+        remove_stale(name)?;
+        let create = |source| TunError::Create { name: name.to_owned(), source };
+        let device = DeviceBuilder::new()
+            .name(name)
+            .ipv4(map.interface_addr(), map.subnet().prefix_len(), None)
+            .mtu(mtu)
+            .packet_information(false)
+            .enable(true)
+            .build_async()
+            .map_err(create)?;
+        let tun = Tun { device, name: name.to_owned() };
+        for (prefix, _) in map.routes() {
+            tun.add_route(prefix)?;
+        }
+        tracing::info!(interface = name, subnet = %map.subnet(), mtu, "TUN interface up");
+        Ok(tun)
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device, for reading and writing packets.
+    pub fn device(&self) -> &AsyncDevice {
+        &self.device
+    }
+
+    /// Route `prefix` into the interface.
+    pub fn add_route(&self, prefix: Prefix) -> Result<(), TunError> {
+        let family = if prefix.addr().is_ipv4() { "-4" } else { "-6" };
+        ip(&[family, "route", "replace", &prefix.to_string(), "dev", &self.name])
+    }
+}
+
+impl Drop for Tun {
+    fn drop(&mut self) {
+        tracing::info!(interface = %self.name, "TUN interface down");
+    }
+}
+
+/// Delete a leftover TUN interface called `name`, unless a live process holds it.
+fn remove_stale(name: &str) -> Result<(), TunError> {
+    let sys = Path::new("/sys/class/net").join(name);
+    if !sys.exists() {
+        return Ok(());
+    }
+    if !sys.join("tun_flags").exists() {
+        return Err(TunError::NotTun(name.to_owned()));
+    }
+    if let Some(pid) = tun_holder(name) {
+        return Err(TunError::InUse { name: name.to_owned(), pid });
+    }
+    tracing::warn!(interface = name, "deleting a stale TUN interface");
+    ip(&["link", "delete", name])
+}
+
+/// A process with a TUN file descriptor attached to `name`: the kernel shows `iff:\tNAME` in the
+/// fdinfo of such descriptors.
+fn tun_holder(name: &str) -> Option<u32> {
+    let wanted = format!("iff:\t{name}");
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fdinfo")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(info) = std::fs::read_to_string(fd.path()) {
+                if info.lines().any(|l| l == wanted) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn ip(args: &[&str]) -> Result<(), TunError> {
+    let joined = args.join(" ");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| TunError::Ip { args: joined.clone(), detail: e.to_string() })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(TunError::Ip { args: joined, detail: String::from_utf8_lossy(&out.stderr).trim().to_owned() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names() {
+        for good in ["np0", "np-test.1", "a", "abcdefghijklmno"] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in ["", "abcdefghijklmnop", "a b", "a/b", "a:1", ".", "..", "np\n"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn no_stale_interface_is_a_no_op() {
+        assert!(remove_stale("np-absent-xyz").is_ok());
+        assert_eq!(tun_holder("np-absent-xyz"), None);
+    }
+}
