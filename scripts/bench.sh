@@ -3,6 +3,7 @@
 # same three network namespaces, reported as ratios (not absolute figures).
 #
 #   sudo scripts/bench.sh            # T=seconds per throughput test (default 5)
+#   RELAY_FLAGS="--forward-buffer 1048576" NP_PEERS=/bin/true scripts/bench.sh   # tune, no peers
 #
 # Hosts (bridge pbr0, 198.18.0.0/24, same as peers.sh): pc client 198.18.0.1, pr relay 198.18.0.2,
 # pd device 198.18.0.3. np-control and np-relay run in pr; identities are enrolled with the real
@@ -140,7 +141,7 @@ wait_port() { local i; for i in $(seq 50); do ns $1 ss -Hltn "sport = :$3" | gre
 relay_variant() { local label=$1 port=$2 lb=$3 m; shift 3
   m=$(mark)
   bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:$port \
-    --pairing-timeout 10m "$@"
+    --pairing-timeout 10m ${RELAY_FLAGS:-} "$@"
   wait_port pr 198.18.0.2 $port
   local r="--relay 198.18.0.2:$port --relay-name @relay"
   pipe pd @bench_device @bench_client $r --role device --session 1000 --connect 127.0.0.1:5201
