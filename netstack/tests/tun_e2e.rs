@@ -1,0 +1,352 @@
+//! End to end through a real TUN interface, in a fresh network namespace (root required).
+//!
+//! The netstack and the test's clients run on a tokio runtime whose threads live in the
+//! namespace; the opener dials real TCP servers on 127.0.0.1 in the host namespace through a
+//! dialer thread that stays there.
+#![allow(unsafe_code)] // setns(2) and an AF_PACKET socket, test only
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use np_netstack::{
+    AddressMap, BoxFuture, FlowTarget, Netstack, NetstackConfig, OpenRefused, Opener, Prefix, RefuseKind,
+    DEFAULT_SUBNET,
+};
+use ring::digest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const IFACE: &str = "np0";
+
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Option<Netns> {
+        let name = format!("np-e2e-{}", std::process::id());
+        let ok = Command::new("ip").args(["netns", "add", &name]).status().map(|s| s.success()).unwrap_or(false);
+        ok.then(|| Netns(name))
+    }
+
+    /// Move the calling thread into the namespace.
+    fn enter(&self) {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).expect("open netns");
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    fn has_link(&self, name: &str) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0, "ip", "link", "show", name])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+type DialReply = tokio::sync::oneshot::Sender<std::io::Result<TcpStream>>;
+
+/// Dials in the host namespace: "localhost:PORT" is 127.0.0.1:PORT; port 9 is "unreachable".
+struct HostOpener {
+    dialer: std_mpsc::Sender<(SocketAddr, DialReply)>,
+}
+
+impl Opener for HostOpener {
+    type Stream = tokio::net::TcpStream;
+
+    fn open(&self, to: FlowTarget) -> BoxFuture<'static, Result<Self::Stream, OpenRefused>> {
+        let dialer = self.dialer.clone();
+        Box::pin(async move {
+            let refused = |kind, reason: String| OpenRefused { kind, reason };
+            let port: u16 = to
+                .target
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .ok_or_else(|| refused(RefuseKind::Refused, "bad target".into()))?;
+            if port == 9 {
+                return Err(refused(RefuseKind::Unreachable, "no route".into()));
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            dialer
+                .send((SocketAddr::from(([127, 0, 0, 1], port)), tx))
+                .map_err(|_| refused(RefuseKind::Unreachable, "dialer gone".into()))?;
+            let stream = rx
+                .await
+                .map_err(|_| refused(RefuseKind::Unreachable, "dialer gone".into()))?
+                .map_err(|e| refused(RefuseKind::Refused, e.to_string()))?;
+            stream.set_nonblocking(true).map_err(|e| refused(RefuseKind::Unreachable, e.to_string()))?;
+            stream.set_nodelay(true).ok();
+            tokio::net::TcpStream::from_std(stream).map_err(|e| refused(RefuseKind::Unreachable, e.to_string()))
+        })
+    }
+}
+
+fn spawn_dialer() -> std_mpsc::Sender<(SocketAddr, DialReply)> {
+    let (tx, rx) = std_mpsc::channel::<(SocketAddr, DialReply)>();
+    std::thread::spawn(move || {
+        for (addr, reply) in rx {
+            // Threads spawned here are in the host namespace too.
+            std::thread::spawn(move || {
+                let _ = reply.send(TcpStream::connect_timeout(&addr, Duration::from_secs(5)));
+            });
+        }
+    });
+    tx
+}
+
+/// Echoes every connection until EOF.
+fn echo_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut read = conn.try_clone().expect("clone");
+                let mut write = conn;
+                let _ = std::io::copy(&mut read, &mut write);
+                let _ = write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+/// Reads every connection to EOF and answers with the SHA-256 of what it read.
+fn hash_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut ctx = digest::Context::new(&digest::SHA256);
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => ctx.update(&buf[..n]),
+                        Err(_) => return,
+                    }
+                }
+                let _ = conn.write_all(ctx.finish().as_ref());
+            });
+        }
+    });
+    port
+}
+
+fn data(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2654435761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+async fn echo(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut r, mut w) = stream.into_split();
+    let out = payload.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&out).await.expect("write");
+        w.shutdown().await.expect("shutdown");
+    });
+    let mut back = Vec::with_capacity(payload.len());
+    r.read_to_end(&mut back).await.expect("read");
+    writer.await.expect("writer");
+    back
+}
+
+/// Write `garbage` packets straight into the interface's transmit path (AF_PACKET), so the
+/// netstack reads them exactly as given.
+fn inject(ifname: &str, packets: &[Vec<u8>]) {
+    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{ifname}/ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    let ifindex = match ifindex {
+        Some(i) => i,
+        None => unsafe { libc::if_nametoindex(c"np0".as_ptr()) as i32 },
+    };
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, (libc::ETH_P_ALL as u16).to_be() as i32) };
+    assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+    for p in packets {
+        let proto = if p.first().is_some_and(|b| b >> 4 == 6) { libc::ETH_P_IPV6 } else { libc::ETH_P_IP };
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (proto as u16).to_be();
+        sll.sll_ifindex = ifindex;
+        let rc = unsafe {
+            libc::sendto(
+                fd,
+                p.as_ptr().cast(),
+                p.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc < 0 {
+            eprintln!("inject {} bytes: {}", p.len(), std::io::Error::last_os_error());
+        }
+    }
+    unsafe { libc::close(fd) };
+}
+
+fn garbage() -> Vec<Vec<u8>> {
+    let mut out = vec![vec![0x45], vec![0x60; 10], vec![0xff; 64], vec![0x45; 20], vec![0x60; 48]];
+    // A SYN to 100.80.0.2:22 with damage: bad IP checksum, bad TCP checksum, bad lengths.
+    let mut syn = vec![
+        0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 100, 80, 0, 1, 100, 80, 0, 2, // IPv4
+        0x9c, 0x40, 0, 22, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0, // TCP SYN
+    ];
+    out.push(syn.clone()); // checksums zero: bad
+    syn[2..4].copy_from_slice(&4000u16.to_be_bytes());
+    out.push(syn.clone()); // total length beyond the packet
+    syn[2..4].copy_from_slice(&10u16.to_be_bytes());
+    out.push(syn.clone()); // total length below the header
+    syn[0] = 0x4f;
+    out.push(syn); // header length beyond the packet
+                   // UDP and ICMP to the device address; IPv6 with an absurd payload length.
+    out.push(vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 100, 80, 0, 1, 100, 80, 0, 2, 0, 53, 0, 53, 0, 8, 0, 0]);
+    out.push(vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 100, 80, 0, 1, 100, 80, 0, 2, 8, 0, 0, 0, 0, 0, 0, 0]);
+    let mut v6 = vec![0x60, 0, 0, 0, 0xff, 0xff, 6, 64];
+    v6.extend_from_slice(&[0xfd; 32]);
+    v6.extend_from_slice(&[0; 20]);
+    out.push(v6);
+    for seed in 0..200 {
+        let mut p = data(20 + (seed as usize * 7) % 200, seed);
+        p[0] = if seed % 2 == 0 { 0x45 } else { 0x60 };
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn tun_end_to_end() {
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: tun_end_to_end needs root (network namespaces and a TUN device)");
+        return;
+    }
+    let Some(ns) = Netns::new() else {
+        println!("skipped: `ip netns add` failed");
+        return;
+    };
+    let dialer = spawn_dialer();
+    let echo_port = echo_server();
+    let hash_port = hash_server();
+    let closed_port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+
+    let ns_name = ns.0.clone();
+    let worker = std::thread::spawn(move || {
+        let ns = Netns(ns_name);
+        ns.enter();
+        std::mem::forget(ns); // the outer guard deletes it
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(run_in_namespace(dialer, echo_port, hash_port, closed_port))
+    });
+    let result = worker.join();
+    assert!(!ns.has_link(IFACE), "the interface is gone after shutdown");
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn run_in_namespace(
+    dialer: std_mpsc::Sender<(SocketAddr, DialReply)>,
+    echo_port: u16,
+    hash_port: u16,
+    closed_port: u16,
+) {
+    let mut map = AddressMap::new(DEFAULT_SUBNET).expect("map");
+    let device = map.add_device("pi@test".into(), None).expect("device");
+    map.add_route("192.168.77.0/24".parse::<Prefix>().expect("prefix"), "pi@test".into()).expect("route");
+    let config = NetstackConfig { name: IFACE.into(), map, ..NetstackConfig::default() };
+    let netstack = Netstack::new(config).expect("netstack");
+    let status = netstack.status();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(netstack.serve(HostOpener { dialer }, async {
+        let _ = stop_rx.await;
+    }));
+
+    let at = move |port| SocketAddr::from((device, port));
+
+    // One flow, both ways at once, 64 MiB.
+    let payload = data(64 << 20, 1);
+    let started = Instant::now();
+    let back = echo(at(echo_port), &payload).await;
+    let secs = started.elapsed().as_secs_f64();
+    assert!(back.len() == payload.len(), "echoed {} of {} bytes", back.len(), payload.len());
+    assert_eq!(digest::digest(&digest::SHA256, &back).as_ref(), digest::digest(&digest::SHA256, &payload).as_ref());
+    println!("echo 64 MiB each way through the TUN: {:.0} MiB/s each way", 64.0 / secs);
+
+    // One flow, one way, 256 MiB, checked by the server's SHA-256.
+    let payload = data(256 << 20, 2);
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(at(hash_port)).await.expect("connect");
+    s.write_all(&payload).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    let mut digest_back = Vec::new();
+    s.read_to_end(&mut digest_back).await.expect("read digest");
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(digest_back, digest::digest(&digest::SHA256, &payload).as_ref());
+    println!("upload 256 MiB through the TUN: {:.0} MiB/s ({:.2} Gbit/s)", 256.0 / secs, 256.0 * 8.0 / 1024.0 / secs);
+    drop(payload);
+
+    // A refused target: ECONNREFUSED, quickly.
+    let started = Instant::now();
+    let err = tokio::net::TcpStream::connect(at(closed_port)).await.expect_err("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused in {:?}", started.elapsed());
+
+    // An unreachable target, and an unassigned address: EHOSTUNREACH, quickly.
+    for addr in [at(9), SocketAddr::from(([100, 80, 0, 99], 22))] {
+        let started = Instant::now();
+        let err = tokio::net::TcpStream::connect(addr).await.expect_err("unreachable");
+        assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH), "{addr}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{addr}: unreachable in {:?}", started.elapsed());
+    }
+
+    // 100 concurrent flows.
+    let started = Instant::now();
+    let flows: Vec<_> = (0..100u32)
+        .map(|i| {
+            tokio::spawn(async move {
+                let payload = data(256 * 1024 + i as usize, 100 + i);
+                let back = echo(at(echo_port), &payload).await;
+                back == payload
+            })
+        })
+        .collect();
+    for (i, f) in flows.into_iter().enumerate() {
+        assert!(f.await.expect("flow task"), "flow {i} intact");
+    }
+    println!("100 concurrent flows of 256 KiB echoed in {:?}", started.elapsed());
+
+    // Garbage written into the interface is dropped; the stack still works.
+    let packets = garbage();
+    tokio::task::spawn_blocking(move || inject(IFACE, &packets)).await.expect("inject");
+    let back = echo(at(echo_port), b"still alive").await;
+    assert_eq!(back, b"still alive");
+    let snapshot = status.snapshot().await.expect("status");
+    println!("stats: {:?}", snapshot.stats);
+    assert!(snapshot.stats.malformed + snapshot.stats.not_tcp >= 10, "garbage counted: {:?}", snapshot.stats);
+    assert_eq!(snapshot.interface, IFACE);
+    assert_eq!(snapshot.devices.len(), 1);
+
+    let _ = stop_tx.send(());
+    serving.await.expect("serve task").expect("serve");
+}
