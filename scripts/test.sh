@@ -21,4 +21,4 @@ cargo fmt --all --check
 cargo build --workspace --all-targets --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the binaries built above (target/debug).
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast

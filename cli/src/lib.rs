@@ -36,6 +36,22 @@ pub fn run_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> E
 
 pub mod forward;
 
+/// Parses the command line of `C` with its config file merged in (see `np_config`). The
+/// default file is `default`, or for `np` the home directory's `config.toml`. On a bad config
+/// file, prints why and returns the exit code to use.
+pub fn parse_with_config<C: clap::Parser>(default: Option<&std::path::Path>) -> Result<C, ExitCode> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let home_default = np_identity::home::Home::resolve(None).dir().join("config.toml");
+    let default = default.unwrap_or(&home_default);
+    match np_config::merged_args(&C::command(), args, Some(default)) {
+        Ok(a) => Ok(C::parse_from(a)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 use anyhow::Context;
 use np_control_client::{ControlClient, Incoming};
 use np_identity::home::Home;

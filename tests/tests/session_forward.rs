@@ -133,6 +133,6 @@ fn verbose_prints_each_setup_step_with_its_time() {
         "session ready",
     ] {
         let line = log.lines().find(|l| l.contains(step)).unwrap_or_else(|| panic!("no step {step:?} in:\n{log}"));
-        assert!(line.trim_start().split_whitespace().nth(1) == Some("ms"), "{line}");
+        assert!(line.split_whitespace().nth(1) == Some("ms"), "{line}");
     }
 }

@@ -16,8 +16,13 @@ use std::time::Duration;
 /// np: reach the TCP services of your devices (ssh above all) from anywhere, with no inbound
 /// port open on any device or client.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_override_self = true)]
 struct Cli {
+    /// Config file (TOML: top-level keys are global flags, a table per subcommand such as
+    /// `[forward]` holds its flags); flags given on the command line win
+    /// [default: HOME/config.toml if it exists].
+    #[arg(long, global = true, env = "NP_CONFIG")]
+    config: Option<PathBuf>,
     /// Home directory with this machine's identities and keys [default: ~/.np].
     #[arg(long, global = true, env = "NP_HOME")]
     home: Option<PathBuf>,
@@ -104,7 +109,10 @@ enum KeysCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match np_cli::parse_with_config::<Cli>(None) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     np_cli::init_logs(if cli.verbose { "info" } else { "warn" });
     np_cli::run_main(run(cli))
 }

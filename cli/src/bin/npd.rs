@@ -14,8 +14,12 @@ use std::time::Duration;
 /// heartbeat to its managers, and for each permitted session request joins the client at the
 /// relay and dials only the permitted targets.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_override_self = true)]
 struct Cli {
+    /// Config file (TOML; keys are the long flags, e.g. `manager = ["@alice"]`); flags given on
+    /// the command line win [default: /etc/np/npd.toml if it exists].
+    #[arg(long, env = "NPD_CONFIG")]
+    config: Option<PathBuf>,
     /// The device identity this daemon runs as, e.g. @alice_device [default: the only one in the home].
     #[arg(long = "as", env = "NPD_AS")]
     me: Option<Name>,
@@ -40,7 +44,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match np_cli::parse_with_config::<Cli>(Some(std::path::Path::new("/etc/np/npd.toml"))) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     np_cli::init_logs("info");
     np_cli::run_main(run(cli))
 }

@@ -13,8 +13,12 @@ use std::time::Duration;
 /// end-to-end encrypted notifications between them. It never holds a private key and never
 /// sees a message's plaintext.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_override_self = true)]
 struct Cli {
+    /// Config file (TOML: a `[serve]` table whose keys are the long flags); flags given on the
+    /// command line win [default: /etc/np/control.toml if it exists].
+    #[arg(long, global = true, env = "NP_CONTROL_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -67,7 +71,19 @@ fn default_data(d: Option<PathBuf>) -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::CommandFactory;
+    let args = match np_config::merged_args(
+        &Cli::command(),
+        std::env::args_os().collect(),
+        Some(std::path::Path::new("/etc/np/control.toml")),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

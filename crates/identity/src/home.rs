@@ -219,8 +219,11 @@ fn write_new(p: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
 }
 
 fn write_replace(p: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    let tmp = p.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
+    // A name of its own per writer: two lookups of the same peer at once (threads or processes)
+    // must not trip over one shared temporary file.
+    let mut r = [0u8; 8];
+    crate::random_bytes(&mut r)?;
+    let tmp = p.with_extension(format!("tmp.{}", hex::encode(r)));
     write_new(&tmp, bytes, 0o644)?;
     fs::rename(&tmp, p).map_err(io("replacing", p))
 }
@@ -256,6 +259,21 @@ mod tests {
         assert_eq!(h.pick_identity(None).expect("pick"), n);
         fs::set_permissions(t.path().join("h/alice/signing.key"), fs::Permissions::from_mode(0o644)).expect("chmod");
         assert!(matches!(h.load_keys(&n), Err(IdentityError::InsecureKeyFile { .. })));
+    }
+
+    #[test]
+    fn concurrent_first_pins_do_not_collide() {
+        let t = tempfile::tempdir().expect("tmp");
+        let k = Keys::generate().expect("k").public();
+        let n: Name = "@bob".parse().expect("n");
+        let hs: Vec<_> = (0..16)
+            .map(|_| {
+                let h = Home::new(t.path());
+                let n = n.clone();
+                std::thread::spawn(move || h.pin_peer(&n, &k).is_ok())
+            })
+            .collect();
+        assert!(hs.into_iter().all(|h| h.join().unwrap_or(false)));
     }
 
     #[test]

@@ -57,7 +57,7 @@ mod tests {
 
     #[test]
     fn fresh_once_then_replayed_and_skew() {
-        let mut g = ReplayGuard::new(30_000, 3);
+        let mut g = ReplayGuard::new(30_000, 4);
         assert_eq!(g.check([1; 16], 100_000, 100_000), Ok(()));
         assert_eq!(g.check([1; 16], 100_000, 100_500), Err(Stale::Replayed));
         assert!(matches!(g.check([2; 16], 10_000, 100_000), Err(Stale::Skew(..))));
