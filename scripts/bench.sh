@@ -4,6 +4,7 @@
 #
 #   sudo scripts/bench.sh            # T=seconds per throughput test (default 5)
 #   RELAY_FLAGS="--forward-buffer 1048576" NP_PEERS=/bin/true scripts/bench.sh   # tune, no peers
+#   SECTIONS="forward" scripts/bench.sh        # only some of our paths (default: all)
 #
 # Hosts (bridge pbr0, 198.18.0.0/24, same as peers.sh): pc client 198.18.0.1, pr relay 198.18.0.2,
 # pd device 198.18.0.3. np-control and np-relay run in pr; identities are enrolled with the real
@@ -19,9 +20,10 @@ TARGET=${CARGO_TARGET_DIR:-$REPO/target}
 BIN=$TARGET/release
 WORK=$(mktemp -d /tmp/np-bench.XXXXXX)
 OURS=$WORK/ours.txt
+SETUP=$WORK/setup.txt
 PEERS_OUT=$WORK/peers.txt
 CONTROL=198.18.0.2:7443
-: >"$OURS"; : >"$WORK/pids"
+: >"$OURS"; : >"$SETUP"; : >"$WORK/pids"
 
 ns() { ip netns exec "$@"; }
 log() { echo "bench: $*" >&2; }
@@ -92,7 +94,7 @@ build() {
     log "workspace build failed; building only what the bench needs"
     (cd "$REPO" && cargo build --release -q -p np-control -p np-cli -p np-relay --bins --examples) || exit 1
   }
-  for b in np-control np np-relay examples/relay_pipe; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
+  for b in np-control np npd np-relay examples/relay_pipe; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
 }
 
 # start_control: np-control in pr, data under $WORK.
@@ -169,6 +171,49 @@ section_relay() {
   relay_variant "splice" 7445 15300 --zero-copy
 }
 
+# --- np forward ----------------------------------------------------------------------------------
+# npd in pd (device @bench_device, name "bench"), np forward in pc, np-relay in pr: the whole path
+# with the control plane, the encrypted session and the mux.
+section_forward() {
+  log "np forward"
+  local m; m=$(mark)
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7446
+  wait_port pr 198.18.0.2 7446
+  bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
+    --permit-open localhost:5201,localhost:22 --home "$WORK/home-bench_device"
+  sleep 1
+  # Cold setup: from starting `np forward` to the first byte of sshd's banner through it.
+  ns pc python3 - "$BIN/np" "$WORK/home-bench_client" >>"$SETUP" 2>>"$WORK/logs/bg.log" <<'PY'
+import socket, subprocess, sys, time, statistics
+np, home = sys.argv[1], sys.argv[2]
+r = []
+for i in range(7):
+    port = 16000 + i
+    t = time.perf_counter()
+    p = subprocess.Popen([np, "forward", "--as", "@bench_client", "--to", "bench@bench_device", "--relay", "198.18.0.2:7446",
+                          "-L", "127.0.0.1:%d:localhost:22" % port, "--home", home], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if s.recv(1):
+                r.append((time.perf_counter() - t) * 1e3)
+                break
+        except OSError:
+            time.sleep(0.0005)
+        if time.perf_counter() - t > 10:
+            break
+    p.kill(); p.wait()
+print("np forward cold setup (command start to first sshd byte, median of 7): %.1f ms" % statistics.median(r) if r else "np forward cold setup: FAIL")
+PY
+  tail -1 "$SETUP" >&2
+  bg ns pc "$BIN/np" forward --as @bench_client --to bench@bench_device --relay 198.18.0.2:7446 \
+    -L 127.0.0.1:15401:localhost:5201 -L 127.0.0.1:15402:localhost:22 --home "$WORK/home-bench_client"
+  wait_port pc 127.0.0.1 15401
+  sleep 0.5
+  measure "np forward (one session, AES-256-GCM, via np-relay)" 127.0.0.1 15401 15402
+  stop_since "$m"
+}
+
 # --- report ------------------------------------------------------------------------------------
 report() {
   python3 - "$PEERS_OUT" "$OURS" <<'PY'
@@ -197,6 +242,8 @@ print("-" * (w + 56))
 for l, g, c in peers:
     print("%-*s  %8s  %9s  %8s  %8s  %8s" % (w, l, "FAIL" if g is None else "%.2f" % g, c, ratio(g, direct), ratio(g, ssh), ratio(g, socat)))
 PY
+  echo
+  cat "$SETUP"
 }
 
 [ "$(id -u)" = 0 ] || { echo "bench.sh needs root (network namespaces)" >&2; exit 1; }
@@ -206,7 +253,8 @@ section_peers
 make_hosts
 start_control
 for n in @relay @bench_client @bench_device; do enrol $n; done
+# The relay pipes and np forward both look up keys on the control plane from the namespaces.
 start_services
-section_relay
+for sec in ${SECTIONS:-relay forward}; do "section_$sec"; done
 teardown_hosts
 report

@@ -92,6 +92,20 @@ impl SessionSlot {
     pub async fn reset(&self) {
         *self.current.lock().await = None;
     }
+
+    /// The session's state for `np status`.
+    pub async fn describe(&self) -> String {
+        match self.current.try_lock() {
+            Err(_) => "connecting".into(),
+            Ok(cur) => match cur.as_ref() {
+                None => "none yet".into(),
+                Some(h) => match h.error() {
+                    None => "established".into(),
+                    Some(e) => format!("ended: {e}"),
+                },
+            },
+        }
+    }
 }
 
 /// Binds every forward, sets up the session, then serves connections until the process ends.

@@ -34,7 +34,9 @@ pub fn run_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> E
     }
 }
 
+pub mod dns;
 pub mod forward;
+pub mod up;
 
 /// Parses the command line of `C` with its config file merged in (see `np_config`). The
 /// default file is `default`, or for `np` the home directory's `config.toml`. On a bad config

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use np_cli::forward::{LocalForward, SessionSlot};
+use np_cli::up::{DeviceSpec, RouteSpec, UpOptions};
 use np_control_client::ControlClient;
 use np_control_proto::EnrolCode;
 use np_identity::home::Home;
@@ -60,6 +61,45 @@ enum Cmd {
         /// How long to wait for the device to answer.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+    },
+    /// Bring up a virtual interface where each device has an address: `ssh pi@100.80.0.2` just works.
+    ///
+    /// Every TCP flow to a device's address (any port) is carried, encrypted, through one session
+    /// to that device, which dials its own `localhost:PORT`; flows to a `--route` prefix go to that
+    /// host on the device's side. The device's permit-open decides what is reachable; anything
+    /// else is refused as a real network would. Needs CAP_NET_ADMIN (root). Runs until SIGINT or
+    /// SIGTERM and removes everything it created.
+    Up {
+        /// Your identity [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+        /// The relay both sides meet at, HOST:PORT.
+        #[arg(long, env = "NP_RELAY")]
+        relay: String,
+        /// A device, NAME@ID, optionally with its address: pi4@alice_device=100.80.0.5. Repeatable.
+        #[arg(long = "device", required = true)]
+        devices: Vec<DeviceSpec>,
+        /// A prefix on a device's side, PREFIX=NAME@ID (e.g. 192.168.1.0/24=pi4@alice_device). Repeatable.
+        #[arg(long = "route")]
+        routes: Vec<RouteSpec>,
+        /// The subnet device addresses come from; the interface takes its first address.
+        #[arg(long, default_value = "100.80.0.0/16")]
+        subnet: np_netstack::Prefix,
+        /// Interface name.
+        #[arg(long, default_value = "np0")]
+        name: String,
+        /// Set up each device's session at start instead of on its first flow.
+        #[arg(long)]
+        eager: bool,
+        /// How long to wait for a device to answer a session request.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Show a running `np up`: its interface, devices, sessions and flows.
+    Status {
+        /// Interface name.
+        #[arg(long, default_value = "np0")]
+        name: String,
     },
     /// List the devices that share their info with you, live or gone.
     Devices {
@@ -163,6 +203,17 @@ async fn run(cli: Cli) -> Result<()> {
                 r = np_cli::forward::run(slot, forwards) => r,
                 _ = np_cli::shutdown_signal() => Ok(()),
             }
+        }
+        Cmd::Up { me, relay, devices, routes, subnet, name, eager, timeout } => {
+            let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
+            let (router, _requests) = Router::start(incoming);
+            let connector = Connector { ctl, router, timeout, mux: Default::default() };
+            let opts = UpOptions { relay, devices, routes, subnet, name, eager, verbose: cli.verbose };
+            np_cli::up::run(connector, opts, np_cli::shutdown_signal()).await
+        }
+        Cmd::Status { name } => {
+            print!("{}", np_cli::up::status(&name).await?);
+            Ok(())
         }
         Cmd::Devices { me } => {
             let (ctl, _incoming) = np_cli::connect_control(&home, me.as_ref()).await?;

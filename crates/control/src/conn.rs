@@ -56,6 +56,17 @@ async fn db<T: Send + 'static>(
     }
 }
 
+/// Runs a write through the server's ordered write lane.
+async fn dbw<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ErrorReply> {
+    match shared.lane.submit(f).await {
+        Ok(r) => r.map_err(store_err),
+        Err(_) => Err(err(ErrorCode::Internal, "storage writer failed")),
+    }
+}
+
 /// Serves one connection to its end.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
@@ -176,7 +187,7 @@ async fn first_request(
             np_identity::verify(&keys.signing, &enroll_transcript(nonce, &name, &keys), &sig)
                 .map_err(|_| err(ErrorCode::BadSignature, "enrolment signature does not verify"))?;
             let n = name.clone();
-            let info = db(&shared.store, move |s| s.enroll(&secret, &n, &keys, crate::now_ms())).await?;
+            let info = dbw(shared, move |s| s.enroll(&secret, &n, &keys, crate::now_ms())).await?;
             tracing::info!(%name, keys = %keys.fingerprint(), "enrolled");
             Ok((Reply::Enrolled { name }, info))
         }
@@ -238,7 +249,7 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, req: Request) -> Result
             }
             np_identity::verify(&me.keys.signing, &record.signed_bytes(), &record.sig)
                 .map_err(|_| err(ErrorCode::BadSignature, "record signature does not verify"))?;
-            db(store, move |s| s.put_record(&record)).await?;
+            dbw(shared, move |s| s.put_record(&record)).await?;
             Ok(Reply::Published)
         }
         Request::Fetch { owner, key } => {
@@ -256,7 +267,7 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, req: Request) -> Result
         Request::Notify { envelope, ttl_secs } => notify(shared, me, envelope, ttl_secs).await,
         Request::Ack { seq } => {
             let name = me.name.clone();
-            db(store, move |s| s.ack(&name, seq)).await?;
+            dbw(shared, move |s| s.ack(&name, seq)).await?;
             Ok(Reply::Acked)
         }
     }
@@ -285,8 +296,14 @@ async fn notify(
     let ttl_ms = (u64::from(ttl_secs) * 1000).min(shared.cfg.max_ttl.as_millis() as u64);
     let expires = crate::now_ms().saturating_add(ttl_ms);
     let env = envelope.clone();
-    let seq = db(&shared.store, move |s| s.enqueue(&env, expires)).await?;
+    let seq = shared.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stored = shared.lane.submit(move |s| s.enqueue_at(seq, &env, expires));
+    // Pushed before the commit completes (see `lane`); the sender's answer waits for it.
     let delivered = shared.hub.push(&to, &Delivery { seq, envelope });
+    match stored.await {
+        Ok(r) => r.map_err(store_err)?,
+        Err(_) => return Err(err(ErrorCode::Internal, "storage writer failed")),
+    }
     tracing::debug!(from = %me.name, %to, seq, delivered, "notification accepted");
     Ok(Reply::Accepted { seq, delivered })
 }

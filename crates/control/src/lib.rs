@@ -8,6 +8,7 @@
 mod admin;
 mod conn;
 mod hub;
+mod lane;
 mod server;
 pub mod store;
 pub mod tls;

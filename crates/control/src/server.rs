@@ -55,6 +55,10 @@ pub(crate) struct Shared {
     pub hub: Hub,
     pub public_address: String,
     pub next_conn: AtomicU64,
+    /// Every database write goes through here, in order.
+    pub lane: crate::lane::WriteLane,
+    /// Next notification sequence number.
+    pub next_seq: AtomicU64,
 }
 
 /// A running control plane.
@@ -86,7 +90,17 @@ impl ControlServer {
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
         tokio::spawn(crate::admin::serve(admin, store.clone(), Arc::new(tls.cert_der.clone())));
         let public_address = cfg.public_address.clone().unwrap_or_else(|| local.to_string());
-        let shared = Arc::new(Shared { cfg, store, hub: Hub::default(), public_address, next_conn: AtomicU64::new(1) });
+        let next_seq = AtomicU64::new(store.start_seq()?);
+        let lane = crate::lane::WriteLane::start(store.clone()).context("starting the database writer")?;
+        let shared = Arc::new(Shared {
+            cfg,
+            store,
+            hub: Hub::default(),
+            public_address,
+            next_conn: AtomicU64::new(1),
+            lane,
+            next_seq,
+        });
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
         Ok(ControlServer { shared, listener, acceptor, fingerprint: tls.fingerprint() })
     }

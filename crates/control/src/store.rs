@@ -16,6 +16,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Most records one identity may hold.
 pub const MAX_RECORDS_PER_OWNER: usize = 256;
+/// How far each start jumps the notification sequence (more than one run could ever hand out
+/// between two commits).
+const SEQ_GAP: u64 = 1 << 20;
 /// Most notifications queued for one recipient; beyond it new ones are refused, so one absent
 /// identity cannot fill the disk.
 pub const MAX_QUEUED_PER_RECIPIENT: usize = 10_000;
@@ -220,13 +223,31 @@ impl Store {
         Ok(out)
     }
 
-    /// Queues an envelope for its recipient; returns its sequence number.
-    pub fn enqueue(&self, envelope: &Envelope, expires_ms: u64) -> Result<u64, StoreError> {
+    /// The first sequence number this run may hand out. It jumps ahead of anything a previous
+    /// run could have handed out (pushed before its commit, then lost in a crash), so a
+    /// recipient never sees one number used twice; the jump is persisted before it is used.
+    pub fn start_seq(&self) -> Result<u64, StoreError> {
         let w = db!(self.db.begin_write())?;
-        let seq = {
+        let base = {
             let mut meta = db!(w.open_table(META))?;
-            let seq = db!(meta.get("next_seq"))?.map(|v| v.value()).unwrap_or(1);
-            db!(meta.insert("next_seq", seq + 1))?;
+            let next = db!(meta.get("next_seq"))?.map(|v| v.value()).unwrap_or(1);
+            let base = next.saturating_add(SEQ_GAP);
+            db!(meta.insert("next_seq", base))?;
+            base
+        };
+        db!(w.commit())?;
+        Ok(base)
+    }
+
+    /// Queues an envelope for its recipient under sequence number `seq`.
+    pub fn enqueue_at(&self, seq: u64, envelope: &Envelope, expires_ms: u64) -> Result<(), StoreError> {
+        let w = db!(self.db.begin_write())?;
+        {
+            let mut meta = db!(w.open_table(META))?;
+            let next = db!(meta.get("next_seq"))?.map(|v| v.value()).unwrap_or(1);
+            if seq >= next {
+                db!(meta.insert("next_seq", seq + 1))?;
+            }
             let mut q = db!(w.open_table(QUEUE))?;
             let to = envelope.to.as_str();
             let queued = db!(q.range((to, 0)..=(to, u64::MAX)))?.count();
@@ -235,10 +256,8 @@ impl Store {
             }
             let item = Queued { envelope: envelope.clone(), expires_ms };
             db!(q.insert((to, seq), &enc(&item)[..]))?;
-            seq
-        };
-        db!(w.commit())?;
-        Ok(seq)
+        }
+        db!(w.commit())
     }
 
     /// Unexpired notifications waiting for `to`, oldest first.
@@ -323,8 +342,11 @@ mod tests {
         let s = Store::open(&t.path().join("db")).expect("open");
         let (a, b) = (Keys::generate().expect("k"), Keys::generate().expect("k"));
         let env = Envelope::seal(&n("@a"), &a, &n("@b"), &b.public(), 1, b"x").expect("seal");
-        let s1 = s.enqueue(&env, 100).expect("q");
-        let s2 = s.enqueue(&env, 10).expect("q");
+        let s1 = s.start_seq().expect("seq");
+        let s2 = s1 + 1;
+        s.enqueue_at(s1, &env, 100).expect("q");
+        s.enqueue_at(s2, &env, 10).expect("q");
+        assert!(s.start_seq().expect("seq") > s2, "a restart never reuses a number");
         assert_eq!(s.pending(&n("@b"), 50).expect("p").iter().map(|p| p.0).collect::<Vec<_>>(), vec![s1]);
         assert!(s.pending(&n("@a"), 0).expect("p").is_empty());
         assert_eq!(s.sweep(50).expect("sweep"), 1);

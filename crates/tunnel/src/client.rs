@@ -86,13 +86,19 @@ impl Connector {
         });
         let refusal = self.router.expect(request_id);
         let ttl = self.timeout.max(Duration::from_secs(1));
-        let fut = async {
+        // The request and the relay connection go out together: the relay join waits for the
+        // device anyway, and the control plane's answer to the send (which waits for its disk)
+        // is not on the path to the device.
+        let send = async {
             let sent = self.ctl.send(&device.identity, &req.encode(), ttl).await?;
             step(if sent.delivered {
                 "request delivered to the device"
             } else {
                 "request queued (device not connected right now)"
             });
+            Ok::<_, SetupError>(())
+        };
+        let join = async {
             let tcp = TcpStream::connect(relay)
                 .await
                 .map_err(|e| SetupError::Relay { relay: relay.to_string(), reason: e.to_string() })?;
@@ -118,6 +124,10 @@ impl Connector {
                     device: dev_name.clone(),
                     reason: "closed before answering".into(),
                 })?;
+            Ok::<_, SetupError>((stream, msg2))
+        };
+        let fut = async {
+            let ((), (stream, msg2)) = tokio::try_join!(send, join)?;
             let keys = init
                 .finish(&msg2)
                 .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?;

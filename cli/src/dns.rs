@@ -1,0 +1,142 @@
+//! The resolver `np up` runs on its interface address: `NAME.ID.np` → the device's virtual
+//! address. Only what that needs: one question, A answers, NXDOMAIN for unknown names under
+//! `.np`, REFUSED for anything else (it is no general resolver).
+
+use std::net::Ipv4Addr;
+
+const HEADER: usize = 12;
+const TYPE_A: u16 = 1;
+const TYPE_ANY: u16 = 255;
+const CLASS_IN: u16 = 1;
+const RCODE_NXDOMAIN: u8 = 3;
+const RCODE_REFUSED: u8 = 5;
+const RCODE_FORMERR: u8 = 1;
+/// Seconds resolvers may cache an answer: addresses are stable while `np up` runs.
+const TTL: u32 = 60;
+
+/// The answer to one DNS query datagram, or `None` if it is not worth answering (too short to
+/// even echo an id, or itself a response).
+pub fn answer(query: &[u8], lookup: impl Fn(&str) -> Option<Ipv4Addr>) -> Option<Vec<u8>> {
+    if query.len() < HEADER || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let qdcount = u16::from_be_bytes([query[4], query[5]]);
+    let opcode = (query[2] >> 3) & 0x0f;
+    let Some((name, end)) = (if qdcount == 1 && opcode == 0 { parse_name(query, HEADER) } else { None }) else {
+        return Some(reply(query, HEADER, RCODE_FORMERR, None));
+    };
+    if query.len() < end + 4 {
+        return Some(reply(query, HEADER, RCODE_FORMERR, None));
+    }
+    let qtype = u16::from_be_bytes([query[end], query[end + 1]]);
+    let qclass = u16::from_be_bytes([query[end + 2], query[end + 3]]);
+    let qend = end + 4;
+    let lower = name.to_ascii_lowercase();
+    if !(lower == "np" || lower.ends_with(".np")) || qclass != CLASS_IN {
+        return Some(reply(query, qend, RCODE_REFUSED, None));
+    }
+    match lookup(&lower) {
+        None => Some(reply(query, qend, RCODE_NXDOMAIN, None)),
+        Some(addr) if qtype == TYPE_A || qtype == TYPE_ANY => Some(reply(query, qend, 0, Some(addr))),
+        // The name exists but has no record of that type (e.g. AAAA): NOERROR, no answer.
+        Some(_) => Some(reply(query, qend, 0, None)),
+    }
+}
+
+fn parse_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
+    let mut labels = Vec::new();
+    loop {
+        let len = *msg.get(at)? as usize;
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        // No compression in questions we answer; and labels are at most 63 bytes.
+        if len > 63 || labels.len() > 16 {
+            return None;
+        }
+        let label = msg.get(at..at + len)?;
+        if !label.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_') {
+            return None;
+        }
+        labels.push(String::from_utf8_lossy(label).into_owned());
+        at += len;
+    }
+    Some((labels.join("."), at))
+}
+
+fn reply(query: &[u8], question_end: usize, rcode: u8, a: Option<Ipv4Addr>) -> Vec<u8> {
+    let mut r = Vec::with_capacity(question_end + 16);
+    r.extend_from_slice(&query[..2]);
+    // QR=1, opcode copied, AA=1, RD copied; RA=0.
+    r.push(0x80 | (query[2] & 0x79) | 0x04);
+    r.push(rcode & 0x0f);
+    let has_q = question_end > HEADER;
+    r.extend_from_slice(&(has_q as u16).to_be_bytes());
+    r.extend_from_slice(&(a.is_some() as u16).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(&query[HEADER..question_end]);
+    if let Some(addr) = a {
+        r.extend_from_slice(&[0xc0, HEADER as u8]); // pointer to the question's name
+        r.extend_from_slice(&TYPE_A.to_be_bytes());
+        r.extend_from_slice(&CLASS_IN.to_be_bytes());
+        r.extend_from_slice(&TTL.to_be_bytes());
+        r.extend_from_slice(&4u16.to_be_bytes());
+        r.extend_from_slice(&addr.octets());
+    }
+    r
+}
+
+/// Serves DNS on `sock` until the socket fails.
+pub async fn serve(sock: tokio::net::UdpSocket, lookup: impl Fn(&str) -> Option<Ipv4Addr> + Send + 'static) {
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else { return };
+        if let Some(r) = answer(&buf[..n], &lookup) {
+            let _ = sock.send_to(&r, from).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &str, qtype: u16) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&1u16.to_be_bytes());
+        q
+    }
+
+    fn lookup(n: &str) -> Option<Ipv4Addr> {
+        (n == "pi4.alice_device.np").then_some(Ipv4Addr::new(100, 80, 0, 2))
+    }
+
+    #[test]
+    fn answers_device_names() {
+        let r = answer(&query("Pi4.Alice_Device.np", TYPE_A), lookup).expect("reply");
+        assert_eq!(&r[..2], &[0x12, 0x34]);
+        assert_eq!(r[3] & 0x0f, 0);
+        assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1);
+        assert_eq!(&r[r.len() - 4..], &[100, 80, 0, 2]);
+        let r = answer(&query("pi4.alice_device.np", 28), lookup).expect("reply");
+        assert_eq!((r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])), (0, 0));
+        let r = answer(&query("pi5.alice_device.np", TYPE_A), lookup).expect("reply");
+        assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);
+        let r = answer(&query("example.com", TYPE_A), lookup).expect("reply");
+        assert_eq!(r[3] & 0x0f, RCODE_REFUSED);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_never_panics(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = answer(&b, lookup);
+        }
+    }
+}
