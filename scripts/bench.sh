@@ -214,6 +214,37 @@ PY
   stop_since "$m"
 }
 
+# --- np up --------------------------------------------------------------------------------------
+# np up in pc: a TUN with smoltcp terminating each flow, one session to the device via np-relay.
+section_up() {
+  log "np up"
+  local m; m=$(mark)
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7447
+  wait_port pr 198.18.0.2 7447
+  bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
+    --permit-open localhost:5201,localhost:22 --home "$WORK/home-bench_device"
+  sleep 1
+  ns pc "$BIN/np" up --as @bench_client --relay 198.18.0.2:7447 --device bench@bench_device=100.80.0.2 \
+    --home "$WORK/home-bench_client" >"$WORK/up.out" 2>>"$WORK/logs/bg.log" &
+  local up=$!; echo $up >>"$WORK/pids"
+  local i; for i in $(seq 100); do grep -q '^ready' "$WORK/up.out" 2>/dev/null && break; sleep 0.05; done
+  # Cold first flow: the session is set up by the first SYN (no --eager).
+  ns pc python3 - >>"$SETUP" <<'PY'
+import socket, time
+t = time.perf_counter()
+s = socket.create_connection(("100.80.0.2", 22), timeout=10); s.recv(1)
+print("np up cold first flow (SYN to first sshd byte, session set up on demand): %.1f ms" % ((time.perf_counter() - t) * 1e3))
+PY
+  tail -1 "$SETUP" >&2
+  measure "np up (TUN + smoltcp, one flow)" 100.80.0.2 5201 22
+  local r; r=$(ns pc iperf3 -J -t "$T" -P 8 -c 100.80.0.2 -p 5201 2>/dev/null | gbps 2>/dev/null)
+  echo "np up (TUN + smoltcp, 8 flows): ${r:-FAIL} Gbit/s, connect-to-first-byte - ms" | tee -a "$OURS" >&2
+  rss() { awk '/VmRSS/ {print $2, $3}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+  echo "RSS after the runs: np up $(rss $up), np-relay $(rss "$(pgrep -f 'np-relay .*198.18.0.2:7447' | head -1)"), npd $(rss "$(pgrep -f 'npd --as @bench_device' | head -1)"), np-control $(rss "$(pgrep -f 'np-control serve --listen 198.18' | head -1)")" >>"$SETUP"
+  tail -1 "$SETUP" >&2
+  stop_since "$m"
+}
+
 # --- report ------------------------------------------------------------------------------------
 report() {
   python3 - "$PEERS_OUT" "$OURS" <<'PY'
@@ -230,17 +261,25 @@ peers, ours = parse(sys.argv[1]), parse(sys.argv[2])
 def find(prefix):
     return next((g for l, g, _ in peers if l.startswith(prefix)), None)
 direct, ssh, socat = find("direct kernel TCP"), find("reverse SSH tunnel"), find("plain TCP relay")
+wg = find("wireguard-go")
 def ratio(a, b):
     return "%.2f" % (a / b) if a is not None and b else "-"
 w = max(len(l) for l, _, _ in peers + ours) if peers + ours else 40
 print()
-print("%-*s  %8s  %9s  %8s  %8s  %8s" % (w, "path", "Gbit/s", "cfb ms", "/direct", "/rev-ssh", "/socat"))
-print("-" * (w + 56))
-for l, g, c in ours:
-    print("%-*s  %8s  %9s  %8s  %8s  %8s" % (w, l, "FAIL" if g is None else "%.2f" % g, c, ratio(g, direct), ratio(g, ssh), ratio(g, socat)))
-print("-" * (w + 56))
-for l, g, c in peers:
-    print("%-*s  %8s  %9s  %8s  %8s  %8s" % (w, l, "FAIL" if g is None else "%.2f" % g, c, ratio(g, direct), ratio(g, ssh), ratio(g, socat)))
+ssh_cfb = next((c for l, _, c in peers if l.startswith("reverse SSH tunnel")), None)
+def cratio(c):
+    try:
+        return "%.2f" % (float(c) / float(ssh_cfb))
+    except (TypeError, ValueError):
+        return "-"
+hdr = (w, "path", "Gbit/s", "cfb ms", "/direct", "/rev-ssh", "/socat", "/wg-go", "cfb/rev-ssh")
+fmt = "%-*s  %8s  %9s  %8s  %8s  %8s  %8s  %11s"
+print(fmt % hdr)
+print("-" * (w + 79))
+for rows in (ours, peers):
+    for l, g, c in rows:
+        print(fmt % (w, l, "FAIL" if g is None else "%.2f" % g, c, ratio(g, direct), ratio(g, ssh), ratio(g, socat), ratio(g, wg), cratio(c)))
+    print("-" * (w + 79))
 PY
   echo
   cat "$SETUP"
@@ -255,6 +294,6 @@ start_control
 for n in @relay @bench_client @bench_device; do enrol $n; done
 # The relay pipes and np forward both look up keys on the control plane from the namespaces.
 start_services
-for sec in ${SECTIONS:-relay forward}; do "section_$sec"; done
+for sec in ${SECTIONS:-relay forward up}; do "section_$sec"; done
 teardown_hosts
 report
