@@ -440,6 +440,10 @@ impl Stack {
             self.queues.rx.push_back(syn);
         }
         self.poll_now();
+        if !self.flows.contains_key(&id) {
+            // smoltcp left the socket listening, so `poll_now` ended the flow.
+            return Err(FlowError::Closed);
+        }
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         let took_it = socket.state() == tcp::State::SynReceived
             && socket.remote_endpoint().map(|e| SocketAddr::new(e.addr.into(), e.port)) == Some(tuple.src);
@@ -641,7 +645,10 @@ impl Stack {
             }
             // Done when smoltcp is closed, or waiting out TIME-WAIT with nothing left to read
             // (a late retransmission then gets a reset from us, which the application ignores).
-            let done = state == tcp::State::Closed || (state == tcp::State::TimeWait && !socket.can_recv());
+            // A reset in SYN-RECEIVED sends a smoltcp socket back to LISTEN (RFC 793), where it
+            // would take the next SYN to this address and port from anyone: the flow is over.
+            let done = matches!(state, tcp::State::Closed | tcp::State::Listen)
+                || (state == tcp::State::TimeWait && !socket.can_recv());
             if done {
                 closed.push(id);
             }
@@ -820,6 +827,32 @@ mod tests {
         assert_eq!(h.stack.pending_count(), 0);
         assert_eq!(h.stack.accept_flow(ids[0], h.now), Err(FlowError::NotPending));
         assert_eq!(h.stack.flows_per_device().get(&"pi".into()), Some(&1));
+    }
+
+    #[test]
+    fn a_handshake_reset_by_the_application_ends_the_flow_and_leaves_no_listener() {
+        let mut h = Harness::new();
+        h.input(&syn("100.80.0.1:40000", "100.80.0.2:22"));
+        h.output();
+        let ids = h.new_flows();
+        h.stack.accept_flow(ids[0], h.now).expect("accept");
+        assert_eq!(h.output().len(), 1, "a SYN-ACK");
+        // The application gave up meanwhile: its kernel answers the SYN-ACK with a reset.
+        h.input(&segment(sa("100.80.0.1:40000"), sa("100.80.0.2:22"), TcpControl::Rst, 1001, None, &[]));
+        h.output();
+        assert!(h.events.contains(&Event::Closed(ids[0])), "{:?}", h.events);
+        assert_eq!(h.stack.flows_per_device().get(&"pi".into()).copied().unwrap_or(0), 0);
+        // The next connection to that port is a flow of its own and gets its own SYN-ACK (a
+        // socket left listening would have taken its SYN).
+        h.input(&syn("100.80.0.1:40001", "100.80.0.2:22"));
+        h.output();
+        let ids = h.new_flows();
+        assert_eq!(ids.len(), 1);
+        h.stack.accept_flow(ids[0], h.now).expect("accept the next flow");
+        let out = h.output();
+        assert_eq!(out.len(), 1);
+        let (src, dst, control, ..) = tcp_of(&out[0]);
+        assert_eq!((src, dst, control), (sa("100.80.0.2:22"), sa("100.80.0.1:40001"), TcpControl::Syn));
     }
 
     #[test]
