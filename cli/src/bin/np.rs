@@ -101,6 +101,19 @@ enum Cmd {
         #[arg(long, default_value = "np0")]
         name: String,
     },
+    /// Tell a device you manage to end every live session of an identity (e.g. after
+    /// `np-control revoke` stopped it from starting new ones).
+    EndSessions {
+        /// Your identity (a manager of the device) [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+        /// The device, NAME@ID.
+        #[arg(long)]
+        to: DeviceRef,
+        /// Whose sessions to end.
+        #[arg(long)]
+        of: Name,
+    },
     /// List the devices that share their info with you, live or gone.
     Devices {
         /// Your identity [default: the only one in the home directory].
@@ -210,6 +223,30 @@ async fn run(cli: Cli) -> Result<()> {
             let connector = Connector { ctl, router, timeout, mux: Default::default() };
             let opts = UpOptions { relay, devices, routes, subnet, name, eager, verbose: cli.verbose };
             np_cli::up::run(connector, opts, np_cli::shutdown_signal()).await
+        }
+        Cmd::EndSessions { me, to, of } => {
+            let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
+            let (router, _requests) = Router::start(incoming);
+            let mut request_id = [0u8; 16];
+            np_identity::random_bytes(&mut request_id)?;
+            let answer = router.expect(request_id);
+            let msg =
+                np_tunnel::msg::TunnelMsg::EndSessions { request_id, device: to.device.clone(), identity: of.clone() };
+            ctl.send(&to.identity, &msg.encode(), Duration::from_secs(30))
+                .await
+                .with_context(|| format!("asking {to}"))?;
+            let a = tokio::time::timeout(Duration::from_secs(10), answer)
+                .await
+                .map_err(|_| anyhow::anyhow!("{to} did not answer within 10s: is its npd running?"))?
+                .map_err(|_| anyhow::anyhow!("no answer from {to}"))?;
+            match a.msg {
+                np_tunnel::msg::TunnelMsg::SessionsEnded { result: Ok(n), .. } if a.from == to.identity => {
+                    println!("{to} ended {n} session(s) of {of}");
+                    Ok(())
+                }
+                np_tunnel::msg::TunnelMsg::SessionsEnded { result: Err(e), .. } => anyhow::bail!("{to} refused: {e}"),
+                _ => anyhow::bail!("unexpected answer from {}", a.from),
+            }
         }
         Cmd::Status { name } => {
             print!("{}", np_cli::up::status(&name).await?);

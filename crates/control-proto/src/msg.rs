@@ -189,6 +189,9 @@ pub enum ErrorCode {
 pub enum AdminRequest {
     /// Issue a one-time enrolment code for `name`, valid `ttl_secs`.
     IssueCode { name: Name, ttl_secs: u64 },
+    /// Remove an identity: its key, records and queued notifications; its connections close
+    /// and it can no longer authenticate.
+    Revoke { name: Name },
 }
 
 /// Answers on the admin socket.
@@ -196,6 +199,8 @@ pub enum AdminRequest {
 pub enum AdminReply {
     /// The code, as the enrolling user types it.
     Code(String),
+    /// Done.
+    Revoked,
     /// Refused, with why.
     Error(String),
 }

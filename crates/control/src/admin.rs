@@ -24,12 +24,17 @@ pub(crate) fn new_code(store: &Store, cert_der: &[u8], name: &Name, ttl: Duratio
 }
 
 /// Serves admin requests until the listener fails.
-pub(crate) async fn serve(listener: tokio::net::UnixListener, store: Arc<Store>, cert_der: Arc<Vec<u8>>) {
+pub(crate) async fn serve(
+    listener: tokio::net::UnixListener,
+    shared: Arc<crate::server::Shared>,
+    cert_der: Arc<Vec<u8>>,
+) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             return;
         };
-        let (store, cert) = (store.clone(), cert_der.clone());
+        let (shared, cert) = (shared.clone(), cert_der.clone());
+        let store = shared.store.clone();
         tokio::spawn(async move {
             let req = match np_wire::io::read_msg::<AdminRequest, _>(&mut s, 4096).await {
                 Ok(Some(r)) => r,
@@ -46,6 +51,19 @@ pub(crate) async fn serve(listener: tokio::net::UnixListener, store: Arc<Store>,
                             tracing::info!("issued an enrolment code");
                             AdminReply::Code(code)
                         }
+                        Ok(Err(e)) => AdminReply::Error(e.to_string()),
+                        Err(e) => AdminReply::Error(e.to_string()),
+                    }
+                }
+                AdminRequest::Revoke { name } => {
+                    let n = name.clone();
+                    match shared.lane.submit(move |s| s.revoke(&n)).await {
+                        Ok(Ok(true)) => {
+                            shared.hub.close_all(&name);
+                            tracing::warn!(%name, "identity revoked");
+                            AdminReply::Revoked
+                        }
+                        Ok(Ok(false)) => AdminReply::Error(format!("{name} is not enrolled")),
                         Ok(Err(e)) => AdminReply::Error(e.to_string()),
                         Err(e) => AdminReply::Error(e.to_string()),
                     }
@@ -79,4 +97,25 @@ pub async fn issue_code(data: &Path, name: &Name, ttl: Duration) -> Result<Strin
     let tls = crate::tls::TlsIdentity::load_or_create(data)?;
     let store = Store::open(&data.join(crate::server::DB_FILE))?;
     Ok(new_code(&store, &tls.cert_der, name, ttl)?)
+}
+
+/// Revokes `name`: through the running server (which also closes its connections), or directly
+/// in the database when no server is running.
+pub async fn revoke(data: &Path, name: &Name) -> Result<()> {
+    let sock = data.join(SOCKET);
+    if let Ok(mut s) = UnixStream::connect(&sock).await {
+        np_wire::io::write_msg(&mut s, &AdminRequest::Revoke { name: name.clone() })
+            .await
+            .context("asking the running server")?;
+        return match np_wire::io::read_msg::<AdminReply, _>(&mut s, 4096).await {
+            Ok(Some(AdminReply::Revoked)) => Ok(()),
+            Ok(Some(AdminReply::Error(e))) => bail!("{e}"),
+            _ => bail!("the running server closed the admin socket without an answer"),
+        };
+    }
+    let store = Store::open(&data.join(crate::server::DB_FILE))?;
+    if !store.revoke(name)? {
+        bail!("{name} is not enrolled");
+    }
+    Ok(())
 }

@@ -41,6 +41,15 @@ impl Hub {
         }
     }
 
+    /// Closes every connection of `name` (after a revocation).
+    pub fn close_all(&self, name: &Name) {
+        if let Ok(m) = self.conns.lock() {
+            for e in m.get(name).into_iter().flatten() {
+                e.kill.notify_one();
+            }
+        }
+    }
+
     /// Pushes to every connection of the recipient; returns whether any took it. A connection
     /// whose queue is full is told to close: its client reconnects and receives the queue from
     /// the database, so nothing is lost and no memory grows.

@@ -13,7 +13,7 @@ mod server;
 pub mod store;
 pub mod tls;
 
-pub use admin::issue_code;
+pub use admin::{issue_code, revoke};
 pub use server::{ControlServer, ServerConfig};
 
 /// Milliseconds since the Unix epoch.

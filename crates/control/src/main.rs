@@ -62,6 +62,16 @@ enum Cmd {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Revoke an identity: its key, records and queued messages are deleted, its connections
+    /// closed, and it can no longer authenticate (so it starts no new session). Its live sessions
+    /// end when a manager tells the device (`np end-sessions`).
+    Revoke {
+        /// The identity to revoke.
+        name: Name,
+        /// The server's data directory [default: ~/.np-control].
+        #[arg(long, env = "NP_CONTROL_DATA")]
+        data: Option<PathBuf>,
+    },
 }
 
 fn default_data(d: Option<PathBuf>) -> PathBuf {
@@ -136,6 +146,12 @@ async fn run(cmd: Cmd) -> Result<()> {
                     Ok(())
                 }
             }
+        }
+        Cmd::Revoke { name, data } => {
+            let data = default_data(data);
+            np_control::revoke(&data, &name).await.with_context(|| format!("revoking {name}"))?;
+            eprintln!("revoked {name}");
+            Ok(())
         }
         Cmd::Enroll { name, data, ttl } => {
             let data = default_data(data);

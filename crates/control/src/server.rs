@@ -88,7 +88,7 @@ impl ControlServer {
         let admin = tokio::net::UnixListener::bind(&sock)
             .with_context(|| format!("binding admin socket {}", sock.display()))?;
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
-        tokio::spawn(crate::admin::serve(admin, store.clone(), Arc::new(tls.cert_der.clone())));
+        let admin_cert = Arc::new(tls.cert_der.clone());
         let public_address = cfg.public_address.clone().unwrap_or_else(|| local.to_string());
         let next_seq = AtomicU64::new(store.start_seq()?);
         let lane = crate::lane::WriteLane::start(store.clone()).context("starting the database writer")?;
@@ -101,6 +101,7 @@ impl ControlServer {
             lane,
             next_seq,
         });
+        tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_cert));
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
         Ok(ControlServer { shared, listener, acceptor, fingerprint: tls.fingerprint() })
     }

@@ -192,6 +192,23 @@ impl Store {
         db!(w.commit())
     }
 
+    /// Removes an identity with its records and queued notifications. Returns whether it existed.
+    pub fn revoke(&self, name: &Name) -> Result<bool, StoreError> {
+        let w = db!(self.db.begin_write())?;
+        let existed = {
+            let mut ids = db!(w.open_table(IDENTITIES))?;
+            let existed = db!(ids.remove(name.as_str()))?.is_some();
+            let n = name.as_str();
+            let mut recs = db!(w.open_table(RECORDS))?;
+            db!(recs.retain_in((n, "")..=(n, "\u{10ffff}"), |_, _| false))?;
+            let mut q = db!(w.open_table(QUEUE))?;
+            db!(q.retain_in((n, 0)..=(n, u64::MAX), |_, _| false))?;
+            existed
+        };
+        db!(w.commit())?;
+        Ok(existed)
+    }
+
     /// One record.
     pub fn record(&self, owner: &Name, key: &str) -> Result<Option<Record>, StoreError> {
         let r = db!(self.db.begin_read())?;

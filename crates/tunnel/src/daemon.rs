@@ -74,6 +74,8 @@ struct Daemon {
     cfg: DaemonConfig,
     replay: Mutex<ReplayGuard>,
     policy: Option<PolicyClient>,
+    /// Live sessions by requester, so a manager can end them.
+    live: Mutex<Vec<(Name, np_session::SessionHandle)>>,
 }
 
 /// Runs the daemon until the control-plane client is gone.
@@ -85,6 +87,7 @@ pub async fn run(ctl: ControlClient, incoming: Incoming, cfg: DaemonConfig) {
         ctl,
         cfg,
         policy,
+        live: Mutex::new(Vec::new()),
     });
     tokio::spawn(heartbeat(d.clone()));
     tracing::info!(device = %d.cfg.device, identity = %d.ctl.me(), permit_open = %d.cfg.permit, "waiting for session requests");
@@ -131,6 +134,30 @@ impl Daemon {
                     if let Err(e) = self.ctl.send(&from, &msg.encode(), Duration::from_secs(30)).await {
                         tracing::warn!(requester = %from, error = %e, "could not send the refusal");
                     }
+                }
+            }
+            TunnelMsg::EndSessions { request_id, device, identity } if device == self.cfg.device => {
+                let result = if self.cfg.managers.contains(&req.from) {
+                    let mut n = 0u32;
+                    if let Ok(mut live) = self.live.lock() {
+                        live.retain(|(who, h)| {
+                            if who == &identity && h.error().is_none() {
+                                h.close(&format!("sessions of {identity} ended by {}", req.from));
+                                n += 1;
+                                false
+                            } else {
+                                h.error().is_none()
+                            }
+                        });
+                    }
+                    tracing::warn!(%identity, by = %req.from, ended = n, "ended sessions on request");
+                    Ok(n)
+                } else {
+                    Err(format!("{} is not a manager of {}@{}", req.from, self.cfg.device, self.ctl.me().bare()))
+                };
+                let msg = TunnelMsg::SessionsEnded { request_id, result };
+                if let Err(e) = self.ctl.send(&req.from, &msg.encode(), Duration::from_secs(30)).await {
+                    tracing::warn!(to = %req.from, error = %e, "could not answer");
                 }
             }
             other => tracing::debug!(from = %req.from, msg = ?std::mem::discriminant(&other), "ignoring message"),
@@ -200,6 +227,10 @@ impl Daemon {
         np_wire::io::write_frame(&mut stream, &msg2).await.map_err(|e| format!("relay: {e}"))?;
         tracing::info!(requester = %from, session = %hex::encode(&r.session[..4]), "session accepted");
         let mut session = device_session(stream, keys, self.cfg.mux.clone());
+        if let Ok(mut live) = self.live.lock() {
+            live.retain(|(_, h)| h.error().is_none());
+            live.push((from.clone(), session.handle().clone()));
+        }
         let permits = Arc::new(permits);
         let dial_timeout = self.cfg.dial_timeout;
         let requester = from.clone();

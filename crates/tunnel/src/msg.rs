@@ -14,6 +14,10 @@ pub enum TunnelMsg {
     PolicyQuery { query_id: [u8; 16], requester: Name, device: String, targets: Vec<String> },
     /// Policy identity → device.
     PolicyAnswer { query_id: [u8; 16], allow: bool, permit: Vec<String>, reason: String },
+    /// Manager → device: end every live session of `identity` (e.g. after revoking it).
+    EndSessions { request_id: [u8; 16], device: String, identity: Name },
+    /// Device → manager: done, `count` sessions ended (or refused, with why).
+    SessionsEnded { request_id: [u8; 16], result: Result<u32, String> },
 }
 
 /// A client's request for a session with one device.

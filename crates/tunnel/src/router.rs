@@ -39,6 +39,7 @@ impl Router {
                 let id = match &msg {
                     TunnelMsg::SessionRefused { request_id, .. } => Some(*request_id),
                     TunnelMsg::PolicyAnswer { query_id, .. } => Some(*query_id),
+                    TunnelMsg::SessionsEnded { request_id, .. } => Some(*request_id),
                     _ => None,
                 };
                 let fp = FromPeer { from: m.from, msg };
