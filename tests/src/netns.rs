@@ -734,7 +734,7 @@ impl Deployment {
                 return Err(format!("np up failed; stdout:\n{seen}\nlog:\n{}", read(&log)));
             }
         };
-        let up = Up::parse(Proc(child), pid, lines, log).map_err(|e| format!("{e}"))?;
+        let up = Up::parse(Proc(child), pid, lines, log)?;
         eprintln!("np up ready in {:?}", t0.elapsed());
         Ok(up)
     }

@@ -95,11 +95,8 @@ fn hosts_route_the_lan_and_are_torn_down_on_drop() {
         );
         let pid = sleeper.0.id();
         std::mem::forget(sleeper);
-        let (_, links) = (
-            0,
-            String::from_utf8_lossy(&std::process::Command::new("ip").args(["-o", "link"]).output().unwrap().stdout)
-                .into_owned(),
-        );
+        let out = std::process::Command::new("ip").args(["-o", "link"]).output().unwrap();
+        let links = String::from_utf8_lossy(&out.stdout).into_owned();
         let veths: Vec<String> = links
             .lines()
             .filter_map(|l| l.split(": ").nth(1))
