@@ -1,0 +1,88 @@
+//! Mux frames: the plaintext of records from the peer, read by [`FrameReader`] and handled by a
+//! [`Mux`] of either role, with the application answering as the real drivers do (accept or
+//! refuse a flow, consume data, write back) and time moving on.
+//!
+//! Input layout: one byte of role and options, then records as `len:u16` + bytes.
+#![no_main]
+
+use bytes::Bytes;
+use libfuzzer_sys::fuzz_target;
+use np_session::frame::FrameReader;
+use np_session::handshake::Role;
+use np_session::{Event, Mux, MuxConfig};
+use std::time::{Duration, Instant};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&opts, mut rest)) = data.split_first() else { return };
+    let role = if opts & 1 == 0 { Role::Initiator } else { Role::Responder };
+    let config = MuxConfig { initial_window: 4096, max_peer_flows: 8, ..MuxConfig::default() };
+    let mut now = Instant::now();
+    let mut mux = Mux::new(role, config, now);
+    // A client has flows of its own open already, so OpenOk/Data for them are reachable.
+    if role == Role::Initiator {
+        for _ in 0..(opts >> 1) % 4 {
+            let _ = mux.open("localhost:22");
+        }
+    }
+    drain(&mut mux, now, opts);
+    while rest.len() >= 2 {
+        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let take = len.min(rest.len() - 2);
+        let record = &rest[2..2 + take];
+        rest = &rest[2 + take..];
+
+        // The reader alone: never panics, never reads past the record.
+        let mut reader = FrameReader::new(Bytes::copy_from_slice(record));
+        for _ in 0..record.len() + 1 {
+            match reader.next_frame() {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+
+        let was_closed = mux.is_closed();
+        let r = mux.handle_frames(Bytes::copy_from_slice(record), now);
+        if was_closed {
+            assert!(r.is_err(), "a closed mux accepted frames");
+        }
+        if r.is_err() {
+            assert!(mux.is_closed(), "a frame error must close the session");
+        }
+        drain(&mut mux, now, opts);
+        now += Duration::from_millis(u64::from(opts) * 100);
+        mux.handle_timeout(now);
+        drain(&mut mux, now, opts);
+    }
+});
+
+fn drain(mux: &mut Mux, now: Instant, opts: u8) {
+    for _ in 0..10_000 {
+        let mut progress = false;
+        while let Some(ev) = mux.poll_event() {
+            progress = true;
+            match ev {
+                Event::FlowOpened { flow, .. } => {
+                    let _ = if flow % 3 == 0 { mux.refuse(flow, "no") } else { mux.accept(flow) };
+                }
+                Event::FlowData { flow, bytes } => {
+                    mux.consumed(flow, bytes.len());
+                    if opts & 0x40 != 0 {
+                        let _ = mux.send(flow, &bytes);
+                    }
+                    if opts & 0x80 != 0 {
+                        let _ = mux.finish(flow);
+                    }
+                }
+                _ => {}
+            }
+        }
+        while let Some(out) = mux.poll_transmit(now) {
+            progress = true;
+            assert!(out.len() <= np_session::MAX_RECORD_PLAINTEXT);
+        }
+        if !progress {
+            return;
+        }
+    }
+    panic!("the mux never stops producing output");
+}

@@ -1,0 +1,125 @@
+//! IP packets from the TUN into the smoltcp stack of `np up`, with a small address map.
+//!
+//! Input: one byte of options, then packets as `len:u16` + bytes. Where a packet looks like
+//! IPv4 or IPv6 carrying TCP, its checksums are fixed up (unless the options say not to), so the
+//! fuzzer explores the stack's flow handling and not only its checksum check. The driver's
+//! answers are played too: new flows accepted or refused, data read and written, timers run.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use np_netstack::{AddressMap, Event, Prefix, RefuseKind, Stack, StackConfig, DEFAULT_SUBNET};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
+use std::time::{Duration, Instant};
+
+fn map() -> AddressMap {
+    let mut map = AddressMap::new(DEFAULT_SUBNET).expect("map");
+    map.add_device("pi".into(), None).expect("device");
+    map.add_route("192.168.1.0/24".parse::<Prefix>().expect("prefix"), "pi".into()).expect("route");
+    map.add_route("fd00::/64".parse::<Prefix>().expect("prefix"), "pi".into()).expect("route");
+    map
+}
+
+/// Recomputes the IPv4 header checksum and the TCP checksum where the packet's own lengths
+/// allow it; leaves anything else as it is.
+fn fix_checksums(p: &mut [u8]) {
+    match p.first().map(|b| b >> 4) {
+        Some(4) => {
+            let Ok(mut ip) = Ipv4Packet::new_checked(&mut *p) else { return };
+            ip.fill_checksum();
+            if ip.next_header() != IpProtocol::Tcp {
+                return;
+            }
+            let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
+            let hl = usize::from(ip.header_len());
+            let total = usize::from(ip.total_len()).min(p.len());
+            if let Some(seg) = p.get_mut(hl..total) {
+                if let Ok(mut tcp) = TcpPacket::new_checked(seg) {
+                    tcp.fill_checksum(&src, &dst);
+                }
+            }
+        }
+        Some(6) => {
+            let Ok(ip) = Ipv6Packet::new_checked(&mut *p) else { return };
+            if ip.next_header() != IpProtocol::Tcp {
+                return;
+            }
+            let (src, dst) = (IpAddress::Ipv6(ip.src_addr()), IpAddress::Ipv6(ip.dst_addr()));
+            let end = (40 + usize::from(ip.payload_len())).min(p.len());
+            if let Some(seg) = p.get_mut(40..end) {
+                if let Ok(mut tcp) = TcpPacket::new_checked(seg) {
+                    tcp.fill_checksum(&src, &dst);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&opts, mut rest)) = data.split_first() else { return };
+    let config = StackConfig {
+        mtu: 65535,
+        rx_buffer: 8192,
+        tx_buffer: 8192,
+        max_pending: 4,
+        max_flows: 8,
+        max_queued_packets: 64,
+        seed: 1,
+    };
+    let mut now = Instant::now();
+    let mut stack = Stack::new(config, map(), now);
+    let _ = ChecksumCapabilities::default();
+    let mut buf = [0u8; 4096];
+    while rest.len() >= 2 {
+        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let take = len.min(rest.len() - 2);
+        let mut packet = rest[2..2 + take].to_vec();
+        rest = &rest[2 + take..];
+        if opts & 1 == 0 {
+            fix_checksums(&mut packet);
+        }
+        stack.handle_packet(&packet, now);
+        for _ in 0..1000 {
+            let mut progress = false;
+            while let Some(ev) = stack.poll_event() {
+                progress = true;
+                match ev {
+                    Event::NewFlow { id, .. } => {
+                        let _ = match id.0 % 4 {
+                            0 => stack.refuse_flow(id, RefuseKind::Refused),
+                            1 => stack.refuse_flow(id, RefuseKind::Unreachable),
+                            _ => stack.accept_flow(id, now),
+                        };
+                    }
+                    Event::Readable(id) => {
+                        while let Ok(n) = stack.recv(id, &mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            if opts & 2 != 0 {
+                                let _ = stack.send(id, &buf[..n]);
+                            }
+                        }
+                        if opts & 4 != 0 {
+                            let _ = stack.close(id);
+                        }
+                    }
+                    Event::Writable(id) => {
+                        let _ = stack.send(id, b"device says hello");
+                    }
+                    Event::Closed(_) => {}
+                }
+            }
+            while stack.poll_transmit().is_some() {
+                progress = true;
+            }
+            if !progress {
+                break;
+            }
+        }
+        now += Duration::from_millis(u64::from(opts >> 3) * 50);
+        stack.handle_timeout(now);
+        let _ = stack.poll_at(now);
+    }
+});
