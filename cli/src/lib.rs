@@ -85,6 +85,12 @@ pub async fn connect_control_retrying(home: &Home, who: Option<&Name>) -> anyhow
     }
 }
 
+/// Session settings for a keepalive interval: a ping after `keepalive` of silence, and the
+/// session declared dead after three intervals without hearing anything.
+pub fn mux_config(keepalive: std::time::Duration) -> np_session::MuxConfig {
+    np_session::MuxConfig { keepalive_interval: keepalive, idle_timeout: keepalive * 3, ..Default::default() }
+}
+
 /// Waits for SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -125,14 +125,11 @@ impl Stack {
             cmd.args(extra).env("RUST_LOG", "debug").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
-        // Stderr to a file (appending), read back on failure.
+        // Stderr to a file (appending, as it comes), read back on failure.
         let logc = log.clone();
         std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = stderr.read_to_end(&mut buf);
-            use std::io::Write;
             if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(logc) {
-                let _ = f.write_all(&buf);
+                let _ = std::io::copy(&mut stderr, &mut f);
             }
         });
         let mut addrs = Vec::new();

@@ -30,6 +30,10 @@ struct Cli {
     /// Print each step with its elapsed time.
     #[arg(short, long, global = true)]
     verbose: bool,
+    /// Send a keepalive after this long without traffic; a session silent for three intervals
+    /// is declared dead and set up again on the next flow.
+    #[arg(long, global = true, default_value = "15s", value_parser = humantime::parse_duration)]
+    keepalive: Duration,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -209,7 +213,7 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             let (router, _requests) = Router::start(incoming);
-            let connector = Connector { ctl, router, timeout, mux: Default::default() };
+            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive) };
             let targets = forwards.iter().map(|f| f.target.clone()).collect();
             let slot = Arc::new(SessionSlot::new(connector, to, relay, targets, cli.verbose));
             tokio::select! {
@@ -220,7 +224,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Up { me, relay, devices, routes, subnet, name, eager, timeout } => {
             let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
             let (router, _requests) = Router::start(incoming);
-            let connector = Connector { ctl, router, timeout, mux: Default::default() };
+            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive) };
             let opts = UpOptions { relay, devices, routes, subnet, name, eager, verbose: cli.verbose };
             np_cli::up::run(connector, opts, np_cli::shutdown_signal()).await
         }

@@ -41,6 +41,10 @@ struct Cli {
     /// Seconds between heartbeats.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
+    /// Send a session keepalive after this long without traffic; a session silent for three
+    /// intervals is ended.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    keepalive: Duration,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +71,7 @@ async fn run(cli: Cli) -> Result<()> {
     cfg.policy = cli.policy;
     cfg.permit = permit;
     cfg.heartbeat = cli.heartbeat;
+    cfg.mux = np_cli::mux_config(cli.keepalive);
     eprintln!(
         "npd: {}@{} ready; managers {}; permit-open {}",
         cfg.device,

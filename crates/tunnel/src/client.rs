@@ -112,7 +112,8 @@ impl Connector {
                 session,
                 &device.identity,
                 None,
-                ttl,
+                // Longer than the overall wait, so a silent device is reported as such.
+                ttl + Duration::from_secs(5),
             )
             .await
             .map_err(|e| SetupError::Relay { relay: relay.to_string(), reason: e.to_string() })?;

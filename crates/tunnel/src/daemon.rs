@@ -238,7 +238,8 @@ impl Daemon {
             while let Some(flow) = session.next_flow().await {
                 tokio::spawn(serve_flow(flow, permits.clone(), dial_timeout));
             }
-            tracing::info!(%requester, "session ended");
+            let reason = session.handle().error().map(|e| e.to_string()).unwrap_or_else(|| "closed".into());
+            tracing::info!(%requester, %reason, "session ended");
         });
         Ok(())
     }
