@@ -126,12 +126,17 @@ fn remove_stale(name: &str) -> Result<(), TunError> {
     ip(&["link", "delete", name])
 }
 
-/// A process with a TUN file descriptor attached to `name`: the kernel shows `iff:\tNAME` in the
-/// fdinfo of such descriptors.
+/// A process in our network namespace with a TUN file descriptor attached to `name`: the kernel
+/// shows `iff:\tNAME` in the fdinfo of such descriptors. A holder in another namespace holds
+/// another interface of the same name (each container or namespace may have its own `np0`).
 fn tun_holder(name: &str) -> Option<u32> {
     let wanted = format!("iff:\t{name}");
+    let ours = std::fs::read_link("/proc/self/ns/net").ok();
     for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = proc_entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if ours.is_some() && std::fs::read_link(proc_entry.path().join("ns/net")).ok() != ours {
+            continue;
+        }
         let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fdinfo")) else { continue };
         for fd in fds.flatten() {
             if let Ok(info) = std::fs::read_to_string(fd.path()) {
