@@ -515,6 +515,15 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
+/// Opens a TUN interface named ARGV[1] and holds it until killed.
+const PY_HOLD_TUN: &str = r#"
+import fcntl, os, struct, sys, time
+fd = os.open('/dev/net/tun', os.O_RDWR)
+fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', sys.argv[1].encode(), 0x0001 | 0x1000))
+os.system('ip link set %s up' % sys.argv[1])
+time.sleep(3600)
+"#;
+
 /// What in pc could be left behind by an `np up` on interface `name`.
 fn leftovers(d: &Deployment, name: &str) -> Vec<String> {
     let pc = &d.hosts.pc;
@@ -601,7 +610,18 @@ fn exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start() {
     );
     drop(up);
 
-    // A stale persistent interface of the same name (nobody holds it) is cleaned up at start.
+    // A stale persistent interface of the same name (nobody holds it) is cleaned up at start,
+    // even while a process in another namespace holds a TUN interface of that name there.
+    let holder = np_tests::netns::spawn_in(
+        &d.hosts.pr,
+        std::process::Command::new("python3").args(["-c", PY_HOLD_TUN, "np0"]),
+        &d.path().join("tun-holder.log"),
+    );
+    assert!(
+        np_tests::wait_until(Duration::from_secs(5), || d.hosts.ip_in(&d.hosts.pr, &["link", "show", "np0"]).0),
+        "the TUN holder in pr did not start: {}",
+        d.log("tun-holder.log")
+    );
     let out = sh_in(&pc, "ip tuntap add dev np0 mode tun && ip link set np0 up", Duration::from_secs(5));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mut up = d.up(&["--device", DEVICE]).unwrap_or_else(|e| panic!("np up over a stale np0: {e}"));
@@ -610,6 +630,7 @@ fn exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start() {
     let st = up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap();
     assert!(st.success());
     assert_eq!(leftovers(&d, "np0"), Vec::<String>::new());
+    drop(holder);
 
     // Another name and subnet, and its routes go with it too.
     let route = format!("{}={DEVICE}", d.hosts.lan_prefix());
