@@ -28,10 +28,10 @@ pub const MAX_RECORD_CIPHERTEXT: usize = MAX_RECORD_PLAINTEXT + TAG_LEN;
 /// The nonce (a 64-bit counter in a 96-bit field) would only repeat after 2^64 records, so the
 /// binding limit is the data limit of AES-GCM itself: the confidentiality advantage grows with
 /// the square of the blocks sealed under one key, about (blocks)^2 / 2^129
-/// (draft-irtf-cfrg-aead-limits). 2^32 full records are 2^44 blocks (256 TiB), an advantage near
-/// 2^-41, and far more than any session moves; with no rekeying yet, reaching it ends the session
-/// cleanly instead of ever reusing a nonce.
-pub const DEFAULT_RECORD_LIMIT: u64 = 1 << 32;
+/// (draft-irtf-cfrg-aead-limits). 2^24 full records are 2^36 blocks (1 TiB per direction), an
+/// advantage near 2^-57, the margin TLS 1.3's own AES-GCM limit keeps. With no rekeying yet,
+/// reaching it ends the session cleanly (never a reused nonce) and the client sets up a new one.
+pub const DEFAULT_RECORD_LIMIT: u64 = 1 << 24;
 
 /// How much the opener's buffer grows at a time, so socket reads are large and allocations rare.
 const READ_RESERVE: usize = 256 * 1024;
