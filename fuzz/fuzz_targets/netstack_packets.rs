@@ -8,7 +8,6 @@
 
 use libfuzzer_sys::fuzz_target;
 use np_netstack::{AddressMap, Event, Prefix, RefuseKind, Stack, StackConfig, DEFAULT_SUBNET};
-use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
 use std::time::{Duration, Instant};
 
@@ -66,10 +65,10 @@ fuzz_target!(|data: &[u8]| {
         max_flows: 8,
         max_queued_packets: 64,
         seed: 1,
+        ..StackConfig::default()
     };
     let mut now = Instant::now();
     let mut stack = Stack::new(config, map(), now);
-    let _ = ChecksumCapabilities::default();
     let mut buf = [0u8; 4096];
     while rest.len() >= 2 {
         let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
