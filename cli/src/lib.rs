@@ -91,6 +91,19 @@ pub fn mux_config(keepalive: std::time::Duration) -> np_session::MuxConfig {
     np_session::MuxConfig { keepalive_interval: keepalive, idle_timeout: keepalive * 3, ..Default::default() }
 }
 
+/// Makes large allocations (TCP socket buffers of `np up`, 1 MiB each) always come straight
+/// from mmap. glibc otherwise raises its mmap threshold after the first such buffer is freed and
+/// then serves later ones from the heap, zero-filled by hand: every half-open flow of a SYN flood
+/// then cost its full buffers in resident memory (measured: 558 MiB after 40,000 spoofed SYNs),
+/// and the heap never shrank. Fresh mmap pages are mapped only when data arrives.
+#[allow(unsafe_code)]
+pub fn large_allocations_from_mmap() {
+    // SAFETY: mallopt only changes allocator tuning; called at start, before other threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Waits for SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

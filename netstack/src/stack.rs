@@ -47,6 +47,10 @@ pub struct StackConfig {
     pub max_pending: usize,
     /// Flows in total (pending and open); a SYN beyond it is refused with a reset.
     pub max_flows: usize,
+    /// How long an accepted flow may wait for the application's ACK of our SYN-ACK. A SYN from
+    /// a spoofed or vanished source is never completed; without a deadline smoltcp would
+    /// retransmit forever while the flow held its session slot and the device's connection.
+    pub handshake_timeout: std::time::Duration,
     /// Packets waiting to be written to the TUN; smoltcp waits when the queue is full.
     pub max_queued_packets: usize,
     /// Seed for smoltcp's initial sequence numbers.
@@ -64,6 +68,7 @@ impl Default for StackConfig {
             tx_buffer: 1 << 20,
             max_pending: 256,
             max_flows: 4096,
+            handshake_timeout: std::time::Duration::from_secs(10),
             max_queued_packets: 4096,
             seed: 0,
         }
@@ -149,6 +154,8 @@ pub struct Stats {
     pub unmapped: u64,
     /// New SYNs dropped because too many handshakes were pending.
     pub pending_full: u64,
+    /// Accepted flows whose handshake the application never completed.
+    pub handshake_timeouts: u64,
     /// Retransmitted SYNs absorbed while their flow was pending.
     pub syn_retransmits: u64,
     /// Flows reported with [`Event::NewFlow`].
@@ -189,6 +196,8 @@ enum FlowState {
 
 struct OpenFlow {
     handle: SocketHandle,
+    /// When the SYN-ACK went out; `None` once the handshake completed.
+    handshake_since: Option<Instant>,
     /// `Readable` reported and not yet followed by a `recv` that emptied the buffer.
     read_reported: bool,
     /// `recv` returned `Finished`.
@@ -255,6 +264,11 @@ pub struct Stack {
     flows: HashMap<FlowId, Flow>,
     by_tuple: HashMap<Tuple, FlowId>,
     pending: usize,
+    /// Accepted flows still in SYN-RECEIVED; with `pending`, the half-open handshakes that
+    /// `max_pending` bounds.
+    half_open: usize,
+    /// The earliest handshake deadline of a half-open flow.
+    next_deadline: Option<Instant>,
     next_id: u64,
     events: VecDeque<Event>,
     /// smoltcp time 0.
@@ -294,6 +308,8 @@ impl Stack {
             flows: HashMap::new(),
             by_tuple: HashMap::new(),
             pending: 0,
+            half_open: 0,
+            next_deadline: None,
             next_id: 0,
             events: VecDeque::new(),
             base: now,
@@ -372,7 +388,7 @@ impl Stack {
             self.stats.unreachables_sent += 1;
             return;
         };
-        if self.pending >= self.config.max_pending {
+        if self.pending + self.half_open >= self.config.max_pending {
             self.stats.pending_full += 1;
             return;
         }
@@ -433,7 +449,13 @@ impl Stack {
         let Some(flow) = self.flows.get_mut(&id) else { return Err(FlowError::Unknown) };
         let old = std::mem::replace(
             &mut flow.state,
-            FlowState::Open(OpenFlow { handle, read_reported: false, eof_read: false, write_blocked: false }),
+            FlowState::Open(OpenFlow {
+                handle,
+                handshake_since: Some(now),
+                read_reported: false,
+                eof_read: false,
+                write_blocked: false,
+            }),
         );
         self.pending -= 1;
         if let FlowState::Pending { syn, .. } = old {
@@ -576,8 +598,12 @@ impl Stack {
         if self.dirty || !self.events.is_empty() || !self.queues.tx.is_empty() {
             return Some(self.now);
         }
-        let at = self.iface.poll_at(self.smol_now(), &self.sockets)?;
-        Some(self.base + Duration::from_micros(at.total_micros().max(0) as u64))
+        let smol = self.iface.poll_at(self.smol_now(), &self.sockets);
+        let smol = smol.map(|at| self.base + Duration::from_micros(at.total_micros().max(0) as u64));
+        match (smol, self.next_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn advance(&mut self, now: Instant) {
@@ -627,8 +653,27 @@ impl Stack {
         let now = self.smol_now();
         self.iface.poll(now, &mut self.queues, &mut self.sockets);
         let mut closed = Vec::new();
+        let (mut half_open, mut next_deadline) = (0, None::<Instant>);
+        let deadline_after = self.config.handshake_timeout;
         for (&id, flow) in &mut self.flows {
             let FlowState::Open(open) = &mut flow.state else { continue };
+            if let Some(since) = open.handshake_since {
+                let socket = self.sockets.get_mut::<tcp::Socket>(open.handle);
+                if socket.state() != tcp::State::SynReceived {
+                    open.handshake_since = None;
+                } else if self.now >= since + deadline_after {
+                    // Never completed: give up (a reset to the claimed source) and end the flow.
+                    socket.abort();
+                    self.dirty = true;
+                    self.stats.handshake_timeouts += 1;
+                    closed.push(id);
+                    continue;
+                } else {
+                    half_open += 1;
+                    let d = since + deadline_after;
+                    next_deadline = Some(next_deadline.map_or(d, |n: Instant| n.min(d)));
+                }
+            }
             let socket = self.sockets.get::<tcp::Socket>(open.handle);
             let state = socket.state();
             let fin_received = matches!(
@@ -653,6 +698,8 @@ impl Stack {
                 closed.push(id);
             }
         }
+        self.half_open = half_open;
+        self.next_deadline = next_deadline;
         for id in closed {
             tracing::trace!(flow = %id, "flow closed");
             self.forget(id);
@@ -943,6 +990,43 @@ mod tests {
         assert_eq!(h.events, [Event::Closed(id)]);
         assert_eq!(h.stack.accept_flow(id, h.now), Err(FlowError::Unknown));
         assert_eq!(h.stack.pending_count(), 0);
+    }
+
+    #[test]
+    fn an_accepted_handshake_never_completed_times_out_and_frees_its_place() {
+        let mut h =
+            Harness::with(StackConfig { max_pending: 2, rx_buffer: 4096, tx_buffer: 4096, ..StackConfig::default() });
+        for port in [40000, 40001] {
+            h.input(&syn(&format!("100.80.0.1:{port}"), "100.80.0.2:22"));
+        }
+        h.output();
+        let ids = h.new_flows();
+        let accepted_at = h.now;
+        for id in &ids {
+            h.stack.accept_flow(*id, h.now).expect("accept");
+        }
+        h.output();
+        // Both are half-open (SYN-ACK sent, never ACKed): a third SYN finds no place.
+        h.input(&syn("100.80.0.1:40002", "100.80.0.2:22"));
+        h.output();
+        assert!(h.new_flows().is_empty());
+        assert_eq!(h.stack.stats().pending_full, 1);
+        // At the deadline both end, and the place is free again.
+        let mut guard = 0;
+        while h.stack.flow_count() > 0 && guard < 100 {
+            let at = h.stack.poll_at(h.now).expect("a timer while flows are half-open");
+            h.now = at.max(h.now);
+            h.stack.handle_timeout(h.now);
+            h.output();
+            guard += 1;
+        }
+        assert_eq!(h.stack.flow_count(), 0);
+        assert_eq!(h.stack.stats().handshake_timeouts, 2);
+        assert!(h.now >= accepted_at + Duration::from_secs(10), "ended before the deadline");
+        assert_eq!(h.events.iter().filter(|e| matches!(e, Event::Closed(_))).count(), 2);
+        h.input(&syn("100.80.0.1:40003", "100.80.0.2:22"));
+        h.output();
+        assert_eq!(h.new_flows().len(), 1);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! daemons, and clients.
 
 use crate::{bin, free_port, spawn_listening, wait_until, Control, Proc};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -166,6 +166,7 @@ enum KeysCmd {
 }
 
 fn main() -> ExitCode {
+    np_cli::large_allocations_from_mmap();
     let cli = match np_cli::parse_with_config::<Cli>(None) {
         Ok(c) => c,
         Err(code) => return code,
