@@ -4,6 +4,7 @@
 //! fully written, so a slow reader stops the relay reading from the other side (TCP flow control
 //! then pushes back to the sender) and memory per session is two buffers whatever the peers do.
 
+use np_metrics::Counter;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -60,6 +61,7 @@ pub(crate) async fn forward(
     buffer: usize,
     idle: Duration,
     zero_copy: bool,
+    (total_ab, total_ba): (&Counter, &Counter),
 ) -> (io::Result<Ended>, Moved) {
     let activity = Activity::new();
     let moved_ab = AtomicU64::new(0);
@@ -80,20 +82,21 @@ pub(crate) async fn forward(
         #[cfg(target_os = "linux")]
         if let Some((pab, pba)) = &pipes {
             let (a, b) = (&*a, &*b);
-            let count = |moved: &AtomicU64, n: usize| {
+            let count = |moved: &AtomicU64, total: &Counter, n: usize| {
                 activity.touch();
                 moved.fetch_add(n as u64, Ordering::Relaxed);
+                total.add(n as u64);
             };
             return tokio::try_join!(
-                crate::splice::pump(a, b, pab, buffer, |n| count(&moved_ab, n)),
-                crate::splice::pump(b, a, pba, buffer, |n| count(&moved_ba, n)),
+                crate::splice::pump(a, b, pab, buffer, |n| count(&moved_ab, total_ab, n)),
+                crate::splice::pump(b, a, pba, buffer, |n| count(&moved_ba, total_ba, n)),
             );
         }
         let (mut ar, mut aw) = a.split();
         let (mut br, mut bw) = b.split();
         tokio::try_join!(
-            pump(&mut ar, &mut bw, buffer, &activity, &moved_ab),
-            pump(&mut br, &mut aw, buffer, &activity, &moved_ba),
+            pump(&mut ar, &mut bw, buffer, &activity, (&moved_ab, total_ab)),
+            pump(&mut br, &mut aw, buffer, &activity, (&moved_ba, total_ba)),
         )
     };
     let watchdog = async {
@@ -113,7 +116,13 @@ pub(crate) async fn forward(
     (result, moved)
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, buffer: usize, activity: &Activity, moved: &AtomicU64) -> io::Result<()>
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    buffer: usize,
+    activity: &Activity,
+    (moved, total): (&AtomicU64, &Counter),
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -130,6 +139,7 @@ where
         w.write_all(&buf[..n]).await?;
         activity.touch();
         moved.fetch_add(n as u64, Ordering::Relaxed);
+        total.add(n as u64);
         tracing::trace!(bytes = n, "forwarded");
     }
 }

@@ -14,6 +14,7 @@ mod control_directory;
 mod directory;
 mod forward;
 mod join;
+mod metrics;
 pub mod pairing;
 pub mod proto;
 mod refusal;

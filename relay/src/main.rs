@@ -7,7 +7,7 @@ use np_identity::home::Home;
 use np_identity::Name;
 use np_relay::{ControlDirectory, Relay, RelayConfig};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +22,12 @@ const STARTUP_WAIT: Duration = Duration::from_secs(5);
 /// The relay is an enrolled identity like any other (`np keys new @relay ...`): it looks up the
 /// keys of whoever connects on the control plane, with its own keys from the home directory.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_override_self = true)]
 struct Cli {
+    /// Config file (TOML: top-level keys are the long flags, e.g. `listen = "0.0.0.0:7444"`);
+    /// flags given on the command line win [default: /etc/np/relay.toml if it exists].
+    #[arg(long, value_name = "FILE", env = "NP_RELAY_CONFIG")]
+    config: Option<PathBuf>,
     /// The relay's identity (enrolled in the home directory); default: the only identity there.
     #[arg(long = "as", value_name = "@NAME", env = "NP_AS")]
     identity: Option<Name>,
@@ -60,10 +64,25 @@ struct Cli {
     /// Forward with splice(2) through a kernel pipe instead of copying through user space.
     #[arg(long, env = "NP_RELAY_ZERO_COPY")]
     zero_copy: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9444); off if not given.
+    #[arg(long, value_name = "ADDR", env = "NP_RELAY_METRICS")]
+    metrics: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::CommandFactory;
+    let args = match np_config::merged_args(
+        &Cli::command(),
+        std::env::args_os().collect(),
+        Some(Path::new("/etc/np/relay.toml")),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -118,7 +137,18 @@ async fn run(cli: Cli) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", cli.listen))?;
     let addr = relay.local_addr().context("reading the listening address")?;
+    let metrics = match cli.metrics {
+        Some(m) => Some(
+            np_metrics::http::bind_and_serve(m, relay.metrics())
+                .await
+                .with_context(|| format!("listening for metrics on {m}"))?,
+        ),
+        None => None,
+    };
     print_banner(&config, addr, &control.address, reached, &home);
+    if let Some(m) = metrics {
+        println!("Metrics at http://{m}/metrics.");
+    }
     relay.run(shutdown()).await.context("serving")?;
     tracing::info!("stopped");
     Ok(())

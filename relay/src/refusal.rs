@@ -40,3 +40,37 @@ pub enum Refusal {
     #[error("relay is shutting down")]
     ShuttingDown,
 }
+
+impl Refusal {
+    /// Every [`Refusal::kind`], for metrics that show each reason before it first happens.
+    pub const KINDS: &'static [&'static str] = &[
+        "malformed",
+        "auth_timeout",
+        "not_allowed",
+        "unknown_identity",
+        "bad_signature",
+        "duplicate",
+        "deadline_passed",
+        "too_many_for_identity",
+        "relay_full",
+        "too_many_unauthenticated",
+        "shutting_down",
+    ];
+
+    /// The reason without its details (no identity, no parser text): a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Malformed(_) => "malformed",
+            Refusal::AuthTimeout => "auth_timeout",
+            Refusal::NotAllowed(_) => "not_allowed",
+            Refusal::UnknownIdentity(_) => "unknown_identity",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::Duplicate(_) => "duplicate",
+            Refusal::DeadlinePassed => "deadline_passed",
+            Refusal::TooManyForIdentity(_) => "too_many_for_identity",
+            Refusal::RelayFull => "relay_full",
+            Refusal::TooManyUnauthenticated => "too_many_unauthenticated",
+            Refusal::ShuttingDown => "shutting_down",
+        }
+    }
+}

@@ -10,6 +10,7 @@ use crate::directory::KeyDirectory;
 use crate::forward::{forward, Ended};
 use crate::pairing::{Decision, PairKey, Pairing, PairingLimits};
 use crate::proto::{join_transcript, short_hex, Join, RelayMsg, MAX_PREAUTH_FRAME};
+use crate::metrics::RelayMetrics;
 use crate::refusal::Refusal;
 use np_wire::io::read_frame;
 use np_wire::{decode_msg, encode_msg, WireError};
@@ -74,6 +75,7 @@ struct Inner {
     connections: AtomicUsize,
     forwarding: AtomicUsize,
     next_conn: AtomicU64,
+    metrics: RelayMetrics,
 }
 
 impl Inner {
@@ -113,6 +115,7 @@ impl RelayHandle {
 pub struct Relay {
     listener: TcpListener,
     inner: Arc<Inner>,
+    registry: Arc<np_metrics::Registry>,
 }
 
 impl Relay {
@@ -128,19 +131,24 @@ impl Relay {
             max_per_identity: config.max_sessions_per_identity,
             max_sessions: config.max_sessions,
         };
-        Ok(Relay {
-            listener,
-            inner: Arc::new(Inner {
-                config,
-                directory,
-                table: Mutex::new(Table { pairing: Pairing::new(limits), waiters: HashMap::new() }),
-                wake: Notify::new(),
-                preauth: AtomicUsize::new(0),
-                connections: AtomicUsize::new(0),
-                forwarding: AtomicUsize::new(0),
-                next_conn: AtomicU64::new(1),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            config,
+            directory,
+            table: Mutex::new(Table { pairing: Pairing::new(limits), waiters: HashMap::new() }),
+            wake: Notify::new(),
+            preauth: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            forwarding: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            metrics: RelayMetrics::new(),
+        });
+        let registry = Arc::new(registry(&inner));
+        Ok(Relay { listener, inner, registry })
+    }
+
+    /// The relay's metrics, for serving with [`np_metrics::http::serve`].
+    pub fn metrics(&self) -> Arc<np_metrics::Registry> {
+        self.registry.clone()
     }
 
     /// The address the relay listens on.
@@ -160,7 +168,7 @@ impl Relay {
 
     /// Serves until `shutdown` completes, then drops every connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        let Relay { listener, inner } = self;
+        let Relay { listener, inner, .. } = self;
         tracing::info!(
             relay = %inner.config.name,
             addr = ?listener.local_addr().ok(),
@@ -197,6 +205,38 @@ impl Relay {
         let handle = self.handle();
         (handle, tokio::spawn(self.run(std::future::pending())))
     }
+}
+
+/// The relay's metrics: its counters and, read from the table at scrape time, its gauges.
+fn registry(inner: &Arc<Inner>) -> np_metrics::Registry {
+    use np_metrics::GaugeFn;
+    let mut r = np_metrics::Registry::new();
+    let stats = {
+        let weak = Arc::downgrade(inner);
+        move || weak.upgrade().map(|i| i.stats()).unwrap_or_default()
+    };
+    let s = stats.clone();
+    r.add(
+        "np_relay_sessions",
+        "Sessions held now, by state (waiting for the second side, or forwarding).",
+        GaugeFn::new("state", move || {
+            let st = s();
+            vec![("waiting", st.waiting as f64), ("forwarding", st.forwarding as f64)]
+        }),
+    );
+    let s = stats.clone();
+    r.add(
+        "np_relay_connections",
+        "TCP connections held now, in any state.",
+        GaugeFn::new("", move || vec![("", s().connections as f64)]),
+    );
+    r.add(
+        "np_relay_preauth_connections",
+        "Connections that have not finished authenticating.",
+        GaugeFn::new("", move || vec![("", stats().preauth as f64)]),
+    );
+    inner.metrics.register(&mut r);
+    r
 }
 
 /// Counts a connection (and, until [`Counted::authenticated`], a pre-auth one) while alive.
@@ -241,6 +281,7 @@ impl Drop for SessionGuard {
 
 async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn: u64, mut counted: Counted) {
     if counted.over_limit {
+        inner.metrics.refusals.inc(Refusal::TooManyUnauthenticated.kind());
         // No task time, no lingering: one non-blocking write of a tiny frame, then close.
         let _ =
             stream.try_write(&encode_msg(&RelayMsg::Refused { reason: Refusal::TooManyUnauthenticated.to_string() }));
@@ -250,8 +291,8 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn:
     let _ = stream.set_nodelay(true);
     let auth = tokio::time::timeout(inner.config.auth_deadline, authenticate(&inner, &mut stream));
     let (join, key) = match auth.await {
-        Err(_) => return refuse(stream, Refusal::AuthTimeout, conn, None).await,
-        Ok(Err(Some(refusal))) => return refuse(stream, refusal, conn, None).await,
+        Err(_) => return refuse(&inner, stream, Refusal::AuthTimeout, conn, None).await,
+        Ok(Err(Some(refusal))) => return refuse(&inner, stream, refusal, conn, None).await,
         Ok(Err(None)) => {
             tracing::debug!(conn, "closed before authenticating");
             return;
@@ -260,6 +301,7 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn:
     };
     let session = short_hex(&join.session);
     let role = join.role;
+    let joined = Instant::now();
     let (decision, rx) = {
         let mut t = inner.table();
         let decision = t.pairing.join(&key, role, conn, Instant::now());
@@ -282,18 +324,18 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn:
     };
     counted.authenticated();
     match (decision, rx) {
-        (Decision::Refuse(refusal), _) => refuse(stream, refusal, conn, Some(&session)).await,
+        (Decision::Refuse(refusal), _) => refuse(&inner, stream, refusal, conn, Some(&session)).await,
         (Decision::Wait, Some(Handoff::Wait(rx))) => {
             inner.wake.notify_one();
             tracing::debug!(%session, %role, conn, "waiting for peer");
-            wait_then_forward(inner, stream, key, session, conn, rx).await;
+            wait_then_forward(inner, stream, key, session, conn, rx, (role, joined)).await;
         }
         (Decision::Pair { .. }, Some(Handoff::Give(tx))) => {
             tracing::debug!(%session, %role, conn, "peer found");
             if let Err(Outcome::Paired(stream)) = tx.send(Outcome::Paired(stream)) {
                 // The first side's task is gone (only at shutdown); give up the session.
                 inner.table().pairing.end(&key);
-                refuse(stream, Refusal::ShuttingDown, conn, Some(&session)).await;
+                refuse(&inner, stream, Refusal::ShuttingDown, conn, Some(&session)).await;
             }
         }
         _ => {}
@@ -341,6 +383,7 @@ async fn wait_then_forward(
     session: String,
     conn: u64,
     mut rx: oneshot::Receiver<Outcome>,
+    (role, joined): (crate::proto::Role, Instant),
 ) {
     let waiting = encode_msg(&RelayMsg::Waiting);
     if stream.write_all(&waiting).await.is_err() && withdraw_or_wait(&inner, &key, conn) {
@@ -368,7 +411,7 @@ async fn wait_then_forward(
     let mut other = match outcome {
         Some(Outcome::Paired(other)) => other,
         Some(Outcome::Refused(refusal)) => {
-            return refuse(stream, refusal, conn, Some(&session)).await;
+            return refuse(&inner, stream, refusal, conn, Some(&session)).await;
         }
         None => {
             withdraw_or_wait(&inner, &key, conn);
@@ -393,6 +436,14 @@ async fn wait_then_forward(
         }
     }
     tracing::info!(%session, "session paired");
+    let m = &inner.metrics;
+    m.pairings.inc();
+    m.handshake.observe(joined.elapsed());
+    // `stream` is the first side, `other` the second, of opposite roles.
+    let totals = match role {
+        crate::proto::Role::Client => (&*m.client_to_device, &*m.device_to_client),
+        crate::proto::Role::Device => (&*m.device_to_client, &*m.client_to_device),
+    };
     let started = Instant::now();
     let (ended, moved) = forward(
         &mut stream,
@@ -400,6 +451,7 @@ async fn wait_then_forward(
         inner.config.forward_buffer,
         inner.config.idle_timeout,
         inner.config.zero_copy,
+        totals,
     )
     .await;
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -440,7 +492,8 @@ fn withdraw_or_wait(inner: &Inner, key: &PairKey, conn: u64) -> bool {
 }
 
 /// Tells the side why, then closes without a reset (see [`REFUSE_LINGER`]).
-async fn refuse(mut stream: TcpStream, refusal: Refusal, conn: u64, session: Option<&str>) {
+async fn refuse(inner: &Inner, mut stream: TcpStream, refusal: Refusal, conn: u64, session: Option<&str>) {
+    inner.metrics.refusals.inc(refusal.kind());
     tracing::debug!(conn, session = session.unwrap_or("-"), reason = %refusal, "refused");
     let frame = encode_msg(&RelayMsg::Refused { reason: refusal.to_string() });
     let linger = async {

@@ -77,19 +77,27 @@ pub(crate) async fn serve(
     permit: OwnedSemaphorePermit,
 ) {
     let deadline = shared.cfg.auth_timeout;
+    let started = std::time::Instant::now();
+    let preauth = shared.metrics.preauth.track();
     let authed = tokio::time::timeout(deadline, authenticate(&shared, acceptor, tcp)).await;
     drop(permit);
+    drop(preauth);
+    let m = &shared.metrics;
     let (rd, wr, me) = match authed {
         Err(_) => {
+            m.handshake_failures.inc("timeout");
             tracing::debug!(%peer, "closed: authentication timed out");
             return;
         }
-        Ok(Err(reason)) => {
-            tracing::debug!(%peer, %reason, "closed before authentication");
+        Ok(Err(failure)) => {
+            m.handshake_failures.inc(failure.kind);
+            tracing::debug!(%peer, reason = %failure.reason, "closed before authentication");
             return;
         }
         Ok(Ok(x)) => x,
     };
+    m.handshake.observe(started.elapsed());
+    let _authenticated = m.authenticated.track();
     tracing::info!(name = %me.name, %peer, conn, "authenticated");
     let (tx, rx) = mpsc::channel(crate::hub::CONN_QUEUE);
     let kill = Arc::new(Notify::new());
@@ -132,35 +140,60 @@ async fn write_loop(mut rx: mpsc::Receiver<ServerFrame>, mut wr: WriteHalf<Tls>)
     let _ = wr.shutdown().await;
 }
 
+/// Why a connection ended before authenticating: `kind` for the metrics, `reason` for the log.
+struct PreauthFailure {
+    kind: &'static str,
+    reason: String,
+}
+
+fn closed(reason: impl ToString) -> PreauthFailure {
+    PreauthFailure { kind: "closed", reason: reason.to_string() }
+}
+
 async fn authenticate(
     shared: &Arc<Shared>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
-) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, IdentityInfo), String> {
-    let tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, IdentityInfo), PreauthFailure> {
+    let tls = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| PreauthFailure { kind: "tls", reason: format!("TLS handshake failed: {e}") })?;
     let (mut rd, mut wr) = tokio::io::split(tls);
-    let nonce = np_identity::random32().map_err(|e| e.to_string())?;
-    write_msg(&mut wr, &ServerHello { version: PROTOCOL_VERSION, nonce }).await.map_err(|e| e.to_string())?;
+    let nonce = np_identity::random32().map_err(closed)?;
+    write_msg(&mut wr, &ServerHello { version: PROTOCOL_VERSION, nonce }).await.map_err(closed)?;
     let frame: ClientFrame = match read_msg(&mut rd, MAX_PREAUTH_FRAME).await {
         Ok(Some(f)) => f,
-        Ok(None) => return Err("closed by the client".into()),
+        Ok(None) => return Err(closed("closed by the client")),
         Err(e) => {
             // Tell a confused client why, then close.
+            shared.metrics.refused(ErrorCode::BadRequest);
             let reply = ServerFrame::Reply { id: 0, result: Err(err(ErrorCode::BadRequest, e.to_string())) };
             let _ = write_msg(&mut wr, &reply).await;
-            return Err(e.to_string());
+            return Err(PreauthFailure { kind: "refused", reason: e.to_string() });
         }
     };
     let result = first_request(shared, &nonce, frame.req).await;
+    if let Err(e) = &result {
+        shared.metrics.refused(e.code);
+    }
     let reply =
         ServerFrame::Reply { id: frame.id, result: result.as_ref().map(|(r, _)| r.clone()).map_err(|e| e.clone()) };
-    write_msg(&mut wr, &reply).await.map_err(|e| e.to_string())?;
+    write_msg(&mut wr, &reply).await.map_err(closed)?;
     match result {
         Ok((_, info)) => Ok((rd, wr, info)),
         Err(e) => {
             let _ = wr.shutdown().await;
-            Err(e.message)
+            Err(PreauthFailure { kind: "refused", reason: e.message })
         }
+    }
+}
+
+/// The result label of an attempt.
+fn result_label<T>(r: &Result<T, ErrorReply>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(e) => crate::metrics::code_name(e.code),
     }
 }
 
@@ -171,28 +204,52 @@ async fn first_request(
 ) -> Result<(Reply, IdentityInfo), ErrorReply> {
     match req {
         Request::Auth { name, sig } => {
-            let n = name.clone();
-            let info = db(&shared.store, move |s| s.identity(&n)).await?.ok_or_else(|| {
-                err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane"))
-            })?;
-            np_identity::verify(&info.keys.signing, &auth_transcript(nonce, &name), &sig).map_err(|_| {
-                err(
-                    ErrorCode::BadSignature,
-                    format!("authentication as {name} failed: signature does not verify with its enrolled key"),
-                )
-            })?;
-            Ok((Reply::Authenticated { name }, info))
+            let r = auth(shared, nonce, name, sig).await;
+            shared.metrics.authentications.inc(result_label(&r));
+            r
         }
         Request::Enroll { secret, name, keys, sig } => {
-            np_identity::verify(&keys.signing, &enroll_transcript(nonce, &name, &keys), &sig)
-                .map_err(|_| err(ErrorCode::BadSignature, "enrolment signature does not verify"))?;
-            let n = name.clone();
-            let info = dbw(shared, move |s| s.enroll(&secret, &n, &keys, crate::now_ms())).await?;
-            tracing::info!(%name, keys = %keys.fingerprint(), "enrolled");
-            Ok((Reply::Enrolled { name }, info))
+            let r = enroll(shared, nonce, secret, name, keys, sig).await;
+            shared.metrics.enrolments.inc(result_label(&r));
+            r
         }
         _ => Err(err(ErrorCode::NotAuthenticated, "authenticate first (Auth or Enroll)")),
     }
+}
+
+async fn auth(
+    shared: &Arc<Shared>,
+    nonce: &[u8; 32],
+    name: Name,
+    sig: Vec<u8>,
+) -> Result<(Reply, IdentityInfo), ErrorReply> {
+    let n = name.clone();
+    let info = db(&shared.store, move |s| s.identity(&n))
+        .await?
+        .ok_or_else(|| err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane")))?;
+    np_identity::verify(&info.keys.signing, &auth_transcript(nonce, &name), &sig).map_err(|_| {
+        err(
+            ErrorCode::BadSignature,
+            format!("authentication as {name} failed: signature does not verify with its enrolled key"),
+        )
+    })?;
+    Ok((Reply::Authenticated { name }, info))
+}
+
+async fn enroll(
+    shared: &Arc<Shared>,
+    nonce: &[u8; 32],
+    secret: [u8; 16],
+    name: Name,
+    keys: np_identity::PublicKeys,
+    sig: Vec<u8>,
+) -> Result<(Reply, IdentityInfo), ErrorReply> {
+    np_identity::verify(&keys.signing, &enroll_transcript(nonce, &name, &keys), &sig)
+        .map_err(|_| err(ErrorCode::BadSignature, "enrolment signature does not verify"))?;
+    let n = name.clone();
+    let info = dbw(shared, move |s| s.enroll(&secret, &n, &keys, crate::now_ms())).await?;
+    tracing::info!(%name, keys = %keys.fingerprint(), "enrolled");
+    Ok((Reply::Enrolled { name }, info))
 }
 
 async fn read_loop(
@@ -206,12 +263,16 @@ async fn read_loop(
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(e) => {
+                shared.metrics.refused(ErrorCode::BadRequest);
                 let reply = ServerFrame::Reply { id: 0, result: Err(err(ErrorCode::BadRequest, e.to_string())) };
                 let _ = tx.send(reply).await;
                 return Err(e.to_string());
             }
         };
         let result = handle(shared, me, frame.req).await;
+        if let Err(e) = &result {
+            shared.metrics.refused(e.code);
+        }
         if tx.send(ServerFrame::Reply { id: frame.id, result }).await.is_err() {
             return Err("writer ended".into());
         }
@@ -304,6 +365,9 @@ async fn notify(
         Ok(r) => r.map_err(store_err)?,
         Err(_) => return Err(err(ErrorCode::Internal, "storage writer failed")),
     }
+    let m = &shared.metrics;
+    m.notifications_accepted.inc();
+    if delivered { m.notifications_delivered.inc() } else { m.notifications_queued.inc() }
     tracing::debug!(from = %me.name, %to, seq, delivered, "notification accepted");
     Ok(Reply::Accepted { seq, delivered })
 }

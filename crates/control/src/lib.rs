@@ -9,6 +9,7 @@ mod admin;
 mod conn;
 mod hub;
 mod lane;
+mod metrics;
 mod server;
 pub mod store;
 pub mod tls;

@@ -48,6 +48,9 @@ enum Cmd {
         /// How often expired notifications are deleted.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         sweep_interval: Duration,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9443); off if not given.
+        #[arg(long, value_name = "ADDR", env = "NP_CONTROL_METRICS")]
+        metrics: Option<SocketAddr>,
     },
     /// Print a one-time enrolment code for a new identity (only the code, on standard output).
     ///
@@ -120,7 +123,7 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { listen, data, public_address, auth_timeout, max_preauth, max_ttl, sweep_interval } => {
+        Cmd::Serve { listen, data, public_address, auth_timeout, max_preauth, max_ttl, sweep_interval, metrics } => {
             let data = default_data(data);
             let mut cfg = ServerConfig::new(listen, data.clone());
             cfg.public_address = public_address;
@@ -129,12 +132,23 @@ async fn run(cmd: Cmd) -> Result<()> {
             cfg.max_ttl = max_ttl;
             cfg.sweep_interval = sweep_interval;
             let server = ControlServer::start(cfg).await.context("starting the control plane")?;
+            let metrics = match metrics {
+                Some(m) => Some(
+                    np_metrics::http::bind_and_serve(m, server.metrics())
+                        .await
+                        .with_context(|| format!("listening for metrics on {m}"))?,
+                ),
+                None => None,
+            };
             let addr = server.local_addr();
             let port = addr.port();
             println!("np-control is running");
             println!("  listening on   {addr}");
             println!("  data           {}", data.display());
             println!("  certificate    sha256:{}", server.fingerprint());
+            if let Some(m) = metrics {
+                println!("  metrics        http://{m}/metrics");
+            }
             println!("To add an identity, run on this machine:");
             println!("  np-control enroll @NAME --data {}", data.display());
             println!("and give the printed code to its owner, who runs on their machine:");

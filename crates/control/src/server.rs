@@ -59,6 +59,7 @@ pub(crate) struct Shared {
     pub lane: crate::lane::WriteLane,
     /// Next notification sequence number.
     pub next_seq: AtomicU64,
+    pub metrics: crate::metrics::ControlMetrics,
 }
 
 /// A running control plane.
@@ -92,8 +93,10 @@ impl ControlServer {
         let public_address = cfg.public_address.clone().unwrap_or_else(|| local.to_string());
         let next_seq = AtomicU64::new(store.start_seq()?);
         let lane = crate::lane::WriteLane::start(store.clone()).context("starting the database writer")?;
+        let metrics = crate::metrics::ControlMetrics::new(store.clone());
         let shared = Arc::new(Shared {
             cfg,
+            metrics,
             store,
             hub: Hub::default(),
             public_address,
@@ -109,6 +112,11 @@ impl ControlServer {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.shared.cfg.listen)
+    }
+
+    /// The metrics, for serving with [`np_metrics::http::serve`].
+    pub fn metrics(&self) -> Arc<np_metrics::Registry> {
+        self.shared.metrics.registry.clone()
     }
 
     /// SHA-256 of the certificate, as clients pin it.
@@ -155,7 +163,10 @@ async fn sweeper(shared: Arc<Shared>) {
         let store = shared.store.clone();
         match tokio::task::spawn_blocking(move || store.sweep(crate::now_ms())).await {
             Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(expired = n, "deleted expired notifications"),
+            Ok(Ok(n)) => {
+                shared.metrics.notifications_expired.add(n as u64);
+                tracing::info!(expired = n, "deleted expired notifications")
+            }
             Ok(Err(e)) => tracing::error!(error = %e, "sweeping expired notifications failed"),
             Err(e) => tracing::error!(error = %e, "sweeper task failed"),
         }

@@ -260,8 +260,13 @@ impl Registry {
     /// Adds `metric` as `name` with a one-line `help`; returns it for the caller to update.
     pub fn add<M: Metric + 'static>(&mut self, name: &str, help: &str, metric: M) -> Arc<M> {
         let m = Arc::new(metric);
-        self.entries.push(Entry { name: name.to_string(), help: help.replace('\n', " "), metric: m.clone() });
+        self.register(name, help, m.clone());
         m
+    }
+
+    /// Adds a metric the caller already shares.
+    pub fn register(&mut self, name: &str, help: &str, metric: Arc<dyn Metric>) {
+        self.entries.push(Entry { name: name.to_string(), help: help.replace('\n', " "), metric });
     }
 
     /// A new counter.
