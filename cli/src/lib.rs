@@ -35,6 +35,7 @@ pub fn run_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> E
 }
 
 pub mod dns;
+pub mod doctor;
 pub mod forward;
 pub mod up;
 

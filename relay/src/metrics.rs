@@ -38,11 +38,7 @@ impl RelayMetrics {
             "Bytes forwarded between paired sides (ciphertext), by direction.",
             bytes,
         );
-        r.register(
-            "np_relay_refusals_total",
-            "Connections refused before pairing, by reason.",
-            self.refusals.clone(),
-        );
+        r.register("np_relay_refusals_total", "Connections refused before pairing, by reason.", self.refusals.clone());
         r.register(
             "np_relay_handshake_seconds",
             "Time from a session's first verified Join until both sides are paired.",

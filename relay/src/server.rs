@@ -8,9 +8,9 @@
 use crate::config::RelayConfig;
 use crate::directory::KeyDirectory;
 use crate::forward::{forward, Ended};
+use crate::metrics::RelayMetrics;
 use crate::pairing::{Decision, PairKey, Pairing, PairingLimits};
 use crate::proto::{join_transcript, short_hex, Join, RelayMsg, MAX_PREAUTH_FRAME};
-use crate::metrics::RelayMetrics;
 use crate::refusal::Refusal;
 use np_wire::io::read_frame;
 use np_wire::{decode_msg, encode_msg, WireError};

@@ -124,6 +124,21 @@ enum Cmd {
         #[arg(long = "as")]
         me: Option<Name>,
     },
+    /// Check this setup piece by piece and say what to fix: keys, control plane (reachable,
+    /// certificate pin, authentication), relay, and a device (live, permit-open).
+    ///
+    /// Prints `ok` or `FAIL` per check; exits non-zero if any failed.
+    Doctor {
+        /// Your identity [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+        /// A relay to check, HOST:PORT.
+        #[arg(long, env = "NP_RELAY")]
+        relay: Option<String>,
+        /// A device to check, NAME@ID.
+        #[arg(long)]
+        device: Option<DeviceRef>,
+    },
     /// Run a policy service that devices started with `npd --policy @P` ask.
     Policy {
         #[command(subcommand)]
@@ -290,6 +305,14 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             Ok(())
+        }
+        Cmd::Doctor { me, relay, device } => {
+            let opts = np_cli::doctor::DoctorOptions { me, relay, device };
+            let report = np_cli::doctor::run(&home, &opts).await;
+            match report.failures() {
+                0 => Ok(()),
+                n => anyhow::bail!("{n} check(s) failed; fix the first FAIL above and run np doctor again"),
+            }
         }
         Cmd::Policy { cmd: PolicyCmd::Serve { me, file } } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;

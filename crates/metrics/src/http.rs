@@ -131,7 +131,9 @@ async fn answer(mut stream: TcpStream, registry: &Arc<Registry>) -> io::Result<(
                 Err(_) => ("500 Internal Server Error", "text/plain; charset=utf-8", "rendering failed\n".into()),
             }
         }
-        Route::NotFound => ("404 Not Found", "text/plain; charset=utf-8", "not found; metrics are at /metrics\n".into()),
+        Route::NotFound => {
+            ("404 Not Found", "text/plain; charset=utf-8", "not found; metrics are at /metrics\n".into())
+        }
         Route::BadRequest => ("400 Bad Request", "text/plain; charset=utf-8", "bad request\n".into()),
     };
     let head = format!(

@@ -280,7 +280,13 @@ impl Registry {
     }
 
     /// A new labelled counter.
-    pub fn labelled(&mut self, name: &str, help: &str, label: &'static str, known: &[&'static str]) -> Arc<LabelledCounter> {
+    pub fn labelled(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        known: &[&'static str],
+    ) -> Arc<LabelledCounter> {
         self.add(name, help, LabelledCounter::new(label, known))
     }
 
