@@ -367,7 +367,11 @@ async fn notify(
     }
     let m = &shared.metrics;
     m.notifications_accepted.inc();
-    if delivered { m.notifications_delivered.inc() } else { m.notifications_queued.inc() }
+    if delivered {
+        m.notifications_delivered.inc()
+    } else {
+        m.notifications_queued.inc()
+    }
     tracing::debug!(from = %me.name, %to, seq, delivered, "notification accepted");
     Ok(Reply::Accepted { seq, delivered })
 }
