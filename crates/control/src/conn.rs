@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, Notify};
 use tokio_rustls::server::TlsStream;
 
 type Tls = TlsStream<TcpStream>;
@@ -74,12 +74,25 @@ pub(crate) async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     conn: u64,
-    permit: OwnedSemaphorePermit,
+    permit: crate::server::PreAuthPermit,
 ) {
     let deadline = shared.cfg.auth_timeout;
     let started = std::time::Instant::now();
     let preauth = shared.metrics.preauth.track();
-    let authed = tokio::time::timeout(deadline, authenticate(&shared, acceptor, tcp)).await;
+    let evicted = permit.evicted.clone();
+    let spoke = permit.spoke.clone();
+    let authed = tokio::select! {
+        r = tokio::time::timeout(deadline, async {
+            // A client that says something is kept over silent ones when the limit is reached.
+            tcp.readable().await.map_err(closed)?;
+            spoke.store(true, std::sync::atomic::Ordering::Relaxed);
+            authenticate(&shared, acceptor, tcp).await
+        }) => r,
+        _ = evicted.notified() => {
+            tracing::debug!(%peer, "closed: the oldest unauthenticated connection, evicted at the limit");
+            return;
+        }
+    };
     drop(permit);
     drop(preauth);
     let m = &shared.metrics;

@@ -4,14 +4,16 @@ use crate::hub::Hub;
 use crate::store::Store;
 use crate::tls::TlsIdentity;
 use anyhow::{Context, Result};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 
 pub(crate) const DB_FILE: &str = "control.redb";
 
@@ -82,7 +84,7 @@ impl ControlServer {
         }
         let tls = TlsIdentity::load_or_create(d)?;
         let store = Arc::new(Store::open(&d.join(DB_FILE))?);
-        let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+        let listener = bind_listener(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
         let local = listener.local_addr()?;
         let sock = d.join(crate::admin::SOCKET);
         let _ = std::fs::remove_file(&sock);
@@ -126,7 +128,7 @@ impl ControlServer {
 
     /// Accepts connections forever.
     pub async fn run(self) -> Result<()> {
-        let preauth = Arc::new(Semaphore::new(self.shared.cfg.max_preauth));
+        let preauth = Arc::new(PreAuth { max: self.shared.cfg.max_preauth.max(1), q: Mutex::new(VecDeque::new()) });
         tokio::spawn(sweeper(self.shared.clone()));
         let mut refused: u64 = 0;
         loop {
@@ -139,18 +141,17 @@ impl ControlServer {
                     continue;
                 }
             };
-            let Ok(permit) = preauth.clone().try_acquire_owned() else {
+            let conn = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
+            let (permit, evicted) = preauth.admit(conn, has_spoken(&tcp));
+            if evicted {
                 refused += 1;
                 if refused.is_power_of_two() {
-                    tracing::warn!(%peer, refused, limit = self.shared.cfg.max_preauth, "too many unauthenticated connections; closing new ones");
+                    tracing::warn!(%peer, evicted = refused, limit = self.shared.cfg.max_preauth, "too many unauthenticated connections; closing the oldest");
                 }
-                drop(tcp);
-                continue;
-            };
+            }
             let _ = tcp.set_nodelay(true);
             let shared = self.shared.clone();
             let acceptor = self.acceptor.clone();
-            let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(crate::conn::serve(shared, acceptor, tcp, peer, conn, permit));
         }
     }
@@ -171,4 +172,70 @@ async fn sweeper(shared: Arc<Shared>) {
             Err(e) => tracing::error!(error = %e, "sweeper task failed"),
         }
     }
+}
+
+/// Connections between accept and authentication. At the limit, the *oldest* is closed to make
+/// room: a flood of idle connections then keeps cycling through its own slots while a real
+/// client, which authenticates within milliseconds, still gets in (refusing the newest instead
+/// would lock everyone out for as long as the flood lasts).
+pub(crate) struct PreAuth {
+    max: usize,
+    q: Mutex<VecDeque<(u64, Arc<Notify>, Arc<AtomicBool>)>>,
+}
+
+/// A connection's place among the unauthenticated; `evicted` fires when it must give it up.
+pub(crate) struct PreAuthPermit {
+    reg: Arc<PreAuth>,
+    conn: u64,
+    pub evicted: Arc<Notify>,
+    /// Set once the client has sent its first bytes: silent connections are evicted first.
+    pub spoke: Arc<AtomicBool>,
+}
+
+impl PreAuth {
+    /// Admits `conn`; the flag says whether an older connection was evicted for it.
+    fn admit(self: &Arc<Self>, conn: u64, spoke_already: bool) -> (PreAuthPermit, bool) {
+        let evicted = Arc::new(Notify::new());
+        let spoke = Arc::new(AtomicBool::new(spoke_already));
+        let mut was_full = false;
+        if let Ok(mut q) = self.q.lock() {
+            if q.len() >= self.max {
+                // The oldest that has not said a word, else the oldest.
+                let i = q.iter().position(|(_, _, s)| !s.load(Ordering::Relaxed)).unwrap_or(0);
+                if let Some((_, oldest, _)) = q.remove(i) {
+                    // notify_one keeps the wake-up even if that task has not started waiting.
+                    oldest.notify_one();
+                    was_full = true;
+                }
+            }
+            q.push_back((conn, evicted.clone(), spoke.clone()));
+        }
+        (PreAuthPermit { reg: self.clone(), conn, evicted, spoke }, was_full)
+    }
+}
+
+impl Drop for PreAuthPermit {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.reg.q.lock() {
+            if let Some(i) = q.iter().position(|(c, _, _)| *c == self.conn) {
+                q.remove(i);
+            }
+        }
+    }
+}
+
+/// A listener with a backlog of 4096: with tokio's default of 1024, a burst of connections waits
+/// in the kernel's queue, unseen and so unclosed, far past the authentication deadline.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
+}
+
+/// Whether the client has already sent something (a TLS ClientHello waits in the socket by the
+/// time a busy server accepts): such a connection is worth more than a silent one.
+fn has_spoken(tcp: &tokio::net::TcpStream) -> bool {
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(tcp).peek(&mut b), Ok(n) if n > 0)
 }
