@@ -164,9 +164,12 @@ async fn carry(slot: &SessionSlot, mut tcp: TcpStream, target: &str) -> Result<(
         }
     }
     let Some(mut flow) = flow else { bail!("no session") };
-    tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut flow, 256 * 1024, 256 * 1024)
-        .await
-        .context("carrying the flow")?;
+    if let Err(e) = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut flow, 256 * 1024, 256 * 1024).await {
+        // A broken session (tampering, a lost device) is no clean end: the application gets a
+        // reset rather than an end of file it could take for a complete transfer.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+        return Err(e).context("carrying the flow");
+    }
     Ok(())
 }
 
