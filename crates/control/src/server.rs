@@ -180,8 +180,11 @@ async fn sweeper(shared: Arc<Shared>) {
 /// would lock everyone out for as long as the flood lasts).
 pub(crate) struct PreAuth {
     max: usize,
-    q: Mutex<VecDeque<(u64, Arc<Notify>, Arc<AtomicBool>)>>,
+    q: Mutex<VecDeque<Waiting>>,
 }
+
+/// A connection waiting to authenticate: its id, its eviction signal, whether it has spoken.
+type Waiting = (u64, Arc<Notify>, Arc<AtomicBool>);
 
 /// A connection's place among the unauthenticated; `evicted` fires when it must give it up.
 pub(crate) struct PreAuthPermit {
