@@ -72,6 +72,8 @@ struct Inner {
     /// Wakes the reaper when a new deadline is set.
     wake: Notify,
     preauth: AtomicUsize,
+    /// Places for unauthenticated connections; at the limit the oldest gives way.
+    places: Arc<np_limits::PreAuth>,
     connections: AtomicUsize,
     forwarding: AtomicUsize,
     next_conn: AtomicU64,
@@ -121,6 +123,7 @@ pub struct Relay {
 impl Relay {
     /// Binds the relay's single listening port.
     pub async fn bind(addr: SocketAddr, config: RelayConfig, directory: Arc<dyn KeyDirectory>) -> io::Result<Relay> {
+        let max_preauth = config.max_preauth;
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
@@ -137,6 +140,7 @@ impl Relay {
             table: Mutex::new(Table { pairing: Pairing::new(limits), waiters: HashMap::new() }),
             wake: Notify::new(),
             preauth: AtomicUsize::new(0),
+            places: np_limits::PreAuth::new(max_preauth),
             connections: AtomicUsize::new(0),
             forwarding: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
@@ -243,14 +247,13 @@ fn registry(inner: &Arc<Inner>) -> np_metrics::Registry {
 struct Counted {
     inner: Arc<Inner>,
     preauth: bool,
-    over_limit: bool,
 }
 
 impl Counted {
     fn new(inner: &Arc<Inner>) -> Self {
         inner.connections.fetch_add(1, Ordering::SeqCst);
-        let before = inner.preauth.fetch_add(1, Ordering::SeqCst);
-        Counted { inner: inner.clone(), preauth: true, over_limit: before >= inner.config.max_preauth }
+        inner.preauth.fetch_add(1, Ordering::SeqCst);
+        Counted { inner: inner.clone(), preauth: true }
     }
 
     fn authenticated(&mut self) {
@@ -280,17 +283,25 @@ impl Drop for SessionGuard {
 }
 
 async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn: u64, mut counted: Counted) {
-    if counted.over_limit {
-        inner.metrics.refusals.inc(Refusal::TooManyUnauthenticated.kind());
-        // No task time, no lingering: one non-blocking write of a tiny frame, then close.
-        let _ =
-            stream.try_write(&encode_msg(&RelayMsg::Refused { reason: Refusal::TooManyUnauthenticated.to_string() }));
-        tracing::debug!(%addr, reason = %Refusal::TooManyUnauthenticated, "refused");
-        return;
-    }
+    // At the limit the oldest silent connection gives way to this one (see np-limits); a flood
+    // then cycles through its own places while real sides, which answer the challenge within
+    // milliseconds, still get in.
+    let (place, _) = inner.places.admit(conn, false);
     let _ = stream.set_nodelay(true);
-    let auth = tokio::time::timeout(inner.config.auth_deadline, authenticate(&inner, &mut stream));
-    let (join, key) = match auth.await {
+    let auth = tokio::time::timeout(inner.config.auth_deadline, authenticate(&inner, &mut stream, &place));
+    let auth = tokio::select! {
+        r = auth => r,
+        _ = place.evicted.notified() => {
+            inner.metrics.refusals.inc(Refusal::TooManyUnauthenticated.kind());
+            // No lingering: one non-blocking write of a tiny frame, then close.
+            let _ = stream
+                .try_write(&encode_msg(&RelayMsg::Refused { reason: Refusal::TooManyUnauthenticated.to_string() }));
+            tracing::debug!(%addr, reason = %Refusal::TooManyUnauthenticated, "evicted");
+            return;
+        }
+    };
+    drop(place);
+    let (join, key) = match auth {
         Err(_) => return refuse(&inner, stream, Refusal::AuthTimeout, conn, None).await,
         Ok(Err(Some(refusal))) => return refuse(&inner, stream, refusal, conn, None).await,
         Ok(Err(None)) => {
@@ -350,10 +361,16 @@ enum Handoff {
 }
 
 /// Sends the Challenge and checks the Join. `Err(None)` means the side went away silently.
-async fn authenticate(inner: &Inner, stream: &mut TcpStream) -> Result<(Join, PairKey), Option<Refusal>> {
+async fn authenticate(
+    inner: &Inner,
+    stream: &mut TcpStream,
+    place: &np_limits::PreAuthPermit,
+) -> Result<(Join, PairKey), Option<Refusal>> {
     let nonce = np_identity::random32().map_err(|_| None)?;
     let challenge = RelayMsg::Challenge { relay: inner.config.name.clone(), nonce };
     stream.write_all(&encode_msg(&challenge)).await.map_err(|_| None)?;
+    stream.readable().await.map_err(|_| None)?;
+    place.spoke();
     let frame = match read_frame(stream, MAX_PREAUTH_FRAME).await {
         Ok(Some(frame)) => frame,
         Ok(None) | Err(WireError::Truncated | WireError::Io(_)) => return Err(None),

@@ -22,6 +22,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+/// The floods here each hold thousands of sockets in this process: run them one at a time, or
+/// together they exceed the open-file limit (and measure each other).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 const FLOOD: usize = 10_000;
 /// The deadline given to both servers (`--auth-timeout`).
 const AUTH: Duration = Duration::from_secs(3);
@@ -180,11 +187,13 @@ async fn authenticates(home: &std::path::Path, name: &str) -> Result<Duration, S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_ten_thousand_half_open_connections_bounded_all_closed_nothing_lost() {
+    let _serial = serial().await;
     control_ten_thousand(Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_ten_thousand_half_open_connections_closed_by_the_auth_deadline() {
+    let _serial = serial().await;
     control_ten_thousand(AUTH + SLACK).await;
 }
 
@@ -222,6 +231,7 @@ async fn control_ten_thousand(close_within: Duration) {
 /// default limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_legitimate_client_authenticates_during_a_sustained_flood_at_default_limits() {
+    let _serial = serial().await;
     control_legit_during_flood(&["--auth-timeout", "3s"]).await;
 }
 
@@ -229,6 +239,7 @@ async fn control_legitimate_client_authenticates_during_a_sustained_flood_at_def
 /// deadline, memory stays bounded, and a legitimate client is served as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_legitimate_client_authenticates_during_a_sustained_flood_above_the_flood() {
+    let _serial = serial().await;
     control_legit_during_flood(&["--auth-timeout", "3s", "--max-preauth", "12000"]).await;
 }
 
@@ -261,6 +272,7 @@ async fn control_legit_during_flood(flags: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_slowloris_and_oversized_prefixes_are_closed_by_deadline_with_bounded_memory() {
+    let _serial = serial().await;
     raise_nofile();
     let ctl = Control::start(&["--auth-timeout", "3s"]);
     let home = ctl.identity("@alice");
@@ -401,6 +413,7 @@ async fn pairs(d: &Deployment) -> Result<Duration, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_ten_thousand_half_open_connections_bounded_and_closed_by_deadline() {
+    let _serial = serial().await;
     let d = deployment(&["--auth-timeout", "3s"]);
     pairs(&d).await.unwrap();
     let pid = d.relay.0.id();
@@ -421,16 +434,18 @@ async fn relay_ten_thousand_half_open_connections_bounded_and_closed_by_deadline
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "np-relay refuses connections beyond --max-preauth (1024) at once (`too many unauthenticated \
-            connections`), whoever they are: a sustained flood of silent connections keeps every pre-auth \
-            slot taken, so legitimate sides are refused too (see the _above_the_flood test for the same \
-            check with the limit raised)"]
+#[ignore = "flaky: np-relay now evicts the oldest silent connection instead of refusing the newest, and this \
+            passes when run alone, but under a ~40,000 connections/s flood on 2 cores a side must answer the \
+            challenge before 1024 newer connections arrive (~25 ms); np-control passes because it sees the \
+            ClientHello already waiting at accept"]
 async fn relay_legitimate_sides_pair_during_a_sustained_flood_at_default_limits() {
+    let _serial = serial().await;
     relay_legit_during_flood(&["--auth-timeout", "3s"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_legitimate_sides_pair_during_a_sustained_flood_above_the_flood() {
+    let _serial = serial().await;
     relay_legit_during_flood(&["--auth-timeout", "3s", "--max-preauth", "12000"]).await;
 }
 
@@ -458,6 +473,7 @@ async fn relay_legit_during_flood(flags: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_slowloris_and_oversized_prefixes_are_closed_by_deadline_with_bounded_memory() {
+    let _serial = serial().await;
     let d = deployment(&["--auth-timeout", "3s"]);
     let pid = d.relay.0.id();
     let rss_before = rss_kib(pid);

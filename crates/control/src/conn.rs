@@ -74,18 +74,17 @@ pub(crate) async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     conn: u64,
-    permit: crate::server::PreAuthPermit,
+    permit: np_limits::PreAuthPermit,
 ) {
     let deadline = shared.cfg.auth_timeout;
     let started = std::time::Instant::now();
     let preauth = shared.metrics.preauth.track();
     let evicted = permit.evicted.clone();
-    let spoke = permit.spoke.clone();
     let authed = tokio::select! {
         r = tokio::time::timeout(deadline, async {
             // A client that says something is kept over silent ones when the limit is reached.
             tcp.readable().await.map_err(closed)?;
-            spoke.store(true, std::sync::atomic::Ordering::Relaxed);
+            permit.spoke();
             authenticate(&shared, acceptor, tcp).await
         }) => r,
         _ = evicted.notified() => {

@@ -4,16 +4,13 @@ use crate::hub::Hub;
 use crate::store::Store;
 use crate::tls::TlsIdentity;
 use anyhow::{Context, Result};
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
 pub(crate) const DB_FILE: &str = "control.redb";
 
@@ -128,7 +125,8 @@ impl ControlServer {
 
     /// Accepts connections forever.
     pub async fn run(self) -> Result<()> {
-        let preauth = Arc::new(PreAuth { max: self.shared.cfg.max_preauth.max(1), q: Mutex::new(VecDeque::new()) });
+        // At the limit the oldest silent connection gives way (see np-limits).
+        let preauth = np_limits::PreAuth::new(self.shared.cfg.max_preauth);
         tokio::spawn(sweeper(self.shared.clone()));
         let mut refused: u64 = 0;
         loop {
@@ -170,59 +168,6 @@ async fn sweeper(shared: Arc<Shared>) {
             }
             Ok(Err(e)) => tracing::error!(error = %e, "sweeping expired notifications failed"),
             Err(e) => tracing::error!(error = %e, "sweeper task failed"),
-        }
-    }
-}
-
-/// Connections between accept and authentication. At the limit, the *oldest* is closed to make
-/// room: a flood of idle connections then keeps cycling through its own slots while a real
-/// client, which authenticates within milliseconds, still gets in (refusing the newest instead
-/// would lock everyone out for as long as the flood lasts).
-pub(crate) struct PreAuth {
-    max: usize,
-    q: Mutex<VecDeque<Waiting>>,
-}
-
-/// A connection waiting to authenticate: its id, its eviction signal, whether it has spoken.
-type Waiting = (u64, Arc<Notify>, Arc<AtomicBool>);
-
-/// A connection's place among the unauthenticated; `evicted` fires when it must give it up.
-pub(crate) struct PreAuthPermit {
-    reg: Arc<PreAuth>,
-    conn: u64,
-    pub evicted: Arc<Notify>,
-    /// Set once the client has sent its first bytes: silent connections are evicted first.
-    pub spoke: Arc<AtomicBool>,
-}
-
-impl PreAuth {
-    /// Admits `conn`; the flag says whether an older connection was evicted for it.
-    fn admit(self: &Arc<Self>, conn: u64, spoke_already: bool) -> (PreAuthPermit, bool) {
-        let evicted = Arc::new(Notify::new());
-        let spoke = Arc::new(AtomicBool::new(spoke_already));
-        let mut was_full = false;
-        if let Ok(mut q) = self.q.lock() {
-            if q.len() >= self.max {
-                // The oldest that has not said a word, else the oldest.
-                let i = q.iter().position(|(_, _, s)| !s.load(Ordering::Relaxed)).unwrap_or(0);
-                if let Some((_, oldest, _)) = q.remove(i) {
-                    // notify_one keeps the wake-up even if that task has not started waiting.
-                    oldest.notify_one();
-                    was_full = true;
-                }
-            }
-            q.push_back((conn, evicted.clone(), spoke.clone()));
-        }
-        (PreAuthPermit { reg: self.clone(), conn, evicted, spoke }, was_full)
-    }
-}
-
-impl Drop for PreAuthPermit {
-    fn drop(&mut self) {
-        if let Ok(mut q) = self.reg.q.lock() {
-            if let Some(i) = q.iter().position(|(c, _, _)| *c == self.conn) {
-                q.remove(i);
-            }
         }
     }
 }
