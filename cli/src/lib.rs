@@ -2,37 +2,7 @@
 
 use std::process::ExitCode;
 
-/// Installs the log subscriber: `RUST_LOG` if set, else `default` (e.g. "warn" for the client,
-/// "info" for daemons), on standard error so standard output stays for results.
-pub fn init_logs(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-/// Runs `fut` on a multi-threaded runtime and turns its result into an exit code, printing the
-/// whole error chain.
-pub fn run_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(fut) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
+pub use np_cmd::{init_logs, run_main, shutdown_signal};
 
 pub mod dns;
 pub mod doctor;
@@ -43,16 +13,8 @@ pub mod up;
 /// default file is `default`, or for `np` the home directory's `config.toml`. On a bad config
 /// file, prints why and returns the exit code to use.
 pub fn parse_with_config<C: clap::Parser>(default: Option<&std::path::Path>) -> Result<C, ExitCode> {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let home_default = np_identity::home::Home::resolve(None).dir().join("config.toml");
-    let default = default.unwrap_or(&home_default);
-    match np_config::merged_args(&C::command(), args, Some(default)) {
-        Ok(a) => Ok(C::parse_from(a)),
-        Err(e) => {
-            eprintln!("error: {e}");
-            Err(ExitCode::from(2))
-        }
-    }
+    np_cmd::parse_with_config(default.unwrap_or(&home_default))
 }
 
 use anyhow::Context;
@@ -102,17 +64,5 @@ pub fn large_allocations_from_mmap() {
     // SAFETY: mallopt only changes allocator tuning; called at start, before other threads.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
-}
-
-/// Waits for SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

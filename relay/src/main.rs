@@ -7,7 +7,7 @@ use np_identity::home::Home;
 use np_identity::Name;
 use np_relay::{ControlDirectory, Relay, RelayConfig};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,41 +70,12 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    use clap::CommandFactory;
-    let args = match np_config::merged_args(
-        &Cli::command(),
-        std::env::args_os().collect(),
-        Some(Path::new("/etc/np/relay.toml")),
-    ) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+    let cli = match np_cmd::parse_with_config::<Cli>(std::path::Path::new("/etc/np/relay.toml")) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let cli = Cli::parse_from(args);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    np_cmd::init_logs("info");
+    np_cmd::run_main(run(cli))
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -149,7 +120,13 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(m) = metrics {
         println!("Metrics at http://{m}/metrics.");
     }
-    relay.run(shutdown()).await.context("serving")?;
+    relay
+        .run(async {
+            np_cmd::shutdown_signal().await;
+            tracing::info!("signal received, shutting down");
+        })
+        .await
+        .context("serving")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -184,16 +161,4 @@ fn print_banner(config: &RelayConfig, addr: SocketAddr, control: &str, reached: 
         if config.zero_copy { "splice(2)" } else { "user-space copy" }
     );
     println!("Clients and devices use this relay as {} at HOST:{}.", config.name, addr.port());
-}
-
-async fn shutdown() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("signal received, shutting down");
 }

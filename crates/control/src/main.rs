@@ -84,41 +84,12 @@ fn default_data(d: Option<PathBuf>) -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    use clap::CommandFactory;
-    let args = match np_config::merged_args(
-        &Cli::command(),
-        std::env::args_os().collect(),
-        Some(std::path::Path::new("/etc/np/control.toml")),
-    ) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+    let cli = match np_cmd::parse_with_config::<Cli>(std::path::Path::new("/etc/np/control.toml")) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let cli = Cli::parse_from(args);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli.cmd)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    np_cmd::init_logs("info");
+    np_cmd::run_main(run(cli.cmd))
 }
 
 async fn run(cmd: Cmd) -> Result<()> {
@@ -155,7 +126,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             println!("  np keys new @NAME --control THIS_HOST:{port} --code CODE");
             tokio::select! {
                 r = server.run() => r,
-                _ = shutdown() => {
+                _ = np_cmd::shutdown_signal() => {
                     tracing::info!("shutting down");
                     Ok(())
                 }
@@ -177,16 +148,5 @@ async fn run(cmd: Cmd) -> Result<()> {
             eprintln!("  np keys new {name} --control HOST:PORT --code {code}");
             Ok(())
         }
-    }
-}
-
-async fn shutdown() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
