@@ -13,7 +13,7 @@
 //! thread uses it later.
 #![allow(clippy::unwrap_used)]
 
-use crate::servers::{hex, pattern};
+use crate::servers::{echo_conn, hasher_conn, hex, pattern, serve_on, source_conn};
 use crate::{bin, output_within, spawn_listening, wait_until, Proc};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -330,71 +330,20 @@ pub fn udp_in(ns: &str, addr: SocketAddr) -> UdpSocket {
     in_netns(ns, move || UdpSocket::bind(addr)).unwrap()
 }
 
-/// Serves each connection of `l` with `f` on a thread of its own; returns the port.
-fn serve(l: TcpListener, f: impl Fn(TcpStream) + Send + Sync + 'static) -> u16 {
-    let port = l.local_addr().unwrap().port();
-    let f = std::sync::Arc::new(f);
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let f = f.clone();
-            std::thread::spawn(move || f(s));
-        }
-    });
-    port
-}
-
 /// An echo server on `ip:0` in `ns` (the test's threads serve it); returns its port.
 pub fn echo_in(ns: &str, ip: Ipv4Addr) -> u16 {
-    serve(bind_in(ns, (ip, 0).into()), |mut s| {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    })
+    serve_on(bind_in(ns, (ip, 0).into()), echo_conn)
 }
 
 /// A server on `ip:0` in `ns` that reads to EOF and answers `SHA256HEX LEN` (as
 /// [`crate::servers::hasher`]).
 pub fn hasher_in(ns: &str, ip: Ipv4Addr) -> u16 {
-    serve(bind_in(ns, (ip, 0).into()), |mut s| {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    ctx.update(&buf[..n]);
-                    total += n as u64;
-                }
-                Err(_) => return,
-            }
-        }
-        let _ = write!(s, "{} {total}", hex(ctx.finish().as_ref()));
-    })
+    serve_on(bind_in(ns, (ip, 0).into()), hasher_conn)
 }
 
 /// A server on `ip:0` in `ns` that writes the first `len` bytes of [`pattern`] and closes.
 pub fn source_in(ns: &str, ip: Ipv4Addr, len: u64) -> u16 {
-    serve(bind_in(ns, (ip, 0).into()), move |mut s| {
-        let (mut sent, mut block) = (0u64, 0u64);
-        while sent < len {
-            let chunk = pattern(block);
-            let n = chunk.len().min((len - sent) as usize);
-            if s.write_all(&chunk[..n]).is_err() {
-                return;
-            }
-            sent += n as u64;
-            block += 1;
-        }
-    })
+    serve_on(bind_in(ns, (ip, 0).into()), move |s| source_conn(s, len))
 }
 
 /// Sends the first `len` bytes of [`pattern`] to a hasher at `addr` from `ns`; returns its answer.
