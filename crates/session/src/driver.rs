@@ -510,6 +510,8 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (done, _) = watch::channel(None);
+    let sealer = Sealer::with_counter(keys.send_key(), 0, config.records_per_key);
+    let opener = Opener::with_counter(keys.recv_key(), 0, config.records_per_key);
     let inner = Arc::new(Inner {
         shared: Mutex::new(Shared {
             mux: Mux::new(keys.role(), config, Instant::now()),
@@ -520,8 +522,6 @@ where
         transmit: Notify::new(),
         done,
     });
-    let sealer = Sealer::new(keys.send_key());
-    let opener = Opener::new(keys.recv_key());
     drop(keys);
     let (rd, wr) = tokio::io::split(stream);
     tokio::spawn(read_loop(inner.clone(), rd, opener));

@@ -10,8 +10,10 @@ pub enum SessionError {
     /// The handshake was driven out of order or its message had an unexpected shape.
     #[error("handshake protocol error: {0}")]
     Handshake(&'static str),
-    /// A key reached its record limit; the session must end rather than reuse a nonce.
-    #[error("session key exhausted its record limit")]
+    /// The record counter reached 2^64 - 1, the nonce Noise reserves for rekeying; the session
+    /// must end rather than reuse a nonce. (Keys themselves are replaced long before their data
+    /// limit, see [`crate::record`].)
+    #[error("session record counter exhausted (2^64 - 1 records)")]
     KeyExhausted,
     /// A record's announced or actual size is above the limit.
     #[error("record of {len} bytes exceeds the limit")]

@@ -35,6 +35,9 @@ pub struct MuxConfig {
     pub idle_timeout: Duration,
     /// Most flows the peer may have open at once; more are refused.
     pub max_peer_flows: usize,
+    /// Records sealed under one key before the driver's record layer rekeys (both ends must
+    /// agree: it is part of the protocol, not a local tuning). Lowered only by tests.
+    pub records_per_key: u64,
 }
 
 impl Default for MuxConfig {
@@ -44,6 +47,7 @@ impl Default for MuxConfig {
             keepalive_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
             max_peer_flows: 1024,
+            records_per_key: crate::record::DEFAULT_RECORDS_PER_KEY,
         }
     }
 }

@@ -72,15 +72,23 @@ fn serve_device(mut dev: DeviceSession) -> tokio::task::JoinHandle<DeviceSession
     })
 }
 
-/// A connected client/device pair over loopback, optionally through `middle`.
+/// A connected client/device pair over loopback.
 async fn pair(config: MuxConfig) -> (SessionHandle, tokio::task::JoinHandle<DeviceSession>) {
+    pair_with(config.clone(), config).await
+}
+
+/// A pair whose two ends are configured differently.
+async fn pair_with(
+    client_config: MuxConfig,
+    device_config: MuxConfig,
+) -> (SessionHandle, tokio::task::JoinHandle<DeviceSession>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let (ck, dk) = keys();
     let (client_tcp, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
     let (device_tcp, _) = accepted.expect("accept");
-    let client = client_session(client_tcp.expect("connect"), ck, config.clone());
-    let device = device_session(device_tcp, dk, config);
+    let client = client_session(client_tcp.expect("connect"), ck, client_config);
+    let device = device_session(device_tcp, dk, device_config);
     (client, serve_device(device))
 }
 
@@ -142,6 +150,65 @@ async fn sixty_four_mib_through_one_flow() {
     eprintln!("64 MiB echoed in {secs:.2}s ({:.0} Mbit/s each way)", total as f64 * 8.0 / secs / 1e6);
     assert_eq!(n, total);
     assert_eq!(sent, got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_rekeying_every_eight_records_carries_flows_byte_exact() {
+    // 16 MiB each way in records of up to 64 KiB: hundreds of key changes in both directions,
+    // with several flows interleaving records, over real TCP.
+    let echo = echo_server().await;
+    let config = MuxConfig { records_per_key: 8, ..MuxConfig::default() };
+    let (client, _dev) = pair(config).await;
+    let mut flows = Vec::new();
+    for seed in 0..4u64 {
+        let flow = client.open(&echo).await.expect("open");
+        flows.push(tokio::spawn(echo_through(flow, 4 << 20, 10 + seed)));
+    }
+    for f in flows {
+        let (sent, got, n) = tokio::time::timeout(LIMIT, f).await.expect("in time").expect("flow task");
+        assert_eq!(n, 4 << 20);
+        assert_eq!(sent, got);
+    }
+    assert!(client.error().is_none(), "session failed: {:?}", client.error());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ends_that_rekey_at_different_records_fail_closed() {
+    // Proves the driver really changes keys at the interval: if it ignored `records_per_key`,
+    // these mismatched ends would still talk. They must instead fail authentication at the
+    // first record past the shorter interval, and no byte after it reaches the application.
+    let echo = echo_server().await;
+    let (client, _dev) = pair_with(
+        MuxConfig { records_per_key: 4, ..MuxConfig::default() },
+        MuxConfig { records_per_key: 1 << 20, ..MuxConfig::default() },
+    )
+    .await;
+    let flow = client.open(&echo).await.expect("open (records 0..3 share the first key)");
+    let (mut r, mut w) = tokio::io::split(flow);
+    let data = pattern(5, 1 << 20);
+    let to_send = data.clone();
+    tokio::spawn(async move {
+        let _ = w.write_all(&to_send).await;
+        let _ = w.shutdown().await;
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = tokio::time::timeout(LIMIT, async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("in time");
+    assert!(end.is_err(), "mismatched rekeying must end the flow in an error");
+    assert!(got.len() < data.len());
+    assert_eq!(&got[..], &data[..got.len()], "no wrong byte reaches the application");
+    let err = tokio::time::timeout(LIMIT, client.closed()).await.expect("in time");
+    assert!(matches!(err, SessionError::Crypto | SessionError::Closed(_) | SessionError::Io(_)), "client saw {err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
