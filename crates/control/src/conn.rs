@@ -117,19 +117,20 @@ pub(crate) async fn serve(
     // Registered before reading the queue, so a notification arriving in between is pushed (and
     // perhaps sent twice; clients drop duplicate sequence numbers) rather than missed.
     let name = me.name.clone();
-    match db(&shared.store, move |s| s.pending(&name, crate::now_ms())).await {
-        Ok(pending) => {
-            for (seq, envelope) in pending {
-                if tx.send(ServerFrame::Push(Delivery { seq, envelope })).await.is_err() {
-                    break;
-                }
-            }
-        }
+    let backlog = match db(&shared.store, move |s| s.pending(&name, crate::now_ms())).await {
+        Ok(pending) => pending,
         Err(e) => {
-            tracing::error!(name = %me.name, error = %e.message, "could not read queued notifications")
+            tracing::error!(name = %me.name, error = %e.message, "could not read queued notifications");
+            Vec::new()
         }
+    };
+    if !backlog.is_empty() {
+        tracing::debug!(name = %me.name, queued = backlog.len(), "delivering queued notifications");
     }
-    let writer = tokio::spawn(write_loop(rx, wr));
+    // The writer sends the backlog itself, ahead of the push channel: feeding a backlog larger
+    // than the channel through it before the writer ran deadlocked the connection (a recipient
+    // with more than CONN_QUEUE waiting never received any), and would crowd out live pushes.
+    let writer = tokio::spawn(write_loop(backlog, rx, wr));
     let result = tokio::select! {
         r = read_loop(&shared, &me, rd, &tx) => r,
         _ = kill.notified() => Err("its push queue was full (client too slow); it will reconnect and catch up".into()),
@@ -143,7 +144,16 @@ pub(crate) async fn serve(
     }
 }
 
-async fn write_loop(mut rx: mpsc::Receiver<ServerFrame>, mut wr: WriteHalf<Tls>) {
+async fn write_loop(
+    backlog: Vec<(u64, np_identity::Envelope)>,
+    mut rx: mpsc::Receiver<ServerFrame>,
+    mut wr: WriteHalf<Tls>,
+) {
+    for (seq, envelope) in backlog {
+        if write_msg(&mut wr, &ServerFrame::Push(Delivery { seq, envelope })).await.is_err() {
+            return;
+        }
+    }
     while let Some(frame) = rx.recv().await {
         if write_msg(&mut wr, &frame).await.is_err() {
             return;
