@@ -17,6 +17,8 @@ pub struct Stack {
     pub client_home: PathBuf,
     /// @alice_device, the device identity.
     pub device_home: PathBuf,
+    /// Extra flags the relay is started (and restarted) with.
+    pub relay_args: Vec<String>,
 }
 
 /// A running `np forward`.
@@ -27,6 +29,11 @@ pub struct Forward {
 
 impl Stack {
     pub fn start() -> Stack {
+        Stack::start_with_relay(&[])
+    }
+
+    /// A stack whose relay runs with `relay_args` added (e.g. `--idle-timeout 2s`).
+    pub fn start_with_relay(relay_args: &[&str]) -> Stack {
         let ctl = Control::start(&[]);
         let relay_home = ctl.identity("@relay");
         let client_home = ctl.identity("@alice");
@@ -38,6 +45,7 @@ impl Stack {
             client_home,
             device_home,
             ctl,
+            relay_args: relay_args.iter().map(|a| a.to_string()).collect(),
         };
         s.start_relay("127.0.0.1:0");
         s
@@ -56,6 +64,7 @@ impl Stack {
         loop {
             let mut cmd = Command::new(bin("np-relay"));
             cmd.args(["--as", "@relay", "--listen", listen, "--home"]).arg(&self.relay_home).env("RUST_LOG", "debug");
+            cmd.args(&self.relay_args);
             if let Some((child, addr)) = spawn_listening(cmd, &self.relay_log()) {
                 self.relay = Some(Proc(child));
                 self.relay_addr = addr;
