@@ -12,6 +12,10 @@
 #
 # cargo-fuzz needs nightly flags (sanitizers); on a stable toolchain RUSTC_BOOTSTRAP=1 lets the
 # stable compiler accept them. The build goes to fuzz/target, apart from the workspace's.
+#
+# FUZZ_SANITIZER picks cargo-fuzz's sanitizer (default `none`): our crates deny `unsafe`, so
+# AddressSanitizer mostly watches ring's C and costs a slower build (the CI budget) and fewer
+# executions per second; `FUZZ_SANITIZER=address scripts/fuzz.sh 600` for a deep run.
 set -euo pipefail
 
 SECONDS_EACH="${1:-60}"
@@ -26,7 +30,7 @@ if ! rustc --version | grep -q nightly; then
 fi
 
 # Debug assertions on: overflow checks catch arithmetic on lengths that release builds wrap.
-FLAGS=(--debug-assertions)
+FLAGS=(--debug-assertions --sanitizer "${FUZZ_SANITIZER:-none}")
 TARGETS="${FUZZ_TARGETS:-$(cargo fuzz list)}"
 
 start=$(date +%s)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what the tests need, builds once, checks format and lints, and
-# runs every test (unit, property and end-to-end with the real binaries). `.ci/run` calls this.
+# The whole test suite: installs what the tests need, builds once, checks format and lints, runs
+# every test (unit, property and end-to-end with the real binaries), then every fuzz target for
+# NP_FUZZ_SECONDS each (default 10; 0 skips them). `.ci/run` calls this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,3 +23,11 @@ cargo build --workspace --all-targets --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the binaries built above (target/debug).
 cargo test --workspace --locked --no-fail-fast
+
+# Every parser that takes bytes from a network or the TUN, fuzzed briefly (cargo-fuzz, its own
+# build under fuzz/target: about 2 minutes cold, plus installing cargo-fuzz the first time).
+# A crash fails the suite and leaves its input in fuzz/artifacts/TARGET.
+FUZZ_SECONDS="${NP_FUZZ_SECONDS:-10}"
+if [ "$FUZZ_SECONDS" != 0 ]; then
+  scripts/fuzz.sh "$FUZZ_SECONDS"
+fi
