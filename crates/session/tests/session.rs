@@ -138,6 +138,30 @@ async fn echo_through(flow: FlowStream, total: usize, seed: u64) -> (Vec<u8>, Ve
     (sent, ctx.finish().as_ref().to_vec(), got)
 }
 
+/// Writes `data` into `flow` (then half-closes it) while collecting what comes back, until end of
+/// stream (`Ok`) or an error; for sessions expected to break part-way.
+async fn send_and_collect(flow: FlowStream, data: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
+    let (mut r, mut w) = tokio::io::split(flow);
+    tokio::spawn(async move {
+        let _ = w.write_all(&data).await;
+        let _ = w.shutdown().await;
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = tokio::time::timeout(LIMIT, async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("in time");
+    (end, got)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_through_one_flow() {
     let echo = echo_server().await;
@@ -184,26 +208,8 @@ async fn ends_that_rekey_at_different_records_fail_closed() {
     )
     .await;
     let flow = client.open(&echo).await.expect("open (records 0..3 share the first key)");
-    let (mut r, mut w) = tokio::io::split(flow);
     let data = pattern(5, 1 << 20);
-    let to_send = data.clone();
-    tokio::spawn(async move {
-        let _ = w.write_all(&to_send).await;
-        let _ = w.shutdown().await;
-    });
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let end = tokio::time::timeout(LIMIT, async {
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) => return Ok(()),
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await
-    .expect("in time");
+    let (end, got) = send_and_collect(flow, data.clone()).await;
     assert!(end.is_err(), "mismatched rekeying must end the flow in an error");
     assert!(got.len() < data.len());
     assert_eq!(&got[..], &data[..got.len()], "no wrong byte reaches the application");
@@ -310,25 +316,7 @@ async fn tampered_byte_ends_session_without_wrong_bytes() {
     let flow = client.open(&echo).await.expect("open");
     let total = 4 << 20;
     let data = pattern(7, total);
-    let (mut r, mut w) = tokio::io::split(flow);
-    let to_send = data.clone();
-    tokio::spawn(async move {
-        let _ = w.write_all(&to_send).await;
-        let _ = w.shutdown().await;
-    });
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let end = tokio::time::timeout(LIMIT, async {
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) => return Ok(()),
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await
-    .expect("in time");
+    let (end, got) = send_and_collect(flow, data.clone()).await;
     assert!(end.is_err(), "a tampered session must end in an error, not EOF");
     assert!(got.len() < total);
     assert_eq!(&got[..], &data[..got.len()], "no wrong byte reaches the application");
