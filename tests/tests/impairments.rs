@@ -339,6 +339,23 @@ fn new_flow_fails(d: &Deployment, fwd: &np_tests::stack::Forward, what: &str) ->
     took
 }
 
+/// With the device's relay leg cut but its control leg up, a client that waits longer than npd's
+/// 5 s bound on joining the relay is told why by npd ("cannot reach relay"), instead of seeing its
+/// own timeout; returns how long the refusal took.
+fn client_hears_npd_cannot_reach_the_relay(d: &Deployment, what: &str) -> Duration {
+    // np forward sets up its first session before it listens, and exits with the reason if it
+    // cannot.
+    let from = d.log("forward.log").len();
+    let t = Instant::now();
+    let r = d.forward(&[&format!("0:localhost:{}", d.echo_port)], &["--keepalive", KEEPALIVE, "--timeout", "9s"]);
+    let took = t.elapsed();
+    assert!(r.is_err(), "{what}: np forward set up a session during the partition");
+    let said = d.log("forward.log").get(from..).unwrap_or("").to_string();
+    assert!(said.contains("cannot reach relay"), "{what}: np forward was not told npd cannot reach the relay:\n{said}");
+    assert!(took < Duration::from_secs(8), "{what}: the refusal took {took:?} (npd bounds its relay join at 5 s)");
+    took
+}
+
 /// After the partition healed: a new flow works (a new session) within `limit`; returns the time.
 fn recovers(d: &Deployment, fwd: &np_tests::stack::Forward, limit: Duration, what: &str) -> Duration {
     let healed = Instant::now();
@@ -364,12 +381,16 @@ fn a_partition_of_the_device_relay_leg_is_noticed_by_both_sides_and_npd_recovers
     let rules = partition(&d.hosts.pd, d.relay_addr);
     both_sides_notice(&d, &mut live, cut, npd_from, what);
     new_flow_fails(&d, &fwd, what);
+    let refused_after = client_hears_npd_cannot_reach_the_relay(&d, what);
     let partitioned = cut.elapsed();
     // The keepalives (or the flow's own data) hit the rules: they were in the path.
     assert!(rules.packets() > 0, "{what}: nothing was dropped:\n{}", rules.listing());
     rules.remove();
     let back = recovers(&d, &fwd, Duration::from_secs(10), what);
-    eprintln!("{what}: partitioned {partitioned:?}; new flow {back:?} after healing; test {:?}", t0.elapsed());
+    eprintln!(
+        "{what}: partitioned {partitioned:?}; refusal after {refused_after:?}; new flow {back:?} after healing; test {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]

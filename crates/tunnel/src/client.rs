@@ -21,7 +21,7 @@ pub enum SetupError {
     #[error("{device} refused: {reason}")]
     Refused { device: String, reason: String },
     /// No answer in time.
-    #[error("{device} did not answer within {secs}s: is npd running there and connected to the control plane? (`np devices` shows its last heartbeat)")]
+    #[error("{device} did not answer within {secs}s: is npd running there, connected to the control plane, and able to reach the relay? (`np devices` shows its last heartbeat; npd's log says which step failed)")]
     Timeout { device: String, secs: u64 },
     /// The control plane failed.
     #[error("control plane: {0}")]

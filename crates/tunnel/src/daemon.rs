@@ -16,6 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
+/// How long the daemon's side of a session may take to reach the relay, join and send its
+/// handshake answer before the request is refused. Under the client's default 10 s wait, so the
+/// requester reads "cannot reach relay" rather than a bare timeout; above a few SYN
+/// retransmissions (1 s, then 2 s) on a lossy path.
+const RELAY_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What a device publishes about itself (record `device/NAME`, readable by its managers).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {
@@ -218,13 +224,23 @@ impl Daemon {
         let (msg2, keys) =
             Responder::respond(self.ctl.keys().x25519_private(), &client_keys.x25519, &pro, &r.handshake)
                 .map_err(|_| "handshake failed".to_string())?;
-        let tcp =
-            TcpStream::connect(&r.relay).await.map_err(|e| format!("device cannot reach relay {}: {e}", r.relay))?;
-        let _ = tcp.set_nodelay(true);
-        let mut stream = np_relay::join(tcp, self.ctl.keys(), self.ctl.me(), Role::Device, r.session, from, None)
-            .await
-            .map_err(|e| format!("relay {}: {e}", r.relay))?;
-        np_wire::io::write_frame(&mut stream, &msg2).await.map_err(|e| format!("relay: {e}"))?;
+        let join = async {
+            let tcp = TcpStream::connect(&r.relay)
+                .await
+                .map_err(|e| format!("device cannot reach relay {}: {e}", r.relay))?;
+            let _ = tcp.set_nodelay(true);
+            let mut stream = np_relay::join(tcp, self.ctl.keys(), self.ctl.me(), Role::Device, r.session, from, None)
+                .await
+                .map_err(|e| format!("relay {}: {e}", r.relay))?;
+            np_wire::io::write_frame(&mut stream, &msg2).await.map_err(|e| format!("relay: {e}"))?;
+            Ok::<_, String>(stream)
+        };
+        // Bounded: with the relay unreachable (a partition drops the SYNs) the kernel would retry
+        // for about two minutes, the requester would get no answer but its own timeout, and the
+        // task would linger to join a session long abandoned.
+        let stream = tokio::time::timeout(RELAY_JOIN_TIMEOUT, join).await.map_err(|_| {
+            format!("device cannot reach relay {}: no answer within {}s", r.relay, RELAY_JOIN_TIMEOUT.as_secs())
+        })??;
         tracing::info!(requester = %from, session = %hex::encode(&r.session[..4]), "session accepted");
         let mut session = device_session(stream, keys, self.cfg.mux.clone());
         if let Ok(mut live) = self.live.lock() {
