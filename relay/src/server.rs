@@ -369,7 +369,14 @@ async fn authenticate(
     let nonce = np_identity::random32().map_err(|_| None)?;
     let challenge = RelayMsg::Challenge { relay: inner.config.name.clone(), nonce };
     stream.write_all(&encode_msg(&challenge)).await.map_err(|_| None)?;
-    stream.readable().await.map_err(|_| None)?;
+    // Silent until a byte has really arrived. `readable()` is no proof: tokio reports a freshly
+    // accepted socket readable at once, so marking on it marked every flood connection as
+    // spoken, and the limit evicted the oldest of all, real sides in the middle of their Join
+    // included. `peek` waits for a byte (or the end of the stream).
+    let mut first = [0u8; 1];
+    if stream.peek(&mut first).await.map_err(|_| None)? == 0 {
+        return Err(None);
+    }
     place.spoke();
     let frame = match read_frame(stream, MAX_PREAUTH_FRAME).await {
         Ok(Some(frame)) => frame,
