@@ -288,10 +288,12 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn:
     // milliseconds, still get in.
     let (place, _) = inner.places.admit(conn, false);
     let _ = stream.set_nodelay(true);
-    let auth = tokio::time::timeout(inner.config.auth_deadline, authenticate(&inner, &mut stream, &place));
-    let auth = tokio::select! {
-        r = auth => r,
-        _ = place.evicted.notified() => {
+    let auth = tokio::time::timeout(inner.config.auth_deadline, authenticate(&inner, &mut stream, &place)).await;
+    drop(place);
+    let (join, key) = match auth {
+        Err(_) => return refuse(&inner, stream, Refusal::AuthTimeout, conn, None).await,
+        Ok(Err(AuthFailure::Refused(refusal))) => return refuse(&inner, stream, refusal, conn, None).await,
+        Ok(Err(AuthFailure::Evicted)) => {
             inner.metrics.refusals.inc(Refusal::TooManyUnauthenticated.kind());
             // No lingering: one non-blocking write of a tiny frame, then close.
             let _ = stream
@@ -299,12 +301,7 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn:
             tracing::debug!(%addr, reason = %Refusal::TooManyUnauthenticated, "evicted");
             return;
         }
-    };
-    drop(place);
-    let (join, key) = match auth {
-        Err(_) => return refuse(&inner, stream, Refusal::AuthTimeout, conn, None).await,
-        Ok(Err(Some(refusal))) => return refuse(&inner, stream, refusal, conn, None).await,
-        Ok(Err(None)) => {
+        Ok(Err(AuthFailure::Gone)) => {
             tracing::debug!(conn, "closed before authenticating");
             return;
         }
@@ -360,33 +357,79 @@ enum Handoff {
     Give(oneshot::Sender<Outcome>),
 }
 
-/// Sends the Challenge and checks the Join. `Err(None)` means the side went away silently.
+/// Why a side did not authenticate.
+enum AuthFailure {
+    /// It went away (or sent nothing but an end of stream).
+    Gone,
+    /// It gets a refusal with this reason.
+    Refused(Refusal),
+    /// A newer connection took its place at the pre-auth limit.
+    Evicted,
+}
+
+/// Sends the Challenge and checks the Join, giving up the place if told to (see np-limits).
 async fn authenticate(
     inner: &Inner,
     stream: &mut TcpStream,
     place: &np_limits::PreAuthPermit,
-) -> Result<(Join, PairKey), Option<Refusal>> {
-    let nonce = np_identity::random32().map_err(|_| None)?;
+) -> Result<(Join, PairKey), AuthFailure> {
+    let nonce = np_identity::random32().map_err(|_| AuthFailure::Gone)?;
     let challenge = RelayMsg::Challenge { relay: inner.config.name.clone(), nonce };
-    stream.write_all(&encode_msg(&challenge)).await.map_err(|_| None)?;
+    stream.write_all(&encode_msg(&challenge)).await.map_err(|_| AuthFailure::Gone)?;
     // Silent until a byte has really arrived. `readable()` is no proof: tokio reports a freshly
     // accepted socket readable at once, so marking on it marked every flood connection as
     // spoken, and the limit evicted the oldest of all, real sides in the middle of their Join
-    // included. `peek` waits for a byte (or the end of the stream).
+    // included. `peek` waits for a byte (or the end of the stream). Told to leave as the oldest
+    // silent connection, look at the socket itself: under a flood this task may be scheduled
+    // long after the side's Join arrived, and such a side keeps its place.
     let mut first = [0u8; 1];
-    if stream.peek(&mut first).await.map_err(|_| None)? == 0 {
-        return Err(None);
+    loop {
+        tokio::select! {
+            biased;
+            () = place.evicted.notified() => {
+                if !place.keeps_place(bytes_waiting(stream)) {
+                    return Err(AuthFailure::Evicted);
+                }
+            }
+            n = stream.peek(&mut first) => match n {
+                Ok(0) | Err(_) => return Err(AuthFailure::Gone),
+                Ok(_) => break,
+            },
+        }
     }
     place.spoke();
-    let frame = match read_frame(stream, MAX_PREAUTH_FRAME).await {
-        Ok(Some(frame)) => frame,
-        Ok(None) | Err(WireError::Truncated | WireError::Io(_)) => return Err(None),
-        Err(e) => return Err(Some(Refusal::Malformed(e.to_string()))),
+    // From here it is evicted only if every connection has spoken, or if it was picked as
+    // silent just before it was marked (then it keeps its place).
+    let join = async {
+        let frame = match read_frame(stream, MAX_PREAUTH_FRAME).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(WireError::Truncated | WireError::Io(_)) => return Err(AuthFailure::Gone),
+            Err(e) => return Err(AuthFailure::Refused(Refusal::Malformed(e.to_string()))),
+        };
+        let join: Join = decode_msg(&frame).map_err(|e| AuthFailure::Refused(Refusal::Malformed(e.to_string())))?;
+        check_join(inner, &nonce, &join).await.map_err(AuthFailure::Refused)?;
+        Ok(join)
     };
-    let join: Join = decode_msg(&frame).map_err(|e| Some(Refusal::Malformed(e.to_string())))?;
-    check_join(inner, &nonce, &join).await.map_err(Some)?;
+    tokio::pin!(join);
+    let join = loop {
+        tokio::select! {
+            j = &mut join => break j?,
+            () = place.evicted.notified() => {
+                if !place.keeps_place(false) {
+                    return Err(AuthFailure::Evicted);
+                }
+            }
+        }
+    };
     let key = PairKey::new(&join.identity, join.role, join.session, &join.peer);
     Ok((join, key))
+}
+
+/// Whether the peer's bytes are waiting in the socket, asked of the kernel (not of tokio's
+/// readiness, which lags behind it on a busy runtime).
+fn bytes_waiting(stream: &TcpStream) -> bool {
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(stream).peek(&mut b), Ok(n) if n > 0)
 }
 
 /// Allow list, key lookup, signature: in that order, before any state is kept.

@@ -368,6 +368,34 @@ async fn too_many_unauthenticated_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_limit_a_side_that_has_sent_bytes_outlives_younger_silent_ones() {
+    let w = world(RelayConfig {
+        max_preauth: 2,
+        auth_deadline: Duration::from_secs(10),
+        pairing_deadline: Duration::from_secs(10),
+        ..RelayConfig::default()
+    })
+    .await;
+    // The older connection has sent the first bytes of its Join (the relay's task may or may
+    // not have seen them yet); the younger one has said nothing.
+    let mut talker = TcpStream::connect(w.addr).await.unwrap();
+    let (relay, nonce) = challenge(&mut talker).await;
+    let s = session(33);
+    let join = encode_msg(&signed_join(&w.alice, &relay, &nonce, s));
+    talker.write_all(&join[..3]).await.unwrap();
+    let mut silent = TcpStream::connect(w.addr).await.unwrap();
+    challenge(&mut silent).await;
+    // A newcomer at the limit: the silent one goes, though it is younger.
+    let _newest = TcpStream::connect(w.addr).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), refusal(&mut silent)).await.unwrap();
+    assert_eq!(reason.as_deref(), Some("too many unauthenticated connections"));
+    // The talker still holds its place: the rest of its Join makes it the waiting client.
+    talker.write_all(&join[3..]).await.unwrap();
+    w.stats_until("the talker waiting for its device", |st| st.waiting == 1).await;
+    w.device(s).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_paired_session_is_closed() {
     let w = world(RelayConfig { idle_timeout: Duration::from_millis(400), ..quick() }).await;
     let (mut c, mut d) = w.pair(session(31)).await;
