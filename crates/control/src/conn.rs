@@ -80,18 +80,44 @@ pub(crate) async fn serve(
     let started = std::time::Instant::now();
     let preauth = shared.metrics.preauth.track();
     let evicted = permit.evicted.clone();
-    let authed = tokio::select! {
-        r = tokio::time::timeout(deadline, async {
-            // A client that says something is kept over silent ones when the limit is reached.
-            tcp.readable().await.map_err(closed)?;
-            permit.spoke();
-            authenticate(&shared, acceptor, tcp).await
-        }) => r,
-        _ = evicted.notified() => {
-            tracing::debug!(%peer, "closed: the oldest unauthenticated connection, evicted at the limit");
-            return;
+    let authed = tokio::time::timeout(deadline, async {
+        // A client that says something is kept over silent ones when the limit is reached.
+        // Marked once a byte has really arrived: tokio reports a freshly accepted socket
+        // readable at once, so `readable()` would mark every silent connection too. Told to
+        // leave as the oldest silent one, ask the socket itself: on a busy server this task may
+        // run long after the ClientHello arrived, and such a client keeps its place.
+        let mut first = [0u8; 1];
+        loop {
+            tokio::select! {
+                biased;
+                () = evicted.notified() => {
+                    if !permit.keeps_place(crate::server::has_spoken(&tcp)) {
+                        return Err(PreauthFailure { kind: EVICTED, reason: String::new() });
+                    }
+                }
+                r = tcp.peek(&mut first) => {
+                    r.map_err(closed)?;
+                    break;
+                }
+            }
         }
-    };
+        permit.spoke();
+        let auth = authenticate(&shared, acceptor, tcp);
+        tokio::pin!(auth);
+        loop {
+            tokio::select! {
+                r = &mut auth => return r,
+                // Only when every connection has spoken (or it was picked just before it was
+                // marked, and then it stays).
+                () = evicted.notified() => {
+                    if !permit.keeps_place(false) {
+                        return Err(PreauthFailure { kind: EVICTED, reason: String::new() });
+                    }
+                }
+            }
+        }
+    })
+    .await;
     drop(permit);
     drop(preauth);
     let m = &shared.metrics;
@@ -99,6 +125,10 @@ pub(crate) async fn serve(
         Err(_) => {
             m.handshake_failures.inc("timeout");
             tracing::debug!(%peer, "closed: authentication timed out");
+            return;
+        }
+        Ok(Err(failure)) if failure.kind == EVICTED => {
+            tracing::debug!(%peer, "closed: the oldest unauthenticated connection, evicted at the limit");
             return;
         }
         Ok(Err(failure)) => {
@@ -167,6 +197,10 @@ struct PreauthFailure {
     kind: &'static str,
     reason: String,
 }
+
+/// The `kind` of a connection evicted at the pre-auth limit (logged, not counted as a failed
+/// handshake).
+const EVICTED: &str = "evicted";
 
 fn closed(reason: impl ToString) -> PreauthFailure {
     PreauthFailure { kind: "closed", reason: reason.to_string() }

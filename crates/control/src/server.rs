@@ -183,7 +183,7 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Whether the client has already sent something (a TLS ClientHello waits in the socket by the
 /// time a busy server accepts): such a connection is worth more than a silent one.
-fn has_spoken(tcp: &tokio::net::TcpStream) -> bool {
+pub(crate) fn has_spoken(tcp: &tokio::net::TcpStream) -> bool {
     let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     matches!(socket2::SockRef::from(tcp).peek(&mut b), Ok(n) if n > 0)
 }
