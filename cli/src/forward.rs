@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use np_identity::DeviceRef;
-use np_session::{OpenError, SessionError, SessionHandle};
+use np_session::{OpenError, SessionHandle};
 use np_tunnel::Connector;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -108,26 +108,6 @@ impl SessionSlot {
     }
 }
 
-/// Whether a flow whose open failed with `e` should be tried once more on a new session.
-///
-/// Yes when the session was merely stale: it ended (an orderly close, a keepalive timeout, a
-/// key at its end), its connection broke, or its stream stopped short (a relay restart). No when
-/// the session failed its authentication or the peer broke the protocol: the stream was tampered
-/// with, so the application gets a clear error now. A new session would meet the same attacker,
-/// and when the tampering is a held-back or dropped record it is only revealed by the next
-/// keepalive, so retrying would keep the flow open a second keepalive interval.
-pub fn worth_a_new_session(e: &SessionError) -> bool {
-    match e {
-        SessionError::Closed(_) | SessionError::Io(_) | SessionError::Truncated | SessionError::KeyExhausted => true,
-        SessionError::Crypto
-        | SessionError::Handshake(_)
-        | SessionError::RecordTooLarge { .. }
-        | SessionError::BadFrame(_)
-        | SessionError::Protocol(_)
-        | SessionError::UnknownFlow(_) => false,
-    }
-}
-
 /// Binds every forward, sets up the session, then serves connections until the process ends.
 pub async fn run(slot: Arc<SessionSlot>, forwards: Vec<LocalForward>) -> Result<()> {
     let mut listeners = Vec::new();
@@ -176,7 +156,7 @@ async fn carry(slot: &SessionSlot, mut tcp: TcpStream, target: &str) -> Result<(
                 break;
             }
             Err(OpenError::Refused(reason)) => bail!("{} refused {target}: {reason}", slot.device),
-            Err(OpenError::Session(e)) if attempt == 0 && worth_a_new_session(&e) => {
+            Err(OpenError::Session(e)) if attempt == 0 && e.is_stale() => {
                 tracing::info!(error = %e, "session broke; setting up a new one");
                 slot.reset().await;
             }
@@ -196,26 +176,6 @@ async fn carry(slot: &SessionSlot, mut tcp: TcpStream, target: &str) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_a_stale_session_is_worth_a_new_one() {
-        for stale in [
-            SessionError::Closed("keepalive timeout".into()),
-            SessionError::Io(std::sync::Arc::new(std::io::ErrorKind::ConnectionReset.into())),
-            SessionError::Truncated,
-            SessionError::KeyExhausted,
-        ] {
-            assert!(worth_a_new_session(&stale), "{stale}");
-        }
-        for tampered in [
-            SessionError::Crypto,
-            SessionError::BadFrame("x"),
-            SessionError::Protocol("x"),
-            SessionError::RecordTooLarge { len: 1 << 20 },
-        ] {
-            assert!(!worth_a_new_session(&tampered), "{tampered}");
-        }
-    }
 
     #[test]
     fn parses_forwards() {

@@ -1,7 +1,7 @@
 //! `np up`: a TUN interface where each device has a virtual address; every TCP flow to it (or to
 //! a routed prefix) is carried through that device's session.
 
-use crate::forward::{worth_a_new_session, SessionSlot};
+use crate::forward::SessionSlot;
 use anyhow::{Context, Result};
 use np_identity::DeviceRef;
 use np_netstack::{
@@ -81,7 +81,7 @@ impl Opener for SessionOpener {
                         tracing::info!(device = %to.device, target = %to.target, %reason, "flow refused");
                         return Err(OpenRefused { kind: RefuseKind::Refused, reason });
                     }
-                    Err(OpenError::Session(e)) if attempt == 0 && worth_a_new_session(&e) => {
+                    Err(OpenError::Session(e)) if attempt == 0 && e.is_stale() => {
                         tracing::info!(device = %to.device, error = %e, "session broke; setting up a new one");
                         slot.reset().await;
                     }

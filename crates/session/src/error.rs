@@ -41,8 +41,58 @@ pub enum SessionError {
     Io(Arc<std::io::Error>),
 }
 
+impl SessionError {
+    /// Whether the session was merely stale, so a flow whose open failed with this error is worth
+    /// one more try on a new session.
+    ///
+    /// Yes when it ended (an orderly close, a keepalive timeout, the counter at its end), its
+    /// connection broke, or its stream stopped short (a relay restart). No when it failed its
+    /// authentication or the peer broke the protocol: the stream was tampered with, so the
+    /// application should get a clear error now. A new session would meet the same attacker,
+    /// and when the tampering is a held-back or dropped record it is only revealed by the next
+    /// keepalive, so retrying would keep the flow open a second keepalive interval.
+    pub fn is_stale(&self) -> bool {
+        match self {
+            SessionError::Closed(_) | SessionError::Io(_) | SessionError::Truncated | SessionError::KeyExhausted => {
+                true
+            }
+            SessionError::Crypto
+            | SessionError::Handshake(_)
+            | SessionError::RecordTooLarge { .. }
+            | SessionError::BadFrame(_)
+            | SessionError::Protocol(_)
+            | SessionError::UnknownFlow(_) => false,
+        }
+    }
+}
+
 impl From<std::io::Error> for SessionError {
     fn from(e: std::io::Error) -> Self {
         SessionError::Io(Arc::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_stale_session_is_worth_a_new_one() {
+        for stale in [
+            SessionError::Closed("keepalive timeout".into()),
+            SessionError::Io(Arc::new(std::io::ErrorKind::ConnectionReset.into())),
+            SessionError::Truncated,
+            SessionError::KeyExhausted,
+        ] {
+            assert!(stale.is_stale(), "{stale}");
+        }
+        for tampered in [
+            SessionError::Crypto,
+            SessionError::BadFrame("x"),
+            SessionError::Protocol("x"),
+            SessionError::RecordTooLarge { len: 1 << 20 },
+        ] {
+            assert!(!tampered.is_stale(), "{tampered}");
+        }
     }
 }
