@@ -376,30 +376,13 @@ async fn authenticate(
     let nonce = np_identity::random32().map_err(|_| AuthFailure::Gone)?;
     let challenge = RelayMsg::Challenge { relay: inner.config.name.clone(), nonce };
     stream.write_all(&encode_msg(&challenge)).await.map_err(|_| AuthFailure::Gone)?;
-    // Silent until a byte has really arrived. `readable()` is no proof: tokio reports a freshly
-    // accepted socket readable at once, so marking on it marked every flood connection as
-    // spoken, and the limit evicted the oldest of all, real sides in the middle of their Join
-    // included. `peek` waits for a byte (or the end of the stream). Told to leave as the oldest
-    // silent connection, look at the socket itself: under a flood this task may be scheduled
-    // long after the side's Join arrived, and such a side keeps its place.
-    let mut first = [0u8; 1];
-    loop {
-        tokio::select! {
-            biased;
-            () = place.evicted.notified() => {
-                if !place.keeps_place(bytes_waiting(stream)) {
-                    return Err(AuthFailure::Evicted);
-                }
-            }
-            n = stream.peek(&mut first) => match n {
-                Ok(0) | Err(_) => return Err(AuthFailure::Gone),
-                Ok(_) => break,
-            },
-        }
+    // Silent until a byte has really arrived, and evicted meanwhile only as a silent one that
+    // really was (np-limits).
+    match place.first_byte(stream).await {
+        Err(np_limits::Evicted) => return Err(AuthFailure::Evicted),
+        Ok(Ok(0) | Err(_)) => return Err(AuthFailure::Gone),
+        Ok(Ok(_)) => {}
     }
-    place.spoke();
-    // From here it is evicted only if every connection has spoken, or if it was picked as
-    // silent just before it was marked (then it keeps its place).
     let join = async {
         let frame = match read_frame(stream, MAX_PREAUTH_FRAME).await {
             Ok(Some(frame)) => frame,
@@ -410,26 +393,9 @@ async fn authenticate(
         check_join(inner, &nonce, &join).await.map_err(AuthFailure::Refused)?;
         Ok(join)
     };
-    tokio::pin!(join);
-    let join = loop {
-        tokio::select! {
-            j = &mut join => break j?,
-            () = place.evicted.notified() => {
-                if !place.keeps_place(false) {
-                    return Err(AuthFailure::Evicted);
-                }
-            }
-        }
-    };
+    let join = place.unless_evicted(join).await.map_err(|np_limits::Evicted| AuthFailure::Evicted)??;
     let key = PairKey::new(&join.identity, join.role, join.session, &join.peer);
     Ok((join, key))
-}
-
-/// Whether the peer's bytes are waiting in the socket, asked of the kernel (not of tokio's
-/// readiness, which lags behind it on a busy runtime).
-fn bytes_waiting(stream: &TcpStream) -> bool {
-    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    matches!(socket2::SockRef::from(stream).peek(&mut b), Ok(n) if n > 0)
 }
 
 /// Allow list, key lookup, signature: in that order, before any state is kept.

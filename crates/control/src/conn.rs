@@ -79,43 +79,13 @@ pub(crate) async fn serve(
     let deadline = shared.cfg.auth_timeout;
     let started = std::time::Instant::now();
     let preauth = shared.metrics.preauth.track();
-    let evicted = permit.evicted.clone();
     let authed = tokio::time::timeout(deadline, async {
-        // A client that says something is kept over silent ones when the limit is reached.
-        // Marked once a byte has really arrived: tokio reports a freshly accepted socket
-        // readable at once, so `readable()` would mark every silent connection too. Told to
-        // leave as the oldest silent one, ask the socket itself: on a busy server this task may
-        // run long after the ClientHello arrived, and such a client keeps its place.
-        let mut first = [0u8; 1];
-        loop {
-            tokio::select! {
-                biased;
-                () = evicted.notified() => {
-                    if !permit.keeps_place(crate::server::has_spoken(&tcp)) {
-                        return Err(PreauthFailure { kind: EVICTED, reason: String::new() });
-                    }
-                }
-                r = tcp.peek(&mut first) => {
-                    r.map_err(closed)?;
-                    break;
-                }
-            }
-        }
-        permit.spoke();
-        let auth = authenticate(&shared, acceptor, tcp);
-        tokio::pin!(auth);
-        loop {
-            tokio::select! {
-                r = &mut auth => return r,
-                // Only when every connection has spoken (or it was picked just before it was
-                // marked, and then it stays).
-                () = evicted.notified() => {
-                    if !permit.keeps_place(false) {
-                        return Err(PreauthFailure { kind: EVICTED, reason: String::new() });
-                    }
-                }
-            }
-        }
+        // A client that says something is kept over silent ones when the limit is reached
+        // (np-limits: marked once a byte has really arrived, evicted only as a silent one that
+        // really was). An end of stream or an error here fails in `authenticate`.
+        let evicted = || PreauthFailure { kind: EVICTED, reason: String::new() };
+        permit.first_byte(&tcp).await.map_err(|np_limits::Evicted| evicted())?.map_err(closed)?;
+        permit.unless_evicted(authenticate(&shared, acceptor, tcp)).await.map_err(|np_limits::Evicted| evicted())?
     })
     .await;
     drop(permit);

@@ -140,7 +140,9 @@ impl ControlServer {
                 }
             };
             let conn = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
-            let (permit, evicted) = preauth.admit(conn, has_spoken(&tcp));
+            // A ClientHello already waiting (as it is by the time a busy server accepts) makes
+            // this connection worth more than a silent one.
+            let (permit, evicted) = preauth.admit(conn, np_limits::bytes_waiting(&tcp));
             if evicted {
                 refused += 1;
                 if refused.is_power_of_two() {
@@ -179,11 +181,4 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(4096)
-}
-
-/// Whether the client has already sent something (a TLS ClientHello waits in the socket by the
-/// time a busy server accepts): such a connection is worth more than a silent one.
-pub(crate) fn has_spoken(tcp: &tokio::net::TcpStream) -> bool {
-    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    matches!(socket2::SockRef::from(tcp).peek(&mut b), Ok(n) if n > 0)
 }

@@ -13,9 +13,23 @@
 //! goes instead).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+/// The connection was told to close: a newer one took its place at the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted;
+
+/// Whether the peer's first bytes are already waiting in `tcp`, asked of the kernel with a
+/// non-blocking peek (not of tokio's readiness, which reports a freshly accepted socket readable
+/// at once, and lags behind the kernel on a busy runtime).
+pub fn bytes_waiting(tcp: &TcpStream) -> bool {
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(tcp).peek(&mut b), Ok(n) if n > 0)
+}
 
 /// What the registry and a connection's permit both know about the connection.
 #[derive(Default)]
@@ -69,6 +83,47 @@ impl PreAuthPermit {
         self.state.spoke.store(true, Ordering::Relaxed);
         self.reg.insert(&mut q, Waiting { conn: self.conn, evicted: self.evicted.clone(), state: self.state.clone() });
         true
+    }
+
+    /// Waits until the peer's first byte has really arrived in `tcp` (or its end of stream, or
+    /// an error: the peek's result), then marks the connection as having spoken. A peek waits
+    /// for a byte; `readable()` would not, as tokio reports a fresh socket readable at once.
+    /// Told to leave as the oldest silent connection meanwhile, it looks at the socket itself
+    /// ([`PreAuthPermit::keeps_place`]): under a flood this task may be scheduled long after the
+    /// bytes arrived, and such a connection stays. `Err` means: close now.
+    pub async fn first_byte(&self, tcp: &TcpStream) -> Result<std::io::Result<usize>, Evicted> {
+        let mut first = [0u8; 1];
+        loop {
+            tokio::select! {
+                biased;
+                () = self.evicted.notified() => {
+                    if !self.keeps_place(bytes_waiting(tcp)) {
+                        return Err(Evicted);
+                    }
+                }
+                r = tcp.peek(&mut first) => {
+                    self.spoke();
+                    return Ok(r);
+                }
+            }
+        }
+    }
+
+    /// Runs `fut` (the rest of the authentication) unless told to leave. Once the connection has
+    /// spoken, that happens only when every connection has, or when it was picked as silent just
+    /// before it was marked (then it keeps its place and `fut` goes on).
+    pub async fn unless_evicted<F: Future>(&self, fut: F) -> Result<F::Output, Evicted> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                r = &mut fut => return Ok(r),
+                () = self.evicted.notified() => {
+                    if !self.keeps_place(false) {
+                        return Err(Evicted);
+                    }
+                }
+            }
+        }
     }
 }
 
