@@ -7,7 +7,7 @@ use crate::router::Router;
 use np_control_client::ControlClient;
 use np_identity::DeviceRef;
 use np_relay::Role;
-use np_session::{client_session, Initiator, MuxConfig, SessionHandle};
+use np_session::{client_session, Initiator, MuxConfig, SessionHandle, SessionKeys};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -65,6 +65,21 @@ impl Connector {
         step: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<SessionHandle, SetupError> {
         let t0 = Instant::now();
+        let (stream, keys) = self.open_transport(device, relay, targets, step).await?;
+        tracing::info!(device = %device, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
+        Ok(client_session(stream, keys, self.mux.clone()))
+    }
+
+    /// Everything of [`Connector::open_session`] up to the session itself: the request, the
+    /// relay join and the handshake. Returns the paired relay stream and the session keys, so
+    /// tests can drive a session by hand (e.g. as a misbehaving peer).
+    pub async fn open_transport(
+        &self,
+        device: &DeviceRef,
+        relay: &str,
+        targets: &[String],
+        step: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<(TcpStream, SessionKeys), SetupError> {
         let dev_name = device.to_string();
         let me = self.ctl.me().clone();
         let keys = self.ctl.lookup(&device.identity).await?;
@@ -133,7 +148,7 @@ impl Connector {
                 .finish(&msg2)
                 .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?;
             step("handshake complete");
-            Ok::<_, SetupError>(client_session(stream, keys, self.mux.clone()))
+            Ok::<_, SetupError>((stream, keys))
         };
         let result = tokio::select! {
             r = tokio::time::timeout(ttl, fut) => match r {
@@ -148,9 +163,6 @@ impl Connector {
             },
         };
         self.router.forget(&request_id);
-        if result.is_ok() {
-            tracing::info!(device = %dev_name, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
-        }
         result
     }
 }
