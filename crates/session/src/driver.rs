@@ -6,13 +6,19 @@
 //! many frames as fit into up to [`WRITE_BATCH`] bytes of records, releases it, seals the records
 //! in place and writes them with one call. Flows ([`FlowStream`]) lock the shared state once per
 //! `poll_read`/`poll_write` call, never per byte.
+//!
+//! Memory stays bounded against a hostile peer: the reader pauses while the mux is backlogged
+//! (the peer is not reading our answers), a write that makes no progress for the idle timeout
+//! ends the session, incoming flows wait in a bounded channel, and received bytes that are
+//! queued rather than read at once are copied out of the shared receive buffer (see
+//! `Inner::dispatch`).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -65,12 +71,14 @@ struct Shared {
     mux: Mux,
     slots: HashMap<FlowId, Slot>,
     error: Option<SessionError>,
-    incoming: Option<mpsc::UnboundedSender<IncomingFlow>>,
+    incoming: Option<mpsc::Sender<IncomingFlow>>,
 }
 
 struct Inner {
     shared: Mutex<Shared>,
     transmit: Notify,
+    /// The writer sent something: a reader paused on a backlog may go on.
+    drained: Notify,
     done: watch::Sender<Option<SessionError>>,
 }
 
@@ -107,15 +115,20 @@ impl Inner {
                 Event::FlowOpened { flow, target } => {
                     st.slots.insert(flow, Slot::default());
                     let incoming = IncomingFlow { inner: self.clone(), flow, target, answered: false };
+                    // The channel holds as many as the mux lets the peer open, so it is full only
+                    // if the application stopped taking flows; refuse rather than queue.
                     let refused = match &st.incoming {
-                        Some(tx) => tx.send(incoming).err().map(|e| e.0),
-                        None => Some(incoming),
+                        Some(tx) => tx.try_send(incoming).err().map(|e| match e {
+                            mpsc::error::TrySendError::Full(i) => (i, "too many flows waiting for an answer"),
+                            mpsc::error::TrySendError::Closed(i) => (i, "incoming flows not accepted"),
+                        }),
+                        None => Some((incoming, "incoming flows not accepted")),
                     };
-                    if let Some(mut inc) = refused {
+                    if let Some((mut inc, reason)) = refused {
                         // Nobody takes incoming flows here (a client, or a dropped receiver).
                         inc.answered = true;
                         st.slots.remove(&flow);
-                        let _ = st.mux.refuse(flow, "incoming flows not accepted");
+                        let _ = st.mux.refuse(flow, reason);
                     }
                 }
                 Event::FlowAccepted { flow } => {
@@ -130,6 +143,13 @@ impl Inner {
                 }
                 Event::FlowData { flow, bytes } => match st.slots.get_mut(&flow) {
                     Some(slot) => {
+                        // `bytes` is a slice of the shared receive buffer, and keeps all of that
+                        // buffer (256 KiB and more) alive. Handed straight to a waiting reader it
+                        // is gone at once; queued, a peer could make each byte of credit pin a
+                        // whole buffer (one byte per record on many flows nobody reads). So what
+                        // is queued is copied: the memory held is then what credit allows.
+                        let waiting = slot.read_waker.is_some() && slot.recv.is_empty();
+                        let bytes = if waiting { bytes } else { Bytes::copy_from_slice(&bytes) };
                         slot.recv.push_back(bytes);
                         if let Some(w) = slot.read_waker.take() {
                             w.wake();
@@ -241,7 +261,7 @@ impl SessionHandle {
 /// The device side of a session: yields the client's flow requests.
 pub struct DeviceSession {
     handle: SessionHandle,
-    incoming: mpsc::UnboundedReceiver<IncomingFlow>,
+    incoming: mpsc::Receiver<IncomingFlow>,
 }
 
 impl std::fmt::Debug for DeviceSession {
@@ -495,7 +515,8 @@ pub fn device_session<S>(stream: S, keys: SessionKeys, config: MuxConfig) -> Dev
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
+    // No more flows can wait for an answer than the peer may have open.
+    let (tx, rx) = mpsc::channel(config.max_peer_flows.max(1));
     let handle = start(stream, keys, config, Some(tx));
     DeviceSession { handle, incoming: rx }
 }
@@ -504,7 +525,7 @@ fn start<S>(
     stream: S,
     keys: SessionKeys,
     config: MuxConfig,
-    incoming: Option<mpsc::UnboundedSender<IncomingFlow>>,
+    incoming: Option<mpsc::Sender<IncomingFlow>>,
 ) -> SessionHandle
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -512,6 +533,7 @@ where
     let (done, _) = watch::channel(None);
     let sealer = Sealer::with_counter(keys.send_key(), 0, config.records_per_key);
     let opener = Opener::with_counter(keys.recv_key(), 0, config.records_per_key);
+    let write_timeout = config.idle_timeout;
     let inner = Arc::new(Inner {
         shared: Mutex::new(Shared {
             mux: Mux::new(keys.role(), config, Instant::now()),
@@ -520,12 +542,13 @@ where
             incoming,
         }),
         transmit: Notify::new(),
+        drained: Notify::new(),
         done,
     });
     drop(keys);
     let (rd, wr) = tokio::io::split(stream);
     tokio::spawn(read_loop(inner.clone(), rd, opener));
-    tokio::spawn(write_loop(inner.clone(), wr, sealer));
+    tokio::spawn(write_loop(inner.clone(), wr, sealer, write_timeout));
     SessionHandle { guard: Arc::new(HandleGuard { inner }) }
 }
 
@@ -555,39 +578,62 @@ async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R, mut opene
                 }
             }
         }
-        let mut guard = inner.lock();
-        let st = &mut *guard;
-        if st.error.is_some() {
-            return;
-        }
-        // Records opened before a failure are authentic and in order: deliver them first.
-        let now = Instant::now();
-        for r in records.drain(..) {
-            if let Err(e) = st.mux.handle_frames(r, now) {
-                failure.get_or_insert(e);
-                break;
+        // In a block of its own: the guard must be gone before the next await.
+        let backlogged = {
+            let mut guard = inner.lock();
+            let st = &mut *guard;
+            if st.error.is_some() {
+                return;
             }
-        }
-        inner.dispatch(st);
-        if failure.is_none() && eof {
-            // A session ends with a Close frame; a bare end of stream may be a truncation.
-            failure = Some(match opener.finish() {
-                Err(e) => e,
-                Ok(()) if st.mux.is_closed() => return,
-                Ok(()) => SessionError::Truncated,
-            });
-        }
-        if let Some(e) = failure {
-            inner.fail(st, e);
-            return;
-        }
-        if st.mux.wants_transmit() {
-            inner.transmit.notify_one();
+            // Records opened before a failure are authentic and in order: deliver them first.
+            let now = Instant::now();
+            for r in records.drain(..) {
+                if let Err(e) = st.mux.handle_frames(r, now) {
+                    failure.get_or_insert(e);
+                    break;
+                }
+            }
+            inner.dispatch(st);
+            if failure.is_none() && eof {
+                // A session ends with a Close frame; a bare end of stream may be a truncation.
+                failure = Some(match opener.finish() {
+                    Err(e) => e,
+                    Ok(()) if st.mux.is_closed() => return,
+                    Ok(()) => SessionError::Truncated,
+                });
+            }
+            if let Some(e) = failure {
+                inner.fail(st, e);
+                return;
+            }
+            if st.mux.wants_transmit() {
+                inner.transmit.notify_one();
+            }
+            st.mux.is_backlogged()
+        };
+        if backlogged {
+            tracing::debug!("peer is not reading our answers: pausing reads");
+            loop {
+                tokio::select! {
+                    _ = inner.drained.notified() => {}
+                    _ = done.wait_for(Option::is_some) => return,
+                }
+                let (ended, backlogged) = {
+                    let st = inner.lock();
+                    (st.error.is_some(), st.mux.is_backlogged())
+                };
+                if ended {
+                    return;
+                }
+                if !backlogged {
+                    break;
+                }
+            }
         }
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, mut sealer: Sealer) {
+async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, mut sealer: Sealer, stall: Duration) {
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_RECORD_PLAINTEXT);
     let mut records: Vec<(usize, usize)> = Vec::new();
     loop {
@@ -624,12 +670,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, mut sea
                 }
             }
             tracing::trace!(bytes = out.len(), "writing records");
-            if let Err(e) = wr.write_all(&out).await {
+            // A peer that reads nothing for as long as the idle timeout is gone or hostile
+            // (pinging us while our answers pile up); either way the session is over. Without
+            // this bound the writer would wait forever and the keepalive timer never run.
+            let written = match tokio::time::timeout(stall, wr.write_all(&out)).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the peer read nothing for {}s", stall.as_secs()),
+                )),
+            };
+            if let Err(e) = written {
                 let mut st = inner.lock();
                 inner.fail(&mut st, e.into());
                 return;
             }
             out.clear();
+            // `notify_one` keeps a permit, so a reader that is about to wait still sees it.
+            inner.drained.notify_one();
             continue;
         }
         if finished {

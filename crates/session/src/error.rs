@@ -30,6 +30,11 @@ pub enum SessionError {
     /// The peer sent a well-formed frame that breaks the protocol (credit, flow ids, ordering).
     #[error("protocol violation: {0}")]
     Protocol(&'static str),
+    /// The peer went past a limit that a well-behaved peer keeps to (flows per session, data
+    /// before acceptance), or we would have (`Mux::open` past the flow limit). The peer is
+    /// treated as abusive: its session ends, other sessions are untouched.
+    #[error("session limit exceeded: {0}")]
+    Limit(&'static str),
     /// An operation named a flow that does not exist (or no longer exists).
     #[error("unknown flow {0}")]
     UnknownFlow(u32),
@@ -61,6 +66,7 @@ impl SessionError {
             | SessionError::RecordTooLarge { .. }
             | SessionError::BadFrame(_)
             | SessionError::Protocol(_)
+            | SessionError::Limit(_)
             | SessionError::UnknownFlow(_) => false,
         }
     }
@@ -90,6 +96,7 @@ mod tests {
             SessionError::Crypto,
             SessionError::BadFrame("x"),
             SessionError::Protocol("x"),
+            SessionError::Limit("x"),
             SessionError::RecordTooLarge { len: 1 << 20 },
         ] {
             assert!(!tampered.is_stale(), "{tampered}");

@@ -9,6 +9,17 @@
 //! (initial window plus granted credit) outstanding, and the receiver grants credit only as the
 //! application consumes data. So a stalled flow only stops itself, and the bytes any one flow can
 //! make the receiver hold are bounded by the window.
+//!
+//! Nothing the peer sends makes the mux grow without bound (the peer may be hostile, however
+//! well authenticated):
+//! - a `Ping` is answered by at most one pending `Pong` (a newer Ping replaces it);
+//! - credit grants are coalesced per flow, so they are bounded by the number of flows;
+//! - the peer may have at most [`MuxConfig::max_peer_flows`] flows at once, and at most
+//!   [`MuxConfig::early_budget`] bytes on flows not yet accepted, summed over the session (a
+//!   sender keeps to both limits itself, so exceeding one is abuse and ends the session);
+//! - the answers the application queues (`OpenOk`, `OpenErr`, `Reset`) are counted, and past
+//!   [`MuxConfig::max_control_backlog`] [`Mux::is_backlogged`] tells the driver to stop reading
+//!   until the peer reads what we have to say.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -33,8 +44,17 @@ pub struct MuxConfig {
     pub keepalive_interval: Duration,
     /// Declare the session dead after this long without receiving anything.
     pub idle_timeout: Duration,
-    /// Most flows the peer may have open at once; more are refused.
+    /// Most flows either side may have open at once (including flows not yet accepted). Both
+    /// ends must agree: a sender never opens more, so a peer that does is closed for abuse.
     pub max_peer_flows: usize,
+    /// Bytes a sender may have sent on flows the receiver has not accepted yet, summed over the
+    /// session. Both ends must agree (a sender holds back data past it until its flow is
+    /// accepted), so a peer that sends more is closed for abuse. It caps what a peer can make
+    /// the receiver buffer before the application has even decided to take a flow.
+    pub early_budget: u32,
+    /// Control frames (answers to the peer's opens, resets, ...) queued for sending past which
+    /// [`Mux::is_backlogged`] says to stop reading from the peer until it reads from us.
+    pub max_control_backlog: usize,
     /// Records sealed under one key before the driver's record layer rekeys (both ends must
     /// agree: it is part of the protocol, not a local tuning). Lowered only by tests.
     pub records_per_key: u64,
@@ -47,6 +67,12 @@ impl Default for MuxConfig {
             keepalive_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
             max_peer_flows: 1024,
+            // A TLS ClientHello or an SSH banner fits many times over; no client of ours sends
+            // more than that before the answer.
+            early_budget: 256 * 1024,
+            // Answers to a full set of opened flows fit, so a legitimate burst of opens never
+            // pauses the reader; each frame is at most ~1 KiB (a reason text).
+            max_control_backlog: 1024,
             records_per_key: crate::record::DEFAULT_RECORDS_PER_KEY,
         }
     }
@@ -131,7 +157,12 @@ struct Flow {
     recv_consumed: u64,
     /// Consumed but not yet granted back.
     credit_pending: u64,
+    /// In `Mux::credit_ready`: a `Credit` frame goes out at the next transmit.
+    credit_queued: bool,
     fin_received: bool,
+    /// Bytes sent (ours) or received (the peer's) before the flow was accepted; they count
+    /// against the session's early budget until it is answered or gone.
+    early: u64,
 }
 
 impl Flow {
@@ -148,7 +179,9 @@ impl Flow {
             recv_limit: u64::from(window),
             recv_consumed: 0,
             credit_pending: 0,
+            credit_queued: false,
             fin_received: false,
+            early: 0,
         }
     }
 
@@ -166,7 +199,15 @@ pub struct Mux {
     next_local: FlowId,
     highest_peer: FlowId,
     peer_flows: usize,
+    local_flows: usize,
+    /// Bytes we sent, and the peer sent, on flows not yet accepted (see `Flow::early`).
+    early_sent: u64,
+    early_recv: u64,
     control: VecDeque<Frame>,
+    /// The answer to the latest `Ping`, not yet sent: one at most, however many Pings arrive.
+    pong: Option<u64>,
+    /// Flows with a coalesced `Credit` to send (each at most once, see `Flow::credit_queued`).
+    credit_ready: VecDeque<FlowId>,
     ready: VecDeque<FlowId>,
     events: VecDeque<Event>,
     last_send: Instant,
@@ -189,7 +230,12 @@ impl Mux {
             },
             highest_peer: 0,
             peer_flows: 0,
+            local_flows: 0,
+            early_sent: 0,
+            early_recv: 0,
             control: VecDeque::new(),
+            pong: None,
+            credit_ready: VecDeque::new(),
             ready: VecDeque::new(),
             events: VecDeque::new(),
             last_send: now,
@@ -209,9 +255,29 @@ impl Mux {
     }
 
     fn remove_flow(&mut self, flow: FlowId) {
-        if self.flows.remove(&flow).is_some() && !self.is_local(flow) {
+        let Some(f) = self.flows.remove(&flow) else {
+            return;
+        };
+        if self.is_local(flow) {
+            self.local_flows = self.local_flows.saturating_sub(1);
+            self.early_sent = self.early_sent.saturating_sub(f.early);
+        } else {
             self.peer_flows = self.peer_flows.saturating_sub(1);
+            self.early_recv = self.early_recv.saturating_sub(f.early);
         }
+    }
+
+    /// Drops every flow (the session ended).
+    fn clear_flows(&mut self) {
+        self.flows.clear();
+        self.ready.clear();
+        self.credit_ready.clear();
+        self.control.clear();
+        self.pong = None;
+        self.peer_flows = 0;
+        self.local_flows = 0;
+        self.early_sent = 0;
+        self.early_recv = 0;
     }
 
     fn maybe_retire(&mut self, flow: FlowId) {
@@ -245,9 +311,7 @@ impl Mux {
             return;
         }
         self.closed = Some(reason.to_owned());
-        self.flows.clear();
-        self.ready.clear();
-        self.control.clear();
+        self.clear_flows();
         self.control.push_back(Frame::Close { reason: reason.to_owned() });
     }
 
@@ -268,8 +332,13 @@ impl Mux {
         if target.len() > MAX_TEXT {
             return Err(SessionError::Protocol("target too long"));
         }
+        // The peer holds us to the same limit (and would close the session).
+        if self.local_flows >= self.config.max_peer_flows {
+            return Err(SessionError::Limit("too many flows open in this session"));
+        }
         let flow = self.next_local;
         self.next_local = flow.checked_add(2).ok_or(SessionError::Protocol("flow ids exhausted"))?;
+        self.local_flows += 1;
         self.flows.insert(flow, Flow::new(FlowState::Opening, self.config.initial_window));
         self.control.push_back(Frame::Open { flow, target: target.to_owned() });
         Ok(flow)
@@ -281,6 +350,8 @@ impl Mux {
         match self.flows.get_mut(&flow) {
             Some(f) if f.state == FlowState::Incoming => {
                 f.state = FlowState::Open;
+                self.early_recv = self.early_recv.saturating_sub(f.early);
+                f.early = 0;
                 self.control.push_back(Frame::OpenOk { flow });
                 Ok(())
             }
@@ -312,13 +383,23 @@ impl Mux {
         if f.fin_pending {
             return Err(SessionError::Protocol("flow already finished"));
         }
-        let n = data.len().min(usize::try_from(f.send_credit).unwrap_or(usize::MAX));
+        let mut allowed = f.send_credit;
+        if f.state == FlowState::Opening {
+            // Before the answer, the session's early budget limits us too; past it the data
+            // waits for the flow's OpenOk (which wakes the writer, see `FlowWritable`).
+            allowed = allowed.min(u64::from(self.config.early_budget).saturating_sub(self.early_sent));
+        }
+        let n = data.len().min(usize::try_from(allowed).unwrap_or(usize::MAX));
         if n < data.len() {
             f.send_blocked = true;
         }
         if n > 0 {
             f.send_queue.extend_from_slice(&data[..n]);
             f.send_credit -= n as u64;
+            if f.state == FlowState::Opening {
+                f.early += n as u64;
+                self.early_sent += n as u64;
+            }
             self.schedule(flow);
         }
         Ok(n)
@@ -343,11 +424,11 @@ impl Mux {
         let n = (n as u64).min(f.recv_total - f.recv_consumed);
         f.recv_consumed += n;
         f.credit_pending += n;
-        if f.credit_pending >= threshold && !f.fin_received {
-            let grant = u32::try_from(f.credit_pending).unwrap_or(u32::MAX);
-            f.credit_pending -= u64::from(grant);
-            f.recv_limit += u64::from(grant);
-            self.control.push_back(Frame::Credit { flow, bytes: grant });
+        // One pending grant per flow at most: it is sized when it is sent, so however often the
+        // application consumes while the peer does not read, nothing piles up.
+        if f.credit_pending >= threshold && !f.fin_received && !f.credit_queued {
+            f.credit_queued = true;
+            self.credit_ready.push_back(flow);
         }
     }
 
@@ -413,9 +494,10 @@ impl Mux {
                     return Err(SessionError::Protocol("flow id reused"));
                 }
                 self.highest_peer = flow;
+                // A sender keeps to the same limit (`open`), so only an abusive peer gets here;
+                // refusing each extra Open instead would queue an answer per frame.
                 if self.peer_flows >= self.config.max_peer_flows {
-                    self.control.push_back(Frame::OpenErr { flow, reason: "too many flows".to_owned() });
-                    return Ok(());
+                    return Err(SessionError::Limit("peer opened more flows than a session allows"));
                 }
                 self.peer_flows += 1;
                 self.flows.insert(flow, Flow::new(FlowState::Incoming, self.config.initial_window));
@@ -426,7 +508,14 @@ impl Mux {
                 match self.flows.get_mut(&flow) {
                     Some(f) if f.state == FlowState::Opening => {
                         f.state = FlowState::Open;
+                        self.early_sent = self.early_sent.saturating_sub(f.early);
+                        f.early = 0;
                         self.events.push_back(Event::FlowAccepted { flow });
+                        if f.send_blocked && f.send_credit > 0 {
+                            // It was held back by the early budget.
+                            f.send_blocked = false;
+                            self.events.push_back(Event::FlowWritable { flow });
+                        }
                         self.maybe_retire(flow);
                     }
                     Some(_) => return Err(SessionError::Protocol("unexpected OpenOk")),
@@ -459,6 +548,13 @@ impl Mux {
                     return Err(SessionError::Protocol("flow credit exceeded"));
                 }
                 f.recv_total = total;
+                if f.state == FlowState::Incoming {
+                    f.early += bytes.len() as u64;
+                    self.early_recv += bytes.len() as u64;
+                    if self.early_recv > u64::from(self.config.early_budget) {
+                        return Err(SessionError::Limit("peer sent more data before acceptance than a session allows"));
+                    }
+                }
                 if !bytes.is_empty() {
                     self.events.push_back(Event::FlowData { flow, bytes });
                 }
@@ -495,13 +591,12 @@ impl Mux {
                     return Err(SessionError::Protocol("Reset for unknown flow"));
                 }
             }
-            Frame::Ping { id } => self.control.push_back(Frame::Pong { id }),
+            // Only the newest Ping needs an answer: it proves we are alive as well as all of them.
+            Frame::Ping { id } => self.pong = Some(id),
             Frame::Pong { .. } => {}
             Frame::Close { reason } => {
                 self.closed = Some(reason.clone());
-                self.flows.clear();
-                self.ready.clear();
-                self.control.clear();
+                self.clear_flows();
                 self.events.push_back(Event::Closed { reason });
             }
         }
@@ -515,7 +610,24 @@ impl Mux {
 
     /// Is there anything to transmit?
     pub fn wants_transmit(&self) -> bool {
-        !self.control.is_empty() || !self.ready.is_empty()
+        self.pong.is_some() || !self.control.is_empty() || !self.credit_ready.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Are so many control frames waiting to be sent that the driver should stop reading from
+    /// the peer until it has sent some? Reading on would let a peer that never reads make us
+    /// queue answers (to its opens, ...) without bound; pausing pushes back on its writes.
+    pub fn is_backlogged(&self) -> bool {
+        self.control.len() >= self.config.max_control_backlog
+    }
+
+    /// Control frames waiting to be sent (for tests and metrics).
+    pub fn control_backlog(&self) -> usize {
+        self.control.len() + usize::from(self.pong.is_some()) + self.credit_ready.len()
+    }
+
+    /// The session's tunables.
+    pub fn config(&self) -> &MuxConfig {
+        &self.config
     }
 
     /// Plaintext for one record (at most [`MAX_RECORD_PLAINTEXT`] bytes), if anything is pending.
@@ -530,6 +642,28 @@ impl Mux {
     pub fn poll_transmit_into(&mut self, now: Instant, out: &mut Vec<u8>, max: usize) -> bool {
         let start = out.len();
         let used = |out: &Vec<u8>| out.len() - start;
+        if let Some(id) = self.pong.take() {
+            Frame::Pong { id }.encode(out);
+        }
+        while let Some(&flow) = self.credit_ready.front() {
+            if used(out) + 9 > max {
+                break;
+            }
+            self.credit_ready.pop_front();
+            let Some(f) = self.flows.get_mut(&flow) else {
+                continue;
+            };
+            f.credit_queued = false;
+            if f.fin_received || f.credit_pending == 0 {
+                continue;
+            }
+            // The window opens only now that the peer is told, so a peer cannot use a grant it
+            // has not been sent.
+            let grant = u32::try_from(f.credit_pending).unwrap_or(u32::MAX);
+            f.credit_pending -= u64::from(grant);
+            f.recv_limit += u64::from(grant);
+            Frame::Credit { flow, bytes: grant }.encode(out);
+        }
         while let Some(f) = self.control.front() {
             if used(out) > 0 && used(out) + f.encoded_len() > max {
                 break;
@@ -887,19 +1021,176 @@ mod tests {
         assert!(device.handle_frames(frame(Frame::Data { flow: 9, bytes: Bytes::new() }), now).is_err());
     }
 
+    fn record(frames: &[Frame]) -> Bytes {
+        let mut v = Vec::new();
+        for f in frames {
+            f.encode(&mut v);
+        }
+        Bytes::from(v)
+    }
+
+    fn frames_of(out: Vec<u8>) -> Vec<Frame> {
+        let mut r = FrameReader::new(out.into());
+        let mut v = Vec::new();
+        while let Some(f) = r.next_frame().expect("own frames parse") {
+            v.push(f);
+        }
+        v
+    }
+
     #[test]
-    fn too_many_peer_flows_refused() {
+    fn too_many_peer_flows_is_abuse() {
         let now = Instant::now();
         let cfg = MuxConfig { max_peer_flows: 2, ..MuxConfig::default() };
-        let mut device = Mux::new(Role::Responder, cfg, now);
-        let mut rec = Vec::new();
-        for flow in [1, 3, 5] {
-            Frame::Open { flow, target: "x:1".into() }.encode(&mut rec);
+        let mut device = Mux::new(Role::Responder, cfg.clone(), now);
+        let opens: Vec<Frame> = [1, 3, 5].iter().map(|&flow| Frame::Open { flow, target: "x:1".into() }).collect();
+        assert!(matches!(device.handle_frames(record(&opens), now), Err(SessionError::Limit(_))));
+        assert!(device.is_closed());
+        // A sender keeps to the same limit itself, so a well-behaved peer never gets there.
+        let mut client = Mux::new(Role::Initiator, cfg, now);
+        client.open("x:1").expect("first");
+        client.open("x:1").expect("second");
+        assert!(matches!(client.open("x:1"), Err(SessionError::Limit(_))));
+        assert!(!client.is_closed(), "a local refusal does not end the session");
+    }
+
+    #[test]
+    fn flows_come_back_to_the_limit_when_they_end() {
+        let cfg = MuxConfig { max_peer_flows: 2, ..MuxConfig::default() };
+        let mut p = Pair::new(cfg);
+        for round in 0..5 {
+            let a = p.client.open("a:1").expect("open a");
+            let b = p.client.open("b:1").expect("open b");
+            p.pump();
+            p.device.refuse(a, "no").expect("refuse");
+            p.device.accept(b).expect("accept");
+            p.pump();
+            p.client.reset(b, "done");
+            p.pump();
+            assert!(!p.device.is_closed() && !p.client.is_closed(), "round {round}");
         }
-        device.handle_frames(rec.into(), now).expect("opens");
-        let out = device.poll_transmit(now).expect("refusal");
-        let mut r = FrameReader::new(out.into());
-        assert!(matches!(r.next_frame(), Ok(Some(Frame::OpenErr { flow: 5, .. }))));
+    }
+
+    #[test]
+    fn a_ping_flood_leaves_one_pong() {
+        let t0 = Instant::now();
+        let mut device = Mux::new(Role::Responder, MuxConfig::default(), t0);
+        // A peer that pings and never reads: records full of Pings, nothing transmitted back.
+        let pings: Vec<Frame> = (0..7000).map(|id| Frame::Ping { id }).collect();
+        for i in 0..100u32 {
+            device.handle_frames(record(&pings), t0 + Duration::from_millis(u64::from(i))).expect("pings");
+            assert!(device.control_backlog() <= 1, "backlog {}", device.control_backlog());
+            assert!(!device.is_backlogged());
+        }
+        // The one answer is to the newest Ping.
+        let out = device.poll_transmit(t0).expect("pong");
+        assert_eq!(frames_of(out), vec![Frame::Pong { id: 6999 }]);
+        assert!(device.poll_transmit(t0).is_none());
+    }
+
+    #[test]
+    fn credit_grants_are_coalesced_per_flow() {
+        let now = Instant::now();
+        let mut device = Mux::new(Role::Responder, small_window(), now);
+        device.handle_frames(record(&[Frame::Open { flow: 1, target: "x:1".into() }]), now).expect("open");
+        device.accept(1).expect("accept");
+        let _ = device.poll_transmit(now);
+        device
+            .handle_frames(record(&[Frame::Data { flow: 1, bytes: Bytes::from(vec![0u8; 4096]) }]), now)
+            .expect("data");
+        // The application consumes byte by byte, crossing the grant threshold many times.
+        for _ in 0..4096 {
+            device.consumed(1, 1);
+        }
+        assert_eq!(device.control_backlog(), 1);
+        // Data past the original window is not yet allowed: the grant has not been sent.
+        let more = record(&[Frame::Data { flow: 1, bytes: Bytes::from(vec![0u8; 1]) }]);
+        let mut probe = Mux::new(Role::Responder, small_window(), now);
+        probe.handle_frames(record(&[Frame::Open { flow: 1, target: "x:1".into() }]), now).expect("open");
+        probe.accept(1).expect("accept");
+        probe
+            .handle_frames(record(&[Frame::Data { flow: 1, bytes: Bytes::from(vec![0u8; 4096]) }]), now)
+            .expect("data");
+        probe.consumed(1, 4096);
+        assert!(matches!(probe.handle_frames(more.clone(), now), Err(SessionError::Protocol("flow credit exceeded"))));
+        // One Credit frame carries everything consumed.
+        let out = device.poll_transmit(now).expect("credit");
+        assert_eq!(frames_of(out), vec![Frame::Credit { flow: 1, bytes: 4096 }]);
+        device.handle_frames(more, now).expect("within the granted window");
+    }
+
+    #[test]
+    fn early_data_is_capped_per_session() {
+        let cfg = MuxConfig { early_budget: 10_000, ..small_window() };
+        let mut p = Pair::new(cfg.clone());
+        let flows: Vec<FlowId> = (0..3).map(|i| p.client.open(&format!("h:{i}")).expect("open")).collect();
+        let mut sent = 0;
+        for f in &flows {
+            sent += p.client.send(*f, &[5u8; 4096]).expect("send");
+        }
+        // The sender holds itself to the budget, even though each flow's window is 4096.
+        assert_eq!(sent, 10_000);
+        p.pump();
+        assert!(!p.device.is_closed());
+        // Accepting a flow gives its bytes back to the budget: the held-back flow may go on.
+        p.device.accept(flows[0]).expect("accept");
+        p.device.accept(flows[2]).expect("accept");
+        p.pump();
+        assert!(p.client_events.contains(&Event::FlowWritable { flow: flows[2] }));
+        assert_eq!(p.client.send(flows[2], &[5u8; 4096]).expect("send"), 4096 - (10_000 - 2 * 4096));
+
+        // A peer that does not keep to the budget is closed for abuse.
+        let now = Instant::now();
+        let mut device = Mux::new(Role::Responder, cfg, now);
+        let mut frames = Vec::new();
+        for flow in [1, 3, 5] {
+            frames.push(Frame::Open { flow, target: "x:1".into() });
+            frames.push(Frame::Data { flow, bytes: Bytes::from(vec![0u8; 4000]) });
+        }
+        assert!(matches!(device.handle_frames(record(&frames), now), Err(SessionError::Limit(_))));
+    }
+
+    #[test]
+    fn refused_and_reset_flows_return_their_early_bytes() {
+        let now = Instant::now();
+        let cfg = MuxConfig { early_budget: 4096, ..small_window() };
+        let mut device = Mux::new(Role::Responder, cfg, now);
+        for round in 0..10u32 {
+            let flow = 2 * round + 1;
+            let data = Bytes::from(vec![0u8; 4096]);
+            device
+                .handle_frames(
+                    record(&[Frame::Open { flow, target: "x:1".into() }, Frame::Data { flow, bytes: data }]),
+                    now,
+                )
+                .expect("within budget");
+            if round % 2 == 0 {
+                device.refuse(flow, "no").expect("refuse");
+            } else {
+                device.handle_frames(record(&[Frame::Reset { flow, reason: "bye".into() }]), now).expect("reset");
+            }
+            while device.poll_transmit(now).is_some() {}
+        }
+    }
+
+    #[test]
+    fn unanswered_control_frames_ask_the_reader_to_pause() {
+        let now = Instant::now();
+        let cfg = MuxConfig { max_control_backlog: 8, ..MuxConfig::default() };
+        let mut device = Mux::new(Role::Responder, cfg, now);
+        let mut flow = 1;
+        // Open, refused, open, refused...: each answer waits, as the peer never reads.
+        while !device.is_backlogged() {
+            device.handle_frames(record(&[Frame::Open { flow, target: "x:1".into() }]), now).expect("open");
+            while device.poll_event().is_some() {}
+            device.refuse(flow, "no").expect("refuse");
+            flow += 2;
+            assert!(flow < 100, "never backlogged");
+        }
+        assert_eq!(device.control_backlog(), 8);
+        // Once the peer reads (we transmit), reading may go on.
+        while device.poll_transmit(now).is_some() {}
+        assert!(!device.is_backlogged());
     }
 
     proptest! {
