@@ -278,6 +278,7 @@ pub fn bytes_in_tree(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
         .find(|p| std::fs::read(p).map(|b| b.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
 }
 
+pub mod hostile;
 pub mod impair;
 pub mod netns;
 pub mod raw;

@@ -1,0 +1,232 @@
+//! Issue 12, item 4: no permitted peer can crash or starve a device through the session layer.
+//! A client that `npd` permits sets up a session the normal way, then seals records of its own
+//! (Pings, or data on flows not yet accepted) and never reads. `npd` must stay bounded, end the
+//! abusive session, and keep serving a manager's session beside it.
+#![allow(clippy::unwrap_used)]
+
+use np_tests::hostile::{open_and_fill, ping_record, relay_ref, HostileClient};
+use np_tests::servers::{hex, pattern_sha256, source};
+use np_tests::stack::Stack;
+use np_tests::{rss_kib, wait_until, Proc};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the manager fetches through its own `np forward`, before and during the attack.
+const TRANSFER: u64 = 64 << 20;
+/// The growth of `npd` we accept under attack (the issue's bound).
+const MAX_GROWTH_KIB: u64 = 50 * 1024;
+/// An attacker stops once the victim has grown this much: the old code grows without bound,
+/// and the machine is shared.
+const ABORT_GROWTH_KIB: u64 = 600 * 1024;
+
+/// Reads `TRANSFER` bytes through `addr`; checks them byte-exact and returns the time taken.
+fn fetch(addr: SocketAddr, limit: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(limit)).unwrap();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = c.read(&mut buf).map_err(|e| format!("after {got} bytes: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        got += n as u64;
+        if t0.elapsed() > limit {
+            return Err(format!("only {got} bytes within {limit:?}"));
+        }
+    }
+    if got != TRANSFER || hex(ctx.finish().as_ref()) != pattern_sha256(TRANSFER) {
+        return Err(format!("{got} bytes, not the {TRANSFER} expected, or not the same bytes"));
+    }
+    Ok(t0.elapsed())
+}
+
+/// The peak resident memory of a process, sampled every 10 ms while it runs.
+struct PeakRss {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeakRss {
+    fn watch(pid: u32) -> PeakRss {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(rss_kib(pid)));
+        let (s, p) = (stop.clone(), peak.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        PeakRss { stop, peak, thread: Some(thread) }
+    }
+
+    fn now(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.now()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+}
+
+fn alive(p: &mut Proc) -> bool {
+    matches!(p.0.try_wait(), Ok(None))
+}
+
+fn npd_log(s: &Stack, device: &str) -> String {
+    std::fs::read_to_string(s.dir().join(format!("npd-{device}.log"))).unwrap_or_default()
+}
+
+/// A port whose listener never accepts and whose accept queue is full: a connect to it hangs
+/// (the SYNs are dropped), so `npd` keeps flows to it unaccepted until its dial timeout.
+fn black_hole() -> (TcpListener, Vec<TcpStream>, u16) {
+    use std::os::fd::AsRawFd;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) on a socket we own, only to shrink its accept queue.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::listen(l.as_raw_fd(), 0) };
+    assert_eq!(rc, 0);
+    let addr = l.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(c) => held.push(c),
+            Err(_) => return (l, held, addr.port()),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+/// A permitted client floods its session with Pings and never reads. `npd` grows by less than
+/// 50 MB, stays up, ends that session for not reading, and a manager's transfer through another
+/// session completes byte-exact while the flood runs.
+#[test]
+fn ping_flood_from_a_permitted_client_leaves_npd_bounded_and_others_served() {
+    let s = Stack::start();
+    let mallory = s.ctl.identity("@mallory");
+    let src = source(TRANSFER);
+    let target = format!("localhost:{src}");
+    let mut npd =
+        s.npd("pi4", &["--manager", "@alice", "--manager", "@mallory", "--permit-open", &target, "--keepalive", "5s"]);
+    let pid = npd.0.id();
+    let fwd = s.forward("pi4@alice_device", &[&format!("0:{target}")], &[]).unwrap();
+    let quiet = fetch(fwd.addrs[0], Duration::from_secs(60)).expect("transfer without the flood");
+
+    let base = rss_kib(pid);
+    let peak = Arc::new(PeakRss::watch(pid));
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flooded = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (flooding, flooded, peak) = (flooding.clone(), flooded.clone(), peak.clone());
+        let (relay, target) = (relay_ref(&s), target.clone());
+        std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let mut h = HostileClient::open(&mallory, "@mallory", "pi4@alice_device", &relay, &[target]).await?;
+                let pt = ping_record();
+                while flooding.load(Ordering::Relaxed) && peak.now() < base + ABORT_GROWTH_KIB {
+                    // Not taken within 2 s: npd stopped reading (or the relay holds it back).
+                    if !h.send(&pt, Duration::from_secs(2)).await? {
+                        break;
+                    }
+                    flooded.fetch_add(pt.len() as u64, Ordering::Relaxed);
+                }
+                Ok::<_, anyhow::Error>(h)
+            })
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || flooded.load(Ordering::Relaxed) >= 32 << 20 || flood.is_finished()),
+        "the flood did not get going"
+    );
+    let flooded_before = flooded.load(Ordering::Relaxed);
+    let during = fetch(fwd.addrs[0], Duration::from_secs(120));
+    let flooded_during = flooded.load(Ordering::Relaxed) - flooded_before;
+    flooding.store(false, Ordering::Relaxed);
+    let hostile = flood.join().unwrap();
+    let growth = Arc::try_unwrap(peak).ok().unwrap().finish().saturating_sub(base);
+    eprintln!(
+        "npd grew {growth} KiB (from {base} KiB) under {} MiB of Pings ({} MiB during the transfer); \
+         transfer during/before the flood: {:?}",
+        flooded.load(Ordering::Relaxed) >> 20,
+        flooded_during >> 20,
+        during.as_ref().map(|d| d.as_secs_f64() / quiet.as_secs_f64()),
+    );
+    assert!(alive(&mut npd), "npd died under the flood: {}", npd_log(&s, "pi4"));
+    assert!(growth < MAX_GROWTH_KIB, "npd grew {growth} KiB under a Ping flood");
+    let _hostile = hostile.expect("the hostile session was set up");
+    assert!(flooded.load(Ordering::Relaxed) >= 64 << 20, "the flood was too small to mean anything");
+    let during = during.expect("the manager's transfer during the flood");
+    assert!(during < quiet * 20 + Duration::from_secs(10), "transfer took {during:?} (before the flood {quiet:?})");
+    // Once the flood stops, the silent session ends by the keepalive timeout (three intervals).
+    let mallory_ended = || npd_log(&s, "pi4").lines().any(|l| l.contains("session ended") && l.contains("@mallory"));
+    assert!(
+        wait_until(Duration::from_secs(40), mallory_ended),
+        "npd kept the flooder's session: {}",
+        npd_log(&s, "pi4")
+    );
+    fetch(fwd.addrs[0], Duration::from_secs(60)).expect("the manager's session after the flood");
+}
+
+/// A permitted client opens flows to a target that takes long to connect and fills each with
+/// data before npd has accepted it (the old limit: 1 MiB on each of 1,024 flows). npd grows by
+/// less than 50 MB and ends the session for abuse.
+#[test]
+fn data_on_unaccepted_flows_is_bounded() {
+    let s = Stack::start();
+    let mallory = s.ctl.identity("@mallory");
+    let (_listener, _held, hole) = black_hole();
+    let target = format!("localhost:{hole}");
+    let mut npd = s.npd("pi4", &["--manager", "@mallory", "--permit-open", &target]);
+    let pid = npd.0.id();
+    let base = rss_kib(pid);
+    let peak = PeakRss::watch(pid);
+    let relay = relay_ref(&s);
+    let (sent, ended) = runtime().block_on(async {
+        let mut h =
+            HostileClient::open(&mallory, "@mallory", "pi4@alice_device", &relay, std::slice::from_ref(&target))
+                .await
+                .unwrap();
+        let mut sent = 0u64;
+        for i in 0..256u32 {
+            for rec in open_and_fill(2 * i + 1, &target, 1 << 20) {
+                match h.send(&rec, Duration::from_secs(2)).await {
+                    Ok(true) => sent += rec.len() as u64,
+                    // Refused (npd closed the session) or not taken (npd stopped reading).
+                    Ok(false) | Err(_) => return (sent, true),
+                }
+                if peak.now() > base + ABORT_GROWTH_KIB {
+                    return (sent, false);
+                }
+            }
+        }
+        (sent, false)
+    });
+    // Give npd the time to take in what is in flight.
+    std::thread::sleep(Duration::from_millis(500));
+    let growth = peak.finish().saturating_sub(base);
+    eprintln!("npd grew {growth} KiB (from {base} KiB) after {} KiB sent on unaccepted flows", sent >> 10);
+    assert!(alive(&mut npd), "npd died: {}", npd_log(&s, "pi4"));
+    assert!(growth < MAX_GROWTH_KIB, "npd grew {growth} KiB holding data of flows it had not accepted");
+    assert!(ended, "npd took {} KiB before acceptance without ending the session", sent >> 10);
+    assert!(
+        wait_until(Duration::from_secs(10), || npd_log(&s, "pi4").contains("session limit exceeded")),
+        "npd's log does not say why the session ended: {}",
+        npd_log(&s, "pi4")
+    );
+}
