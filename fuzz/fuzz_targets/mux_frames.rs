@@ -2,7 +2,9 @@
 //! [`Mux`] of either role, with the application answering as the real drivers do (accept or
 //! refuse a flow, consume data, write back) and time moving on.
 //!
-//! Input layout: one byte of role and options, then records as `len:u16` + bytes.
+//! Input layout: one byte of role and options, then records as `len:u16` + bytes. With option
+//! bit 0x20 the peer never reads: nothing is transmitted until the mux says it is backlogged (the
+//! driver then stops reading), and what waits to be sent must stay bounded whatever the records.
 #![no_main]
 
 use bytes::Bytes;
@@ -15,7 +17,8 @@ use std::time::{Duration, Instant};
 fuzz_target!(|data: &[u8]| {
     let Some((&opts, mut rest)) = data.split_first() else { return };
     let role = if opts & 1 == 0 { Role::Initiator } else { Role::Responder };
-    let config = MuxConfig { initial_window: 4096, max_peer_flows: 8, ..MuxConfig::default() };
+    let config = MuxConfig { initial_window: 4096, max_peer_flows: 8, max_control_backlog: 16, ..MuxConfig::default() };
+    let never_reads = opts & 0x20 != 0;
     let mut now = Instant::now();
     let mut mux = Mux::new(role, config, now);
     // A client has flows of its own open already, so OpenOk/Data for them are reachable.
@@ -48,33 +51,56 @@ fuzz_target!(|data: &[u8]| {
         if r.is_err() {
             assert!(mux.is_closed(), "a frame error must close the session");
         }
-        drain(&mut mux, now, opts);
+        if never_reads {
+            answer(&mut mux, opts);
+            // The backlog before this record was under 16; one record adds at most an answer
+            // per flow (8 of the peer's, 3 of ours), a grant per flow, one Pong and one Ping.
+            assert!(mux.control_backlog() <= 16 + 11 + 11 + 2, "backlog {}", mux.control_backlog());
+            if mux.is_backlogged() {
+                drain(&mut mux, now, opts);
+            }
+        } else {
+            drain(&mut mux, now, opts);
+        }
         now += Duration::from_millis(u64::from(opts) * 100);
         mux.handle_timeout(now);
-        drain(&mut mux, now, opts);
+        if !never_reads {
+            drain(&mut mux, now, opts);
+        }
     }
 });
+
+/// The application's side only: answers events, transmits nothing.
+fn answer(mux: &mut Mux, opts: u8) {
+    while let Some(ev) = mux.poll_event() {
+        react(mux, ev, opts);
+    }
+}
+
+fn react(mux: &mut Mux, ev: Event, opts: u8) {
+    match ev {
+        Event::FlowOpened { flow, .. } => {
+            let _ = if flow % 3 == 0 { mux.refuse(flow, "no") } else { mux.accept(flow) };
+        }
+        Event::FlowData { flow, bytes } => {
+            mux.consumed(flow, bytes.len());
+            if opts & 0x40 != 0 {
+                let _ = mux.send(flow, &bytes);
+            }
+            if opts & 0x80 != 0 {
+                let _ = mux.finish(flow);
+            }
+        }
+        _ => {}
+    }
+}
 
 fn drain(mux: &mut Mux, now: Instant, opts: u8) {
     for _ in 0..10_000 {
         let mut progress = false;
         while let Some(ev) = mux.poll_event() {
             progress = true;
-            match ev {
-                Event::FlowOpened { flow, .. } => {
-                    let _ = if flow % 3 == 0 { mux.refuse(flow, "no") } else { mux.accept(flow) };
-                }
-                Event::FlowData { flow, bytes } => {
-                    mux.consumed(flow, bytes.len());
-                    if opts & 0x40 != 0 {
-                        let _ = mux.send(flow, &bytes);
-                    }
-                    if opts & 0x80 != 0 {
-                        let _ = mux.finish(flow);
-                    }
-                }
-                _ => {}
-            }
+            react(mux, ev, opts);
         }
         while let Some(out) = mux.poll_transmit(now) {
             progress = true;
