@@ -230,3 +230,51 @@ fn data_on_unaccepted_flows_is_bounded() {
         npd_log(&s, "pi4")
     );
 }
+
+/// A permitted client opens flow after flow to a target npd refuses, and never reads the
+/// refusals. Each refusal is an answer npd must send; with nobody reading them, npd ends the
+/// session (or stops reading it) instead of queueing answers: it grows by less than 50 MB.
+#[test]
+fn refusals_nobody_reads_do_not_pile_up() {
+    let s = Stack::start();
+    let mallory = s.ctl.identity("@mallory");
+    let mut npd = s.npd("pi4", &["--manager", "@mallory", "--permit-open", "localhost:22"]);
+    let pid = npd.0.id();
+    let base = rss_kib(pid);
+    let peak = PeakRss::watch(pid);
+    let relay = relay_ref(&s);
+    let (opens, stopped) = runtime().block_on(async {
+        let targets = ["localhost:22".to_string()];
+        let mut h = HostileClient::open(&mallory, "@mallory", "pi4@alice_device", &relay, &targets).await.unwrap();
+        let mut flow = 1u32;
+        let mut opens = 0u64;
+        // Unpaced, npd's refusals (a task per flow) fall behind, and more than 1,024 open
+        // flows end the session for abuse; paced, npd pauses reading once its answers back up
+        // (unit-tested in np-session's mux, as the e2e run takes long to fill the buffers).
+        // 4 million opens (about 70 MiB) at most.
+        for _ in 0..1100 {
+            let mut pt = Vec::new();
+            while pt.len() + 32 <= np_session::MAX_RECORD_PLAINTEXT {
+                np_session::frame::Frame::Open { flow, target: "localhost:1".into() }.encode(&mut pt);
+                flow += 2;
+                opens += 1;
+            }
+            match h.send(&pt, Duration::from_secs(2)).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return (opens, true),
+            }
+            if peak.now() > base + ABORT_GROWTH_KIB {
+                return (opens, false);
+            }
+        }
+        (opens, false)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let growth = peak.finish().saturating_sub(base);
+    let log = npd_log(&s, "pi4");
+    let ended = log.lines().filter(|l| l.contains("session ended") || l.contains("pausing reads")).last();
+    eprintln!("npd grew {growth} KiB (from {base} KiB) after {opens} opens it refused; {ended:?}");
+    assert!(alive(&mut npd), "npd died: {}", npd_log(&s, "pi4"));
+    assert!(growth < MAX_GROWTH_KIB, "npd grew {growth} KiB queueing refusals nobody reads");
+    assert!(stopped, "npd took {opens} opens from a peer that reads nothing");
+}

@@ -1021,6 +1021,19 @@ mod tests {
         assert!(device.handle_frames(frame(Frame::Data { flow: 9, bytes: Bytes::new() }), now).is_err());
     }
 
+    /// Well-formed frames a hostile client may send: small flow ids so they hit live flows.
+    fn hostile_frame() -> impl Strategy<Value = Frame> {
+        let flow = (0u32..24).prop_map(|i| 2 * i + 1);
+        prop_oneof![
+            flow.clone().prop_map(|flow| Frame::Open { flow, target: "x:1".into() }),
+            (flow.clone(), 0usize..3000).prop_map(|(flow, n)| Frame::Data { flow, bytes: Bytes::from(vec![1u8; n]) }),
+            (flow.clone(), any::<u32>()).prop_map(|(flow, bytes)| Frame::Credit { flow, bytes }),
+            flow.clone().prop_map(|flow| Frame::Reset { flow, reason: "r".into() }),
+            flow.prop_map(|flow| Frame::Fin { flow }),
+            any::<u64>().prop_map(|id| Frame::Ping { id }),
+        ]
+    }
+
     fn record(frames: &[Frame]) -> Bytes {
         let mut v = Vec::new();
         for f in frames {
@@ -1203,6 +1216,38 @@ mod tests {
                 let _ = m.handle_frames(Bytes::from(data.clone()), now);
                 while m.poll_transmit(now).is_some() {}
                 while m.poll_event().is_some() {}
+            }
+        }
+
+        /// A peer that never reads sends any well-formed frames; the application answers as npd
+        /// does, and transmits only when the mux says it is backlogged (the driver pauses reading
+        /// then). What waits to be sent stays bounded, however many records arrive.
+        #[test]
+        fn prop_a_peer_that_never_reads_leaves_a_bounded_backlog(
+            records in proptest::collection::vec(proptest::collection::vec(hostile_frame(), 1..200), 1..40),
+        ) {
+            let now = Instant::now();
+            let cfg = MuxConfig { initial_window: 4096, max_peer_flows: 8, max_control_backlog: 16, early_budget: 8192, ..MuxConfig::default() };
+            let mut device = Mux::new(Role::Responder, cfg, now);
+            for frames in records {
+                if device.handle_frames(record(&frames), now).is_err() {
+                    break;
+                }
+                while let Some(ev) = device.poll_event() {
+                    match ev {
+                        Event::FlowOpened { flow, .. } => {
+                            let _ = if flow % 4 == 1 { device.refuse(flow, "no") } else { device.accept(flow) };
+                        }
+                        Event::FlowData { flow, bytes } => device.consumed(flow, bytes.len()),
+                        _ => {}
+                    }
+                }
+                // Under 16 before the record; it adds at most an answer and a grant per flow
+                // (8) and one Pong.
+                prop_assert!(device.control_backlog() <= 16 + 8 + 8 + 1, "backlog {}", device.control_backlog());
+                if device.is_backlogged() {
+                    while device.poll_transmit(now).is_some() {}
+                }
             }
         }
 
