@@ -272,7 +272,7 @@ fn refusals_nobody_reads_do_not_pile_up() {
     std::thread::sleep(Duration::from_millis(500));
     let growth = peak.finish().saturating_sub(base);
     let log = npd_log(&s, "pi4");
-    let ended = log.lines().filter(|l| l.contains("session ended") || l.contains("pausing reads")).last();
+    let ended = log.lines().rfind(|l| l.contains("session ended") || l.contains("pausing reads"));
     eprintln!("npd grew {growth} KiB (from {base} KiB) after {opens} opens it refused; {ended:?}");
     assert!(alive(&mut npd), "npd died: {}", npd_log(&s, "pi4"));
     assert!(growth < MAX_GROWTH_KIB, "npd grew {growth} KiB queueing refusals nobody reads");
