@@ -1,12 +1,14 @@
 //! Hostile but permitted peers: they set up a session the normal way (signed request, relay
-//! join, handshake), then seal records of their own making and never read what comes back.
+//! join, handshake; as a client or as a device), then seal records of their own making and never read what comes back.
 
 use np_control_client::ControlClient;
 use np_identity::home::Home;
 use np_identity::{DeviceRef, Name};
 use np_session::frame::Frame;
 use np_session::record::{Sealer, DEFAULT_RECORDS_PER_KEY};
-use np_session::{MuxConfig, SessionKeys, MAX_RECORD_PLAINTEXT};
+use np_session::{MuxConfig, Responder, SessionKeys, MAX_RECORD_PLAINTEXT};
+use np_tunnel::msg::{prologue, TunnelMsg};
+use np_tunnel::router::FromPeer;
 use np_tunnel::{Connector, Router};
 use std::path::Path;
 use std::time::Duration;
@@ -21,16 +23,16 @@ pub fn relay_ref(s: &Stack) -> String {
     s.relay_addr.to_string()
 }
 
-/// A session, from the client side, that this process drives by hand.
-pub struct HostileClient {
+/// A session, from either side, that this process drives by hand.
+pub struct HostilePeer {
     pub stream: TcpStream,
     pub sealer: Sealer,
     /// Keeps the control-plane connection (and its router) alive for the session's length.
-    _ctl: Connector,
+    _ctl: Box<dyn std::any::Any + Send>,
     buf: Vec<u8>,
 }
 
-impl HostileClient {
+impl HostilePeer {
     /// Requests a session to `device` as `me` (whose keys are in `home`) and completes the
     /// handshake, as `np forward` would.
     pub async fn open(
@@ -39,19 +41,44 @@ impl HostileClient {
         device: &str,
         relay: &str,
         targets: &[String],
-    ) -> anyhow::Result<HostileClient> {
+    ) -> anyhow::Result<HostilePeer> {
         let me: Name = me.parse()?;
         let device: DeviceRef = device.parse()?;
         let (ctl, incoming) = ControlClient::connect(&Home::new(home), &me).await?;
         let (router, _requests) = Router::start(incoming);
         let connector = Connector { ctl, router, timeout: Duration::from_secs(10), mux: MuxConfig::default() };
         let (stream, keys) = connector.open_transport(&device, relay, targets, &|_| {}).await?;
-        Ok(HostileClient::new(stream, &keys, connector))
+        Ok(HostilePeer::new(stream, &keys, Box::new(connector)))
     }
 
-    fn new(stream: TcpStream, keys: &SessionKeys, ctl: Connector) -> HostileClient {
+    /// Plays the device `me` (whose keys are in `home`): waits up to `limit` for one session
+    /// request and answers it as `npd` would (handshake, relay join), whoever sent it.
+    pub async fn answer(home: &Path, me: &str, limit: Duration) -> anyhow::Result<HostilePeer> {
+        let me: Name = me.parse()?;
+        let (ctl, incoming) = ControlClient::connect(&Home::new(home), &me).await?;
+        let (router, mut requests) = Router::start(incoming);
+        let wait = async {
+            loop {
+                match requests.recv().await {
+                    Some(FromPeer { from, msg: TunnelMsg::SessionRequest(r) }) => return Ok((from, r)),
+                    Some(_) => continue,
+                    None => anyhow::bail!("the control-plane connection ended"),
+                }
+            }
+        };
+        let (from, r) = tokio::time::timeout(limit, wait).await??;
+        let client = ctl.lookup(&from).await?;
+        let pro = prologue(&r.session, &from, &me, &r.device, &r.relay);
+        let (msg2, keys) = Responder::respond(ctl.keys().x25519_private(), &client.x25519, &pro, &r.handshake)?;
+        let tcp = TcpStream::connect(&r.relay).await?;
+        let mut stream = np_relay::join(tcp, ctl.keys(), &me, np_relay::Role::Device, r.session, &from, None).await?;
+        np_wire::io::write_frame(&mut stream, &msg2).await?;
+        Ok(HostilePeer::new(stream, &keys, Box::new((ctl, router))))
+    }
+
+    fn new(stream: TcpStream, keys: &SessionKeys, ctl: Box<dyn std::any::Any + Send>) -> HostilePeer {
         let sealer = Sealer::with_counter(keys.send_key(), 0, DEFAULT_RECORDS_PER_KEY);
-        HostileClient { stream, sealer, _ctl: ctl, buf: Vec::new() }
+        HostilePeer { stream, sealer, _ctl: ctl, buf: Vec::new() }
     }
 
     /// Seals `plaintext` (at most one record's worth) and writes it, waiting at most `limit`

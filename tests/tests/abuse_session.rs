@@ -4,7 +4,7 @@
 //! abusive session, and keep serving a manager's session beside it.
 #![allow(clippy::unwrap_used)]
 
-use np_tests::hostile::{open_and_fill, ping_record, relay_ref, HostileClient};
+use np_tests::hostile::{open_and_fill, ping_record, relay_ref, HostilePeer};
 use np_tests::servers::{hex, pattern_sha256, source};
 use np_tests::stack::Stack;
 use np_tests::{rss_kib, wait_until, Proc};
@@ -137,7 +137,7 @@ fn ping_flood_from_a_permitted_client_leaves_npd_bounded_and_others_served() {
         let (relay, target) = (relay_ref(&s), target.clone());
         std::thread::spawn(move || {
             runtime().block_on(async move {
-                let mut h = HostileClient::open(&mallory, "@mallory", "pi4@alice_device", &relay, &[target]).await?;
+                let mut h = HostilePeer::open(&mallory, "@mallory", "pi4@alice_device", &relay, &[target]).await?;
                 let pt = ping_record();
                 while flooding.load(Ordering::Relaxed) && peak.now() < base + ABORT_GROWTH_KIB {
                     // Not taken within 2 s: npd stopped reading (or the relay holds it back).
@@ -198,10 +198,9 @@ fn data_on_unaccepted_flows_is_bounded() {
     let peak = PeakRss::watch(pid);
     let relay = relay_ref(&s);
     let (sent, ended) = runtime().block_on(async {
-        let mut h =
-            HostileClient::open(&mallory, "@mallory", "pi4@alice_device", &relay, std::slice::from_ref(&target))
-                .await
-                .unwrap();
+        let mut h = HostilePeer::open(&mallory, "@mallory", "pi4@alice_device", &relay, std::slice::from_ref(&target))
+            .await
+            .unwrap();
         let mut sent = 0u64;
         for i in 0..256u32 {
             for rec in open_and_fill(2 * i + 1, &target, 1 << 20) {
@@ -245,7 +244,7 @@ fn refusals_nobody_reads_do_not_pile_up() {
     let relay = relay_ref(&s);
     let (opens, stopped) = runtime().block_on(async {
         let targets = ["localhost:22".to_string()];
-        let mut h = HostileClient::open(&mallory, "@mallory", "pi4@alice_device", &relay, &targets).await.unwrap();
+        let mut h = HostilePeer::open(&mallory, "@mallory", "pi4@alice_device", &relay, &targets).await.unwrap();
         let mut flow = 1u32;
         let mut opens = 0u64;
         // Unpaced, npd's refusals (a task per flow) fall behind, and more than 1,024 open
@@ -277,4 +276,118 @@ fn refusals_nobody_reads_do_not_pile_up() {
     assert!(alive(&mut npd), "npd died: {}", npd_log(&s, "pi4"));
     assert!(growth < MAX_GROWTH_KIB, "npd grew {growth} KiB queueing refusals nobody reads");
     assert!(stopped, "npd took {opens} opens from a peer that reads nothing");
+}
+
+/// What a hostile device did to `np forward`.
+struct DeviceAttack {
+    growth: u64,
+    base: u64,
+    flooded: u64,
+    /// The device's writes stopped being taken (np forward paused reading, or ended the session).
+    stopped: bool,
+    forward_alive: bool,
+    log: String,
+}
+
+/// Plays @alice_device for `np forward`: answers its session request, then sends the records
+/// `next` makes (up to `cap` bytes, `pace` apart) and never reads.
+fn hostile_device_against_np_forward(cap: u64, pace: Duration, next: fn(&mut u32) -> Vec<u8>) -> DeviceAttack {
+    let s = Stack::start();
+    let flooded = Arc::new(AtomicU64::new(0));
+    // np forward's pid and resident memory before the flood; the flood starts once both are set.
+    let victim = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let go = Arc::new(AtomicBool::new(false));
+    // No npd: this thread answers as @alice_device, then floods once told to.
+    let flood = {
+        let (flooded, victim, go, home) = (flooded.clone(), victim.clone(), go.clone(), s.device_home.clone());
+        std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let mut h = HostilePeer::answer(&home, "@alice_device", Duration::from_secs(20)).await?;
+                while !go.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let pid = u32::try_from(victim.0.load(Ordering::Relaxed))?;
+                let stop = victim.1.load(Ordering::Relaxed) + ABORT_GROWTH_KIB;
+                let mut state = 0u32;
+                while flooded.load(Ordering::Relaxed) < cap && rss_kib(pid) < stop {
+                    let pt = next(&mut state);
+                    if !pace.is_zero() {
+                        tokio::time::sleep(pace).await;
+                    }
+                    match h.send(&pt, Duration::from_secs(2)).await {
+                        Ok(true) => flooded.fetch_add(pt.len() as u64, Ordering::Relaxed),
+                        Ok(false) | Err(_) => return Ok::<_, anyhow::Error>((h, true)),
+                    };
+                }
+                Ok((h, false))
+            })
+        })
+    };
+    // np forward sets up its session before it listens.
+    let mut fwd = s.forward("pi4@alice_device", &["0:localhost:22"], &[]).unwrap();
+    let pid = fwd.proc.0.id();
+    let base = rss_kib(pid);
+    victim.0.store(u64::from(pid), Ordering::Relaxed);
+    victim.1.store(base, Ordering::Relaxed);
+    let peak = PeakRss::watch(pid);
+    go.store(true, Ordering::Relaxed);
+    let (_hostile, stopped) = flood.join().unwrap().expect("the hostile device answered the session request");
+    std::thread::sleep(Duration::from_millis(300));
+    DeviceAttack {
+        growth: peak.finish().saturating_sub(base),
+        base,
+        flooded: flooded.load(Ordering::Relaxed),
+        stopped,
+        forward_alive: matches!(fwd.proc.0.try_wait(), Ok(None)),
+        log: std::fs::read_to_string(s.dir().join("forward.log")).unwrap_or_default(),
+    }
+}
+
+/// The Ping flood the other way: the device a client asked for (its identity holds the keys the
+/// client expects, so everything checks out) floods the session and never reads. The mux is
+/// symmetric, so `np forward` stays within 50 MB and stays up.
+#[test]
+fn ping_flood_from_a_hostile_device_leaves_np_forward_bounded() {
+    let a = hostile_device_against_np_forward(256 << 20, Duration::ZERO, |_| ping_record());
+    eprintln!(
+        "np forward grew {} KiB (from {} KiB) under {} MiB of Pings from the device",
+        a.growth,
+        a.base,
+        a.flooded >> 20
+    );
+    assert!(a.forward_alive, "np forward died under the flood: {}", a.log);
+    assert!(a.growth < MAX_GROWTH_KIB, "np forward grew {} KiB under a Ping flood", a.growth);
+    assert!(a.flooded >= 64 << 20, "the flood was too small to mean anything: {}", a.log);
+}
+
+/// The device opens flow after flow to the client, which refuses each (a client takes no
+/// flows), and never reads the refusals. `np forward` stops reading once its answers back up
+/// (or ends the session): it stays within 50 MB and the device's writes stop being taken.
+#[test]
+fn opens_from_a_hostile_device_that_never_reads_leave_np_forward_bounded() {
+    // Paced, 64 opens a record: more than 1,024 opens in what np forward reads at once would
+    // end the session for abuse (a peer never has more flows open than that) before any
+    // answer backs up.
+    let a = hostile_device_against_np_forward(100 << 20, Duration::from_millis(1), |flow| {
+        let mut pt = Vec::new();
+        for _ in 0..64 {
+            // The device opens even ids.
+            *flow += 2;
+            np_session::frame::Frame::Open { flow: *flow, target: "x:1".into() }.encode(&mut pt);
+        }
+        pt
+    });
+    eprintln!(
+        "np forward grew {} KiB (from {} KiB) after {} MiB of opens it refused; stopped taking them: {}; \
+         paused reading: {}; {:?}",
+        a.growth,
+        a.base,
+        a.flooded >> 20,
+        a.stopped,
+        a.log.contains("pausing reads"),
+        a.log.lines().rfind(|l| l.contains("session") && (l.contains("ended") || l.contains("pausing")))
+    );
+    assert!(a.forward_alive, "np forward died under the flood: {}", a.log);
+    assert!(a.growth < MAX_GROWTH_KIB, "np forward grew {} KiB queueing refusals nobody reads", a.growth);
+    assert!(a.stopped, "np forward took {} MiB of opens from a peer that reads nothing", a.flooded >> 20);
 }
