@@ -92,9 +92,9 @@ build() {
   log "building (release) into $TARGET"
   (cd "$REPO" && cargo build --release --bins --examples -q) || {
     log "workspace build failed; building only what the bench needs"
-    (cd "$REPO" && cargo build --release -q -p np-control -p np-cli -p np-relay --bins --examples) || exit 1
+    (cd "$REPO" && cargo build --release -q -p np-control -p np-cli -p np-relay -p np-tests --bins --examples) || exit 1
   }
-  for b in np-control np npd np-relay examples/relay_pipe; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
+  for b in np-control np npd np-relay examples/relay_pipe examples/ping_flood; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
 }
 
 # start_control: np-control in pr, data under $WORK.
@@ -171,26 +171,17 @@ section_relay() {
   relay_variant "splice" 7445 15300 --zero-copy
 }
 
-# --- np forward ----------------------------------------------------------------------------------
-# npd in pd (device @bench_device, name "bench"), np forward in pc, np-relay in pr: the whole path
-# with the control plane, the encrypted session and the mux.
-section_forward() {
-  log "np forward"
-  local m; m=$(mark)
-  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7446
-  wait_port pr 198.18.0.2 7446
-  bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
-    --permit-open localhost:5201,localhost:22 --home "$WORK/home-bench_device"
-  sleep 1
-  # Cold setup: from starting `np forward` to the first byte of sshd's banner through it.
-  ns pc python3 - "$BIN/np" "$WORK/home-bench_client" >>"$SETUP" 2>>"$WORK/logs/bg.log" <<'PY'
+# cold_setup RELAY_PORT LOCAL_BASE LABEL: median of 7 runs of `np forward` as @bench_client, from
+# the command's start to the first byte of sshd's banner through it.
+cold_setup() {
+  ns pc python3 - "$BIN/np" "$WORK/home-bench_client" "$1" "$2" "$3" 2>>"$WORK/logs/bg.log" <<'PY'
 import socket, subprocess, sys, time, statistics
-np, home = sys.argv[1], sys.argv[2]
+np, home, relay_port, base, label = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 r = []
 for i in range(7):
-    port = 16000 + i
+    port = base + i
     t = time.perf_counter()
-    p = subprocess.Popen([np, "forward", "--as", "@bench_client", "--to", "bench@bench_device", "--relay", "198.18.0.2:7446",
+    p = subprocess.Popen([np, "forward", "--as", "@bench_client", "--to", "bench@bench_device", "--relay", "198.18.0.2:" + relay_port,
                           "-L", "127.0.0.1:%d:localhost:22" % port, "--home", home], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:
@@ -203,8 +194,23 @@ for i in range(7):
         if time.perf_counter() - t > 10:
             break
     p.kill(); p.wait()
-print("np forward cold setup (command start to first sshd byte, median of 7): %.1f ms" % statistics.median(r) if r else "np forward cold setup: FAIL")
+print("%s (command start to first sshd byte, median of 7): %.1f ms" % (label, statistics.median(r)) if r else label + ": FAIL")
 PY
+}
+
+# --- np forward ----------------------------------------------------------------------------------
+# npd in pd (device @bench_device, name "bench"), np forward in pc, np-relay in pr: the whole path
+# with the control plane, the encrypted session and the mux.
+section_forward() {
+  log "np forward"
+  local m; m=$(mark)
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7446
+  wait_port pr 198.18.0.2 7446
+  bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
+    --permit-open localhost:5201,localhost:22 --home "$WORK/home-bench_device"
+  sleep 1
+  # Cold setup: from starting `np forward` to the first byte of sshd's banner through it.
+  cold_setup 7446 16000 "np forward cold setup" >>"$SETUP"
   tail -1 "$SETUP" >&2
   bg ns pc "$BIN/np" forward --as @bench_client --to bench@bench_device --relay 198.18.0.2:7446 \
     -L 127.0.0.1:15401:localhost:5201 -L 127.0.0.1:15402:localhost:22 --home "$WORK/home-bench_client"
@@ -242,6 +248,56 @@ PY
   rss() { awk '/VmRSS/ {print $2, $3}' "/proc/$1/status" 2>/dev/null || echo "?"; }
   echo "RSS after the runs: np up $(rss $up), np-relay $(rss "$(pgrep -f 'np-relay .*198.18.0.2:7447' | head -1)"), npd $(rss "$(pgrep -f 'npd --as @bench_device' | head -1)"), np-control $(rss "$(pgrep -f 'np-control serve --listen 198.18' | head -1)")" >>"$SETUP"
   tail -1 "$SETUP" >&2
+  stop_since "$m"
+}
+
+# --- abuse ---------------------------------------------------------------------------------------
+# A manager's np forward beside a permitted client (@bench_mallory) that floods its own session
+# with Pings and never reads (tests/examples/ping_flood): throughput, connect-to-first-byte and
+# cold setup with and without the flood, as ratios within this run, and npd's memory.
+section_abuse() {
+  log "np forward beside a Ping flood"
+  local m; m=$(mark)
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7448
+  wait_port pr 198.18.0.2 7448
+  bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client --manager @bench_mallory \
+    --permit-open localhost:5201,localhost:22 --home "$WORK/home-bench_device"
+  sleep 1
+  local npd; npd=$(pgrep -f 'npd --as @bench_device .*--manager @bench_mallory' | head -1)
+  bg ns pc "$BIN/np" forward --as @bench_client --to bench@bench_device --relay 198.18.0.2:7448 \
+    -L 127.0.0.1:15501:localhost:5201 -L 127.0.0.1:15502:localhost:22 --home "$WORK/home-bench_client"
+  wait_port pc 127.0.0.1 15501
+  sleep 0.5
+  local quiet flood q_setup f_setup rss0 rss1
+  measure "np forward, no flood beside it" 127.0.0.1 15501 15502
+  quiet=$(tail -1 "$OURS")
+  q_setup=$(cold_setup 7448 16100 "np forward cold setup, no flood beside it")
+  rss0=$(awk '/VmRSS/ {print $2}' "/proc/$npd/status" 2>/dev/null)
+  bg ns pc "$BIN/examples/ping_flood" "$WORK/home-bench_mallory" @bench_mallory bench@bench_device \
+    198.18.0.2:7448 localhost:22
+  sleep 2
+  measure "np forward, a permitted client flooding Pings beside it" 127.0.0.1 15501 15502
+  flood=$(tail -1 "$OURS")
+  f_setup=$(cold_setup 7448 16200 "np forward cold setup, Ping flood beside it")
+  rss1=$(awk '/VmRSS/ {print $2}' "/proc/$npd/status" 2>/dev/null)
+  echo "$q_setup" >>"$SETUP"; echo "$f_setup" >>"$SETUP"
+  python3 - "$quiet" "$flood" "$q_setup" "$f_setup" "${rss0:-0}" "${rss1:-0}" >>"$SETUP" <<'PY'
+import re, sys
+quiet, flood, qs, fs, r0, r1 = sys.argv[1:7]
+def num(pat, s):
+    m = re.search(pat, s)
+    try:
+        return float(m.group(1)) if m else None
+    except ValueError:
+        return None
+def ratio(a, b):
+    return "%.2f" % (a / b) if a is not None and b else "-"
+g = r"([0-9.]+) Gbit/s"; c = r"first-byte ([0-9.]+) ms"; t = r": ([0-9.]+) ms"
+print("Ping flood beside a manager's np forward (flooded / quiet): throughput %s, connect-to-first-byte %s, cold setup %s; npd RSS %s"
+      % (ratio(num(g, flood), num(g, quiet)), ratio(num(c, flood), num(c, quiet)), ratio(num(t, fs), num(t, qs)),
+         ratio(float(r1), float(r0))))
+PY
+  tail -3 "$SETUP" >&2
   stop_since "$m"
 }
 
@@ -291,9 +347,9 @@ build
 section_peers
 make_hosts
 start_control
-for n in @relay @bench_client @bench_device; do enrol $n; done
+for n in @relay @bench_client @bench_device @bench_mallory; do enrol $n; done
 # The relay pipes and np forward both look up keys on the control plane from the namespaces.
 start_services
-for sec in ${SECTIONS:-relay forward up}; do "section_$sec"; done
+for sec in ${SECTIONS:-relay forward up abuse}; do "section_$sec"; done
 teardown_hosts
 report
