@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use np_identity::Keys;
+use np_session::frame::Frame;
+use np_session::record::{Sealer, DEFAULT_RECORDS_PER_KEY};
 use np_session::{
     client_session, device_session, DeviceSession, FlowStream, Initiator, MuxConfig, OpenError, Responder,
     SessionError, SessionHandle, SessionKeys,
@@ -337,4 +339,36 @@ async fn orderly_close_reaches_peer() {
         SessionError::Closed(reason) => assert_eq!(reason, "bye"),
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// A peer that pings and never reads: the device's answers fill a small pipe and its writer
+/// blocks. The session ends once nothing has been taken for the idle timeout (on a paused
+/// clock), instead of holding the session (and its requester's share) forever; and the device's
+/// reader, answering every Ping with at most one pending Pong, never stopped taking the Pings.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_reads_is_ended_after_the_idle_timeout() {
+    let (ck, dk) = keys();
+    let (mine, theirs) = tokio::io::duplex(4096);
+    let config = MuxConfig::default();
+    let idle = config.idle_timeout;
+    let dev = device_session(theirs, dk, config);
+    let (_never_read, mut wr) = tokio::io::split(mine);
+    let mut sealer = Sealer::with_counter(ck.send_key(), 0, DEFAULT_RECORDS_PER_KEY);
+    let t0 = tokio::time::Instant::now();
+    // Far more Pongs than the pipe holds: each Ping in its own record, so each gets answered.
+    let mut pt = Vec::new();
+    for id in 0..5_000u64 {
+        pt.clear();
+        Frame::Ping { id }.encode(&mut pt);
+        let mut rec = Vec::new();
+        sealer.seal(&pt, &mut rec).expect("seal");
+        tokio::time::timeout(Duration::from_secs(1), wr.write_all(&rec))
+            .await
+            .expect("the device keeps reading Pings")
+            .expect("write");
+        tokio::task::yield_now().await;
+    }
+    let err = tokio::time::timeout(idle * 2, dev.handle().closed()).await.expect("the session ends");
+    assert!(matches!(&err, SessionError::Io(e) if e.to_string().contains("read nothing")), "{err}");
+    assert!(t0.elapsed() >= idle, "ended after {:?}, before the idle timeout", t0.elapsed());
 }
