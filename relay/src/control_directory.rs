@@ -86,6 +86,12 @@ impl ControlDirectory {
         tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await.is_ok_and(|r| r.is_ok())
     }
 
+    /// The control-plane client once connected, waiting up to `timeout` for the first connection
+    /// (for publishing the relay's own record).
+    pub async fn client_within(&self, timeout: Duration) -> Option<ControlClient> {
+        self.client(tokio::time::Instant::now() + timeout).await
+    }
+
     /// The client, waiting until `deadline` for the first connection.
     async fn client(&self, deadline: tokio::time::Instant) -> Option<ControlClient> {
         let mut rx = self.client.clone();

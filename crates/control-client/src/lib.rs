@@ -160,6 +160,14 @@ impl ControlClient {
         Ok(keys)
     }
 
+    /// The relays this control plane's operator lists (`np-control relay add`).
+    pub async fn relays(&self) -> Result<Vec<Name>, ClientError> {
+        match self.request(Request::Relays).await? {
+            Reply::Relays(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The control-plane node that serves `name`.
     pub async fn resolve(&self, name: &Name) -> Result<String, ClientError> {
         match self.request(Request::Resolve { name: name.clone() }).await? {
@@ -242,6 +250,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::Notify { .. } => "sending a notification",
         Request::Ack { .. } => "acknowledging a notification",
         Request::Ping => "ping",
+        Request::Relays => "listing relays",
     }
 }
 

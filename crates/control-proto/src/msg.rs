@@ -60,6 +60,9 @@ pub enum Request {
     Ack { seq: u64 },
     /// Liveness check.
     Ping,
+    /// The relays this control plane's operator lists (`np-control relay add`): the relays a
+    /// device trusts when it names none itself.
+    Relays,
 }
 
 /// A record an identity publishes, signed by it. Public unless `readers` names who may read it.
@@ -144,6 +147,8 @@ pub enum Reply {
     },
     Acked,
     Pong,
+    /// The operator's relay list.
+    Relays(Vec<Name>),
 }
 
 /// A refused request, with a machine-readable code and a message for humans.
@@ -192,6 +197,12 @@ pub enum AdminRequest {
     /// Remove an identity: its key, records and queued notifications; its connections close
     /// and it can no longer authenticate.
     Revoke { name: Name },
+    /// Add `name` (an enrolled identity) to the relays devices trust by default.
+    RelayAdd { name: Name },
+    /// Remove `name` from that list.
+    RelayRemove { name: Name },
+    /// The list.
+    RelayList,
 }
 
 /// Answers on the admin socket.
@@ -201,6 +212,8 @@ pub enum AdminReply {
     Code(String),
     /// Done.
     Revoked,
+    /// The relay list, after the change if there was one.
+    Relays(Vec<Name>),
     /// Refused, with why.
     Error(String),
 }

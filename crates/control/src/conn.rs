@@ -352,6 +352,7 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, req: Request) -> Result
             Ok(Reply::Records(db(store, move |s| s.records_for(&reader, &key_prefix, MAX_LIST)).await?))
         }
         Request::Notify { envelope, ttl_secs } => notify(shared, me, envelope, ttl_secs).await,
+        Request::Relays => Ok(Reply::Relays(db(store, |s| s.relays()).await?)),
         Request::Ack { seq } => {
             let name = me.name.clone();
             dbw(shared, move |s| s.ack(&name, seq)).await?;

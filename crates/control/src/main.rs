@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use np_control::{ControlServer, ServerConfig};
+use np_control::{AdminRequest, ControlServer, ServerConfig};
 use np_identity::Name;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,6 +75,26 @@ enum Cmd {
         #[arg(long, env = "NP_CONTROL_DATA")]
         data: Option<PathBuf>,
     },
+    /// The relays devices trust by default: a device whose `npd` names no `--relay` accepts
+    /// sessions only through relays on this list, dialled at the address each relay publishes
+    /// in a record signed with its own key.
+    Relay {
+        #[command(subcommand)]
+        op: RelayOp,
+        /// The server's data directory [default: ~/.np-control].
+        #[arg(long, env = "NP_CONTROL_DATA", global = true)]
+        data: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RelayOp {
+    /// Add a relay (an enrolled identity, e.g. @relay) to the list.
+    Add { name: Name },
+    /// Remove a relay from the list; devices stop accepting new sessions through it.
+    Remove { name: Name },
+    /// Print the list, one relay per line.
+    List,
 }
 
 fn default_data(d: Option<PathBuf>) -> PathBuf {
@@ -136,6 +156,24 @@ async fn run(cmd: Cmd) -> Result<()> {
             let data = default_data(data);
             np_control::revoke(&data, &name).await.with_context(|| format!("revoking {name}"))?;
             eprintln!("revoked {name}");
+            Ok(())
+        }
+        Cmd::Relay { op, data } => {
+            let data = default_data(data);
+            let (req, what) = match op {
+                RelayOp::Add { name } => (AdminRequest::RelayAdd { name: name.clone() }, format!("adding relay {name}")),
+                RelayOp::Remove { name } => {
+                    (AdminRequest::RelayRemove { name: name.clone() }, format!("removing relay {name}"))
+                }
+                RelayOp::List => (AdminRequest::RelayList, "listing relays".to_string()),
+            };
+            let list = np_control::relays(&data, req).await.context(what)?;
+            for r in &list {
+                println!("{r}");
+            }
+            if list.is_empty() {
+                eprintln!("no relays listed: devices without `npd --relay` accept no session (add one with `np-control relay add @NAME`)");
+            }
             Ok(())
         }
         Cmd::Enroll { name, data, ttl } => {

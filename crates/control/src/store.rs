@@ -76,7 +76,7 @@ struct Queued {
 
 /// The database.
 pub struct Store {
-    db: Database,
+    pub(crate) db: Database,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
