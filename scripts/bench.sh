@@ -145,7 +145,7 @@ relay_variant() { local label=$1 port=$2 lb=$3 m; shift 3
   bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:$port \
     --pairing-timeout 10m ${RELAY_FLAGS:-} "$@"
   wait_port pr 198.18.0.2 $port
-  local r="--relay 198.18.0.2:$port --relay-name @relay"
+  local r="--relay 198.18.0.2:$port"
   pipe pd @bench_device @bench_client $r --role device --session 1000 --connect 127.0.0.1:5201
   pipe pd @bench_device @bench_client $r --role device --session 2000 --connect 127.0.0.1:22
   pipe pc @bench_client @bench_device $r --role client --session 1000 --listen 127.0.0.1:$((lb+1))

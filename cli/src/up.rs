@@ -74,7 +74,7 @@ impl Opener for SessionOpener {
             let unreachable = |reason: String| OpenRefused { kind: RefuseKind::Unreachable, reason };
             let slot = slot.ok_or_else(|| unreachable(format!("no device {}", to.device)))?;
             for attempt in 0..2 {
-                let session = slot.get().await.map_err(|e| unreachable(format!("{e:#}")))?;
+                let session = slot.get(Some(&to.target)).await.map_err(|e| unreachable(format!("{e:#}")))?;
                 match session.open(&to.target).await {
                     Ok(f) => return Ok(f),
                     Err(OpenError::Refused(reason)) => {
@@ -95,7 +95,7 @@ impl Opener for SessionOpener {
 
 /// What `np up` was asked for.
 pub struct UpOptions {
-    pub relay: String,
+    pub relay: np_identity::Name,
     pub devices: Vec<DeviceSpec>,
     pub routes: Vec<RouteSpec>,
     pub subnet: Prefix,
@@ -158,7 +158,7 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
         for s in slots.values() {
             let s = s.clone();
             tokio::spawn(async move {
-                if let Err(e) = s.get().await {
+                if let Err(e) = s.get(None).await {
                     tracing::warn!("{e:#}");
                 }
             });

@@ -109,9 +109,8 @@ async fn run(cli: Cli) -> Result<()> {
             cli.listen.port()
         );
     }
-    let keys = home
-        .load_keys(&me)
-        .with_context(|| format!("loading the keys of {me} from {}", home.dir().display()))?;
+    let keys =
+        home.load_keys(&me).with_context(|| format!("loading the keys of {me} from {}", home.dir().display()))?;
     let directory = ControlDirectory::connect(&home, &me)
         .with_context(|| format!("loading the keys of {me} from {}", home.dir().display()))?;
     let config = RelayConfig {

@@ -343,7 +343,8 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn:
             tracing::debug!(%session, %role, conn, "peer found");
             // This side's own proof first; the first side's task then sends `Paired` to both.
             let mut stream = stream;
-            if !matches!(tokio::time::timeout(inner.config.auth_deadline, stream.write_all(&waiting)).await, Ok(Ok(()))) {
+            if !matches!(tokio::time::timeout(inner.config.auth_deadline, stream.write_all(&waiting)).await, Ok(Ok(())))
+            {
                 tracing::debug!(%session, conn, "second side left while being paired");
                 let _ = tx.send(Outcome::Refused(Refusal::DeadlinePassed));
                 inner.table().pairing.end(&key);

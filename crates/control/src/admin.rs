@@ -162,7 +162,11 @@ pub async fn relays(data: &Path, req: AdminRequest) -> Result<Vec<Name>> {
         };
     }
     if !data.join(crate::server::DB_FILE).exists() {
-        bail!("no control-plane data in {}: start the server first with `np-control serve --data {}`", data.display(), data.display());
+        bail!(
+            "no control-plane data in {}: start the server first with `np-control serve --data {}`",
+            data.display(),
+            data.display()
+        );
     }
     let store = Store::open(&data.join(crate::server::DB_FILE))?;
     Ok(relay_op(&store, &req)?)

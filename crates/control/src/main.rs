@@ -161,7 +161,9 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Relay { op, data } => {
             let data = default_data(data);
             let (req, what) = match op {
-                RelayOp::Add { name } => (AdminRequest::RelayAdd { name: name.clone() }, format!("adding relay {name}")),
+                RelayOp::Add { name } => {
+                    (AdminRequest::RelayAdd { name: name.clone() }, format!("adding relay {name}"))
+                }
                 RelayOp::Remove { name } => {
                     (AdminRequest::RelayRemove { name: name.clone() }, format!("removing relay {name}"))
                 }
