@@ -216,7 +216,7 @@ async fn publish_once(directory: &ControlDirectory, info: &RelayInfo, wait: Dura
     match directory.client_within(wait).await {
         Some(client) => match client.publish(RELAY_RECORD, info.encode(), Vec::new()).await {
             Ok(()) => {
-                tracing::debug!(addresses = ?info.addresses, "relay record published");
+                tracing::info!(addresses = ?info.addresses, "relay record published");
                 true
             }
             Err(e) => {

@@ -285,7 +285,8 @@ fn strangers_cannot_tell_an_unknown_device_from_a_forbidden_one() {
     let mallory = s.ctl.identity("@mallory");
     let refusal = |to: &str| {
         let e = s.forward_as(&mallory, "@mallory", to, &[&format!("0:localhost:{port}")], &[]).err().unwrap();
-        e.lines().find(|l| l.contains("refused")).unwrap().split("refused: ").nth(1).unwrap().to_string()
+        // The log is appended to by each run: the last refusal is this one's.
+        e.lines().rfind(|l| l.contains("refused")).unwrap().split("refused: ").nth(1).unwrap().to_string()
     };
     let real = refusal("pi4@alice_device");
     let ghost = refusal("pi9@alice_device");
@@ -338,18 +339,32 @@ async fn a_policy_service_answers_only_the_device_identities_it_serves() {
             .spawn()
             .unwrap(),
     );
-    let query = |home: std::path::PathBuf, me: &'static str, device: &'static str| async move {
-        let (ctl, router) = client(&home, me).await;
-        let query_id = [7u8; 16];
-        let rx = router.expect(query_id);
-        let q = TunnelMsg::PolicyQuery { query_id, requester: n("@bob"), device: device.into(), targets: vec![] };
-        // The service may still be connecting: ask until it answers.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        ctl.send(&n("@policy"), &q.encode(), Duration::from_secs(30)).await.unwrap();
-        let a = tokio::time::timeout(deadline - Instant::now(), rx).await.unwrap().unwrap();
-        match a.msg {
-            TunnelMsg::PolicyAnswer { allow, permit, .. } => (allow, permit),
-            other => panic!("{other:?}"),
+    let policy_log = s.dir().join("policy.log");
+    let up = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&policy_log).is_ok_and(|l| l.contains("policy service @policy running"))
+    });
+    assert!(up, "np policy serve did not start: {}", std::fs::read_to_string(&policy_log).unwrap_or_default());
+    let query = |home: std::path::PathBuf, me: &'static str, device: &'static str| {
+        let policy_log = policy_log.clone();
+        async move {
+            let (ctl, router) = client(&home, me).await;
+            let query_id = [7u8; 16];
+            let rx = router.expect(query_id);
+            let q = TunnelMsg::PolicyQuery { query_id, requester: n("@bob"), device: device.into(), targets: vec![] };
+            // The service may still be connecting: ask until it answers.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            ctl.send(&n("@policy"), &q.encode(), Duration::from_secs(30)).await.unwrap();
+            let a = tokio::time::timeout(deadline - Instant::now(), rx).await.unwrap_or_else(|_| {
+                panic!(
+                    "no policy answer to {me}; policy log:\n{}",
+                    std::fs::read_to_string(&policy_log).unwrap_or_default()
+                )
+            });
+            let a = a.unwrap();
+            match a.msg {
+                TunnelMsg::PolicyAnswer { allow, permit, .. } => (allow, permit),
+                other => panic!("{other:?}"),
+            }
         }
     };
     // @mallory asks about a device of its own: before, the "*" rule answered and told it who may

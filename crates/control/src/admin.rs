@@ -139,10 +139,8 @@ fn revoke_in(store: &Store, name: &Name) -> Result<bool, StoreError> {
 fn relay_op(store: &Store, req: &AdminRequest) -> Result<Vec<Name>, StoreError> {
     match req {
         AdminRequest::RelayAdd { name } => store.relay_add(name, crate::now_ms())?,
-        AdminRequest::RelayRemove { name } => {
-            if !store.relay_remove(name)? {
-                return Err(StoreError::Limit(format!("{name} is not on the relay list")));
-            }
+        AdminRequest::RelayRemove { name } if !store.relay_remove(name)? => {
+            return Err(StoreError::Limit(format!("{name} is not on the relay list")));
         }
         _ => {}
     }

@@ -283,10 +283,10 @@ mod tests {
     fn no_targets_is_refused_first() {
         let mut r = req(1);
         r.targets.clear();
-        assert_eq!(run(&cfg(), "@alice", &r, None).unwrap_err(), Refusal::NoTargets);
+        assert_eq!(run(&cfg(), "@alice", &r, None).expect_err("refused"), Refusal::NoTargets);
         // Even for a stranger, and before the replay guard sees it.
         let mut g = guard();
-        assert_eq!(admit(&cfg(), &n("@mallory"), &r, NOW, None, &mut g, 0).unwrap_err(), Refusal::NoTargets);
+        assert_eq!(admit(&cfg(), &n("@mallory"), &r, NOW, None, &mut g, 0).expect_err("refused"), Refusal::NoTargets);
         r.targets.push("localhost:22".into());
         assert!(admit(&cfg(), &n("@alice"), &r, NOW, None, &mut g, 0).is_ok(), "id was not consumed");
     }
@@ -296,7 +296,7 @@ mod tests {
         let mut r = req(1);
         r.targets = vec!["10.0.0.1:80".into()];
         r.relay = n("@evil");
-        let e = run(&cfg(), "@mallory", &r, None).unwrap_err();
+        let e = run(&cfg(), "@mallory", &r, None).expect_err("refused");
         assert_eq!(e, Refusal::NotPermitted { who: n("@mallory"), device: "pi4@alice_device".into() });
         assert_eq!(e.to_string(), "@mallory is not permitted to connect to pi4@alice_device");
     }
@@ -304,7 +304,7 @@ mod tests {
     #[test]
     fn an_unknown_device_reads_like_an_unpermitted_one_to_strangers() {
         let c = cfg();
-        let real = run(&c, "@mallory", &req(1), None).unwrap_err();
+        let real = run(&c, "@mallory", &req(1), None).expect_err("refused");
         let mut r = req(1);
         r.device = "pi9".into();
         let ghost = unknown_device(&c, &n("@mallory"), &r.device);
@@ -324,10 +324,10 @@ mod tests {
         assert!(matches!(admit(&c, &n("@alice"), &r, NOW, None, &mut g, 0), Err(Refusal::Stale { .. })));
         let r = req(2);
         assert!(admit(&c, &n("@alice"), &r, NOW, None, &mut g, 0).is_ok());
-        assert_eq!(admit(&c, &n("@alice"), &r, NOW, None, &mut g, 0).unwrap_err(), Refusal::Replayed);
+        assert_eq!(admit(&c, &n("@alice"), &r, NOW, None, &mut g, 0).expect_err("refused"), Refusal::Replayed);
         let mut small = ReplayGuard::new(30_000, 1);
         assert!(admit(&c, &n("@alice"), &req(3), NOW, None, &mut small, 0).is_ok());
-        assert_eq!(admit(&c, &n("@alice"), &req(4), NOW, None, &mut small, 0).unwrap_err(), Refusal::Busy);
+        assert_eq!(admit(&c, &n("@alice"), &req(4), NOW, None, &mut small, 0).expect_err("refused"), Refusal::Busy);
     }
 
     #[test]
@@ -339,7 +339,7 @@ mod tests {
         r.targets = vec!["no-port".into()];
         assert!(matches!(run(&c, "@alice", &r, None), Err(Refusal::BadTarget { .. })));
         r.targets = vec!["localhost:22".into(); MAX_TARGETS + 1];
-        assert_eq!(run(&c, "@alice", &r, None).unwrap_err(), Refusal::TooManyTargets { max: MAX_TARGETS });
+        assert_eq!(run(&c, "@alice", &r, None).expect_err("refused"), Refusal::TooManyTargets { max: MAX_TARGETS });
         r.targets = vec!["DB.lan.:5432".into()];
         assert!(run(&c, "@alice", &r, None).is_ok());
     }
@@ -349,12 +349,15 @@ mod tests {
         let mut r = req(1);
         r.relay = n("@attacker_relay");
         assert_eq!(
-            run(&cfg(), "@alice", &r, None).unwrap_err(),
+            run(&cfg(), "@alice", &r, None).expect_err("refused"),
             Refusal::RelayNotTrusted { relay: n("@attacker_relay") }
         );
         let mut c = cfg();
         c.trusted_relays.clear();
-        assert_eq!(run(&c, "@alice", &req(1), None).unwrap_err(), Refusal::RelayNotTrusted { relay: n("@relay") });
+        assert_eq!(
+            run(&c, "@alice", &req(1), None).expect_err("refused"),
+            Refusal::RelayNotTrusted { relay: n("@relay") }
+        );
     }
 
     #[test]
@@ -363,7 +366,7 @@ mod tests {
         let mut g = guard();
         assert!(admit(&c, &n("@alice"), &req(1), NOW, None, &mut g, 1).is_ok());
         assert_eq!(
-            admit(&c, &n("@alice"), &req(2), NOW, None, &mut g, 2).unwrap_err(),
+            admit(&c, &n("@alice"), &req(2), NOW, None, &mut g, 2).expect_err("refused"),
             Refusal::TooManySessions { limit: 2 }
         );
     }
@@ -379,16 +382,16 @@ mod tests {
         let mut r = req(2);
         r.targets = vec!["db.lan:5432".into()];
         assert_eq!(
-            run(&c, "@bob", &r, Some(&permit)).unwrap_err(),
+            run(&c, "@bob", &r, Some(&permit)).expect_err("refused"),
             Refusal::TargetNotPermittedByPolicy { target: "db.lan:5432".into() }
         );
         let deny = PolicyVerdict::Deny("x".repeat(10_000));
-        match run(&c, "@bob", &req(3), Some(&deny)).unwrap_err() {
+        match run(&c, "@bob", &req(3), Some(&deny)).expect_err("refused") {
             Refusal::PolicyDenied { reason } => assert!(reason.len() < 400),
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            run(&c, "@bob", &req(4), Some(&PolicyVerdict::Unavailable)).unwrap_err(),
+            run(&c, "@bob", &req(4), Some(&PolicyVerdict::Unavailable)).expect_err("refused"),
             Refusal::PolicyUnavailable { policy: n("@policy") }
         );
         // Asked nothing: not permitted (never admitted by default).
