@@ -5,6 +5,7 @@
 //! deleted at start if no process holds it.
 
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::Command;
 
@@ -57,6 +58,9 @@ pub fn valid_name(name: &str) -> bool {
 pub struct Tun {
     device: AsyncDevice,
     name: String,
+    /// The interface's own addresses: the sources of the routes, so the kernel picks them.
+    v4: Ipv4Addr,
+    v6: Option<Ipv6Addr>,
 }
 
 impl Tun {
@@ -79,7 +83,15 @@ impl Tun {
             .enable(true)
             .build_async()
             .map_err(create)?;
-        let tun = Tun { device, name: name.to_owned() };
+        let mut tun = Tun { device, name: name.to_owned(), v4: map.interface_addr(), v6: None };
+        if map.has_ipv6_routes() {
+            // Flows to a routed IPv6 prefix need a source of the interface's own: the stack
+            // drops every packet from any other address (see `Stack::handle_packet`). `nodad`:
+            // nothing else is on this link to collide with.
+            let v6 = map.interface_addr_v6();
+            ip(&["-6", "addr", "add", &format!("{v6}/128"), "dev", name, "nodad"])?;
+            tun.v6 = Some(v6);
+        }
         for (prefix, _) in map.routes() {
             tun.add_route(prefix)?;
         }
@@ -97,10 +109,19 @@ impl Tun {
         &self.device
     }
 
-    /// Route `prefix` into the interface.
+    /// Route `prefix` into the interface, with the interface's own address as the source the
+    /// kernel gives new connections (the stack serves no other source).
     pub fn add_route(&self, prefix: Prefix) -> Result<(), TunError> {
-        let family = if prefix.addr().is_ipv4() { "-4" } else { "-6" };
-        ip(&[family, "route", "replace", &prefix.to_string(), "dev", &self.name])
+        let (family, src) = match prefix.addr() {
+            IpAddr::V4(_) => ("-4", Some(self.v4.to_string())),
+            IpAddr::V6(_) => ("-6", self.v6.map(|a| a.to_string())),
+        };
+        let prefix_text = prefix.to_string();
+        let mut args = vec![family, "route", "replace", &prefix_text, "dev", &self.name];
+        if let Some(src) = &src {
+            args.extend(["src", src.as_str()]);
+        }
+        ip(&args)
     }
 }
 
