@@ -137,6 +137,10 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
     let iface_addr = map.interface_addr();
     let config = NetstackConfig { name: opts.name.clone(), map: map.clone(), ..NetstackConfig::default() };
     let netstack = Netstack::new(config).with_context(|| format!("bringing up interface {}", opts.name))?;
+    let guard = match netstack.forward_guard_missing() {
+        None => "on (nftables: packets forwarded into the interface are dropped)".to_string(),
+        Some(why) => format!("off ({why})"),
+    };
     println!("up {} {}/{}", opts.name, iface_addr, opts.subnet.prefix_len());
     for (dns, addr, d) in &names {
         println!("  {addr:<15} {d}  ({dns})");
@@ -174,7 +178,7 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
         loop {
             let Ok((mut s, _)) = listener.accept().await else { return };
             let text = match status.snapshot().await {
-                Some(st) => render_status(&name, &st, &st_slots, started).await,
+                Some(st) => render_status(&name, &st, &st_slots, started, &guard).await,
                 None => "stopping\n".into(),
             };
             let _ = s.write_all(text.as_bytes()).await;
@@ -346,6 +350,7 @@ async fn render_status(
     st: &np_netstack::Status,
     slots: &HashMap<String, Arc<SessionSlot>>,
     started: Instant,
+    guard: &str,
 ) -> String {
     use std::fmt::Write;
     let mut o = String::new();
@@ -373,6 +378,7 @@ async fn render_status(
         "foreign packets dropped: {} (their source was not {}: another host routing through this one)",
         st.stats.foreign_source, st.interface_addr
     );
+    let _ = writeln!(o, "forward guard: {guard}");
     let _ = writeln!(o, "stack: {:?}", st.stats);
     o
 }

@@ -148,6 +148,37 @@ fn a_neighbour_routing_through_the_client_host_reaches_nothing() {
 }
 
 #[test]
+fn a_neighbour_masqueraded_by_the_client_host_reaches_nothing() {
+    let (d, mut up, nb) = up_with_neighbour();
+    let pc = d.hosts.pc.clone();
+    let dev = up.device(DEVICE);
+    forwarding(&pc, true);
+    // What Docker does for its containers: masquerade their traffic on every other interface, so
+    // it leaves with that interface's address; into np0, with np up's own source address.
+    let nat = "nft add table ip nat && \
+               nft 'add chain ip nat post { type nat hook postrouting priority 100; }' && \
+               nft add rule ip nat post ip saddr 198.19.254.0/24 oifname != nbr0 masquerade";
+    let out = sh_in(&pc, nat, Duration::from_secs(10));
+    assert!(out.status.success(), "nft in pc: {}", String::from_utf8_lossy(&out.stderr));
+    for port in [22, d.echo_port] {
+        let r = connect_in(&nb.ns, (dev, port).into(), NEVER);
+        assert!(r.is_err(), "the masqueraded neighbour connected to {dev}:{port} as @alice:\n{}", status(&d));
+    }
+    let st = status(&d);
+    assert!(st.contains("forward guard: on"), "np up runs without its forward guard:\n{st}");
+    assert_eq!(stat(&st, "flows_new"), 0, "flows were opened for the neighbour:\n{st}");
+    assert_eq!(echo_once(&pc, (dev, d.echo_port).into(), b"from pc").unwrap(), b"from pc");
+
+    // The guard goes with np up.
+    let tables =
+        || String::from_utf8_lossy(&sh_in(&pc, "nft list tables", Duration::from_secs(10)).stdout).into_owned();
+    assert!(tables().contains("np_guard_"), "{}", tables());
+    let st = up.signal_and_wait("TERM", Duration::from_secs(10)).expect("np up ignored SIGTERM");
+    assert!(st.success(), "np up exited with {st}");
+    assert!(!tables().contains("np_guard_"), "the guard outlived np up: {}", tables());
+}
+
+#[test]
 fn dns_answers_this_host_only() {
     let (d, up, nb) = up_with_neighbour();
     let pc = d.hosts.pc.clone();
