@@ -217,7 +217,12 @@ async fn wire_resolved(iface: &str, addr: Ipv4Addr) {
 async fn bind_dns(iface: &str, addr: Ipv4Addr) -> std::io::Result<tokio::net::UdpSocket> {
     let sock = tokio::net::UdpSocket::bind((addr, 53)).await?;
     // (A query from elsewhere queued before this line fails the source check in `dns::serve`.)
-    sock.bind_device(Some(iface.as_bytes()))?;
+    if let Err(e) = sock.bind_device(Some(iface.as_bytes())) {
+        // Linux before 5.7 wants CAP_NET_RAW for this, which the hardened unit does not give.
+        // The source check still holds: the kernel drops packets from outside that claim a
+        // local or loopback source (martians), and the resolver answers no other source.
+        tracing::warn!(interface = iface, error = %e, "DNS not bound to the interface; answering by source address alone");
+    }
     Ok(sock)
 }
 
