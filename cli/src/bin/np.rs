@@ -111,7 +111,9 @@ enum Cmd {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Show a running `np up`: its interface, devices, sessions and flows.
+    /// Show a running `np up`: its interface, devices, sessions and flows, and the packets it
+    /// dropped because another host sent them. Runs as root, like `np up`: the status socket is
+    /// in /run/np (mode 0700), and only a root-owned server is believed.
     Status {
         /// Interface name.
         #[arg(long, default_value = "np0")]
