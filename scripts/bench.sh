@@ -190,7 +190,7 @@ r = []
 for i in range(7):
     port = 16000 + i
     t = time.perf_counter()
-    p = subprocess.Popen([np, "forward", "--as", "@bench_client", "--to", "bench@bench_device", "--relay", "198.18.0.2:7446",
+    p = subprocess.Popen([np, "forward", "--as", "@bench_client", "--to", "bench@bench_device", "--relay", "@relay",
                           "-L", "127.0.0.1:%d:localhost:22" % port, "--home", home], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:
@@ -206,7 +206,7 @@ for i in range(7):
 print("np forward cold setup (command start to first sshd byte, median of 7): %.1f ms" % statistics.median(r) if r else "np forward cold setup: FAIL")
 PY
   tail -1 "$SETUP" >&2
-  bg ns pc "$BIN/np" forward --as @bench_client --to bench@bench_device --relay 198.18.0.2:7446 \
+  bg ns pc "$BIN/np" forward --as @bench_client --to bench@bench_device --relay @relay \
     -L 127.0.0.1:15401:localhost:5201 -L 127.0.0.1:15402:localhost:22 --home "$WORK/home-bench_client"
   wait_port pc 127.0.0.1 15401
   sleep 0.5
@@ -224,7 +224,7 @@ section_up() {
   bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
     --permit-open localhost:5201,localhost:22 --home "$WORK/home-bench_device"
   sleep 1
-  ns pc "$BIN/np" up --as @bench_client --relay 198.18.0.2:7447 --device bench@bench_device=100.80.0.2 \
+  ns pc "$BIN/np" up --as @bench_client --relay @relay --device bench@bench_device=100.80.0.2 \
     --home "$WORK/home-bench_client" >"$WORK/up.out" 2>>"$WORK/logs/bg.log" &
   local up=$!; echo $up >>"$WORK/pids"
   local i; for i in $(seq 100); do grep -q '^ready' "$WORK/up.out" 2>/dev/null && break; sleep 0.05; done
@@ -292,6 +292,8 @@ section_peers
 make_hosts
 start_control
 for n in @relay @bench_client @bench_device; do enrol $n; done
+# Devices trust @relay (the operator's list); each section's relay publishes its own address.
+"$BIN/np-control" relay add @relay --data "$WORK/control" >/dev/null || { log "np-control relay add failed"; exit 1; }
 # The relay pipes and np forward both look up keys on the control plane from the namespaces.
 start_services
 for sec in ${SECTIONS:-relay forward up}; do "section_$sec"; done
