@@ -6,7 +6,9 @@ use np_control_proto::{EnrolCode, IdentityInfo, Record};
 use np_identity::{Envelope, Name, PublicKeys};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
 const CODES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("codes");
@@ -19,9 +21,94 @@ pub const MAX_RECORDS_PER_OWNER: usize = 256;
 /// How far each start jumps the notification sequence (more than one run could ever hand out
 /// between two commits).
 const SEQ_GAP: u64 = 1 << 20;
-/// Most notifications queued for one recipient; beyond it new ones are refused, so one absent
-/// identity cannot fill the disk.
-pub const MAX_QUEUED_PER_RECIPIENT: usize = 10_000;
+/// Default for [`Quota::per_sender`].
+pub const MAX_QUEUED_PER_SENDER: u32 = 5_000;
+/// Default for [`Quota::per_recipient`].
+pub const MAX_QUEUED_PER_RECIPIENT: u32 = 20_000;
+/// A sender with fewer than this many notifications queued for a recipient is accepted even when
+/// the recipient's total is at its cap: a few identities filling their shares must not lock out
+/// everyone else. The total is then bounded by the cap plus this much per enrolled identity
+/// (enrolment takes an operator's code, so that number is the operator's).
+pub const RESERVED_PER_SENDER: u32 = 16;
+
+/// How many notifications may wait for one recipient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    /// From any one sender: one sender filling its share leaves the recipient reachable by all
+    /// others.
+    pub per_sender: u32,
+    /// From all senders together, so one absent identity cannot fill the disk (see
+    /// [`RESERVED_PER_SENDER`]).
+    pub per_recipient: u32,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota { per_sender: MAX_QUEUED_PER_SENDER, per_recipient: MAX_QUEUED_PER_RECIPIENT }
+    }
+}
+
+/// Queued notifications per recipient, in all and by sender. Kept in memory (rebuilt from the
+/// queue when the database is opened) so that admitting a notification costs a map lookup rather
+/// than a count of the recipient's whole queue. Changed only together with the queue, under its
+/// lock, which every queue write takes *before* its write transaction (one order, no deadlock).
+#[derive(Default)]
+struct Counts {
+    by_recipient: HashMap<String, RecipientCounts>,
+}
+
+#[derive(Default)]
+struct RecipientCounts {
+    total: u32,
+    by_sender: HashMap<String, u32>,
+}
+
+impl Counts {
+    fn add(&mut self, to: &str, from: &str) {
+        let r = self.by_recipient.entry(to.to_string()).or_default();
+        r.total += 1;
+        *r.by_sender.entry(from.to_string()).or_default() += 1;
+    }
+
+    fn sub(&mut self, to: &str, from: &str) {
+        let Some(r) = self.by_recipient.get_mut(to) else { return };
+        r.total = r.total.saturating_sub(1);
+        if let Some(n) = r.by_sender.get_mut(from) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                r.by_sender.remove(from);
+            }
+        }
+        if r.total == 0 {
+            self.by_recipient.remove(to);
+        }
+    }
+
+    fn of(&self, to: &str, from: &str) -> (u32, u32) {
+        match self.by_recipient.get(to) {
+            None => (0, 0),
+            Some(r) => (r.by_sender.get(from).copied().unwrap_or(0), r.total),
+        }
+    }
+
+    /// Whether one more from `from` fits; the refusal names only the sender's own share unless
+    /// the total is what is full.
+    fn admit(&self, to: &str, from: &str, q: Quota) -> Result<(), StoreError> {
+        let (mine, total) = self.of(to, from);
+        if mine >= q.per_sender {
+            return Err(StoreError::Quota(format!(
+                "{to} already has {mine} notifications from you waiting, the most one sender may queue for it; \
+                 they are delivered when it connects (or dropped when they expire)"
+            )));
+        }
+        if total >= q.per_recipient && mine >= RESERVED_PER_SENDER {
+            return Err(StoreError::Quota(format!(
+                "{to} has {total} notifications waiting, the most it may hold; try again once it has caught up"
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +140,18 @@ pub enum StoreError {
     /// A per-identity limit was reached.
     #[error("{0}")]
     Limit(String),
+    /// The recipient holds as many queued notifications from this sender (or in all) as allowed.
+    #[error("{0}")]
+    Quota(String),
+}
+
+/// One page of a recipient's backlog.
+#[derive(Debug)]
+pub struct Page {
+    /// (sequence number, envelope), oldest first.
+    pub items: Vec<(u64, Envelope)>,
+    /// Where the next page starts (pass as `after`); `None` at the end of the queue.
+    pub next: Option<u64>,
 }
 
 macro_rules! db {
@@ -77,6 +176,9 @@ struct Queued {
 /// The database.
 pub struct Store {
     db: Database,
+    quota: Quota,
+    /// See [`Counts`]; also the lock that orders every write of the queue.
+    counts: Mutex<Counts>,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -104,7 +206,48 @@ impl Store {
             db!(w.open_table(META))?;
         }
         db!(w.commit())?;
-        Ok(Store { db })
+        let store = Store { db, quota: Quota::default(), counts: Mutex::new(Counts::default()) };
+        store.recount()?;
+        Ok(store)
+    }
+
+    /// The same with other queue limits.
+    pub fn with_quota(mut self, quota: Quota) -> Self {
+        self.quota = quota;
+        self
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        // A panic while holding it cannot leave the counts half-changed (they change after the
+        // commit, in plain arithmetic), so a poisoned lock is still good.
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rebuilds [`Counts`] from the queue.
+    fn recount(&self) -> Result<(), StoreError> {
+        let mut counts = self.counts();
+        *counts = Counts::default();
+        let r = db!(self.db.begin_read())?;
+        let q = db!(r.open_table(QUEUE))?;
+        for e in db!(q.iter())? {
+            let (k, v) = db!(e)?;
+            // A damaged entry is counted under no sender, as `ack_many` and `sweep` remove it.
+            let from = postcard::from_bytes::<Queued>(v.value()).map(|i| i.envelope.from.as_str().to_string());
+            counts.add(k.value().0, &from.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// Whether a notification from `from` to `to` would be accepted now: checked before a live
+    /// push, so a sender over its share is refused before the recipient sees anything.
+    /// [`Store::enqueue_at`] checks again, under the queue's lock.
+    pub fn admit(&self, to: &Name, from: &Name) -> Result<(), StoreError> {
+        self.counts().admit(to.as_str(), from.as_str(), self.quota)
+    }
+
+    /// Notifications queued for `to`: (from `from`, in all).
+    pub fn queued_for(&self, to: &Name, from: &Name) -> (u32, u32) {
+        self.counts().of(to.as_str(), from.as_str())
     }
 
     /// Stores a new one-time code for `name`, valid until `expires_ms`.
@@ -192,20 +335,46 @@ impl Store {
         db!(w.commit())
     }
 
-    /// Removes an identity with its records and queued notifications. Returns whether it existed.
+    /// Removes an identity with its records, the notifications queued for it, and those it sent
+    /// that still wait for others (a revoked identity's session requests must not reach a device
+    /// after it is gone). Returns whether it existed.
     pub fn revoke(&self, name: &Name) -> Result<bool, StoreError> {
+        let mut counts = self.counts();
+        let n = name.as_str();
+        // The recipients holding something from it, known without scanning the whole queue.
+        let holders: Vec<String> = counts
+            .by_recipient
+            .iter()
+            .filter(|(to, r)| to.as_str() != n && r.by_sender.contains_key(n))
+            .map(|(to, _)| to.clone())
+            .collect();
         let w = db!(self.db.begin_write())?;
         let existed = {
             let mut ids = db!(w.open_table(IDENTITIES))?;
             let existed = db!(ids.remove(name.as_str()))?.is_some();
-            let n = name.as_str();
             let mut recs = db!(w.open_table(RECORDS))?;
             db!(recs.retain_in((n, "")..=(n, "\u{10ffff}"), |_, _| false))?;
             let mut q = db!(w.open_table(QUEUE))?;
             db!(q.retain_in((n, 0)..=(n, u64::MAX), |_, _| false))?;
+            for to in &holders {
+                let to = to.as_str();
+                db!(q.retain_in((to, 0)..=(to, u64::MAX), |_, v| {
+                    postcard::from_bytes::<Queued>(v).map(|i| i.envelope.from.as_str() != n).unwrap_or(false)
+                }))?;
+            }
             existed
         };
         db!(w.commit())?;
+        counts.by_recipient.remove(n);
+        for to in &holders {
+            if let Some(r) = counts.by_recipient.get_mut(to) {
+                let gone = r.by_sender.remove(n).unwrap_or(0);
+                r.total = r.total.saturating_sub(gone);
+                if r.total == 0 {
+                    counts.by_recipient.remove(to);
+                }
+            }
+        }
         Ok(existed)
     }
 
@@ -256,8 +425,12 @@ impl Store {
         Ok(base)
     }
 
-    /// Queues an envelope for its recipient under sequence number `seq`.
+    /// Queues an envelope for its recipient under sequence number `seq`, within the recipient's
+    /// [`Quota`].
     pub fn enqueue_at(&self, seq: u64, envelope: &Envelope, expires_ms: u64) -> Result<(), StoreError> {
+        let mut counts = self.counts();
+        let (to, from) = (envelope.to.as_str(), envelope.from.as_str());
+        counts.admit(to, from, self.quota)?;
         let w = db!(self.db.begin_write())?;
         {
             let mut meta = db!(w.open_table(META))?;
@@ -266,60 +439,110 @@ impl Store {
                 db!(meta.insert("next_seq", seq + 1))?;
             }
             let mut q = db!(w.open_table(QUEUE))?;
-            let to = envelope.to.as_str();
-            let queued = db!(q.range((to, 0)..=(to, u64::MAX)))?.count();
-            if queued >= MAX_QUEUED_PER_RECIPIENT {
-                return Err(StoreError::Limit(format!("{to} has {queued} notifications waiting, the most allowed")));
-            }
             let item = Queued { envelope: envelope.clone(), expires_ms };
             db!(q.insert((to, seq), &enc(&item)[..]))?;
         }
-        db!(w.commit())
+        db!(w.commit())?;
+        counts.add(to, from);
+        Ok(())
     }
 
-    /// Unexpired notifications waiting for `to`, oldest first.
+    /// Unexpired notifications waiting for `to`, oldest first (all of them: for tests; a
+    /// connection streams them with [`Store::pending_page`]).
     pub fn pending(&self, to: &Name, now_ms: u64) -> Result<Vec<(u64, Envelope)>, StoreError> {
-        let r = db!(self.db.begin_read())?;
-        let q = db!(r.open_table(QUEUE))?;
         let mut out = Vec::new();
-        for e in db!(q.range((to.as_str(), 0)..=(to.as_str(), u64::MAX)))? {
-            let (k, v) = db!(e)?;
-            let item: Queued = dec("queue", v.value())?;
-            if item.expires_ms >= now_ms {
-                out.push((k.value().1, item.envelope));
+        let mut after = None;
+        loop {
+            let page = self.pending_page(to, after, now_ms, 1024)?;
+            out.extend(page.items);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return Ok(out),
             }
         }
-        Ok(out)
+    }
+
+    /// Up to `limit` unexpired notifications for `to` with sequence numbers above `after`,
+    /// oldest first: one page of a backlog, read from a snapshot, so a connection holds a page
+    /// rather than the whole backlog in memory.
+    pub fn pending_page(&self, to: &Name, after: Option<u64>, now_ms: u64, limit: usize) -> Result<Page, StoreError> {
+        let r = db!(self.db.begin_read())?;
+        let q = db!(r.open_table(QUEUE))?;
+        let start = match after {
+            None => 0,
+            Some(u64::MAX) => return Ok(Page { items: Vec::new(), next: None }),
+            Some(a) => a + 1,
+        };
+        let mut items = Vec::new();
+        // Expired ones are skipped but still count towards a bound on the work of one page.
+        let mut scanned = 0usize;
+        for e in db!(q.range((to.as_str(), start)..=(to.as_str(), u64::MAX)))? {
+            let (k, v) = db!(e)?;
+            let item: Queued = dec("queue", v.value())?;
+            let seq = k.value().1;
+            scanned += 1;
+            if item.expires_ms >= now_ms {
+                items.push((seq, item.envelope));
+            }
+            if items.len() >= limit || scanned >= limit.saturating_mul(4) {
+                return Ok(Page { items, next: Some(seq) });
+            }
+        }
+        Ok(Page { items, next: None })
     }
 
     /// Deletes a delivered notification. Returns whether it was there.
     pub fn ack(&self, to: &Name, seq: u64) -> Result<bool, StoreError> {
+        Ok(self.ack_many(to, &[seq])? == 1)
+    }
+
+    /// Deletes delivered notifications, in one transaction; returns how many were there.
+    pub fn ack_many(&self, to: &Name, seqs: &[u64]) -> Result<usize, StoreError> {
+        let mut counts = self.counts();
+        let mut senders = Vec::with_capacity(seqs.len());
         let w = db!(self.db.begin_write())?;
-        let had = {
+        {
             let mut q = db!(w.open_table(QUEUE))?;
-            let removed = db!(q.remove((to.as_str(), seq)))?.is_some();
-            removed
-        };
+            for &seq in seqs {
+                if let Some(v) = db!(q.remove((to.as_str(), seq)))? {
+                    // Undecodable means damaged; it is gone now either way, counted under no one.
+                    let from = postcard::from_bytes::<Queued>(v.value()).map(|i| i.envelope.from).ok();
+                    senders.push(from);
+                }
+            }
+        }
         db!(w.commit())?;
-        Ok(had)
+        for from in &senders {
+            match from {
+                Some(f) => counts.sub(to.as_str(), f.as_str()),
+                None => counts.sub(to.as_str(), ""),
+            }
+        }
+        Ok(senders.len())
     }
 
     /// Deletes every expired notification; returns how many.
     pub fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let mut counts = self.counts();
         let w = db!(self.db.begin_write())?;
-        let mut n = 0;
+        let mut gone: Vec<(String, String)> = Vec::new();
         {
             let mut q = db!(w.open_table(QUEUE))?;
-            db!(q.retain(|_, v| {
-                let keep = postcard::from_bytes::<Queued>(v).map(|i| i.expires_ms >= now_ms).unwrap_or(false);
+            db!(q.retain(|k, v| {
+                let item = postcard::from_bytes::<Queued>(v).ok();
+                let keep = item.as_ref().is_some_and(|i| i.expires_ms >= now_ms);
                 if !keep {
-                    n += 1;
+                    let from = item.map(|i| i.envelope.from.as_str().to_string()).unwrap_or_default();
+                    gone.push((k.0.to_string(), from));
                 }
                 keep
             }))?;
         }
         db!(w.commit())?;
-        Ok(n)
+        for (to, from) in &gone {
+            counts.sub(to, from);
+        }
+        Ok(gone.len())
     }
 
     /// Notifications stored, expired or not (for tests and metrics).
