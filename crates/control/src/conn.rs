@@ -119,8 +119,15 @@ pub(crate) async fn serve(
     let resync = Arc::new(Notify::new());
     let window = Arc::new(Window::default());
     // Registered before the queue is read, so a notification arriving in between is pushed (and
-    // perhaps sent twice; clients drop duplicate sequence numbers) rather than missed.
+    // perhaps sent twice; the writer and the client drop duplicates) rather than missed.
     shared.hub.add(&me.name, conn, crate::hub::ConnHandle { tx: live_tx, kill: kill.clone(), resync: resync.clone() });
+    // A notification pushed just before this registration missed it, and its commit may still be
+    // on its way, so the queue read next could miss it too and it would reach this connection
+    // never. Every such commit was submitted to the (ordered) write lane before now: wait for
+    // the lane to get past this point first.
+    if dbw(&shared, |_| Ok(())).await.is_err() {
+        tracing::error!(name = %me.name, "the database writer failed");
+    }
     let (pages_tx, pages_rx) = mpsc::channel(1);
     let backlog = tokio::spawn(read_backlog(shared.clone(), me.name.clone(), pages_tx, resync));
     let mut writer = tokio::spawn(write_loop(reply_rx, live_rx, pages_rx, window.clone(), wr));
@@ -534,8 +541,13 @@ async fn notify(
     let seq = shared.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let stored = shared.lane.submit(move |s| s.enqueue_at(seq, &env, expires));
     // Pushed before the commit completes (see `lane`); the sender's answer waits for it.
-    let delivered = shared.hub.push(&to, &Delivery { seq, envelope });
-    match stored.await {
+    let pushed = shared.hub.push(&to, &Delivery { seq, envelope });
+    let stored = stored.await;
+    for resync in pushed.overflowed {
+        resync.notify_one();
+    }
+    let delivered = pushed.delivered;
+    match stored {
         Ok(r) => r.map_err(store_err)?,
         Err(_) => return Err(err(ErrorCode::Internal, "storage writer failed")),
     }

@@ -60,22 +60,32 @@ impl Hub {
         }
     }
 
-    /// Pushes to every connection of the recipient; returns whether any took it. A connection
-    /// whose queue is full (a slow client, or one whose push window is full because it does not
-    /// acknowledge) is told to reread its queue from the database instead: nothing is lost, no
-    /// memory grows, and the connection stays up, so its requests keep being answered (closing
-    /// it, as before, let any sender cut a recipient off by pushing faster than it reads).
-    pub fn push(&self, to: &Name, d: &Delivery) -> bool {
+    /// Pushes to every connection of the recipient. A connection whose queue is full (a slow
+    /// client, or one whose push window is full because it does not acknowledge) is left out and
+    /// returned in [`Pushed::overflowed`]: once the notification is committed, the caller tells
+    /// it to reread its queue from the database. So nothing is lost, no memory grows, and the
+    /// connection stays up and keeps answering requests (closing it, as before, let any sender
+    /// cut a recipient off by pushing faster than it reads).
+    pub fn push(&self, to: &Name, d: &Delivery) -> Pushed {
+        let mut pushed = Pushed { delivered: false, overflowed: Vec::new() };
         let Ok(m) = self.conns.lock() else {
-            return false;
+            return pushed;
         };
-        let mut delivered = false;
         for e in m.get(to).into_iter().flatten() {
             match e.h.tx.try_send(ServerFrame::Push(d.clone())) {
-                Ok(()) => delivered = true,
-                Err(_) => e.h.resync.notify_one(),
+                Ok(()) => pushed.delivered = true,
+                Err(_) => pushed.overflowed.push(e.h.resync.clone()),
             }
         }
-        delivered
+        pushed
     }
+}
+
+/// What [`Hub::push`] did.
+pub struct Pushed {
+    /// A connection of the recipient took it.
+    pub delivered: bool,
+    /// Connections that had no room; notify each once the notification is committed (not
+    /// before: it must be in the database when they reread it).
+    pub overflowed: Vec<Arc<Notify>>,
 }
