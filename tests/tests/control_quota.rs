@@ -58,6 +58,34 @@ fn echo_once(addr: SocketAddr) {
     assert_eq!(&b, b"ping");
 }
 
+/// Queues `n` notifications from a third identity, @mallory, for @alice_device while its npd is
+/// not running, then starts npd and sets up a manager's (@alice) session: returns npd start to a
+/// working session, and npd (still running).
+fn manager_session_behind_a_backlog(
+    s: &Stack,
+    n: usize,
+    payload: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+) -> (Duration, np_tests::Proc) {
+    let port = echo();
+    let mallory = s.ctl.identity("@mallory");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t = Instant::now();
+    rt.block_on(async {
+        let (m, _mi) = client(&mallory, "@mallory").await;
+        let device: Name = "@alice_device".parse().unwrap();
+        queue_many(&m, &device, n, 16, payload).await;
+    });
+    eprintln!("queued {n} notifications for @alice_device in {:?}", t.elapsed());
+
+    let t0 = Instant::now();
+    let npd = s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{port}")]);
+    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{port}")], &[]).expect("np forward");
+    echo_once(f.addrs[0]);
+    let setup = t0.elapsed();
+    eprintln!("npd start to a working session through a backlog of {n}: {setup:?}");
+    (setup, npd)
+}
+
 /// The attack: any enrolled identity queues thousands of notifications for a device while it is
 /// offline. Before the fix, the device's control-plane client stalled on its full push queue
 /// while the code draining it waited on that same loop for key lookups and acks (~20 s of
@@ -65,33 +93,47 @@ fn echo_once(addr: SocketAddr) {
 #[test]
 fn five_thousand_notifications_queued_by_a_third_identity_leave_a_managers_session_under_2s() {
     let s = Stack::start();
-    let port = echo();
-    let mallory = s.ctl.identity("@mallory");
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let n = 5000;
-    let t = Instant::now();
-    rt.block_on(async {
-        let (m, _mi) = client(&mallory, "@mallory").await;
-        let device: Name = "@alice_device".parse().unwrap();
-        queue_many(&m, &device, n, 16, |i| format!("junk {i} {}", "x".repeat(200)).into_bytes()).await;
-    });
-    eprintln!("queued {n} notifications for @alice_device in {:?}", t.elapsed());
-
-    let t0 = Instant::now();
-    let _npd = s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{port}")]);
-    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{port}")], &[]).expect("np forward");
-    echo_once(f.addrs[0]);
-    let setup = t0.elapsed();
-    eprintln!("npd start to a working session through a backlog of {n}: {setup:?}");
+    let (setup, _npd) =
+        manager_session_behind_a_backlog(&s, n, |i| format!("junk {i} {}", "x".repeat(200)).into_bytes());
     assert!(setup < Duration::from_secs(2), "the manager's session took {setup:?} behind {n} queued notifications");
-
-    // And the backlog itself drains: every one is acknowledged, none left queued.
-    let drained = wait_until(Duration::from_secs(30), || {
+    // And the backlog itself drained: npd opened (and so acknowledged) every one.
+    let log = std::fs::read_to_string(s.dir().join("npd-pi4.log")).unwrap_or_default();
+    let opened = wait_until(Duration::from_secs(30), || {
         std::fs::read_to_string(s.dir().join("npd-pi4.log"))
             .map(|l| l.matches("dropping a message that does not parse").count() >= n)
             .unwrap_or(false)
     });
-    assert!(drained, "npd did not get through the backlog");
+    assert!(
+        opened,
+        "npd did not get through the backlog: {}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// The same with 5,000 well-formed session requests from an identity the device does not permit:
+/// each one, if handled, costs the device a signed refusal. The router serves senders in turn
+/// (a flood fills only its sender's queue), so the manager's request is not behind them.
+#[test]
+fn five_thousand_session_requests_from_an_unpermitted_identity_leave_a_managers_session_under_2s() {
+    let s = Stack::start();
+    let n = 5000;
+    let (setup, _npd) = manager_session_behind_a_backlog(&s, n, |_| {
+        let mut id = [0u8; 16];
+        np_identity::random_bytes(&mut id).unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        np_tunnel::msg::TunnelMsg::SessionRequest(np_tunnel::msg::SessionRequest {
+            request_id: id,
+            timestamp_ms: now,
+            device: "pi4".into(),
+            relay: "127.0.0.1:1".into(),
+            session: id,
+            handshake: vec![0; 48],
+            targets: vec!["localhost:22".into()],
+        })
+        .encode()
+    });
+    assert!(setup < Duration::from_secs(2), "the manager's session took {setup:?} behind {n} queued requests");
 }
 
 #[tokio::test(flavor = "multi_thread")]
