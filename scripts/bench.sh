@@ -4,7 +4,7 @@
 #
 #   sudo scripts/bench.sh            # T=seconds per throughput test (default 5)
 #   RELAY_FLAGS="--forward-buffer 1048576" NP_PEERS=/bin/true scripts/bench.sh   # tune, no peers
-#   SECTIONS="forward" scripts/bench.sh        # only some of our paths (default: all)
+#   SECTIONS="forward" scripts/bench.sh        # only some of our paths (default: all, backlog last)
 #
 # Hosts (bridge pbr0, 198.18.0.0/24, same as peers.sh): pc client 198.18.0.1, pr relay 198.18.0.2,
 # pd device 198.18.0.3. np-control and np-relay run in pr; identities are enrolled with the real
@@ -92,9 +92,9 @@ build() {
   log "building (release) into $TARGET"
   (cd "$REPO" && cargo build --release --bins --examples -q) || {
     log "workspace build failed; building only what the bench needs"
-    (cd "$REPO" && cargo build --release -q -p np-control -p np-cli -p np-relay --bins --examples) || exit 1
+    (cd "$REPO" && cargo build --release -q -p np-control -p np-cli -p np-relay -p np-control-client --bins --examples) || exit 1
   }
-  for b in np-control np npd np-relay examples/relay_pipe; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
+  for b in np-control np npd np-relay examples/relay_pipe examples/notify_bench; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
 }
 
 # start_control: np-control in pr, data under $WORK.
@@ -245,6 +245,26 @@ PY
   stop_since "$m"
 }
 
+# --- control-plane backlog --------------------------------------------------------------------
+# 5,000 notifications queued for an offline identity, drained from its connect until all are
+# received, against the same 5,000 delivered live (crates/control-client/examples/notify_bench).
+# Before issue 12 such a backlog cut the recipient off (each push cost ~20 s of timeouts).
+section_backlog() {
+  log "control-plane backlog"
+  enrol @bench_sender; enrol @bench_inbox
+  local line
+  line=$(ns pc "$BIN/examples/notify_bench" --sender-home "$WORK/home-bench_sender" --sender @bench_sender \
+    --recipient-home "$WORK/home-bench_inbox" --recipient @bench_inbox -n 5000 2>>"$WORK/logs/bg.log") \
+    || line="control plane: 5000 queued notifications: FAIL"
+  # Per queued notification, against one cold session setup of `np forward` from this run.
+  local cold; cold=$(sed -n 's/^np forward cold setup.*: \([0-9.]*\) ms$/\1/p' "$SETUP" | tail -1)
+  local each; each=$(echo "$line" | sed -n 's/.*(\([0-9.]*\) µs each).*/\1/p')
+  if [ -n "$cold" ] && [ -n "$each" ]; then
+    line="$line; whole drain / one cold np forward setup $(python3 -c "print('%.1f' % ($each * 5000 / 1000 / $cold))")"
+  fi
+  echo "$line" | tee -a "$SETUP" >&2
+}
+
 # --- report ------------------------------------------------------------------------------------
 report() {
   python3 - "$PEERS_OUT" "$OURS" <<'PY'
@@ -296,6 +316,6 @@ for n in @relay @bench_client @bench_device; do enrol $n; done
 "$BIN/np-control" relay add @relay --data "$WORK/control" >/dev/null || { log "np-control relay add failed"; exit 1; }
 # The relay pipes and np forward both look up keys on the control plane from the namespaces.
 start_services
-for sec in ${SECTIONS:-relay forward up}; do "section_$sec"; done
+for sec in ${SECTIONS:-relay forward up backlog}; do "section_$sec"; done
 teardown_hosts
 report

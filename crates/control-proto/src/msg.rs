@@ -58,6 +58,10 @@ pub enum Request {
     },
     /// A pushed notification was received and may be deleted.
     Ack { seq: u64 },
+    /// Several pushed notifications were received and may be deleted (at most [`crate::MAX_ACK_BATCH`]):
+    /// one round trip and one database commit for a whole batch, so a backlog of thousands
+    /// drains at the speed of the connection.
+    AckMany { seqs: Vec<u64> },
     /// Liveness check.
     Ping,
     /// The relays this control plane's operator lists (`np-control relay add`): the relays a
@@ -109,7 +113,10 @@ pub struct IdentityInfo {
 pub enum ServerFrame {
     /// The answer to request `id`.
     Reply { id: u32, result: Result<Reply, ErrorReply> },
-    /// A notification for this identity; acknowledge it with `Ack { seq }`.
+    /// A notification for this identity; acknowledge it with `Ack { seq }` or `AckMany`. The
+    /// server keeps at most [`crate::PUSH_WINDOW`] pushes unacknowledged on a connection, so a client
+    /// whose push queue holds that many never has to stop reading (and its replies never wait
+    /// behind pushes).
     Push(Delivery),
 }
 
@@ -187,6 +194,9 @@ pub enum ErrorCode {
     NotFound,
     /// The server could not complete the request (storage failure).
     Internal,
+    /// The recipient already holds as many queued notifications from this sender (or in all) as
+    /// it may; others can still reach it. Try again once it has connected and caught up.
+    Quota,
 }
 
 /// Requests the operator's tool sends over the control plane's local admin socket.

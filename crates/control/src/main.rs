@@ -48,6 +48,14 @@ enum Cmd {
         /// How often expired notifications are deleted.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         sweep_interval: Duration,
+        /// Most notifications one sender may have waiting for one recipient; more are refused
+        /// (to that sender only), so nobody can fill another identity's queue for everyone.
+        #[arg(long, default_value_t = np_control::store::MAX_QUEUED_PER_SENDER)]
+        max_queued_per_sender: u32,
+        /// Most notifications waiting for one recipient in all (a sender with only a few waiting
+        /// is still accepted beyond it).
+        #[arg(long, default_value_t = np_control::store::MAX_QUEUED_PER_RECIPIENT)]
+        max_queued_per_recipient: u32,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9443); off if not given.
         #[arg(long, value_name = "ADDR", env = "NP_CONTROL_METRICS")]
         metrics: Option<SocketAddr>,
@@ -114,7 +122,18 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { listen, data, public_address, auth_timeout, max_preauth, max_ttl, sweep_interval, metrics } => {
+        Cmd::Serve {
+            listen,
+            data,
+            public_address,
+            auth_timeout,
+            max_preauth,
+            max_ttl,
+            sweep_interval,
+            max_queued_per_sender,
+            max_queued_per_recipient,
+            metrics,
+        } => {
             let data = default_data(data);
             let mut cfg = ServerConfig::new(listen, data.clone());
             cfg.public_address = public_address;
@@ -122,6 +141,8 @@ async fn run(cmd: Cmd) -> Result<()> {
             cfg.max_preauth = max_preauth;
             cfg.max_ttl = max_ttl;
             cfg.sweep_interval = sweep_interval;
+            cfg.quota =
+                np_control::store::Quota { per_sender: max_queued_per_sender, per_recipient: max_queued_per_recipient };
             let server = ControlServer::start(cfg).await.context("starting the control plane")?;
             let metrics = match metrics {
                 Some(m) => Some(
