@@ -4,7 +4,7 @@
 #
 #   sudo scripts/bench.sh            # T=seconds per throughput test (default 5)
 #   RELAY_FLAGS="--forward-buffer 1048576" NP_PEERS=/bin/true scripts/bench.sh   # tune, no peers
-#   SECTIONS="forward" scripts/bench.sh        # only some of our paths (default: all)
+#   SECTIONS="forward" scripts/bench.sh        # only some of our paths (default: all, backlog last)
 #
 # Hosts (bridge pbr0, 198.18.0.0/24, same as peers.sh): pc client 198.18.0.1, pr relay 198.18.0.2,
 # pd device 198.18.0.3. np-control and np-relay run in pr; identities are enrolled with the real
@@ -92,9 +92,9 @@ build() {
   log "building (release) into $TARGET"
   (cd "$REPO" && cargo build --release --bins --examples -q) || {
     log "workspace build failed; building only what the bench needs"
-    (cd "$REPO" && cargo build --release -q -p np-control -p np-cli -p np-relay -p np-tests --bins --examples) || exit 1
+    (cd "$REPO" && cargo build --release -q -p np-control -p np-cli -p np-relay -p np-control-client -p np-tests --bins --examples) || exit 1
   }
-  for b in np-control np npd np-relay examples/relay_pipe examples/ping_flood; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
+  for b in np-control np npd np-relay examples/relay_pipe examples/notify_bench examples/ping_flood; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
 }
 
 # start_control: np-control in pr, data under $WORK.
@@ -145,7 +145,7 @@ relay_variant() { local label=$1 port=$2 lb=$3 m; shift 3
   bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:$port \
     --pairing-timeout 10m ${RELAY_FLAGS:-} "$@"
   wait_port pr 198.18.0.2 $port
-  local r="--relay 198.18.0.2:$port --relay-name @relay"
+  local r="--relay 198.18.0.2:$port"
   pipe pd @bench_device @bench_client $r --role device --session 1000 --connect 127.0.0.1:5201
   pipe pd @bench_device @bench_client $r --role device --session 2000 --connect 127.0.0.1:22
   pipe pc @bench_client @bench_device $r --role client --session 1000 --listen 127.0.0.1:$((lb+1))
@@ -171,17 +171,18 @@ section_relay() {
   relay_variant "splice" 7445 15300 --zero-copy
 }
 
-# cold_setup RELAY_PORT LOCAL_BASE LABEL: median of 7 runs of `np forward` as @bench_client, from
-# the command's start to the first byte of sshd's banner through it.
+# cold_setup LOCAL_BASE LABEL: median of 7 runs of `np forward` as @bench_client (through @relay,
+# at the address the running relay published), from the command's start to the first byte of
+# sshd's banner through it.
 cold_setup() {
-  ns pc python3 - "$BIN/np" "$WORK/home-bench_client" "$1" "$2" "$3" 2>>"$WORK/logs/bg.log" <<'PY'
+  ns pc python3 - "$BIN/np" "$WORK/home-bench_client" "$1" "$2" 2>>"$WORK/logs/bg.log" <<'PY'
 import socket, subprocess, sys, time, statistics
-np, home, relay_port, base, label = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+np, home, base, label = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 r = []
 for i in range(7):
     port = base + i
     t = time.perf_counter()
-    p = subprocess.Popen([np, "forward", "--as", "@bench_client", "--to", "bench@bench_device", "--relay", "198.18.0.2:" + relay_port,
+    p = subprocess.Popen([np, "forward", "--as", "@bench_client", "--to", "bench@bench_device", "--relay", "@relay",
                           "-L", "127.0.0.1:%d:localhost:22" % port, "--home", home], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:
@@ -210,9 +211,9 @@ section_forward() {
     --permit-open localhost:5201,localhost:22 --home "$WORK/home-bench_device"
   sleep 1
   # Cold setup: from starting `np forward` to the first byte of sshd's banner through it.
-  cold_setup 7446 16000 "np forward cold setup" >>"$SETUP"
+  cold_setup 16000 "np forward cold setup" >>"$SETUP"
   tail -1 "$SETUP" >&2
-  bg ns pc "$BIN/np" forward --as @bench_client --to bench@bench_device --relay 198.18.0.2:7446 \
+  bg ns pc "$BIN/np" forward --as @bench_client --to bench@bench_device --relay @relay \
     -L 127.0.0.1:15401:localhost:5201 -L 127.0.0.1:15402:localhost:22 --home "$WORK/home-bench_client"
   wait_port pc 127.0.0.1 15401
   sleep 0.5
@@ -230,7 +231,7 @@ section_up() {
   bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
     --permit-open localhost:5201,localhost:22 --home "$WORK/home-bench_device"
   sleep 1
-  ns pc "$BIN/np" up --as @bench_client --relay 198.18.0.2:7447 --device bench@bench_device=100.80.0.2 \
+  ns pc "$BIN/np" up --as @bench_client --relay @relay --device bench@bench_device=100.80.0.2 \
     --home "$WORK/home-bench_client" >"$WORK/up.out" 2>>"$WORK/logs/bg.log" &
   local up=$!; echo $up >>"$WORK/pids"
   local i; for i in $(seq 100); do grep -q '^ready' "$WORK/up.out" 2>/dev/null && break; sleep 0.05; done
@@ -264,21 +265,21 @@ section_abuse() {
     --permit-open localhost:5201,localhost:22 --home "$WORK/home-bench_device"
   sleep 1
   local npd; npd=$(pgrep -f 'npd --as @bench_device .*--manager @bench_mallory' | head -1)
-  bg ns pc "$BIN/np" forward --as @bench_client --to bench@bench_device --relay 198.18.0.2:7448 \
+  bg ns pc "$BIN/np" forward --as @bench_client --to bench@bench_device --relay @relay \
     -L 127.0.0.1:15501:localhost:5201 -L 127.0.0.1:15502:localhost:22 --home "$WORK/home-bench_client"
   wait_port pc 127.0.0.1 15501
   sleep 0.5
   local quiet flood q_setup f_setup rss0 rss1
   measure "np forward, no flood beside it" 127.0.0.1 15501 15502
   quiet=$(tail -1 "$OURS")
-  q_setup=$(cold_setup 7448 16100 "np forward cold setup, no flood beside it")
+  q_setup=$(cold_setup 16100 "np forward cold setup, no flood beside it")
   rss0=$(awk '/VmRSS/ {print $2}' "/proc/$npd/status" 2>/dev/null)
   bg ns pc "$BIN/examples/ping_flood" "$WORK/home-bench_mallory" @bench_mallory bench@bench_device \
-    198.18.0.2:7448 localhost:22
+    @relay localhost:22
   sleep 2
   measure "np forward, a permitted client flooding Pings beside it" 127.0.0.1 15501 15502
   flood=$(tail -1 "$OURS")
-  f_setup=$(cold_setup 7448 16200 "np forward cold setup, Ping flood beside it")
+  f_setup=$(cold_setup 16200 "np forward cold setup, Ping flood beside it")
   rss1=$(awk '/VmRSS/ {print $2}' "/proc/$npd/status" 2>/dev/null)
   echo "$q_setup" >>"$SETUP"; echo "$f_setup" >>"$SETUP"
   python3 - "$quiet" "$flood" "$q_setup" "$f_setup" "${rss0:-0}" "${rss1:-0}" >>"$SETUP" <<'PY'
@@ -299,6 +300,26 @@ print("Ping flood beside a manager's np forward (flooded / quiet): throughput %s
 PY
   tail -3 "$SETUP" >&2
   stop_since "$m"
+}
+
+# --- control-plane backlog --------------------------------------------------------------------
+# 5,000 notifications queued for an offline identity, drained from its connect until all are
+# received, against the same 5,000 delivered live (crates/control-client/examples/notify_bench).
+# Before issue 12 such a backlog cut the recipient off (each push cost ~20 s of timeouts).
+section_backlog() {
+  log "control-plane backlog"
+  enrol @bench_sender; enrol @bench_inbox
+  local line
+  line=$(ns pc "$BIN/examples/notify_bench" --sender-home "$WORK/home-bench_sender" --sender @bench_sender \
+    --recipient-home "$WORK/home-bench_inbox" --recipient @bench_inbox -n 5000 2>>"$WORK/logs/bg.log") \
+    || line="control plane: 5000 queued notifications: FAIL"
+  # Per queued notification, against one cold session setup of `np forward` from this run.
+  local cold; cold=$(sed -n 's/^np forward cold setup.*: \([0-9.]*\) ms$/\1/p' "$SETUP" | tail -1)
+  local each; each=$(echo "$line" | sed -n 's/.*(\([0-9.]*\) µs each).*/\1/p')
+  if [ -n "$cold" ] && [ -n "$each" ]; then
+    line="$line; whole drain / one cold np forward setup $(python3 -c "print('%.1f' % ($each * 5000 / 1000 / $cold))")"
+  fi
+  echo "$line" | tee -a "$SETUP" >&2
 }
 
 # --- report ------------------------------------------------------------------------------------
@@ -348,8 +369,10 @@ section_peers
 make_hosts
 start_control
 for n in @relay @bench_client @bench_device @bench_mallory; do enrol $n; done
+# Devices trust @relay (the operator's list); each section's relay publishes its own address.
+"$BIN/np-control" relay add @relay --data "$WORK/control" >/dev/null || { log "np-control relay add failed"; exit 1; }
 # The relay pipes and np forward both look up keys on the control plane from the namespaces.
 start_services
-for sec in ${SECTIONS:-relay forward up abuse}; do "section_$sec"; done
+for sec in ${SECTIONS:-relay forward up backlog abuse}; do "section_$sec"; done
 teardown_hosts
 report

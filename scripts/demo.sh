@@ -51,31 +51,33 @@ trap cleanup EXIT
 ns() { local n=$1; shift; ip netns exec "$n" "$@"; }
 bg() { local log=$1; shift; "$@" >"$WORK/$log.out" 2>"$WORK/$log.log" & PIDS+=($!); }
 
-step "creating hosts: $S (10.77.0.1), $D (10.77.0.2), $C (10.77.0.3)"
+step "creating hosts: $S (198.18.77.1), $D (198.18.77.2), $C (198.18.77.3)"
 ip link add $BR type bridge && ip link set $BR up
 i=1
 for n in $S $D $C; do
   ip netns add $n
   ip link add v$ID$i type veth peer name eth0 netns $n
   ip link set v$ID$i master $BR up
-  ns $n ip addr add 10.77.0.$i/24 dev eth0; ns $n ip link set eth0 up; ns $n ip link set lo up
+  ns $n ip addr add 198.18.77.$i/24 dev eth0; ns $n ip link set eth0 up; ns $n ip link set lo up
   i=$((i+1))
 done
 
 # --- control plane and relay ------------------------------------------------------------------
 step "starting the control plane (np-control, embedded database in $WORK/control)"
-bg control ns $S "$BIN/np-control" serve --listen 10.77.0.1:7443 --data "$WORK/control"
+bg control ns $S "$BIN/np-control" serve --listen 198.18.77.1:7443 --data "$WORK/control"
 for _ in $(seq 100); do grep -q "listening on" "$WORK/control.out" 2>/dev/null && break; sleep 0.05; done
 enrol() { # NS NAME: a one-time code from the operator, keys made on the identity's own host
   local code; code=$("$BIN/np-control" enroll "$2" --data "$WORK/control" 2>/dev/null)
-  ns "$1" "$BIN/np" keys new "$2" --control 10.77.0.1:7443 --code "$code" --home "$WORK/home-${2#@}" \
+  ns "$1" "$BIN/np" keys new "$2" --control 198.18.77.1:7443 --code "$code" --home "$WORK/home-${2#@}" \
     >/dev/null 2>>"$WORK/enrol.log" || { cat "$WORK/enrol.log" >&2; exit 1; }
 }
 step "enrolling @relay, @alice_device (the device) and @alice (you)"
 enrol $S @relay; enrol $D @alice_device; enrol $C @alice
 step "starting the relay (np-relay)"
-bg relay ns $S "$BIN/np-relay" --as @relay --listen 10.77.0.1:7444 --home "$WORK/home-relay"
+bg relay ns $S "$BIN/np-relay" --as @relay --listen 198.18.77.1:7444 --home "$WORK/home-relay"
 for _ in $(seq 100); do grep -q "listening on" "$WORK/relay.out" 2>/dev/null && break; sleep 0.05; done
+step "listing @relay as a relay devices trust (np-control relay add)"
+"$BIN/np-control" relay add @relay --data "$WORK/control" >/dev/null
 
 # --- the device --------------------------------------------------------------------------------
 step "starting sshd and npd on the device (npd only connects out)"
@@ -88,7 +90,7 @@ for _ in $(seq 100); do grep -q "waiting for session requests" "$WORK/npd.log" 2
 
 # --- the client --------------------------------------------------------------------------------
 step "np up on the client: a TUN interface with an address for pi@alice_device"
-bg up ns $C "$BIN/np" up --as @alice --relay 10.77.0.1:7444 --device pi@alice_device --home "$WORK/home-alice"
+bg up ns $C "$BIN/np" up --as @alice --relay @relay --device pi@alice_device --home "$WORK/home-alice"
 for _ in $(seq 100); do grep -q "^ready" "$WORK/up.out" 2>/dev/null && break; sleep 0.05; done
 grep -q "^ready" "$WORK/up.out" || { echo "np up did not come up:" >&2; cat "$WORK/up.log" >&2; exit 1; }
 sed 's/^/           /' "$WORK/up.out"

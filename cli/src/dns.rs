@@ -2,7 +2,7 @@
 //! address. Only what that needs: one question, A answers, NXDOMAIN for unknown names under
 //! `.np`, REFUSED for anything else (it is no general resolver).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 const HEADER: usize = 12;
 const TYPE_A: u16 = 1;
@@ -87,11 +87,30 @@ fn reply(query: &[u8], question_end: usize, rcode: u8, a: Option<Ipv4Addr>) -> V
     r
 }
 
-/// Serves DNS on `sock` until the socket fails.
-pub async fn serve(sock: tokio::net::UdpSocket, lookup: impl Fn(&str) -> Option<Ipv4Addr> + Send + 'static) {
+/// Whether a query from `from` is this host's own: its source is the interface's address
+/// (`iface`, what the kernel picks for a local query to it) or loopback. Other hosts get no
+/// answer, not even a refusal: the resolver is no service of this host to its network.
+pub fn is_local_query(from: SocketAddr, iface: Ipv4Addr) -> bool {
+    match from.ip() {
+        IpAddr::V4(a) => a == iface || a.is_loopback(),
+        IpAddr::V6(a) => a.is_loopback() || a.to_ipv4_mapped().is_some_and(|a| a == iface || a.is_loopback()),
+    }
+}
+
+/// Serves DNS on `sock` (bound to the interface address `iface`) until the socket fails,
+/// answering this host's own queries only ([`is_local_query`]).
+pub async fn serve(
+    sock: tokio::net::UdpSocket,
+    iface: Ipv4Addr,
+    lookup: impl Fn(&str) -> Option<Ipv4Addr> + Send + 'static,
+) {
     let mut buf = vec![0u8; 1500];
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf).await else { return };
+        if !is_local_query(from, iface) {
+            tracing::debug!(%from, "DNS query from another host dropped");
+            continue;
+        }
         if let Some(r) = answer(&buf[..n], &lookup) {
             let _ = sock.send_to(&r, from).await;
         }
@@ -131,6 +150,19 @@ mod tests {
         assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);
         let r = answer(&query("example.com", TYPE_A), lookup).expect("reply");
         assert_eq!(r[3] & 0x0f, RCODE_REFUSED);
+    }
+
+    #[test]
+    fn only_this_hosts_queries_are_answered() {
+        let iface = Ipv4Addr::new(100, 80, 0, 1);
+        for local in ["100.80.0.1:5353", "127.0.0.1:40000", "127.8.9.10:1", "[::1]:53", "[::ffff:100.80.0.1]:9"] {
+            assert!(is_local_query(local.parse().expect("addr"), iface), "{local}");
+        }
+        for other in
+            ["198.19.254.2:5353", "100.80.0.2:53", "10.77.0.1:53", "0.0.0.0:53", "[fd00::1]:53", "[::ffff:10.0.0.1]:53"]
+        {
+            assert!(!is_local_query(other.parse().expect("addr"), iface), "{other}");
+        }
     }
 
     proptest::proptest! {

@@ -23,8 +23,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct DoctorOptions {
     /// The identity to check (default: the only one in the home directory).
     pub me: Option<Name>,
-    /// A relay, HOST:PORT, to check for reachability.
-    pub relay: Option<String>,
+    /// A relay identity to check: its record, reachability and proof of identity.
+    pub relay: Option<Name>,
     /// A device to check for liveness and permit-open.
     pub device: Option<DeviceRef>,
 }
@@ -91,11 +91,12 @@ pub async fn run(home: &Home, opts: &DoctorOptions) -> Report {
             None
         }
     };
-    match &opts.relay {
-        Some(relay) => {
-            check_relay(&mut r, relay).await;
+    match (&opts.relay, &ctl) {
+        (Some(relay), Some(ctl)) => {
+            check_relay(&mut r, ctl, relay).await;
         }
-        None => r.skip("relay (give --relay HOST:PORT to check one)"),
+        (Some(relay), None) => r.skip(format!("relay {relay} (needs the control plane)")),
+        (None, _) => r.skip("relay (give --relay @NAME to check one)"),
     }
     match (&opts.device, &ctl) {
         (Some(device), Some(ctl)) => check_device(&mut r, ctl, device).await,
@@ -248,31 +249,75 @@ async fn check_control(r: &mut Report, home: &Home, me: &Name) -> Option<Control
     }
 }
 
-/// The relay accepts a TCP connection and introduces itself with its Challenge.
-async fn check_relay(r: &mut Report, relay: &str) -> bool {
+/// The relay's signed record gives an address; the relay answers there, introduces itself by
+/// its name, and proves it holds that identity's key for this connection.
+async fn check_relay(r: &mut Report, ctl: &ControlClient, relay: &Name) -> bool {
+    let info = match tokio::time::timeout(CHECK_TIMEOUT, np_tunnel::relays::RelayBook::default().info(ctl, relay)).await {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => {
+            return r.fail(
+                format!("relay {relay}: {e}"),
+                "check that the relay runs as that identity and has reached the control plane (it publishes its record at start; `--advertise HOST:PORT`)",
+            )
+        }
+        Err(_) => return r.fail(format!("relay {relay}: no record within {}s", CHECK_TIMEOUT.as_secs()), "check the control plane"),
+    };
+    let address = info.addresses[0].clone();
+    let keys = match ctl.lookup(relay).await {
+        Ok(k) => k,
+        Err(e) => return r.fail(format!("relay {relay}: cannot look up its keys: {e}"), "check the relay's enrolment"),
+    };
     let probe = async {
-        let mut s = TcpStream::connect(relay).await.map_err(|e| (true, e.to_string()))?;
+        let mut s = TcpStream::connect(address.as_str()).await.map_err(|e| (true, e.to_string()))?;
+        let (name, nonce) = match np_wire::io::read_msg::<RelayMsg, _>(&mut s, np_relay::MAX_PREAUTH_FRAME).await {
+            Ok(Some(RelayMsg::Challenge { relay, nonce })) => (relay, nonce),
+            Ok(Some(RelayMsg::Refused { reason })) => return Err((false, format!("it refused at once: {reason}"))),
+            Ok(Some(other)) => return Err((false, format!("it sent {other:?} instead of a Challenge"))),
+            Ok(None) => return Err((false, "it closed the connection without a word".to_string())),
+            Err(e) => return Err((false, format!("it does not speak the np relay protocol: {e}"))),
+        };
+        if &name != relay {
+            return Err((false, format!("it introduces itself as {name}")));
+        }
+        // A join of a throwaway session with ourselves: enough for the relay to sign its proof.
+        let mut session = [0u8; 16];
+        np_identity::random_bytes(&mut session).map_err(|e| (false, e.to_string()))?;
+        let side_nonce = np_identity::random32().map_err(|e| (false, e.to_string()))?;
+        let me = ctl.me();
+        let transcript = np_relay::join_transcript(relay, &nonce, me, np_relay::Role::Client, &session, me);
+        let join = np_relay::Join {
+            identity: me.clone(),
+            role: np_relay::Role::Client,
+            session,
+            peer: me.clone(),
+            side_nonce,
+            sig: ctl.keys().sign(&transcript).to_vec(),
+        };
+        np_wire::io::write_msg(&mut s, &join).await.map_err(|e| (false, e.to_string()))?;
         match np_wire::io::read_msg::<RelayMsg, _>(&mut s, np_relay::MAX_PREAUTH_FRAME).await {
-            Ok(Some(RelayMsg::Challenge { relay, .. })) => Ok(relay),
-            Ok(Some(RelayMsg::Refused { reason })) => Err((false, format!("it refused at once: {reason}"))),
-            Ok(Some(other)) => Err((false, format!("it sent {other:?} instead of a Challenge"))),
-            Ok(None) => Err((false, "it closed the connection without a word".to_string())),
-            Err(e) => Err((false, format!("it does not speak the np relay protocol: {e}"))),
+            Ok(Some(RelayMsg::Waiting { proof })) => {
+                np_identity::verify(&keys.signing, &np_relay::proof_transcript(&transcript, &side_nonce), &proof)
+                    .map_err(|_| (false, format!("it does not prove that it is {relay}")))
+            }
+            Ok(Some(RelayMsg::Refused { reason })) => Err((false, format!("it refused our join: {reason}"))),
+            Ok(Some(other)) => Err((false, format!("it answered the join with {other:?}"))),
+            Ok(None) => Err((false, "it closed the connection after the join".to_string())),
+            Err(e) => Err((false, e.to_string())),
         }
     };
     match tokio::time::timeout(CHECK_TIMEOUT, probe).await {
-        Ok(Ok(name)) => r.ok(format!("relay {relay} reachable, introduces itself as {name}")),
+        Ok(Ok(())) => r.ok(format!("relay {relay} reachable at {address} and proves its identity")),
         Ok(Err((true, e))) => r.fail(
-            format!("relay {relay} unreachable: {e}"),
-            "check that np-relay is running there (`systemctl status np-relay`), the HOST:PORT given, and any firewall",
+            format!("relay {relay} unreachable at {address}: {e}"),
+            "check that np-relay is running there (`systemctl status np-relay`), its --advertise address, and any firewall",
         ),
         Ok(Err((false, e))) => r.fail(
-            format!("relay {relay} answered, but {e}"),
-            "check that HOST:PORT is an np-relay (and not, say, the control plane) and look at its log",
+            format!("relay {relay} at {address} answered, but {e}"),
+            "check that the address the relay advertises is its own, and look at its log",
         ),
         Err(_) => r.fail(
-            format!("relay {relay} did not answer within {}s", CHECK_TIMEOUT.as_secs()),
-            "check the HOST:PORT, any firewall, and whether the relay is overloaded (its --max-preauth)",
+            format!("relay {relay} at {address} did not answer within {}s", CHECK_TIMEOUT.as_secs()),
+            "check the address, any firewall, and whether the relay is overloaded (its --max-preauth)",
         ),
     }
 }

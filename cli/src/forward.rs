@@ -1,7 +1,7 @@
 //! `np forward`: local port forwards through one session to a device.
 
 use anyhow::{bail, Context, Result};
-use np_identity::DeviceRef;
+use np_identity::{DeviceRef, Name};
 use np_session::{OpenError, SessionHandle};
 use np_tunnel::Connector;
 use std::net::SocketAddr;
@@ -47,23 +47,28 @@ impl FromStr for LocalForward {
     }
 }
 
+/// What an `np up` session set up before its first flow names.
+const DEFAULT_TARGET: &str = "localhost:22";
+
 /// Reuses one session for every connection; sets up a new one when it has ended.
 pub struct SessionSlot {
     connector: Connector,
     device: DeviceRef,
-    relay: String,
+    relay: Name,
     targets: Vec<String>,
     current: tokio::sync::Mutex<Option<SessionHandle>>,
     verbose: bool,
 }
 
 impl SessionSlot {
-    pub fn new(connector: Connector, device: DeviceRef, relay: String, targets: Vec<String>, verbose: bool) -> Self {
+    pub fn new(connector: Connector, device: DeviceRef, relay: Name, targets: Vec<String>, verbose: bool) -> Self {
         SessionSlot { connector, device, relay, targets, current: tokio::sync::Mutex::new(None), verbose }
     }
 
-    /// The live session, set up if there is none.
-    pub async fn get(&self) -> Result<SessionHandle> {
+    /// The live session, set up if there is none. A new session's request names the slot's
+    /// targets, or if it has none (`np up`, which learns them flow by flow), `first`: the
+    /// target of the flow that needs it (a device refuses a request that names none).
+    pub async fn get(&self, first: Option<&str>) -> Result<SessionHandle> {
         let mut cur = self.current.lock().await;
         if let Some(h) = cur.as_ref() {
             if h.error().is_none() {
@@ -78,9 +83,15 @@ impl SessionSlot {
                 eprintln!("{:>9.1} ms  {s}", t0.elapsed().as_secs_f64() * 1e3);
             }
         };
+        let targets = match (self.targets.is_empty(), first) {
+            (true, Some(t)) => vec![t.to_string()],
+            // An eager `np up` session before any flow: ssh is what most users are after.
+            (true, None) => vec![DEFAULT_TARGET.to_string()],
+            (false, _) => self.targets.clone(),
+        };
         let h = self
             .connector
-            .open_session(&self.device, &self.relay, &self.targets, &step)
+            .open_session(&self.device, &self.relay, &targets, &step)
             .await
             .with_context(|| format!("setting up a session to {} via relay {}", self.device, self.relay))?;
         step("session ready");
@@ -115,7 +126,7 @@ pub async fn run(slot: Arc<SessionSlot>, forwards: Vec<LocalForward>) -> Result<
         let l = TcpListener::bind(f.bind).await.with_context(|| format!("listening on {}", f.bind))?;
         listeners.push((l, f.target.clone()));
     }
-    slot.get().await?;
+    slot.get(None).await?;
     for (l, target) in &listeners {
         println!("forwarding {} -> {target} on {}", l.local_addr()?, slot.device);
     }
@@ -149,7 +160,7 @@ async fn carry(slot: &SessionSlot, mut tcp: TcpStream, target: &str) -> Result<(
     let _ = tcp.set_nodelay(true);
     let mut flow = None;
     for attempt in 0..2 {
-        let session = slot.get().await?;
+        let session = slot.get(None).await?;
         match session.open(target).await {
             Ok(f) => {
                 flow = Some(f);

@@ -50,6 +50,27 @@ pub async fn connect_control_retrying(home: &Home, who: Option<&Name>) -> anyhow
 
 /// Session settings for a keepalive interval: a ping after `keepalive` of silence, and the
 /// session declared dead after three intervals without hearing anything.
+/// The relay to use: the one named, else the first the control plane's operator lists.
+pub async fn pick_relay(ctl: &ControlClient, named: Option<Name>) -> anyhow::Result<Name> {
+    if let Some(r) = named {
+        return Ok(r);
+    }
+    let list = ctl.relays().await.map_err(|e| anyhow::anyhow!("asking the control plane for its relays: {e}"))?;
+    list.into_iter().next().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no relay: name one with --relay @NAME, or ask the control plane's operator to list one (`np-control relay add @NAME`)"
+        )
+    })
+}
+
+/// Where to find relays: their signed records, or for `relay`, the address the user gave.
+pub fn relay_book(relay: &Name, address: Option<String>) -> np_tunnel::relays::RelayBook {
+    match address {
+        Some(a) => np_tunnel::relays::RelayBook::with_override(relay.clone(), vec![a]),
+        None => np_tunnel::relays::RelayBook::default(),
+    }
+}
+
 pub fn mux_config(keepalive: std::time::Duration) -> np_session::MuxConfig {
     np_session::MuxConfig { keepalive_interval: keepalive, idle_timeout: keepalive * 3, ..Default::default() }
 }

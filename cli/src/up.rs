@@ -11,6 +11,8 @@ use np_session::{FlowStream, OpenError};
 use np_tunnel::Connector;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,7 +76,7 @@ impl Opener for SessionOpener {
             let unreachable = |reason: String| OpenRefused { kind: RefuseKind::Unreachable, reason };
             let slot = slot.ok_or_else(|| unreachable(format!("no device {}", to.device)))?;
             for attempt in 0..2 {
-                let session = slot.get().await.map_err(|e| unreachable(format!("{e:#}")))?;
+                let session = slot.get(Some(&to.target)).await.map_err(|e| unreachable(format!("{e:#}")))?;
                 match session.open(&to.target).await {
                     Ok(f) => return Ok(f),
                     Err(OpenError::Refused(reason)) => {
@@ -95,7 +97,7 @@ impl Opener for SessionOpener {
 
 /// What `np up` was asked for.
 pub struct UpOptions {
-    pub relay: String,
+    pub relay: np_identity::Name,
     pub devices: Vec<DeviceSpec>,
     pub routes: Vec<RouteSpec>,
     pub subnet: Prefix,
@@ -135,6 +137,10 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
     let iface_addr = map.interface_addr();
     let config = NetstackConfig { name: opts.name.clone(), map: map.clone(), ..NetstackConfig::default() };
     let netstack = Netstack::new(config).with_context(|| format!("bringing up interface {}", opts.name))?;
+    let guard = match netstack.forward_guard_missing() {
+        None => "on (nftables: packets forwarded into the interface are dropped)".to_string(),
+        Some(why) => format!("off ({why})"),
+    };
     println!("up {} {}/{}", opts.name, iface_addr, opts.subnet.prefix_len());
     for (dns, addr, d) in &names {
         println!("  {addr:<15} {d}  ({dns})");
@@ -145,12 +151,12 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
 
     // The resolver for NAME.ID.np on the interface's own address.
     let table: HashMap<String, Ipv4Addr> = names.iter().map(|(n, a, _)| (n.to_ascii_lowercase(), *a)).collect();
-    match tokio::net::UdpSocket::bind((iface_addr, 53)).await {
+    match bind_dns(&opts.name, iface_addr).await {
         Ok(sock) => {
-            tokio::spawn(crate::dns::serve(sock, move |n| table.get(n).copied()));
+            tokio::spawn(crate::dns::serve(sock, iface_addr, move |n| table.get(n).copied()));
             wire_resolved(&opts.name, iface_addr).await;
         }
-        Err(e) => tracing::warn!(error = %e, "no DNS for .np names (cannot bind {iface_addr}:53)"),
+        Err(e) => tracing::warn!(error = %e, "no DNS for .np names (cannot bind {iface_addr}:53 on {})", opts.name),
     }
 
     let slots = Arc::new(slots);
@@ -158,21 +164,21 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
         for s in slots.values() {
             let s = s.clone();
             tokio::spawn(async move {
-                if let Err(e) = s.get().await {
+                if let Err(e) = s.get(None).await {
                     tracing::warn!("{e:#}");
                 }
             });
         }
     }
     let status = netstack.status();
-    let listener = status_listener(&opts.name)?;
+    let (listener, _socket_file) = status_listener(&opts.name)?;
     let st_slots = slots.clone();
     let name = opts.name.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else { return };
             let text = match status.snapshot().await {
-                Some(st) => render_status(&name, &st, &st_slots, started).await,
+                Some(st) => render_status(&name, &st, &st_slots, started, &guard).await,
                 None => "stopping\n".into(),
             };
             let _ = s.write_all(text.as_bytes()).await;
@@ -204,30 +210,141 @@ async fn wire_resolved(iface: &str, addr: Ipv4Addr) {
     }
 }
 
-/// The status socket: abstract (per network namespace, gone with the process, nothing to clean
-/// up after a crash).
-fn status_socket_name(iface: &str) -> String {
-    format!("np-status-{iface}")
+/// The resolver's socket: on the interface address, and bound to the interface, so that only
+/// this host's own queries reach it (the kernel delivers a packet for one of its addresses
+/// whichever interface it came in on; a local query to the interface address is seen as
+/// arriving on the interface). `dns::serve` checks the source as well.
+async fn bind_dns(iface: &str, addr: Ipv4Addr) -> std::io::Result<tokio::net::UdpSocket> {
+    let sock = tokio::net::UdpSocket::bind((addr, 53)).await?;
+    // (A query from elsewhere queued before this line fails the source check in `dns::serve`.)
+    if let Err(e) = sock.bind_device(Some(iface.as_bytes())) {
+        // Linux before 5.7 wants CAP_NET_RAW for this, which the hardened unit does not give.
+        // The source check still holds: the kernel drops packets from outside that claim a
+        // local or loopback source (martians), and the resolver answers no other source.
+        tracing::warn!(interface = iface, error = %e, "DNS not bound to the interface; answering by source address alone");
+    }
+    Ok(sock)
 }
 
-fn status_listener(iface: &str) -> Result<tokio::net::UnixListener> {
-    use std::os::linux::net::SocketAddrExt;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(status_socket_name(iface))?;
-    let l = std::os::unix::net::UnixListener::bind_addr(&addr)
-        .with_context(|| format!("another `np up` already serves {iface} in this network namespace"))?;
+/// Where the status sockets live: a directory only root may enter, so no other user can take a
+/// socket's name first (to fake `np status`, or to stop `np up` from starting).
+pub const RUN_DIR: &str = "/run/np";
+
+/// The status socket of interface `iface` in this network namespace. The directory is shared by
+/// every namespace of the host while each may have its own `np0`, so the name carries the
+/// namespace's inode number.
+fn status_socket_path(iface: &str) -> Result<PathBuf> {
+    anyhow::ensure!(np_netstack::tun::valid_name(iface), "{iface:?} is not an interface name");
+    let ns = std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino();
+    Ok(Path::new(RUN_DIR).join(format!("{iface}.{ns}.status")))
+}
+
+/// Why a directory is not private enough to hold the status sockets, if it is not: it must be
+/// a real directory (not a symlink), owned by `me`, and writable by nobody else.
+pub fn not_private(meta: &std::fs::Metadata, me: u32) -> Option<String> {
+    let mode = meta.permissions().mode();
+    if meta.file_type().is_symlink() || !meta.is_dir() {
+        Some("it is not a directory".into())
+    } else if meta.uid() != me {
+        Some(format!("it is owned by uid {}, not by us (uid {me})", meta.uid()))
+    } else if mode & 0o022 != 0 {
+        Some(format!("it is writable by others (mode {:o})", mode & 0o7777))
+    } else {
+        None
+    }
+}
+
+/// Creates `dir` (mode 0700) if it is missing; checks it with [`not_private`].
+fn private_dir(dir: &Path) -> Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {} (np up runs as root)", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("checking {}", dir.display()))?;
+    if let Some(why) = not_private(&meta, effective_uid()?) {
+        anyhow::bail!("refusing to put the status socket in {}: {why}", dir.display());
+    }
+    Ok(())
+}
+
+/// This process's effective user id (from /proc: libc's getter is an unsafe call).
+fn effective_uid() -> Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    parse_euid(&status).context("no effective uid in /proc/self/status")
+}
+
+/// The effective uid from the `Uid:` line of /proc/PID/status (real, effective, saved, fs).
+fn parse_euid(status: &str) -> Option<u32> {
+    status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The status socket file; removed when `np up` ends, if it is still ours.
+struct SocketFile {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn status_listener(iface: &str) -> Result<(tokio::net::UnixListener, SocketFile)> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    private_dir(Path::new(RUN_DIR))?;
+    let path = status_socket_path(iface)?;
+    let l = match UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            // A live `np up` answers; a file left by one that died (killed, crashed) does not,
+            // and is replaced. Only root can have put anything in this directory.
+            if UnixStream::connect(&path).is_ok() {
+                anyhow::bail!("another `np up` already serves {iface} in this network namespace");
+            }
+            let meta = std::fs::symlink_metadata(&path)?;
+            anyhow::ensure!(meta.file_type().is_socket(), "{} exists and is not a socket", path.display());
+            tracing::info!(path = %path.display(), "replacing the status socket of an `np up` that is gone");
+            std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+            UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("binding {}", path.display())),
+    };
+    let ino = std::fs::symlink_metadata(&path)?.ino();
     l.set_nonblocking(true)?;
-    Ok(tokio::net::UnixListener::from_std(l)?)
+    Ok((tokio::net::UnixListener::from_std(l)?, SocketFile { path, ino }))
+}
+
+/// Whether a status socket served by `uid` may be believed: root's (np up runs as root), or
+/// our own.
+pub fn trusted_server(uid: u32, me: u32) -> bool {
+    uid == 0 || uid == me
 }
 
 /// `np status`: asks the running `np up` for interface `iface`.
 pub async fn status(iface: &str) -> Result<String> {
-    use std::os::linux::net::SocketAddrExt;
     use tokio::io::AsyncReadExt;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(status_socket_name(iface))?;
-    let s = std::os::unix::net::UnixStream::connect_addr(&addr)
-        .with_context(|| format!("no `np up` is running for {iface} (start one with `np up --device NAME@ID ...`)"))?;
-    s.set_nonblocking(true)?;
-    let mut s = tokio::net::UnixStream::from_std(s)?;
+    let path = status_socket_path(iface)?;
+    let mut s = match tokio::net::UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            anyhow::bail!("cannot reach {}: run `np status` as root, like `np up`", path.display())
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("no `np up` is running for {iface} (start one with `np up --device NAME@ID ...`)")
+            })
+        }
+    };
+    // Defence in depth: whoever serves the socket must be root (or us), whatever the directory.
+    let peer = s.peer_cred().context("reading the status socket's peer credentials")?.uid();
+    if !trusted_server(peer, effective_uid()?) {
+        anyhow::bail!("{} is served by uid {peer}, not by root: not showing its status", path.display());
+    }
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     Ok(out)
@@ -238,6 +355,7 @@ async fn render_status(
     st: &np_netstack::Status,
     slots: &HashMap<String, Arc<SessionSlot>>,
     started: Instant,
+    guard: &str,
 ) -> String {
     use std::fmt::Write;
     let mut o = String::new();
@@ -260,6 +378,68 @@ async fn render_status(
     for (p, d) in &st.routes {
         let _ = writeln!(o, "route {p} via {d}");
     }
+    let _ = writeln!(
+        o,
+        "foreign packets dropped: {} (their source was not {}: another host routing through this one)",
+        st.stats.foreign_source, st.interface_addr
+    );
+    let _ = writeln!(o, "forward guard: {guard}");
     let _ = writeln!(o, "stack: {:?}", st.stats);
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_directory_must_be_private_and_ours() {
+        let me = effective_uid().expect("euid");
+        let tmp = std::env::temp_dir().join(format!("np-up-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("tmp");
+        let dir = tmp.join("run");
+        private_dir(&dir).expect("a fresh directory");
+        let meta = std::fs::symlink_metadata(&dir).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        assert_eq!(not_private(&meta, me), None);
+        // Again: an existing private directory is fine.
+        private_dir(&dir).expect("existing");
+        assert!(not_private(&meta, me.wrapping_add(1)).is_some_and(|w| w.contains("owned by")));
+        for mode in [0o777, 0o720, 0o702, 0o1777] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = private_dir(&dir).expect_err("writable by others");
+            assert!(format!("{err:#}").contains("writable by others"), "{mode:o}: {err:#}");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        private_dir(&dir).expect("readable by others is fine: the sockets are root's");
+        let link = tmp.join("link");
+        std::os::unix::fs::symlink(&dir, &link).expect("symlink");
+        assert!(format!("{:#}", private_dir(&link).expect_err("symlink")).contains("not a directory"));
+        let file = tmp.join("file");
+        std::fs::write(&file, b"").expect("file");
+        assert!(private_dir(&file).is_err());
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn who_may_serve_the_status_socket() {
+        assert!(trusted_server(0, 1000));
+        assert!(trusted_server(1000, 1000));
+        assert!(!trusted_server(65534, 1000));
+        assert!(!trusted_server(65534, 0));
+        assert_eq!(parse_euid("Name:\tnp\nUid:\t1000\t0\t0\t0\nGid:\t1\t1\t1\t1\n"), Some(0));
+        assert_eq!(parse_euid("Uid:\t1000\n"), None);
+        assert_eq!(parse_euid(""), None);
+    }
+
+    #[test]
+    fn status_socket_names_stay_in_the_run_directory() {
+        let p = status_socket_path("np0").expect("np0");
+        assert_eq!(p.parent(), Some(Path::new(RUN_DIR)));
+        assert!(p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("np0.")));
+        for bad in ["../etc", "a/b", "", ".."] {
+            assert!(status_socket_path(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -1,8 +1,10 @@
 //! IP packets from the TUN into the smoltcp stack of `np up`, with a small address map.
 //!
 //! Input: one byte of options, then packets as `len:u16` + bytes. Where a packet looks like
-//! IPv4 or IPv6 carrying TCP, its checksums are fixed up (unless the options say not to), so the
-//! fuzzer explores the stack's flow handling and not only its checksum check. The driver's
+//! IPv4 or IPv6, its source is set to the interface's own address (the stack drops every other
+//! source first of all), and where it carries TCP its checksums are fixed up (unless the options
+//! say not to do either), so the fuzzer explores the stack's flow handling and not only its
+//! source and checksum checks. The driver's
 //! answers are played too: new flows accepted or refused, data read and written, timers run.
 #![no_main]
 
@@ -17,6 +19,16 @@ fn map() -> AddressMap {
     map.add_route("192.168.1.0/24".parse::<Prefix>().expect("prefix"), "pi".into()).expect("route");
     map.add_route("fd00::/64".parse::<Prefix>().expect("prefix"), "pi".into()).expect("route");
     map
+}
+
+/// Writes the interface's own address (IPv4 or IPv6) as the packet's source, where the header
+/// is long enough to hold one.
+fn own_source(p: &mut [u8], map: &AddressMap) {
+    match p.first().map(|b| b >> 4) {
+        Some(4) if p.len() >= 20 => p[12..16].copy_from_slice(&map.interface_addr().octets()),
+        Some(6) if p.len() >= 40 => p[8..24].copy_from_slice(&map.interface_addr_v6().octets()),
+        _ => {}
+    }
 }
 
 /// Recomputes the IPv4 header checksum and the TCP checksum where the packet's own lengths
@@ -68,13 +80,17 @@ fuzz_target!(|data: &[u8]| {
         ..StackConfig::default()
     };
     let mut now = Instant::now();
-    let mut stack = Stack::new(config, map(), now);
+    let map = map();
+    let mut stack = Stack::new(config, map.clone(), now);
     let mut buf = [0u8; 4096];
     while rest.len() >= 2 {
         let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
         let take = len.min(rest.len() - 2);
         let mut packet = rest[2..2 + take].to_vec();
         rest = &rest[2 + take..];
+        if opts & 8 == 0 {
+            own_source(&mut packet, &map);
+        }
         if opts & 1 == 0 {
             fix_checksums(&mut packet);
         }
@@ -117,7 +133,7 @@ fuzz_target!(|data: &[u8]| {
                 break;
             }
         }
-        now += Duration::from_millis(u64::from(opts >> 3) * 50);
+        now += Duration::from_millis(u64::from(opts >> 4) * 50);
         stack.handle_timeout(now);
         let _ = stack.poll_at(now);
     }

@@ -7,11 +7,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// The default subnet of the interface: a /16 out of the shared address space 100.64.0.0/10.
 pub const DEFAULT_SUBNET: Prefix = Prefix { addr: IpAddr::V4(Ipv4Addr::new(100, 80, 0, 0)), len: 16 };
+
+/// The /96 in which the interface gets its IPv6 address: the IPv4 interface address embedded in
+/// its last 32 bits (`fd6e:7000::100.80.0.1` for the default subnet). A unique local address
+/// ("6e70" is "np"), so it never leaves the host and is distinct per subnet.
+pub const INTERFACE_V6_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd6e, 0x7000, 0, 0, 0, 0, 0, 0);
 
 /// An opaque name for a device (for example `pi4@alice_device`); the opener knows what it means.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -242,6 +247,30 @@ impl AddressMap {
         self.subnet.nth_v4(1).unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
+    /// The interface's own IPv6 address: [`INTERFACE_V6_PREFIX`] with
+    /// [`AddressMap::interface_addr`] in its last 32 bits. The interface carries it when an IPv6
+    /// prefix is routed to a device ([`AddressMap::has_ipv6_routes`]), so that flows to those
+    /// prefixes have a source of the interface's own.
+    pub fn interface_addr_v6(&self) -> Ipv6Addr {
+        let prefix = u128::from(INTERFACE_V6_PREFIX);
+        Ipv6Addr::from(prefix | u128::from(u32::from(self.interface_addr())))
+    }
+
+    /// Whether any routed prefix is IPv6.
+    pub fn has_ipv6_routes(&self) -> bool {
+        self.routes.keys().any(|p| p.addr.is_ipv6())
+    }
+
+    /// Whether `ip` is one of the interface's own addresses, the only sources `np up` serves:
+    /// a packet from any other source was routed in by another host (a host with IP forwarding
+    /// on would otherwise lend its identity to its neighbours).
+    pub fn is_interface_addr(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => a == self.interface_addr(),
+            IpAddr::V6(a) => a == self.interface_addr_v6(),
+        }
+    }
+
     /// Give `device` an address: `addr` if given (it must be free or already the device's),
     /// else the device's existing address, else the first free one after the interface's.
     pub fn add_device(&mut self, device: DeviceKey, addr: Option<Ipv4Addr>) -> Result<Ipv4Addr, MapError> {
@@ -375,6 +404,27 @@ mod tests {
         assert_eq!(map.add_device("a".into(), None), Ok(v4("100.80.0.2")));
         map.remove_device(&"a".into());
         assert_eq!(map.add_device("c".into(), None), Ok(v4("100.80.0.2")));
+    }
+
+    #[test]
+    fn the_interface_addresses_are_the_only_own_ones() {
+        let mut map = AddressMap::default();
+        assert_eq!(map.interface_addr_v6(), "fd6e:7000::6450:1".parse::<Ipv6Addr>().expect("ip"));
+        assert!(!map.has_ipv6_routes());
+        map.add_route(p("10.1.0.0/16"), "a".into()).expect("route");
+        assert!(!map.has_ipv6_routes());
+        map.add_route(p("fd00::/64"), "a".into()).expect("route");
+        assert!(map.has_ipv6_routes());
+        for own in ["100.80.0.1", "fd6e:7000::6450:1", "fd6e:7000::100.80.0.1"] {
+            assert!(map.is_interface_addr(own.parse().expect("ip")), "{own}");
+        }
+        for other in
+            ["100.80.0.2", "100.80.0.0", "127.0.0.1", "10.1.0.1", "0.0.0.0", "fd00::1", "::1", "::ffff:100.80.0.1"]
+        {
+            assert!(!map.is_interface_addr(other.parse().expect("ip")), "{other}");
+        }
+        let other = AddressMap::new(p("100.81.0.0/24")).expect("map");
+        assert_eq!(other.interface_addr_v6(), "fd6e:7000::100.81.0.1".parse::<Ipv6Addr>().expect("ip"));
     }
 
     #[test]

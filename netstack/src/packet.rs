@@ -66,6 +66,23 @@ fn checksums() -> ChecksumCapabilities {
     ChecksumCapabilities::default()
 }
 
+/// The source address of an IPv4 or IPv6 packet, read from a header that is at least long
+/// enough to hold it (nothing else is checked: this decides only whether to look further).
+pub(crate) fn source(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+            // A header shorter than 20 bytes is no IPv4 header, whatever bytes 12..16 hold.
+            (packet.len() >= 20).then(|| IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
+            (packet.len() >= 40).then(|| IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
 /// Parse an IPv4 or IPv6 packet carrying TCP, checking lengths and checksums.
 pub(crate) fn parse_tcp(packet: &[u8]) -> Result<Segment, Unusable> {
     let caps = checksums();
@@ -260,6 +277,20 @@ mod tests {
             Icmpv6Repr::parse(&s, &d, &msg, &checksums()).expect("icmp6 repr"),
             Icmpv6Repr::DstUnreachable { reason: Icmpv6DstUnreachable::AddrUnreachable, .. }
         ));
+    }
+
+    #[test]
+    fn the_source_of_a_header() {
+        let v4 = syn("100.80.0.1:40000", "100.80.0.2:22");
+        assert_eq!(source(&v4), Some("100.80.0.1".parse().expect("ip")));
+        assert_eq!(source(&v4[..20]), Some("100.80.0.1".parse().expect("ip")));
+        assert_eq!(source(&v4[..19]), None);
+        let v6 = syn("[fd00::1]:40000", "[fd00::2]:22");
+        assert_eq!(source(&v6), Some("fd00::1".parse().expect("ip")));
+        assert_eq!(source(&v6[..39]), None);
+        for junk in [&[][..], &[0x45], &[0x00; 40], &[0xff; 64], &[0x50; 40]] {
+            assert_eq!(source(junk), None, "{junk:?}");
+        }
     }
 
     #[test]

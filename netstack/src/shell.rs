@@ -162,6 +162,12 @@ impl Netstack {
         self.tun.name()
     }
 
+    /// Why the kernel does not drop packets forwarded into the interface, or `None` if it does
+    /// (see [`Tun::create`]).
+    pub fn forward_guard_missing(&self) -> Option<&str> {
+        self.tun.forward_guard_missing()
+    }
+
     /// Serve flows until `shutdown` resolves, then remove the interface.
     pub async fn serve<O: Opener>(self, opener: O, shutdown: impl Future<Output = ()>) -> Result<(), NetstackError> {
         let Netstack { tun, config, status_tx, status_rx } = self;

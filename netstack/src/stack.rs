@@ -148,6 +148,10 @@ pub struct Stats {
     pub packets_out: u64,
     /// Dropped: truncated, bad length, bad checksum, bad version, fragment.
     pub malformed: u64,
+    /// Dropped before anything else looked at them: the source is not the interface's own
+    /// address, so another host routed the packet in (this host forwards IP). `np up` serves
+    /// its own host only; a neighbour must never reach a device as this host's identity.
+    pub foreign_source: u64,
     /// Dropped: not TCP.
     pub not_tcp: u64,
     /// TCP to an address that is not mapped.
@@ -353,11 +357,27 @@ impl Stack {
         out
     }
 
-    /// Take a packet read from the TUN. Anything that is not a well-formed TCP segment to a
-    /// mapped address is dropped and counted.
+    /// Take a packet read from the TUN. A packet whose source is not the interface's own address
+    /// (see [`AddressMap::is_interface_addr`]), and anything that is not a well-formed TCP
+    /// segment to a mapped address, is dropped and counted.
     pub fn handle_packet(&mut self, packet: &[u8], now: Instant) {
         self.advance(now);
         self.stats.packets_in += 1;
+        // First of all, whose packet it is: only this host's own (its source address is the
+        // interface's). Anything else was forwarded in from another host and gets no flow, no
+        // reset, no ICMP: nothing that would tell it a device is there.
+        match packet::source(packet) {
+            None => {
+                self.stats.malformed += 1;
+                return;
+            }
+            Some(src) if !self.map.is_interface_addr(src) => {
+                self.stats.foreign_source += 1;
+                tracing::trace!(%src, "dropped a packet from another host");
+                return;
+            }
+            Some(_) => {}
+        }
         let seg = match packet::parse_tcp(packet) {
             Ok(seg) => seg,
             Err(Unusable::Malformed) => {
@@ -907,7 +927,7 @@ mod tests {
         let mut h = Harness::new();
         h.input(&syn("100.80.0.1:40000", "100.80.0.2:22"));
         h.input(&syn("100.80.0.1:40001", "192.168.1.10:80"));
-        h.input(&syn("[fd00::1]:40002", "[fd00::10]:443"));
+        h.input(&syn("[fd6e:7000::6450:1]:40002", "[fd00::10]:443"));
         h.output();
         let targets: Vec<_> = h
             .events
@@ -1069,10 +1089,64 @@ mod tests {
     }
 
     #[test]
+    fn packets_from_other_hosts_are_dropped_before_anything_sees_them() {
+        let mut h = Harness::new();
+        let foreign = [
+            // A neighbour routing the subnet through this host, to a device and to a routed host.
+            syn("198.19.254.2:40000", "100.80.0.2:22"),
+            syn("198.19.254.2:40001", "192.168.1.10:80"),
+            // Another address of this host is still not the interface's (the kernel never picks
+            // one of them for a route into the interface).
+            syn("10.77.0.1:40000", "100.80.0.2:22"),
+            // Device addresses, the subnet's network and broadcast, loopback, unspecified.
+            syn("100.80.0.2:40000", "100.80.0.2:22"),
+            syn("100.80.0.0:40000", "100.80.0.2:22"),
+            syn("100.80.255.255:40000", "100.80.0.2:22"),
+            syn("127.0.0.1:40000", "100.80.0.2:22"),
+            syn("0.0.0.0:40000", "100.80.0.2:22"),
+            // IPv6 from anything but the interface's IPv6 address, the IPv4 one mapped included.
+            syn("[fd00::1]:40000", "[fd00::10]:22"),
+            syn("[::ffff:100.80.0.1]:40000", "[fd00::10]:22"),
+            syn("[fd6e:7000::6450:2]:40000", "[fd00::10]:22"),
+            // Not a SYN, which would otherwise get a reset; to an unmapped address, which would
+            // otherwise get an ICMP unreachable.
+            segment(sa("198.19.254.2:40000"), sa("100.80.0.2:22"), TcpControl::None, 5, Some(77), b"hi"),
+            syn("198.19.254.2:40000", "100.80.0.99:22"),
+        ];
+        let udp = packet::ip_packet(
+            "198.19.254.2".parse().expect("ip"),
+            DEVICE.parse().expect("ip"),
+            IpProtocol::Udp,
+            8,
+            |b| b.copy_from_slice(&[0x9c, 0x40, 0, 53, 0, 8, 0, 0]),
+        );
+        for p in foreign.iter().chain([&udp]) {
+            h.input(p);
+        }
+        assert!(h.output().is_empty(), "no answer of any kind to another host");
+        assert!(h.events.is_empty(), "{:?}", h.events);
+        assert_eq!(h.stack.flow_count(), 0);
+        let st = h.stack.stats();
+        assert_eq!(st.foreign_source, foreign.len() as u64 + 1);
+        assert_eq!((st.malformed, st.not_tcp, st.unmapped, st.resets_sent, st.unreachables_sent), (0, 0, 0, 0, 0));
+
+        // The same SYNs from the interface's own addresses open flows.
+        h.input(&syn("100.80.0.1:40000", "100.80.0.2:22"));
+        h.input(&syn("[fd6e:7000::6450:1]:40000", "[fd00::10]:22"));
+        h.output();
+        assert_eq!(h.new_flows().len(), 2);
+        // A foreign packet that would belong to one of them, but for its source, is dropped.
+        h.input(&segment(sa("198.19.254.2:40000"), sa("100.80.0.2:22"), TcpControl::Rst, 1001, None, &[]));
+        h.output();
+        assert!(h.events.is_empty(), "{:?}", h.events);
+        assert_eq!(h.stack.pending_count(), 2);
+    }
+
+    #[test]
     fn garbage_is_counted_and_dropped() {
         let mut h = Harness::new();
         let good = syn("100.80.0.1:40000", "100.80.0.2:22");
-        let good6 = syn("[fd00::1]:40000", "[fd00::10]:22");
+        let good6 = syn("[fd6e:7000::6450:1]:40000", "[fd00::10]:22");
         let mut bad_ip_checksum = good.clone();
         bad_ip_checksum[10] ^= 0xff;
         let mut bad_tcp_checksum = good.clone();
@@ -1129,6 +1203,24 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
         #[test]
+        fn no_packet_from_another_host_gets_an_answer_or_a_flow(
+            src in any::<u32>(),
+            dst in prop_oneof![Just(0x6450_0002u32), Just(0xc0a8_010au32), any::<u32>()],
+            ports in any::<(u16, u16)>(),
+            control in prop_oneof![Just(TcpControl::Syn), Just(TcpControl::None), Just(TcpControl::Fin), Just(TcpControl::Psh)],
+            ack in any::<Option<i32>>(),
+            data in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            prop_assume!(src != 0x6450_0001);
+            let mut h = Harness::new();
+            let (s, d) = (SocketAddr::from((Ipv4Addr::from(src), ports.0)), SocketAddr::from((Ipv4Addr::from(dst), ports.1)));
+            h.input(&segment(s, d, control, 1000, ack, &data));
+            prop_assert!(h.output().is_empty());
+            prop_assert!(h.events.is_empty());
+            prop_assert_eq!(h.stack.stats().foreign_source, 1);
+        }
+
+        #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut h = Harness::new();
             h.input(&bytes);
@@ -1143,7 +1235,7 @@ mod tests {
         ) {
             let mut h = Harness::new();
             // An open flow, so mutated segments also reach smoltcp.
-            let (app, dev) = if v6 { ("[fd00::1]:40000", "[fd00::10]:22") } else { ("100.80.0.1:40000", "100.80.0.2:22") };
+            let (app, dev) = if v6 { ("[fd6e:7000::6450:1]:40000", "[fd00::10]:22") } else { ("100.80.0.1:40000", "100.80.0.2:22") };
             h.input(&syn(app, dev));
             h.output();
             let id = h.new_flows()[0];

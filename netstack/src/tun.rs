@@ -5,6 +5,7 @@
 //! deleted at start if no process holds it.
 
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::Command;
 
@@ -57,11 +58,17 @@ pub fn valid_name(name: &str) -> bool {
 pub struct Tun {
     device: AsyncDevice,
     name: String,
+    /// The interface's own addresses: the sources of the routes, so the kernel picks them.
+    v4: Ipv4Addr,
+    v6: Option<Ipv6Addr>,
+    /// The nftables table that drops packets forwarded into the interface, or why there is none.
+    guard: Result<String, String>,
 }
 
 impl Tun {
     /// Create interface `name` with address `map.interface_addr()` in `map.subnet()`, MTU `mtu`,
-    /// up, and routes for the map's routed prefixes.
+    /// up, and routes for the map's routed prefixes; and, where `nft` is there, an nftables
+    /// table that drops whatever the kernel would forward into it (removed with the interface).
     pub fn create(name: &str, map: &AddressMap, mtu: u16) -> Result<Tun, TunError> {
         if !valid_name(name) {
             return Err(TunError::Create {
@@ -79,9 +86,27 @@ impl Tun {
             .enable(true)
             .build_async()
             .map_err(create)?;
-        let tun = Tun { device, name: name.to_owned() };
+        let mut tun = Tun {
+            device,
+            name: name.to_owned(),
+            v4: map.interface_addr(),
+            v6: None,
+            guard: Err("not installed yet".into()),
+        };
+        if map.has_ipv6_routes() {
+            // Flows to a routed IPv6 prefix need a source of the interface's own: the stack
+            // drops every packet from any other address (see `Stack::handle_packet`). `nodad`:
+            // nothing else is on this link to collide with.
+            let v6 = map.interface_addr_v6();
+            ip(&["-6", "addr", "add", &format!("{v6}/128"), "dev", name, "nodad"])?;
+            tun.v6 = Some(v6);
+        }
         for (prefix, _) in map.routes() {
             tun.add_route(prefix)?;
+        }
+        tun.guard = forward_guard(name);
+        if let Err(why) = &tun.guard {
+            tracing::warn!(interface = name, "no kernel guard against forwarded packets ({why}); np up still drops every packet whose source is not its own address, but not those another host's traffic was masqueraded to");
         }
         tracing::info!(interface = name, subnet = %map.subnet(), mtu, "TUN interface up");
         Ok(tun)
@@ -92,21 +117,96 @@ impl Tun {
         &self.name
     }
 
+    /// Why the kernel does not drop packets forwarded into the interface (see [`Tun::create`]),
+    /// or `None` if it does.
+    pub fn forward_guard_missing(&self) -> Option<&str> {
+        self.guard.as_ref().err().map(String::as_str)
+    }
+
     /// The device, for reading and writing packets.
     pub fn device(&self) -> &AsyncDevice {
         &self.device
     }
 
-    /// Route `prefix` into the interface.
+    /// Route `prefix` into the interface, with the interface's own address as the source the
+    /// kernel gives new connections (the stack serves no other source).
     pub fn add_route(&self, prefix: Prefix) -> Result<(), TunError> {
-        let family = if prefix.addr().is_ipv4() { "-4" } else { "-6" };
-        ip(&[family, "route", "replace", &prefix.to_string(), "dev", &self.name])
+        let (family, src) = match prefix.addr() {
+            IpAddr::V4(_) => ("-4", Some(self.v4.to_string())),
+            IpAddr::V6(_) => ("-6", self.v6.map(|a| a.to_string())),
+        };
+        let prefix_text = prefix.to_string();
+        let mut args = vec![family, "route", "replace", &prefix_text, "dev", &self.name];
+        if let Some(src) = &src {
+            args.extend(["src", src.as_str()]);
+        }
+        ip(&args)
     }
 }
 
 impl Drop for Tun {
     fn drop(&mut self) {
+        if let Ok(table) = &self.guard {
+            if let Err(e) = nft(&format!("delete table inet {table}\n")) {
+                tracing::warn!(interface = %self.name, error = %e, "removing the forward guard");
+            }
+        }
         tracing::info!(interface = %self.name, "TUN interface down");
+    }
+}
+
+/// The nftables table of the forward guard of interface `name`, if the name can be spelled in
+/// an nftables script as it is.
+fn guard_table(name: &str) -> Option<String> {
+    let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    // The table's name in hex: nftables identifiers take fewer characters than interface names.
+    plain.then(|| format!("np_guard_{}", name.bytes().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+/// Installs (or replaces) an nftables table that drops every packet the kernel would forward
+/// into interface `name`: `np up` serves its own host only. The stack already drops packets
+/// whose source is not the interface's address, but a host that masquerades other hosts'
+/// traffic (Docker does for its containers, by default, on every interface but its own) gives
+/// them that very source; forwarding is decided before that rewrite, so dropping there keeps
+/// them out too. Returns the table's name, or why there is no guard.
+fn forward_guard(name: &str) -> Result<String, String> {
+    let table = guard_table(name).ok_or_else(|| format!("interface name {name:?} cannot be written in nftables"))?;
+    // `add` then `delete` then the definition, in one transaction: replaces a table a crashed
+    // `np up` left, and never leaves a moment without one.
+    let script = format!(
+        "add table inet {table}\n\
+         delete table inet {table}\n\
+         table inet {table} {{\n\
+           chain forward {{\n\
+             type filter hook forward priority -10; policy accept;\n\
+             oifname \"{name}\" counter drop comment \"np up serves its own host only\"\n\
+           }}\n\
+         }}\n"
+    );
+    nft(&script)?;
+    tracing::info!(interface = name, table = %table, "forwarding into the interface is dropped");
+    Ok(table)
+}
+
+/// Runs `nft -f -` with `script` on its standard input.
+fn nft(script: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).map_err(|e| format!("nft: {e}"))?;
+    }
+    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 
@@ -173,6 +273,15 @@ mod tests {
         }
         for bad in ["", "abcdefghijklmnop", "a b", "a/b", "a:1", ".", "..", "np\n"] {
             assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn guard_tables_are_spelled_plainly() {
+        assert_eq!(guard_table("np0").as_deref(), Some("np_guard_6e7030"));
+        assert_eq!(guard_table("n-_.1").as_deref(), Some("np_guard_6e2d5f2e31"));
+        for odd in ["a\"b", "a b", "a;b", "a{", "a\\b", "a}b", "a#"] {
+            assert_eq!(guard_table(odd), None, "{odd:?}");
         }
     }
 

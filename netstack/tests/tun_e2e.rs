@@ -274,6 +274,7 @@ async fn run_in_namespace(
     let mut map = AddressMap::new(DEFAULT_SUBNET).expect("map");
     let device = map.add_device("pi@test".into(), None).expect("device");
     map.add_route("192.168.77.0/24".parse::<Prefix>().expect("prefix"), "pi@test".into()).expect("route");
+    map.add_route("fd00:77::/64".parse::<Prefix>().expect("prefix"), "pi@test".into()).expect("route");
     let config = NetstackConfig { name: IFACE.into(), map, ..NetstackConfig::default() };
     let netstack = Netstack::new(config).expect("netstack");
     let status = netstack.status();
@@ -305,6 +306,16 @@ async fn run_in_namespace(
     assert_eq!(digest_back, digest::digest(&digest::SHA256, &payload).as_ref());
     println!("upload 256 MiB through the TUN: {:.0} MiB/s ({:.2} Gbit/s)", 256.0 / secs, 256.0 * 8.0 / 1024.0 / secs);
     drop(payload);
+
+    // Through the routed prefixes too: the kernel gives these flows the interface's own address
+    // (IPv4, and the IPv6 one the interface gets for an IPv6 route) as their source, the only
+    // sources the stack serves.
+    for addr in
+        [SocketAddr::from(([192, 168, 77, 10], echo_port)), format!("[fd00:77::10]:{echo_port}").parse().expect("addr")]
+    {
+        let back = echo(addr, b"routed").await;
+        assert_eq!(back, b"routed", "{addr}");
+    }
 
     // A refused target: ECONNREFUSED, quickly.
     let started = Instant::now();
@@ -343,7 +354,10 @@ async fn run_in_namespace(
     assert_eq!(back, b"still alive");
     let snapshot = status.snapshot().await.expect("status");
     println!("stats: {:?}", snapshot.stats);
-    assert!(snapshot.stats.malformed + snapshot.stats.not_tcp >= 10, "garbage counted: {:?}", snapshot.stats);
+    let st = &snapshot.stats;
+    assert!(st.malformed + st.not_tcp + st.foreign_source >= 10, "garbage counted: {st:?}");
+    // Every flow above came from the interface's own addresses; the garbage carried others.
+    assert!(st.foreign_source > 0, "{st:?}");
     assert_eq!(snapshot.interface, IFACE);
     assert_eq!(snapshot.devices.len(), 1);
 

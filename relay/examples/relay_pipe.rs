@@ -38,9 +38,12 @@ struct Cli {
     /// The relay's address.
     #[arg(long)]
     relay: SocketAddr,
-    /// The relay's identity (checked against its Challenge).
-    #[arg(long)]
+    /// The relay's identity and its Ed25519 public key (hex), checked against its Challenge and
+    /// proof; without them the relay is not authenticated (fine for a benchmark on one machine).
+    #[arg(long, requires = "relay_key")]
     relay_name: Option<Name>,
+    #[arg(long, value_parser = parse_key)]
+    relay_key: Option<[u8; 32]>,
     /// The other side's identity.
     #[arg(long)]
     peer: Name,
@@ -95,7 +98,11 @@ impl Joiner {
             self.role,
             session_id(self.cli.session, n),
             &self.cli.peer,
-            self.cli.relay_name.as_ref(),
+            self.cli
+                .relay_name
+                .as_ref()
+                .zip(self.cli.relay_key.as_ref())
+                .map(|(name, signing)| np_relay::ExpectedRelay { name, signing }),
             Duration::from_secs(3600),
         )
         .await
@@ -207,4 +214,9 @@ fn spawn_device(side: Arc<Joiner>, n: u64, target: SocketAddr, more: tokio::sync
 async fn bridge(mut a: TcpStream, mut b: TcpStream, buffer: usize) {
     let _ = a.set_nodelay(true);
     let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, buffer, buffer).await;
+}
+
+fn parse_key(s: &str) -> Result<[u8; 32], String> {
+    let v = hex::decode(s).map_err(|e| e.to_string())?;
+    v.try_into().map_err(|_| "a key is 32 bytes (64 hex digits)".to_string())
 }

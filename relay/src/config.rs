@@ -1,6 +1,7 @@
 //! What an operator can set.
 
-use np_identity::Name;
+use np_identity::{Keys, Name};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Limits and identity of a relay. Every field is public so a binary can fill it from flags.
@@ -38,6 +39,10 @@ pub struct RelayConfig {
     /// (`tests/throughput.rs`). The splice path drains its pipe fully before reading again;
     /// overlapping the two may change the verdict.
     pub zero_copy: bool,
+    /// The relay identity's keys: every `Waiting` carries a signature with them, so a side can
+    /// check it reached the relay it trusts. `None` only in tests (sides that expect a relay
+    /// identity then refuse it).
+    pub keys: Option<Arc<Keys>>,
 }
 
 impl Default for RelayConfig {
@@ -54,6 +59,7 @@ impl Default for RelayConfig {
             expired_memory: Duration::from_secs(60),
             forward_buffer: 256 * 1024,
             zero_copy: false,
+            keys: None,
         }
     }
 }

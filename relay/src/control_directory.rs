@@ -6,7 +6,7 @@ use crate::directory::{KeyDirectory, Lookup};
 use np_control_client::{ClientError, ControlClient, ErrorCode};
 use np_identity::home::Home;
 use np_identity::{Name, PublicKeys};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -25,12 +25,15 @@ const CONNECT_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Durat
 
 /// Keys from the control plane, cached.
 ///
-/// Keys are pinned on first use (by the control client, in the relay's home) and kept in memory
-/// for the life of the process: an identity seen once keeps working while the control plane is
-/// down, and a control plane that later serves a different key for it is refused (pin error).
+/// Keys are pinned on first use (by the control client, in the relay's home) and cached in
+/// memory by the control client, which confirms a cached key again once it is older than
+/// [`np_control_client::KEY_TTL`]: an identity revoked on the control plane is refused here
+/// within seconds, while an identity seen once keeps working when the control plane cannot be
+/// reached. A control plane that later serves a different key for it is refused (pin error).
 pub struct ControlDirectory {
     client: watch::Receiver<Option<ControlClient>>,
-    known: Mutex<HashMap<Name, PublicKeys>>,
+    /// Identities looked up successfully before (their pin exists; see `fetching`).
+    known: Mutex<HashSet<Name>>,
     unknown: Mutex<HashMap<Name, Instant>>,
     /// One first-time lookup at a time: the control client pins keys to a file in the home,
     /// and two pins of one name at once race on that file. Only the first Join of an identity
@@ -52,8 +55,9 @@ impl ControlDirectory {
             let mut backoff = CONNECT_BACKOFF.0;
             loop {
                 match ControlClient::connect(&home, &me).await {
-                    Ok((c, _incoming)) => {
+                    Ok((c, incoming)) => {
                         tracing::info!(address = %control.address, identity = %me, "connected to the control plane");
+                        tokio::spawn(ignore_notifications(incoming));
                         let _ = slot.send(Some(c));
                         return;
                     }
@@ -67,7 +71,7 @@ impl ControlDirectory {
         });
         Ok(ControlDirectory {
             client,
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashSet::new()),
             unknown: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
             timeout: LOOKUP_TIMEOUT,
@@ -86,15 +90,17 @@ impl ControlDirectory {
         tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await.is_ok_and(|r| r.is_ok())
     }
 
+    /// The control-plane client once connected, waiting up to `timeout` for the first connection
+    /// (for publishing the relay's own record).
+    pub async fn client_within(&self, timeout: Duration) -> Option<ControlClient> {
+        self.client(tokio::time::Instant::now() + timeout).await
+    }
+
     /// The client, waiting until `deadline` for the first connection.
     async fn client(&self, deadline: tokio::time::Instant) -> Option<ControlClient> {
         let mut rx = self.client.clone();
         let ready = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
         ready.ok().and_then(|r| r.ok()).and_then(|c| c.clone())
-    }
-
-    fn cached(&self, name: &Name) -> Option<PublicKeys> {
-        self.known.lock().ok().and_then(|m| m.get(name).copied())
     }
 
     fn recently_unknown(&self, name: &Name) -> bool {
@@ -110,25 +116,30 @@ impl ControlDirectory {
         }
     }
 
+    fn seen_before(&self, name: &Name) -> bool {
+        self.known.lock().ok().is_some_and(|m| m.contains(name))
+    }
+
     async fn fetch(&self, name: &Name) -> Option<PublicKeys> {
-        if let Some(k) = self.cached(name) {
-            return Some(k);
-        }
         if self.recently_unknown(name) {
             return None;
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let Ok(_one) = tokio::time::timeout_at(deadline, self.fetching.lock()).await else {
-            tracing::warn!(%name, "key lookup failed: earlier lookups are still waiting for the control plane");
-            return None;
+        // First-time lookups one at a time (they write the pin file); later ones, answered from
+        // the control client's cache or confirmed with the control plane, run side by side.
+        let _one = if self.seen_before(name) {
+            None
+        } else {
+            let Ok(one) = tokio::time::timeout_at(deadline, self.fetching.lock()).await else {
+                tracing::warn!(%name, "key lookup failed: earlier lookups are still waiting for the control plane");
+                return None;
+            };
+            // Another Join may have learnt it, or that it does not exist, while this one waited.
+            if self.recently_unknown(name) {
+                return None;
+            }
+            Some(one)
         };
-        // Another Join may have fetched it while this one waited.
-        if let Some(k) = self.cached(name) {
-            return Some(k);
-        }
-        if self.recently_unknown(name) {
-            return None;
-        }
         let Some(client) = self.client(deadline).await else {
             tracing::warn!(%name, "control plane not reached yet: cannot look up an identity seen for the first time");
             return None;
@@ -136,7 +147,7 @@ impl ControlDirectory {
         match tokio::time::timeout_at(deadline, client.lookup(name)).await {
             Ok(Ok(keys)) => {
                 if let Ok(mut m) = self.known.lock() {
-                    m.insert(name.clone(), keys);
+                    m.insert(name.clone());
                 }
                 if let Ok(mut m) = self.unknown.lock() {
                     m.remove(name);
@@ -144,6 +155,11 @@ impl ControlDirectory {
                 Some(keys)
             }
             Ok(Err(ClientError::Refused { code: ErrorCode::UnknownIdentity, .. })) => {
+                if let Ok(mut m) = self.known.lock() {
+                    if m.remove(name) {
+                        tracing::warn!(%name, "identity no longer enrolled (revoked): refusing its joins");
+                    }
+                }
                 tracing::debug!(%name, "not enrolled");
                 self.remember_unknown(name);
                 None
@@ -157,6 +173,14 @@ impl ControlDirectory {
                 None
             }
         }
+    }
+}
+
+/// A relay uses no notifications; whatever arrives for it is read and dropped (the control
+/// client acknowledges it), so nothing piles up in the control plane's queue for the relay.
+async fn ignore_notifications(mut incoming: np_control_client::Incoming) {
+    while let Some(m) = incoming.recv().await {
+        tracing::debug!(from = %m.from, bytes = m.payload.len(), "ignoring a notification (a relay uses none)");
     }
 }
 

@@ -1,6 +1,6 @@
 //! The side's half of the protocol, for the client (`np`) and the device daemon (`npd`).
 
-use crate::proto::{join_transcript, Join, RelayMsg, Role, MAX_PREAUTH_FRAME};
+use crate::proto::{join_transcript, proof_transcript, Join, RelayMsg, Role, MAX_PREAUTH_FRAME};
 use np_identity::{Keys, Name};
 use np_wire::io::{read_msg, write_msg};
 use np_wire::WireError;
@@ -26,6 +26,10 @@ pub enum JoinError {
         /// The name in the relay's Challenge.
         actual: Name,
     },
+    /// Whatever answered did not prove that it holds the relay identity's key for this
+    /// connection.
+    #[error("the relay did not prove that it is {0}")]
+    NoProof(Name),
     /// Nothing decisive arrived in time.
     #[error("timed out after {0:?} waiting for the relay to {1}")]
     Timeout(Duration, &'static str),
@@ -37,9 +41,19 @@ pub enum JoinError {
     Protocol(String),
 }
 
+/// The relay a side means to join: its identity and the signing key it must prove it holds.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpectedRelay<'a> {
+    /// The relay's identity, as in its Challenge.
+    pub name: &'a Name,
+    /// Its Ed25519 public key (from the control plane, pinned).
+    pub signing: &'a [u8; 32],
+}
+
 /// Authenticates `stream` (already connected to the relay) as `identity` in `role` for
 /// `session` with `peer`, waits until the peer is there too, and returns the stream ready for
-/// raw bytes. If `expected_relay` is given, a relay with another name is refused.
+/// raw bytes. If `expected_relay` is given, a relay with another name, or one that does not
+/// prove it holds that name's key for this connection, is refused before any session byte.
 pub async fn join(
     stream: TcpStream,
     keys: &Keys,
@@ -47,7 +61,7 @@ pub async fn join(
     role: Role,
     session: [u8; 16],
     peer: &Name,
-    expected_relay: Option<&Name>,
+    expected_relay: Option<ExpectedRelay<'_>>,
 ) -> Result<TcpStream, JoinError> {
     join_with_timeout(stream, keys, identity, role, session, peer, expected_relay, DEFAULT_JOIN_TIMEOUT).await
 }
@@ -61,7 +75,7 @@ pub async fn join_with_timeout(
     role: Role,
     session: [u8; 16],
     peer: &Name,
-    expected_relay: Option<&Name>,
+    expected_relay: Option<ExpectedRelay<'_>>,
     timeout: Duration,
 ) -> Result<TcpStream, JoinError> {
     let deadline = Instant::now() + timeout;
@@ -71,19 +85,31 @@ pub async fn join_with_timeout(
         other => return Err(unexpected(&other, "challenge")),
     };
     if let Some(expected) = expected_relay {
-        if *expected != relay {
-            return Err(JoinError::WrongRelay { expected: expected.clone(), actual: relay });
+        if *expected.name != relay {
+            return Err(JoinError::WrongRelay { expected: expected.name.clone(), actual: relay });
         }
     }
+    let side_nonce = np_identity::random32().map_err(|e| JoinError::Protocol(e.to_string()))?;
     let transcript = join_transcript(&relay, &nonce, identity, role, &session, peer);
-    let join =
-        Join { identity: identity.clone(), role, session, peer: peer.clone(), sig: keys.sign(&transcript).to_vec() };
+    let join = Join {
+        identity: identity.clone(),
+        role,
+        session,
+        peer: peer.clone(),
+        side_nonce,
+        sig: keys.sign(&transcript).to_vec(),
+    };
     tokio::time::timeout_at(deadline, write_msg(&mut stream, &join))
         .await
         .map_err(|_| JoinError::Timeout(timeout, "accept the join"))?
         .map_err(|e| JoinError::Protocol(e.to_string()))?;
     match next(&mut stream, deadline, timeout, "accept the join").await? {
-        RelayMsg::Waiting => {}
+        RelayMsg::Waiting { proof } => {
+            if let Some(expected) = expected_relay {
+                np_identity::verify(expected.signing, &proof_transcript(&transcript, &side_nonce), &proof)
+                    .map_err(|_| JoinError::NoProof(relay.clone()))?;
+            }
+        }
         other => return Err(unexpected(&other, "waiting")),
     }
     match next(&mut stream, deadline, timeout, "pair the session").await? {

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use np_identity::home::Home;
 use np_identity::Name;
-use np_relay::{ControlDirectory, Relay, RelayConfig};
+use np_relay::{ControlDirectory, Relay, RelayConfig, RelayInfo, RELAY_RECORD};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +14,8 @@ use std::time::Duration;
 
 /// How long start-up waits for the control plane before serving without it.
 const STARTUP_WAIT: Duration = Duration::from_secs(5);
+/// How often the relay re-publishes its address record (it is also its sign of life).
+const REPUBLISH_EVERY: Duration = Duration::from_secs(60);
 
 /// The np relay: the client and the device daemon each connect here (outbound), authenticate for
 /// a session with their identity keys, and are paired; the relay then forwards their end-to-end
@@ -34,6 +36,15 @@ struct Cli {
     /// Address of the one listening port for all sessions.
     #[arg(long, value_name = "ADDR", env = "NP_RELAY_LISTEN", default_value = "0.0.0.0:7444")]
     listen: SocketAddr,
+    /// Where clients and devices reach this relay, HOST:PORT (repeatable, in order of
+    /// preference). Published in a record signed with the relay's key: devices dial a relay only
+    /// at these addresses. Required when listening on a wildcard address; otherwise defaults to
+    /// the listening address.
+    #[arg(long, value_name = "HOST:PORT", env = "NP_RELAY_ADVERTISE", value_delimiter = ',')]
+    advertise: Vec<String>,
+    /// A region label published with the addresses (e.g. `eu`), for choosing among relays.
+    #[arg(long, value_name = "LABEL", env = "NP_RELAY_REGION")]
+    region: Option<String>,
     /// Home directory holding the relay's keys and control-plane address [default: ~/.np].
     #[arg(long, value_name = "DIR", env = "NP_HOME")]
     home: Option<PathBuf>,
@@ -86,6 +97,20 @@ async fn run(cli: Cli) -> Result<()> {
     let control = home.load_control(&me).with_context(|| {
         format!("reading the control plane of {me} in {} (run `np keys new` first)", home.dir().display())
     })?;
+    for a in &cli.advertise {
+        if !np_relay::record::valid_address(a) {
+            anyhow::bail!("--advertise {a:?} is not HOST:PORT");
+        }
+    }
+    if cli.advertise.is_empty() && cli.listen.ip().is_unspecified() {
+        anyhow::bail!(
+            "listening on {} (every address): say where clients and devices reach this relay with --advertise HOST:PORT (e.g. --advertise relay.example:{})",
+            cli.listen,
+            cli.listen.port()
+        );
+    }
+    let keys =
+        home.load_keys(&me).with_context(|| format!("loading the keys of {me} from {}", home.dir().display()))?;
     let directory = ControlDirectory::connect(&home, &me)
         .with_context(|| format!("loading the keys of {me} from {}", home.dir().display()))?;
     let config = RelayConfig {
@@ -99,15 +124,25 @@ async fn run(cli: Cli) -> Result<()> {
         max_sessions: cli.max_sessions,
         forward_buffer: cli.forward_buffer.max(4096),
         zero_copy: cli.zero_copy,
+        keys: Some(Arc::new(keys)),
         ..RelayConfig::default()
     };
     // Give the control plane a moment, so the banner says whether it answered; the relay serves
     // either way and keeps trying in the background.
     let reached = directory.wait_connected(STARTUP_WAIT).await;
-    let relay = Relay::bind(cli.listen, config.clone(), Arc::new(directory))
+    let directory = Arc::new(directory);
+    let relay = Relay::bind(cli.listen, config.clone(), directory.clone())
         .await
         .with_context(|| format!("listening on {}", cli.listen))?;
     let addr = relay.local_addr().context("reading the listening address")?;
+    let info = RelayInfo {
+        addresses: if cli.advertise.is_empty() { vec![addr.to_string()] } else { cli.advertise.clone() },
+        region: cli.region.clone(),
+    };
+    // Published before the banner when the control plane answered, so that a relay that says
+    // it is running can be found.
+    let published = reached && publish_once(&directory, &info, STARTUP_WAIT).await;
+    tokio::spawn(publish_record(directory, info.clone(), published));
     let metrics = match cli.metrics {
         Some(m) => Some(
             np_metrics::http::bind_and_serve(m, relay.metrics())
@@ -116,7 +151,7 @@ async fn run(cli: Cli) -> Result<()> {
         ),
         None => None,
     };
-    print_banner(&config, addr, &control.address, reached, &home);
+    print_banner(&config, addr, &control.address, reached, &home, &info);
     if let Some(m) = metrics {
         println!("Metrics at http://{m}/metrics.");
     }
@@ -132,7 +167,7 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 /// What an operator needs to know and check, on standard output.
-fn print_banner(config: &RelayConfig, addr: SocketAddr, control: &str, reached: bool, home: &Home) {
+fn print_banner(config: &RelayConfig, addr: SocketAddr, control: &str, reached: bool, home: &Home, info: &RelayInfo) {
     let allow = match &config.allow {
         None => "any enrolled identity".to_string(),
         Some(list) => list.iter().map(Name::to_string).collect::<Vec<_>>().join(", "),
@@ -160,5 +195,38 @@ fn print_banner(config: &RelayConfig, addr: SocketAddr, control: &str, reached: 
         config.forward_buffer / 1024,
         if config.zero_copy { "splice(2)" } else { "user-space copy" }
     );
-    println!("Clients and devices use this relay as {} at HOST:{}.", config.name, addr.port());
+    println!("  advertised at  {}", info.addresses.join(", "));
+    println!(
+        "Clients and devices use this relay as {name}. Devices trust it once the control plane's operator lists it (`np-control relay add {name}`) or their npd names it (`npd --relay {name}`).",
+        name = config.name
+    );
+}
+
+/// Publishes the relay's address record, signed with its key and readable by every identity,
+/// and refreshes it: devices and clients dial the relay only at these addresses.
+async fn publish_record(directory: Arc<ControlDirectory>, info: RelayInfo, mut published: bool) {
+    loop {
+        // Quick retries until the first success, then a refresh now and then.
+        tokio::time::sleep(if published { REPUBLISH_EVERY } else { Duration::from_secs(2) }).await;
+        published = publish_once(&directory, &info, REPUBLISH_EVERY).await;
+    }
+}
+
+async fn publish_once(directory: &ControlDirectory, info: &RelayInfo, wait: Duration) -> bool {
+    match directory.client_within(wait).await {
+        Some(client) => match client.publish(RELAY_RECORD, info.encode(), Vec::new()).await {
+            Ok(()) => {
+                tracing::info!(addresses = ?info.addresses, "relay record published");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish the relay record; will retry");
+                false
+            }
+        },
+        None => {
+            tracing::warn!("control plane not reached yet: the relay record is not published");
+            false
+        }
+    }
 }

@@ -41,6 +41,28 @@ impl PairKey {
     }
 }
 
+/// Whose share of the relay a side's place counts against. A client's places count against the
+/// client; a device's against the device *for that client*: the device takes part in every
+/// requester's sessions, so counted against the device alone, one permitted client could fill
+/// its places and lock every other requester (its managers among them) out.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Share {
+    /// The identity holding the place.
+    pub identity: Name,
+    /// For a device's place: the client it serves.
+    pub for_client: Option<Name>,
+}
+
+impl Share {
+    /// The share a Join as `role` for `key` counts against.
+    pub fn of(key: &PairKey, role: Role) -> Share {
+        match role {
+            Role::Client => Share { identity: key.client.clone(), for_client: None },
+            Role::Device => Share { identity: key.device.clone(), for_client: Some(key.client.clone()) },
+        }
+    }
+}
+
 /// What to do with a connection whose Join verified.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision<C> {
@@ -62,7 +84,7 @@ pub struct PairingLimits {
     pub deadline: Duration,
     /// How long an expired session is remembered.
     pub expired_memory: Duration,
-    /// Sessions per identity.
+    /// Sessions per identity: per client, and per device for each client ([`Share`]).
     pub max_per_identity: usize,
     /// Sessions in total.
     pub max_sessions: usize,
@@ -90,7 +112,7 @@ impl<C> Entry<C> {
 pub struct Pairing<C> {
     limits: PairingLimits,
     sessions: HashMap<PairKey, Entry<C>>,
-    per_identity: HashMap<Name, usize>,
+    per_identity: HashMap<Share, usize>,
     /// Waiting deadlines in the order they were set (so in time order); entries that paired or
     /// withdrew stay until their time comes and are skipped then.
     deadlines: VecDeque<(Instant, PairKey)>,
@@ -121,7 +143,8 @@ impl<C: Copy + Eq> Pairing<C> {
             return Decision::Refuse(Refusal::DeadlinePassed);
         }
         let identity = key.identity(role);
-        let held = self.per_identity.get(identity).copied().unwrap_or(0);
+        let share = Share::of(key, role);
+        let held = self.per_identity.get(&share).copied().unwrap_or(0);
         match self.sessions.get_mut(key) {
             Some(entry) => {
                 if entry.slot(role).is_some() {
@@ -140,7 +163,7 @@ impl<C: Copy + Eq> Pairing<C> {
                 *entry.slot(role) = Some(conn);
                 entry.deadline = None;
                 self.waiting -= 1;
-                *self.per_identity.entry(identity.clone()).or_insert(0) += 1;
+                *self.per_identity.entry(share).or_insert(0) += 1;
                 Decision::Pair { first }
             }
             None => {
@@ -156,7 +179,7 @@ impl<C: Copy + Eq> Pairing<C> {
                 self.sessions.insert(key.clone(), entry);
                 self.deadlines.push_back((deadline, key.clone()));
                 self.waiting += 1;
-                *self.per_identity.entry(identity.clone()).or_insert(0) += 1;
+                *self.per_identity.entry(share).or_insert(0) += 1;
                 Decision::Wait
             }
         }
@@ -180,7 +203,7 @@ impl<C: Copy + Eq> Pairing<C> {
         };
         self.sessions.remove(key);
         self.waiting -= 1;
-        self.release(key.identity(role).clone());
+        self.release(Share::of(key, role));
         true
     }
 
@@ -193,8 +216,8 @@ impl<C: Copy + Eq> Pairing<C> {
             return;
         }
         self.sessions.remove(key);
-        self.release(key.client.clone());
-        self.release(key.device.clone());
+        self.release(Share::of(key, Role::Client));
+        self.release(Share::of(key, Role::Device));
     }
 
     /// Waiting connections whose deadline is at or before `now`: refuse them
@@ -219,7 +242,7 @@ impl<C: Copy + Eq> Pairing<C> {
             for (role, conn) in [(Role::Client, entry.client), (Role::Device, entry.device)] {
                 if let Some(conn) = conn {
                     out.push(conn);
-                    self.release(key.identity(role).clone());
+                    self.release(Share::of(&key, role));
                 }
             }
             if self.expired_set.insert(key.clone()) {
@@ -255,16 +278,16 @@ impl<C: Copy + Eq> Pairing<C> {
         self.expired.len()
     }
 
-    /// Sessions `identity` takes part in.
+    /// Sessions `identity` takes part in, over all its shares.
     pub fn held_by(&self, identity: &Name) -> usize {
-        self.per_identity.get(identity).copied().unwrap_or(0)
+        self.per_identity.iter().filter(|(s, _)| &s.identity == identity).map(|(_, n)| n).sum()
     }
 
-    fn release(&mut self, identity: Name) {
-        if let Some(n) = self.per_identity.get_mut(&identity) {
+    fn release(&mut self, share: Share) {
+        if let Some(n) = self.per_identity.get_mut(&share) {
             *n -= 1;
             if *n == 0 {
-                self.per_identity.remove(&identity);
+                self.per_identity.remove(&share);
             }
         }
     }
@@ -409,6 +432,26 @@ mod tests {
         assert_eq!(p.join(&other(2), Role::Device, 23, t0), Decision::Pair { first: 21 });
         p.end(&key(0));
         assert_eq!(p.join(&other(3), Role::Client, 22, t0), Decision::Wait);
+    }
+
+    #[test]
+    fn a_client_at_its_share_leaves_the_device_places_for_other_clients() {
+        let t0 = Instant::now();
+        let mut p = Pairing::new(PairingLimits { max_sessions: 100, ..limits() });
+        let bob = |s: u8| PairKey::new(&name("@bob"), Role::Client, [s; 16], &name("@dev"));
+        // @bob fills his share and the device's share for him (3 each).
+        for s in 0..3u8 {
+            assert_eq!(p.join(&bob(s), Role::Client, u32::from(s), t0), Decision::Wait);
+            assert_eq!(p.join(&bob(s), Role::Device, 100 + u32::from(s), t0), Decision::Pair { first: u32::from(s) });
+        }
+        assert_eq!(p.join(&bob(9), Role::Device, 109, t0), Decision::Refuse(Refusal::TooManyForIdentity(name("@dev"))));
+        // The device still joins @alice's sessions: before shares, @bob's three had used its places.
+        assert_eq!(p.join(&key(1), Role::Client, 50, t0), Decision::Wait);
+        assert_eq!(p.join(&key(1), Role::Device, 51, t0), Decision::Pair { first: 50 });
+        assert_eq!(p.held_by(&name("@dev")), 4);
+        p.end(&bob(0));
+        assert_eq!(p.held_by(&name("@dev")), 3);
+        assert_eq!(p.join(&bob(9), Role::Device, 109, t0), Decision::Wait);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! relay -> side   Challenge { relay, nonce }          fresh nonce per connection
-//! side  -> relay  Join { identity, role, session, peer, sig }
-//! relay -> side   Waiting                             authenticated, waiting for the peer
+//! side  -> relay  Join { identity, role, session, peer, side_nonce, sig }
+//! relay -> side   Waiting { proof }                   authenticated, waiting for the peer;
+//!                                                     proof: the relay's signature over the
+//!                                                     Join and the side's nonce
 //! relay -> side   Paired                              from here on: raw bytes both ways
 //! relay -> side   Refused { reason }                  then close (at any point before Paired)
 //! ```
@@ -20,6 +22,9 @@ pub const MAX_PREAUTH_FRAME: usize = 4096;
 
 /// Domain separation tag of the Join signature.
 pub const JOIN_DOMAIN: &[u8] = b"np-relay-join-v1";
+
+/// Domain separation tag of the relay's proof of its identity.
+pub const PROOF_DOMAIN: &[u8] = b"np-relay-proof-v1";
 
 /// Which end of a session a connection is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,7 +69,12 @@ pub enum RelayMsg {
         nonce: [u8; 32],
     },
     /// The Join was accepted; the peer has not arrived yet.
-    Waiting,
+    Waiting {
+        /// Ed25519 signature by the relay's identity over [`proof_transcript`]: the relay holds
+        /// the key of the name in its Challenge, and answers this very connection (the side's
+        /// fresh nonce is in it). Empty from a relay run without keys (tests only).
+        proof: Vec<u8>,
+    },
     /// Both sides are here; every following byte is the peer's.
     Paired,
     /// The relay will not carry this connection; it closes after this frame.
@@ -85,8 +95,23 @@ pub struct Join {
     pub session: [u8; 16],
     /// The identity expected at the other end.
     pub peer: Name,
+    /// Fresh per connection, chosen by the side: the relay's proof covers it, so a proof
+    /// captured from another connection is useless.
+    pub side_nonce: [u8; 32],
     /// Ed25519 signature by `identity` over [`join_transcript`].
     pub sig: Vec<u8>,
+}
+
+/// The bytes the relay's proof covers: a domain tag, the Join's transcript (relay name, relay
+/// nonce, who joins as what for which session) and the side's nonce, each length-prefixed.
+pub fn proof_transcript(join_transcript: &[u8], side_nonce: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(join_transcript.len() + 64);
+    for field in [PROOF_DOMAIN, join_transcript, side_nonce.as_slice()] {
+        let len = u32::try_from(field.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(field);
+    }
+    out
 }
 
 /// The bytes a Join signature covers: a domain tag, then each field length-prefixed (u32 BE),
@@ -161,6 +186,7 @@ mod tests {
             role: Role::Device,
             session: [9; 16],
             peer: name("@bob"),
+            side_nonce: [3; 32],
             sig: vec![7; 64],
         };
         let bytes = encode_msg(&j);

@@ -10,7 +10,7 @@ use crate::directory::KeyDirectory;
 use crate::forward::{forward, Ended};
 use crate::metrics::RelayMetrics;
 use crate::pairing::{Decision, PairKey, Pairing, PairingLimits};
-use crate::proto::{join_transcript, short_hex, Join, RelayMsg, MAX_PREAUTH_FRAME};
+use crate::proto::{join_transcript, proof_transcript, short_hex, Join, RelayMsg, MAX_PREAUTH_FRAME};
 use crate::refusal::Refusal;
 use np_wire::io::read_frame;
 use np_wire::{decode_msg, encode_msg, WireError};
@@ -290,7 +290,7 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn:
     let _ = stream.set_nodelay(true);
     let auth = tokio::time::timeout(inner.config.auth_deadline, authenticate(&inner, &mut stream, &place)).await;
     drop(place);
-    let (join, key) = match auth {
+    let (join, key, nonce) = match auth {
         Err(_) => return refuse(&inner, stream, Refusal::AuthTimeout, conn, None).await,
         Ok(Err(AuthFailure::Refused(refusal))) => return refuse(&inner, stream, refusal, conn, None).await,
         Ok(Err(AuthFailure::Evicted)) => {
@@ -309,6 +309,7 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn:
     };
     let session = short_hex(&join.session);
     let role = join.role;
+    let waiting = waiting_frame(&inner, &nonce, &join);
     let joined = Instant::now();
     let (decision, rx) = {
         let mut t = inner.table();
@@ -336,10 +337,19 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, addr: SocketAddr, conn:
         (Decision::Wait, Some(Handoff::Wait(rx))) => {
             inner.wake.notify_one();
             tracing::debug!(%session, %role, conn, "waiting for peer");
-            wait_then_forward(inner, stream, key, session, conn, rx, (role, joined)).await;
+            wait_then_forward(inner, stream, key, session, conn, rx, (role, joined, waiting)).await;
         }
         (Decision::Pair { .. }, Some(Handoff::Give(tx))) => {
             tracing::debug!(%session, %role, conn, "peer found");
+            // This side's own proof first; the first side's task then sends `Paired` to both.
+            let mut stream = stream;
+            if !matches!(tokio::time::timeout(inner.config.auth_deadline, stream.write_all(&waiting)).await, Ok(Ok(())))
+            {
+                tracing::debug!(%session, conn, "second side left while being paired");
+                let _ = tx.send(Outcome::Refused(Refusal::DeadlinePassed));
+                inner.table().pairing.end(&key);
+                return;
+            }
             if let Err(Outcome::Paired(stream)) = tx.send(Outcome::Paired(stream)) {
                 // The first side's task is gone (only at shutdown); give up the session.
                 inner.table().pairing.end(&key);
@@ -372,7 +382,7 @@ async fn authenticate(
     inner: &Inner,
     stream: &mut TcpStream,
     place: &np_limits::PreAuthPermit,
-) -> Result<(Join, PairKey), AuthFailure> {
+) -> Result<(Join, PairKey, [u8; 32]), AuthFailure> {
     let nonce = np_identity::random32().map_err(|_| AuthFailure::Gone)?;
     let challenge = RelayMsg::Challenge { relay: inner.config.name.clone(), nonce };
     stream.write_all(&encode_msg(&challenge)).await.map_err(|_| AuthFailure::Gone)?;
@@ -395,7 +405,20 @@ async fn authenticate(
     };
     let join = place.unless_evicted(join).await.map_err(|np_limits::Evicted| AuthFailure::Evicted)??;
     let key = PairKey::new(&join.identity, join.role, join.session, &join.peer);
-    Ok((join, key))
+    Ok((join, key, nonce))
+}
+
+/// The `Waiting` frame for a verified Join: signed with the relay's key over the Join and the
+/// side's nonce, so the side knows it reached the relay it trusts, on this connection.
+fn waiting_frame(inner: &Inner, nonce: &[u8; 32], join: &Join) -> Vec<u8> {
+    let proof = match &inner.config.keys {
+        Some(keys) => {
+            let t = join_transcript(&inner.config.name, nonce, &join.identity, join.role, &join.session, &join.peer);
+            keys.sign(&proof_transcript(&t, &join.side_nonce)).to_vec()
+        }
+        None => Vec::new(),
+    };
+    encode_msg(&RelayMsg::Waiting { proof })
 }
 
 /// Allow list, key lookup, signature: in that order, before any state is kept.
@@ -416,9 +439,8 @@ async fn wait_then_forward(
     session: String,
     conn: u64,
     mut rx: oneshot::Receiver<Outcome>,
-    (role, joined): (crate::proto::Role, Instant),
+    (role, joined, waiting): (crate::proto::Role, Instant, Vec<u8>),
 ) {
-    let waiting = encode_msg(&RelayMsg::Waiting);
     if stream.write_all(&waiting).await.is_err() && withdraw_or_wait(&inner, &key, conn) {
         return;
     }
@@ -455,11 +477,9 @@ async fn wait_then_forward(
     inner.forwarding.fetch_add(1, Ordering::SeqCst);
     let _counted = DecOnDrop(&inner.forwarding);
     let paired = encode_msg(&RelayMsg::Paired);
-    let mut second_hello = encode_msg(&RelayMsg::Waiting);
-    second_hello.extend_from_slice(&paired);
     let hello = async {
         stream.write_all(&paired).await?;
-        other.write_all(&second_hello).await
+        other.write_all(&paired).await
     };
     match tokio::time::timeout(inner.config.auth_deadline, hello).await {
         Ok(Ok(())) => {}

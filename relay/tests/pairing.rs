@@ -190,7 +190,14 @@ async fn refusal_half(r: &mut tokio::net::tcp::ReadHalf<'_>) -> Option<String> {
 
 fn signed_join(keys: &Keys, relay: &np_identity::Name, nonce: &[u8; 32], s: [u8; 16]) -> Join {
     let t = join_transcript(relay, nonce, &name(ALICE), Role::Client, &s, &name(DEV));
-    Join { identity: name(ALICE), role: Role::Client, session: s, peer: name(DEV), sig: keys.sign(&t).to_vec() }
+    Join {
+        identity: name(ALICE),
+        role: Role::Client,
+        session: s,
+        peer: name(DEV),
+        side_nonce: [5; 32],
+        sig: keys.sign(&t).to_vec(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,11 +311,36 @@ async fn wrong_relay_name_is_refused_by_the_side() {
         Role::Client,
         session(14),
         &name(DEV),
-        Some(&name("@other_relay")),
+        Some(np_relay::ExpectedRelay { name: &name("@other_relay"), signing: &w.relay_keys.public().signing }),
     )
     .await;
     assert!(matches!(r, Err(JoinError::WrongRelay { .. })), "{r:?}");
     w.idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_prove_its_identity_is_refused_by_the_side() {
+    // Something answers with the right name but holds another key (or none): the side stops
+    // after the Waiting, before any session byte.
+    let w = world(quick()).await;
+    let impostor_key = Keys::generate().unwrap().public().signing;
+    let stream = TcpStream::connect(w.addr).await.unwrap();
+    let expected = np_relay::ExpectedRelay { name: &name("@relay"), signing: &impostor_key };
+    let r = np_relay::join(stream, &w.alice, &name(ALICE), Role::Client, session(15), &name(DEV), Some(expected)).await;
+    assert!(matches!(r, Err(JoinError::NoProof(_))), "{r:?}");
+    // With the real key the same relay is accepted (the proof is what made the difference).
+    let s16 = session(16);
+    let (a, d) = tokio::join!(
+        async {
+            let s = TcpStream::connect(w.addr).await.unwrap();
+            let real = w.relay_keys.public().signing;
+            let expected = np_relay::ExpectedRelay { name: &name("@relay"), signing: &real };
+            np_relay::join(s, &w.alice, &name(ALICE), Role::Client, s16, &name(DEV), Some(expected)).await
+        },
+        w.join_as(&w.dev, DEV, Role::Device, s16, ALICE)
+    );
+    assert!(a.is_ok(), "{a:?}");
+    assert!(d.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,7 +462,10 @@ async fn shutdown_closes_everything() {
     let alice = Keys::generate().unwrap();
     let dev = Keys::generate().unwrap();
     let dir = np_relay::StaticDirectory::new().with(name(ALICE), alice.public()).with(name(DEV), dev.public());
-    let relay = np_relay::Relay::bind("127.0.0.1:0".parse().unwrap(), quick(), Arc::new(dir)).await.unwrap();
+    let relay_keys = Arc::new(Keys::generate().unwrap());
+    let config = RelayConfig { keys: Some(relay_keys.clone()), ..quick() };
+    let relay = np_relay::Relay::bind("127.0.0.1:0".parse().unwrap(), config, Arc::new(dir)).await.unwrap();
+    let relay_pk: &'static [u8; 32] = Box::leak(Box::new(relay_keys.public().signing));
     let addr = relay.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(relay.run(async {
@@ -439,7 +474,8 @@ async fn shutdown_closes_everything() {
     let s = session(40);
     let side = |keys: &'static Keys, me: &'static str, role, peer: &'static str| async move {
         let stream = TcpStream::connect(addr).await.unwrap();
-        np_relay::join(stream, keys, &name(me), role, s, &name(peer), Some(&name("@relay"))).await.unwrap()
+        let expected = np_relay::ExpectedRelay { name: &name("@relay"), signing: relay_pk };
+        np_relay::join(stream, keys, &name(me), role, s, &name(peer), Some(expected)).await.unwrap()
     };
     let alice: &'static Keys = Box::leak(Box::new(alice));
     let dev: &'static Keys = Box::leak(Box::new(dev));

@@ -1,7 +1,7 @@
 //! A permitted client that floods its session with Pings and never reads, for the benchmark
 //! (`scripts/bench.sh`, section `abuse`): it measures what the flood costs everyone else.
 //!
-//!   ping_flood HOME @ME DEVICE@IDENTITY RELAY TARGET
+//!   ping_flood HOME @ME DEVICE@IDENTITY @RELAY TARGET
 //!
 //! Sets up a session the normal way, then seals records full of Ping frames until killed or
 //! until the device stops taking them. Prints the bytes it sent and why it stopped.
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [home, me, device, relay, target] = args.as_slice() else {
-        anyhow::bail!("usage: ping_flood HOME @ME DEVICE@IDENTITY RELAY TARGET");
+        anyhow::bail!("usage: ping_flood HOME @ME DEVICE@IDENTITY @RELAY TARGET");
     };
     let mut peer = HostilePeer::open(home.as_ref(), me, device, relay, std::slice::from_ref(target)).await?;
     eprintln!("ping_flood: session up, flooding");

@@ -8,6 +8,7 @@ use np_session::frame::Frame;
 use np_session::record::{Sealer, DEFAULT_RECORDS_PER_KEY};
 use np_session::{MuxConfig, Responder, SessionKeys, MAX_RECORD_PLAINTEXT};
 use np_tunnel::msg::{prologue, TunnelMsg};
+use np_tunnel::relays::RelayBook;
 use np_tunnel::router::FromPeer;
 use np_tunnel::{Connector, Router};
 use std::path::Path;
@@ -17,10 +18,10 @@ use tokio::net::TcpStream;
 
 use crate::stack::Stack;
 
-/// How a session request names the stack's relay (one place to change when relays become
-/// identities).
-pub fn relay_ref(s: &Stack) -> String {
-    s.relay_addr.to_string()
+/// How a session request names the stack's relay: by its identity, which the devices trust
+/// (one place to change if the stack names it differently).
+pub fn relay_ref(_s: &Stack) -> String {
+    "@relay".to_string()
 }
 
 /// A session, from either side, that this process drives by hand.
@@ -44,10 +45,17 @@ impl HostilePeer {
     ) -> anyhow::Result<HostilePeer> {
         let me: Name = me.parse()?;
         let device: DeviceRef = device.parse()?;
+        let relay: Name = relay.parse()?;
         let (ctl, incoming) = ControlClient::connect(&Home::new(home), &me).await?;
         let (router, _requests) = Router::start(incoming);
-        let connector = Connector { ctl, router, timeout: Duration::from_secs(10), mux: MuxConfig::default() };
-        let (stream, keys) = connector.open_transport(&device, relay, targets, &|_| {}).await?;
+        let connector = Connector {
+            ctl,
+            router,
+            timeout: Duration::from_secs(10),
+            mux: MuxConfig::default(),
+            relays: RelayBook::default(),
+        };
+        let (stream, keys) = connector.open_transport(&device, &relay, targets, &|_| {}).await?;
         Ok(HostilePeer::new(stream, &keys, Box::new(connector)))
     }
 
@@ -70,8 +78,10 @@ impl HostilePeer {
         let client = ctl.lookup(&from).await?;
         let pro = prologue(&r.session, &from, &me, &r.device, &r.relay);
         let (msg2, keys) = Responder::respond(ctl.keys().x25519_private(), &client.x25519, &pro, &r.handshake)?;
-        let tcp = TcpStream::connect(&r.relay).await?;
-        let mut stream = np_relay::join(tcp, ctl.keys(), &me, np_relay::Role::Device, r.session, &from, None).await?;
+        // As npd does: the relay named, at the address it signed, proving its identity.
+        let mut stream = RelayBook::default()
+            .join(&ctl, &r.relay, np_relay::Role::Device, r.session, &from, Duration::from_secs(10))
+            .await?;
         np_wire::io::write_frame(&mut stream, &msg2).await?;
         Ok(HostilePeer::new(stream, &keys, Box::new((ctl, router))))
     }

@@ -110,6 +110,23 @@ impl Control {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// `np-control relay ARGS --data DATA`: (exit ok, stdout, stderr).
+    pub fn relay_cmd(&self, args: &[&str]) -> (bool, String, String) {
+        let out =
+            Command::new(bin("np-control")).arg("relay").args(args).arg("--data").arg(self.data()).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    /// Puts `name` on the operator's relay list (devices without `--relay` trust it).
+    pub fn list_relay(&self, name: &str) {
+        let (ok, out, err) = self.relay_cmd(&["add", name]);
+        assert!(ok, "np-control relay add {name}: {out} {err}");
+    }
 }
 
 impl Drop for Control {

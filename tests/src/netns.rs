@@ -526,6 +526,15 @@ impl Deployment {
         let (child, _) = spawn_listening(ns_command(&hosts.pr, &cmd), &d.join("relay.log"))
             .unwrap_or_else(|| panic!("np-relay did not start: {}", read(&d.join("relay.log"))));
         procs.push(Proc(child));
+        let published = crate::wait_until(Duration::from_secs(10), || {
+            read(&d.join("relay.log")).contains("relay record published")
+        });
+        assert!(published, "np-relay did not publish its record: {}", read(&d.join("relay.log")));
+        // The operator lists it: devices (npd without --relay) trust it.
+        let out =
+            Command::new(bin("np-control")).args(["relay", "add", "@relay", "--data"]).arg(d.join("control")).output();
+        let out = out.unwrap();
+        assert!(out.status.success(), "np-control relay add: {}", String::from_utf8_lossy(&out.stderr));
 
         // Services in pd, and on the LAN host.
         let sshd = NsSshd::start(&hosts.pd, "127.0.0.1:22".parse().unwrap());
@@ -604,7 +613,7 @@ impl Deployment {
     /// Starts `np forward --to pi4@alice_device` as @alice in pc; returns once every `-L` listens.
     pub fn forward(&self, forwards: &[&str], extra: &[&str]) -> Result<crate::stack::Forward, String> {
         let mut cmd = Command::new(bin("np"));
-        cmd.args(["forward", "--as", "@alice", "--to", "pi4@alice_device", "--relay", &self.relay_addr.to_string()])
+        cmd.args(["forward", "--as", "@alice", "--to", "pi4@alice_device", "--relay", "@relay"])
             .arg("--home")
             .arg(&self.client_home);
         for f in forwards {
@@ -641,7 +650,7 @@ impl Deployment {
     /// or its output and log if it exited first or took longer than 30 s.
     pub fn up(&self, args: &[&str]) -> Result<Up, String> {
         let mut cmd = Command::new(bin("np"));
-        cmd.args(["up", "--as", "@alice", "--relay", &self.relay_addr.to_string(), "--home"])
+        cmd.args(["up", "--as", "@alice", "--relay", "@relay", "--home"])
             .arg(&self.client_home)
             .args(args)
             .env("RUST_LOG", "debug");

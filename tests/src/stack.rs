@@ -19,6 +19,10 @@ pub struct Stack {
     pub device_home: PathBuf,
     /// Extra flags the relay is started (and restarted) with.
     pub relay_args: Vec<String>,
+    /// Where the relay really listens (and publishes). A test that sets `relay_addr` to a proxy
+    /// in front of it makes clients dial the proxy (`--relay-address`); devices still dial the
+    /// published address.
+    pub published_relay_addr: SocketAddr,
 }
 
 /// A running `np forward`.
@@ -46,8 +50,10 @@ impl Stack {
             device_home,
             ctl,
             relay_args: relay_args.iter().map(|a| a.to_string()).collect(),
+            published_relay_addr: "127.0.0.1:1".parse().unwrap(),
         };
         s.start_relay("127.0.0.1:0");
+        s.ctl.list_relay("@relay");
         s
     }
 
@@ -68,6 +74,17 @@ impl Stack {
             if let Some((child, addr)) = spawn_listening(cmd, &self.relay_log()) {
                 self.relay = Some(Proc(child));
                 self.relay_addr = addr;
+                self.published_relay_addr = addr;
+                // Its address record is published before it says it listens, if the control
+                // plane answered in time; make sure it did.
+                let published = wait_until(Duration::from_secs(10), || {
+                    std::fs::read_to_string(self.relay_log()).is_ok_and(|l| l.contains("relay record published"))
+                });
+                assert!(
+                    published,
+                    "np-relay did not publish its record: {}",
+                    std::fs::read_to_string(self.relay_log()).unwrap_or_default()
+                );
                 return;
             }
             assert!(
@@ -125,7 +142,10 @@ impl Stack {
         extra: &[&str],
     ) -> Result<Forward, String> {
         let mut cmd = Command::new(bin("np"));
-        cmd.args(["forward", "--as", me, "--to", to, "--relay", &self.relay_addr.to_string(), "--home"]).arg(home);
+        cmd.args(["forward", "--as", me, "--to", to, "--relay", "@relay", "--home"]).arg(home);
+        if self.relay_addr != self.published_relay_addr {
+            cmd.args(["--relay-address", &self.relay_addr.to_string()]);
+        }
         for f in forwards {
             cmd.args(["-L", f]);
         }

@@ -58,7 +58,8 @@ fn relay_npd_and_np_configs_run_a_session() {
         let mut cmd = Command::new(bin("np-relay"));
         cmd.arg("--config")
             .arg(deploy("config/relay.toml"))
-            .args(["--listen", &s.relay_addr.to_string(), "--metrics", &metrics.to_string(), "--home"])
+            .args(["--listen", &s.relay_addr.to_string(), "--advertise", &s.relay_addr.to_string()])
+            .args(["--metrics", &metrics.to_string(), "--home"])
             .arg(&s.relay_home);
         if let Some(x) = spawn_listening(cmd, &s.relay_log()) {
             started = Some(x);
@@ -91,7 +92,7 @@ fn relay_npd_and_np_configs_run_a_session() {
 
     // np doctor sees the device as the file describes it (pi4, manager @alice, localhost:22).
     let out = Command::new(bin("np"))
-        .args(["doctor", "--as", "@alice", "--relay", &s.relay_addr.to_string(), "--device", "pi4@alice_device"])
+        .args(["doctor", "--as", "@alice", "--relay", "@relay", "--device", "pi4@alice_device"])
         .arg("--home")
         .arg(&s.client_home)
         .output()

@@ -39,9 +39,9 @@ impl Outcome {
 }
 
 fn doctor(s: &Stack, home: &Path, device: &str) -> Outcome {
-    let relay = s.relay_addr.to_string();
+    let _ = s;
     let out = Command::new(bin("np"))
-        .args(["doctor", "--as", "@alice", "--relay", &relay, "--device", device, "--home"])
+        .args(["doctor", "--as", "@alice", "--relay", "@relay", "--device", device, "--home"])
         .arg(home)
         .output()
         .unwrap();
@@ -61,7 +61,8 @@ fn healthy(s: &Stack) {
         "control plane 127.0.0.1",
         "certificate matches the pin",
         "authenticated as @alice",
-        "introduces itself as @relay",
+        "relay @relay reachable at 127.0.0.1:",
+        "and proves its identity",
         "device pi4@alice_device live",
         "permit-open of pi4@alice_device: localhost:22",
     ] {
@@ -111,7 +112,8 @@ fn broken_keys_pin_and_control_plane() {
     let (_, fix) = o.fail("mode 0644, not 0600");
     assert!(fix.contains(&format!("chmod 600 {}", key.display())), "{fix}");
     assert!(o.lines("skip").iter().any(|l| l.contains("control plane")), "{}", o.out);
-    assert!(o.lines("ok").iter().any(|l| l.contains("introduces itself as @relay")), "relay still checked:\n{}", o.out);
+    // The relay is found through the control plane, which needs the keys.
+    assert!(o.lines("skip").iter().any(|l| l.contains("relay @relay (needs the control plane)")), "{}", o.out);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     // A private key missing.
@@ -163,7 +165,7 @@ fn relay_down_and_not_a_relay() {
     s.relay = None;
     let o = doctor(&s, &s.client_home, "pi4@alice_device");
     o.assert_failed();
-    let (_, fix) = o.fail("relay 127.0.0.1");
+    let (_, fix) = o.fail("relay @relay unreachable at 127.0.0.1");
     assert!(fix.contains("np-relay is running"), "{fix}");
     assert_eq!(o.lines("FAIL").len(), 1, "only the relay is broken:\n{}", o.out);
 
@@ -177,8 +179,17 @@ fn relay_down_and_not_a_relay() {
             std::thread::sleep(Duration::from_millis(500));
         }
     });
+    // A relay identity whose record points there.
+    let home2 = s.ctl.identity("@relay2");
+    let mut cmd = Command::new(bin("np-relay"));
+    cmd.args(["--as", "@relay2", "--listen", "127.0.0.1:0", "--advertise", &addr.to_string(), "--home"]).arg(&home2);
+    let log = s.dir().join("relay2.log");
+    let (child, _) = np_tests::spawn_listening(cmd, &log).expect("np-relay @relay2 did not start");
+    let _relay2 = np_tests::Proc(child);
+    assert!(np_tests::wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log)
+        .is_ok_and(|l| l.contains("relay record published"))));
     let out = Command::new(bin("np"))
-        .args(["doctor", "--as", "@alice", "--relay", &addr.to_string(), "--home"])
+        .args(["doctor", "--as", "@alice", "--relay", "@relay2", "--home"])
         .arg(&s.client_home)
         .output()
         .unwrap();

@@ -21,6 +21,8 @@ struct RelayProc {
     child: Child,
     addr: SocketAddr,
     name: Name,
+    /// The relay's public signing key: sides check its proof with it.
+    signing: [u8; 32],
     log: PathBuf,
     banner: String,
 }
@@ -51,7 +53,8 @@ impl RelayProc {
                     banner.push('\n');
                 }
                 std::thread::spawn(move || for _ in lines.by_ref() {});
-                return RelayProc { child, addr, name: name.parse().unwrap(), log, banner };
+                let signing = keys_of(&home, name).public().signing;
+                return RelayProc { child, addr, name: name.parse().unwrap(), signing, log, banner };
             }
         }
         let _ = child.wait();
@@ -97,7 +100,7 @@ async fn join(
         role,
         session,
         &peer.parse().unwrap(),
-        Some(&relay.name),
+        Some(np_relay::ExpectedRelay { name: &relay.name, signing: &relay.signing }),
         JOIN_TIMEOUT,
     )
     .await

@@ -70,3 +70,73 @@ fn revoked_identities_start_nothing_and_their_live_sessions_can_be_ended() {
     let r = live.read_to_end(&mut rest);
     assert!(r.is_err() || rest.is_empty(), "data still flowed after the session was ended: {rest:?}");
 }
+
+/// Before the fix the relay kept every key it had looked up until it restarted, so a revoked
+/// identity could still join sessions there. Now its next Join is refused within seconds, and
+/// other identities still pair.
+#[test]
+fn a_revoked_identity_is_refused_at_a_running_relay_within_seconds_and_others_still_pair() {
+    use np_identity::home::Home;
+    use np_relay::{JoinError, Role};
+    let s = Stack::start();
+    let port = echo();
+    let bob_home = s.ctl.identity("@bob");
+    let _npd =
+        s.npd("pi4", &["--manager", "@alice", "--manager", "@bob", "--permit-open", &format!("localhost:{port}")]);
+    // Bob's session goes through the relay: it has looked up (and cached) bob's key.
+    let f = s.forward_as(&bob_home, "@bob", "pi4@alice_device", &[&format!("0:localhost:{port}")], &[]).unwrap();
+    let mut c = TcpStream::connect(f.addrs[0]).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"one").unwrap();
+    let mut b = [0u8; 3];
+    c.read_exact(&mut b).unwrap();
+    drop(f);
+
+    let bob: np_identity::Name = "@bob".parse().unwrap();
+    let bob_keys = Home::new(&bob_home).load_keys(&bob).unwrap();
+    let device: np_identity::Name = "@alice_device".parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // A Join by hand as bob: accepted means the relay waits for a peer that never comes.
+    let join = |wait: Duration| {
+        rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(s.relay_addr).await.unwrap();
+            let mut session = [0u8; 16];
+            np_identity::random_bytes(&mut session).unwrap();
+            np_relay::join_with_timeout(tcp, &bob_keys, &bob, Role::Client, session, &device, None, wait).await
+        })
+    };
+    match join(Duration::from_secs(1)) {
+        Err(JoinError::Timeout(_, what)) => assert_eq!(what, "pair the session"),
+        other => panic!("before revocation, bob's join should be accepted and wait for a peer: {other:?}"),
+    }
+
+    let out = Command::new(np_tests::bin("np-control"))
+        .args(["revoke", "@bob", "--data"])
+        .arg(s.ctl.data())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked = std::time::Instant::now();
+    let refused = loop {
+        match join(Duration::from_millis(500)) {
+            Err(JoinError::Refused(reason)) => break reason,
+            other => {
+                assert!(
+                    revoked.elapsed() < Duration::from_secs(10),
+                    "10 s after revocation the relay still accepts bob's join: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    eprintln!("bob's join refused {:?} after revocation: {refused}", revoked.elapsed());
+    assert!(revoked.elapsed() < Duration::from_secs(5), "took {:?}", revoked.elapsed());
+
+    // Alice still pairs through the same relay.
+    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{port}")], &[]).unwrap();
+    let mut c = TcpStream::connect(f.addrs[0]).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"two").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"two");
+}

@@ -127,7 +127,7 @@ fn verbose_prints_each_setup_step_with_its_time() {
         "authenticated to the control plane",
         "resolved @alice_device's keys",
         "request delivered",
-        "connected to the relay",
+        "found relay @relay at 127.0.0.1:",
         "paired with the device",
         "handshake complete",
         "session ready",

@@ -37,14 +37,14 @@ async fn a_replayed_request_and_a_tampered_signature_are_refused() {
         Some(ServerFrame::Reply { result: Ok(Reply::Authenticated { .. }), .. })
     ));
 
-    let relay = s.relay_addr.to_string();
+    let relay: Name = "@relay".parse().unwrap();
     let pro = np_tunnel::msg::prologue(&[3; 16], &alice, &dev, "pi4", &relay);
     let (_init, msg1) = np_session::Initiator::start(keys.x25519_private(), &dev_keys.x25519, &pro).unwrap();
     let req = TunnelMsg::SessionRequest(SessionRequest {
         request_id: [9; 16],
         timestamp_ms: now_ms(),
         device: "pi4".into(),
-        relay: s.relay_addr.to_string(),
+        relay: relay.clone(),
         session: [3; 16],
         handshake: msg1,
         targets: vec![format!("localhost:{port}")],
@@ -71,7 +71,8 @@ async fn a_replayed_request_and_a_tampered_signature_are_refused() {
         match tokio::time::timeout(Duration::from_secs(5), c.recv()).await {
             Ok(Ok(Some(ServerFrame::Push(d)))) => {
                 let plain = d.envelope.open(&keys, &dev_keys).unwrap();
-                if let Some(TunnelMsg::SessionRefused { reason, .. }) = TunnelMsg::decode(&plain) {
+                if let Some(TunnelMsg::SessionRefused { refusal: r, .. }) = TunnelMsg::decode(&plain) {
+                    let reason = r.to_string();
                     if reason.contains("replayed") {
                         refusal = Some(reason);
                     } else {

@@ -319,14 +319,16 @@ for p in [ip4(1, b'\x08\x00\xf7\xff\x00\x00\x00\x00', src, dst), ip4(17, b'\x13\
 print('sent', sent, 'failed', failed)
 "#;
 
-/// Sends N TCP SYNs to DST:PORT from random sources (addresses nobody answers for) and random
-/// ports, with valid checksums, through a raw IP socket. Prints the time it took.
+/// Sends N TCP SYNs to DST:PORT from random ports, with valid checksums, through a raw IP socket:
+/// every other one from the interface's own address OWN (np up holds it, opens the flow, and
+/// pc's kernel resets the SYN-ACK), the rest from random addresses nobody answers for (np up
+/// serves its own host only, so it drops them at once). Prints the time it took.
 const PY_SYN_FLOOD: &str = r#"
-dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+dst, port, n, own = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 t = time.time(); failed = 0
 for i in range(n):
-    src = '198.18.%d.%d' % (random.randrange(256), random.randrange(1, 255))
+    src = own if i % 2 == 0 else '198.18.%d.%d' % (random.randrange(256), random.randrange(1, 255))
     try:
         raw.sendto(syn(src, dst, random.randrange(1024, 65536), port), (dst, 0))
     except OSError:
@@ -353,7 +355,8 @@ fn bad_packets_are_dropped_without_harm() {
         let out = python_in(
             &pc,
             &script,
-            &["np0", &dev.to_string(), &d.hosts.pc_ip().to_string(), &seed.to_string()],
+            // From the interface's own address: np up drops any other source unparsed.
+            &["np0", &dev.to_string(), &up.addr.to_string(), &seed.to_string()],
             Duration::from_secs(120),
         );
         assert!(out.status.success(), "packet writer failed: {}", text(&out.stderr));
@@ -412,11 +415,19 @@ fn a_syn_flood_leaves_memory_bounded_and_service_intact() {
     let script = format!("{PY_PACKETS}{PY_SYN_FLOOD}");
     let mut problems = Vec::new();
 
-    // Two rounds of 20,000 SYNs to the ssh port from sources that never answer: the SYN-ACKs go
-    // nowhere, so whatever the flood opened has to time out on np up's side.
+    // Two rounds of 20,000 SYNs to the ssh port: half from other hosts' addresses, which np up
+    // drops unanswered (it serves its own host only), half from the interface's own address, with
+    // pc's kernel kept from resetting the SYN-ACKs (no socket of its own sent those SYNs), so they
+    // go unanswered and whatever the flood opened has to time out on np up's side.
+    let no_resets = "nft add table inet npt_flood && \
+                     nft 'add chain inet npt_flood out { type filter hook output priority 0; }' && \
+                     nft add rule inet npt_flood out oifname np0 'tcp flags & rst == rst' drop";
+    let out = sh_in(&pc, no_resets, Duration::from_secs(10));
+    assert!(out.status.success(), "nft in pc: {}", text(&out.stderr));
     for round in 1..=2 {
         let ((), peak) = peak_rss_during(up.pid, || {
-            let out = python_in(&pc, &script, &[&dev.to_string(), "22", "20000"], Duration::from_secs(120));
+            let args = [&dev.to_string(), "22", "20000", &up.addr.to_string()];
+            let out = python_in(&pc, &script, &args, Duration::from_secs(120));
             assert!(out.status.success(), "flood failed: {}", text(&out.stderr));
             eprintln!("round {round}: {}", text(&out.stdout).trim());
             // A new flow gets through soon after.
@@ -447,6 +458,11 @@ fn a_syn_flood_leaves_memory_bounded_and_service_intact() {
     eprintln!("half-open flows drained: {drained} after {:?} ({} left)", t.elapsed(), device_flows(&d));
     if !drained {
         problems.push(format!("{} flows still open 75 s after the flood (only 1 is real)", device_flows(&d)));
+    }
+    let _ = sh_in(&pc, "nft delete table inet npt_flood", Duration::from_secs(10));
+    let (_, st, _) = d.np_in_pc(&["status"]);
+    if !st.contains("handshake_timeouts: ") || st.contains("handshake_timeouts: 0,") {
+        problems.push(format!("no half-open handshake timed out: the flood did not test that\n{st}"));
     }
     // The flow opened before is intact, and np up still serves.
     held.write_all(b"still here").unwrap();
@@ -542,11 +558,19 @@ fn leftovers(d: &Deployment, name: &str) -> Vec<String> {
     }
     let out = sh_in(pc, "ss -Hlnu; ss -Hlnt; ss -Hlx", Duration::from_secs(5));
     for l in text(&out.stdout).lines() {
-        if l.contains(":53 ") || l.contains("100.80.") || l.contains("np-status") {
+        if l.contains(":53 ") || l.contains("100.80.") || l.contains("np-status") || l.contains("/run/np/") {
             left.push(format!("socket: {l}"));
         }
     }
     left
+}
+
+/// The file of `np up`'s status socket for interface `name` in pc: `/run/np/NAME.INODE.status`,
+/// INODE that of pc's network namespace.
+fn status_socket_file(d: &Deployment, name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata(std::path::Path::new("/var/run/netns").join(&d.hosts.pc)).unwrap().ino();
+    std::path::Path::new("/run/np").join(format!("{name}.{ns}.status"))
 }
 
 /// The resolver configuration pc's processes see.
@@ -579,6 +603,8 @@ fn exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start() {
     );
     assert!(up.proc.0.try_wait().unwrap().is_none(), "the first np up died:\n{}", up.log());
 
+    assert!(status_socket_file(&d, "np0").exists(), "no status socket file while np up runs");
+
     // SIGTERM: a clean exit, nothing left.
     let t = Instant::now();
     let st = up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap_or_else(|| panic!("np up ignored SIGTERM"));
@@ -586,6 +612,8 @@ fn exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start() {
     assert!(st.success(), "np up exited with {st} on SIGTERM:\n{}", tail(&up.log()));
     assert_eq!(leftovers(&d, "np0"), Vec::<String>::new());
     assert_eq!(resolver_config(&d), resolv_before);
+    let socket_file = status_socket_file(&d, "np0");
+    assert!(!socket_file.exists(), "{} outlived np up", socket_file.display());
     let (ok, _, err) = d.np_in_pc(&["status"]);
     assert!(!ok && !err.is_empty(), "np status after exit: {err}");
     drop(up);

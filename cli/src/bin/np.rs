@@ -47,7 +47,7 @@ enum Cmd {
     },
     /// Forward local ports to services on a device, through one encrypted session (no root needed).
     ///
-    /// Example: `np forward --to pi4@alice_device --relay relay.example:7444 -L 2222:localhost:22`,
+    /// Example: `np forward --to pi4@alice_device -L 2222:localhost:22`,
     /// then `ssh -p 2222 pi@127.0.0.1`.
     Forward {
         /// Your identity [default: the only one in the home directory].
@@ -56,9 +56,15 @@ enum Cmd {
         /// The device, NAME@ID (e.g. pi4@alice_device).
         #[arg(long)]
         to: DeviceRef,
-        /// The relay both sides meet at, HOST:PORT.
-        #[arg(long, env = "NP_RELAY")]
-        relay: String,
+        /// The relay both sides meet at, by identity (e.g. @relay); it is dialled at the address
+        /// it publishes itself, and the device must trust it [default: the first relay the
+        /// control plane lists].
+        #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
+        relay: Option<Name>,
+        /// Dial the relay at HOST:PORT instead of the address it publishes (e.g. through a port
+        /// forward); it must still prove its identity there. Needs --relay.
+        #[arg(long, value_name = "HOST:PORT", requires = "relay")]
+        relay_address: Option<String>,
         /// A forward, [BIND:]PORT:HOST:PORT; HOST:PORT is dialled on the device's side. Repeatable.
         #[arg(short = 'L', required = true)]
         forwards: Vec<LocalForward>,
@@ -77,9 +83,15 @@ enum Cmd {
         /// Your identity [default: the only one in the home directory].
         #[arg(long = "as")]
         me: Option<Name>,
-        /// The relay both sides meet at, HOST:PORT.
-        #[arg(long, env = "NP_RELAY")]
-        relay: String,
+        /// The relay both sides meet at, by identity (e.g. @relay); it is dialled at the address
+        /// it publishes itself, and the devices must trust it [default: the first relay the
+        /// control plane lists].
+        #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
+        relay: Option<Name>,
+        /// Dial the relay at HOST:PORT instead of the address it publishes (e.g. through a port
+        /// forward); it must still prove its identity there. Needs --relay.
+        #[arg(long, value_name = "HOST:PORT", requires = "relay")]
+        relay_address: Option<String>,
         /// A device, NAME@ID, optionally with its address: pi4@alice_device=100.80.0.5. Repeatable.
         #[arg(long = "device", required = true)]
         devices: Vec<DeviceSpec>,
@@ -99,7 +111,9 @@ enum Cmd {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Show a running `np up`: its interface, devices, sessions and flows.
+    /// Show a running `np up`: its interface, devices, sessions and flows, and the packets it
+    /// dropped because another host sent them. Runs as root, like `np up`: the status socket is
+    /// in /run/np (mode 0700), and only a root-owned server is believed.
     Status {
         /// Interface name.
         #[arg(long, default_value = "np0")]
@@ -132,9 +146,10 @@ enum Cmd {
         /// Your identity [default: the only one in the home directory].
         #[arg(long = "as")]
         me: Option<Name>,
-        /// A relay to check, HOST:PORT.
-        #[arg(long, env = "NP_RELAY")]
-        relay: Option<String>,
+        /// A relay to check, by identity (e.g. @relay): its signed record, and whether it answers
+        /// there and proves its identity.
+        #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
+        relay: Option<Name>,
         /// A device to check, NAME@ID.
         #[arg(long)]
         device: Option<DeviceRef>,
@@ -218,7 +233,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Forward { me, to, relay, forwards, timeout } => {
+        Cmd::Forward { me, to, relay, relay_address, forwards, timeout } => {
             let t0 = std::time::Instant::now();
             let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
             if cli.verbose {
@@ -229,7 +244,9 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             let (router, _requests) = Router::start(incoming);
-            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive) };
+            let relay = np_cli::pick_relay(&ctl, relay).await?;
+            let relays = np_cli::relay_book(&relay, relay_address);
+            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays };
             let targets = forwards.iter().map(|f| f.target.clone()).collect();
             let slot = Arc::new(SessionSlot::new(connector, to, relay, targets, cli.verbose));
             tokio::select! {
@@ -237,10 +254,12 @@ async fn run(cli: Cli) -> Result<()> {
                 _ = np_cli::shutdown_signal() => Ok(()),
             }
         }
-        Cmd::Up { me, relay, devices, routes, subnet, name, eager, timeout } => {
+        Cmd::Up { me, relay, relay_address, devices, routes, subnet, name, eager, timeout } => {
             let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
             let (router, _requests) = Router::start(incoming);
-            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive) };
+            let relay = np_cli::pick_relay(&ctl, relay).await?;
+            let relays = np_cli::relay_book(&relay, relay_address);
+            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays };
             let opts = UpOptions { relay, devices, routes, subnet, name, eager, verbose: cli.verbose };
             np_cli::up::run(connector, opts, np_cli::shutdown_signal()).await
         }

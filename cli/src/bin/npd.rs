@@ -35,6 +35,20 @@ struct Cli {
     /// Targets this daemon will dial: comma-separated host:port, *:port, host:* or *:*.
     #[arg(long, default_value = "localhost:22")]
     permit_open: String,
+    /// A relay this device trusts, by identity (repeatable, e.g. --relay @relay). The device
+    /// joins sessions only at these relays, dialled at the address each publishes in a record
+    /// signed with its own key, and checks at join that the relay proves that identity
+    /// [default: the relays the control plane's operator lists (`np-control relay add`)].
+    #[arg(long = "relay", value_name = "@NAME")]
+    relays: Vec<Name>,
+    /// Sessions one requester may hold with this device at once; further requests are refused
+    /// until one ends.
+    #[arg(long, default_value_t = 16)]
+    max_sessions_per_requester: usize,
+    /// An identity besides the managers that may see this device in `np devices` (repeatable).
+    /// Without managers or this, the device's record is readable by its own identity only.
+    #[arg(long = "share-with", value_name = "@NAME")]
+    share_with: Vec<Name>,
     /// Home directory with the identity's keys [default: ~/.np].
     #[arg(long, env = "NP_HOME")]
     home: Option<PathBuf>,
@@ -70,10 +84,17 @@ async fn run(cli: Cli) -> Result<()> {
     cfg.managers = cli.managers;
     cfg.policy = cli.policy;
     cfg.permit = permit;
+    cfg.relays = (!cli.relays.is_empty()).then_some(cli.relays);
+    cfg.max_sessions_per_requester = cli.max_sessions_per_requester.max(1);
+    cfg.share_with = cli.share_with;
     cfg.heartbeat = cli.heartbeat;
     cfg.mux = np_cli::mux_config(cli.keepalive);
+    let relays = match &cfg.relays {
+        Some(list) => list.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(","),
+        None => "the control plane's list".to_string(),
+    };
     eprintln!(
-        "npd: {}@{} ready; managers {}; permit-open {}",
+        "npd: {}@{} ready; managers {}; permit-open {}; relays {relays}",
         cfg.device,
         ctl.me().bare(),
         cfg.managers.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(","),

@@ -9,7 +9,8 @@ use np_identity::home::ControlConfig;
 use np_identity::{Keys, Name};
 use np_wire::io::{read_msg, write_msg};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -102,6 +103,19 @@ impl Conn {
     }
 }
 
+/// Requests a connection has sent and not yet had answered, at most. More wait in the command
+/// channel; this bounds what the writer task may hold.
+const MAX_OUTSTANDING: usize = 256;
+
+/// What the connection task hands on: pushes to open, and sequence numbers to acknowledge again
+/// (a push seen before, sent again by the server, still holds a place in its window).
+pub(crate) struct Outlets {
+    pub pushes: mpsc::Sender<Delivery>,
+    pub acks: mpsc::Sender<u64>,
+    /// Whether a connection is up right now (a cached key is served without asking while not).
+    pub connected: Arc<AtomicBool>,
+}
+
 /// Keeps a connection up until every client handle is dropped.
 pub(crate) async fn run(
     mut conn: Conn,
@@ -109,11 +123,13 @@ pub(crate) async fn run(
     me: Name,
     inner: Weak<Inner>,
     mut cmds: mpsc::Receiver<Cmd>,
-    pushes: mpsc::Sender<Delivery>,
+    out: Outlets,
 ) {
     let mut seen: VecDeque<u64> = VecDeque::with_capacity(SEEN);
     loop {
-        let reason = serve(conn, &mut cmds, &pushes, &mut seen).await;
+        out.connected.store(true, Ordering::Relaxed);
+        let reason = serve(conn, &mut cmds, &out, &mut seen).await;
+        out.connected.store(false, Ordering::Relaxed);
         let Some(reason) = reason else { return };
         tracing::warn!(%me, address = %cfg.address, %reason, "control-plane connection lost; reconnecting");
         let mut backoff = BACKOFF_MIN;
@@ -140,12 +156,13 @@ pub(crate) async fn run(
 }
 
 /// Serves one connection; `None` when the client is gone, else why the connection ended.
-async fn serve(
-    conn: Conn,
-    cmds: &mut mpsc::Receiver<Cmd>,
-    pushes: &mpsc::Sender<Delivery>,
-    seen: &mut VecDeque<u64>,
-) -> Option<String> {
+///
+/// Nothing in this loop waits on anyone: frames are read by their own task, written by their
+/// own task, and pushes go into a queue that always has room (it holds [`np_control_proto::PUSH_WINDOW`], and the
+/// server sends no more unacknowledged). So a reply is always read and handed over however many
+/// pushes arrive; before, the loop waited for room in a full push queue while the code that
+/// empties it waited here for its key lookups and acks, and each queued push cost two timeouts.
+async fn serve(conn: Conn, cmds: &mut mpsc::Receiver<Cmd>, out: &Outlets, seen: &mut VecDeque<u64>) -> Option<String> {
     let Conn { mut rd, mut wr } = conn;
     let (frames_tx, mut frames) = mpsc::channel::<Result<ServerFrame, String>>(64);
     // read_msg is not cancel-safe, so reading lives in its own task.
@@ -162,20 +179,32 @@ async fn serve(
             }
         }
     });
+    // Writing too: a server that is slow to read must not stop this loop from reading. The
+    // channel is unbounded, but holds at most MAX_OUTSTANDING requests (see below).
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ClientFrame>();
+    let mut writer = tokio::spawn(async move {
+        while let Some(f) = out_rx.recv().await {
+            if let Err(e) = write_msg(&mut wr, &f).await {
+                return e.to_string();
+            }
+        }
+        "the client closed".to_string()
+    });
     let mut pending: HashMap<u32, oneshot::Sender<Result<Reply, ClientError>>> = HashMap::new();
     let mut next_id: u32 = 2;
     let reason = loop {
         tokio::select! {
-            cmd = cmds.recv() => {
-                let Some(cmd) = cmd else { reader.abort(); return None };
+            cmd = cmds.recv(), if pending.len() < MAX_OUTSTANDING => {
+                let Some(cmd) = cmd else { reader.abort(); writer.abort(); return None };
                 let id = next_id;
                 next_id = next_id.wrapping_add(1).max(2);
-                if let Err(e) = write_msg(&mut wr, &ClientFrame { id, req: cmd.req }).await {
+                if out_tx.send(ClientFrame { id, req: cmd.req }).is_err() {
                     let _ = cmd.reply.send(Err(ClientError::Disconnected));
-                    break e.to_string();
+                    break "writer ended".to_string();
                 }
                 pending.insert(id, cmd.reply);
             }
+            w = &mut writer => break w.unwrap_or_else(|e| e.to_string()),
             frame = frames.recv() => match frame {
                 Some(Ok(ServerFrame::Reply { id, result })) => {
                     if let Some(tx) = pending.remove(&id) {
@@ -186,15 +215,30 @@ async fn serve(
                 }
                 Some(Ok(ServerFrame::Push(d))) => {
                     if seen.contains(&d.seq) {
+                        // Sent again (a reconnect, or the server rereading its queue): it is
+                        // being handled, but the server counts it against its window until acked.
+                        let _ = out.acks.try_send(d.seq);
                         continue;
+                    }
+                    let seq = d.seq;
+                    match out.pushes.try_send(d) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            // Only a server that ignores the window gets here. Not marked as
+                            // seen: it stays queued on the server and comes again later.
+                            tracing::warn!(seq, "the server sent more pushes than its window; dropping one");
+                            continue;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            reader.abort();
+                            writer.abort();
+                            return None;
+                        }
                     }
                     if seen.len() == SEEN {
                         seen.pop_front();
                     }
-                    seen.push_back(d.seq);
-                    if pushes.send(d).await.is_err() {
-                        return None;
-                    }
+                    seen.push_back(seq);
                 }
                 Some(Err(e)) => break e,
                 None => break "reader ended".to_string(),
@@ -202,6 +246,7 @@ async fn serve(
         }
     };
     reader.abort();
+    writer.abort();
     for (_, tx) in pending.drain() {
         let _ = tx.send(Err(ClientError::Disconnected));
     }

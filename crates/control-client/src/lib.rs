@@ -12,17 +12,27 @@ pub mod tls;
 pub use error::ClientError;
 pub use np_control_proto::{ErrorCode, Record};
 
-use conn::{Cmd, Conn};
-use np_control_proto::{EnrolCode, Reply, Request};
+use conn::{Cmd, Conn, Outlets};
+use np_control_proto::{EnrolCode, Reply, Request, MAX_ACK_BATCH, PUSH_WINDOW};
 use np_identity::home::{ControlConfig, Home};
 use np_identity::{Envelope, Keys, Name, PublicKeys};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// How long one request may wait for its answer, including a reconnection.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a looked-up key is used without asking the control plane again. Short, so that a
+/// revoked identity stops being accepted (by a relay, say) within seconds; while the control
+/// plane cannot be reached, the cached key is used regardless.
+pub const KEY_TTL: Duration = Duration::from_secs(2);
+/// Longest wait to confirm a cached key before using it anyway.
+const RECHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pushes received and not yet opened, at most. At least the server's window, so the connection
+/// task never has to wait for room (see `conn::serve`).
+const PUSH_QUEUE: usize = 4 * PUSH_WINDOW;
 
 /// A message from another identity, verified and decrypted.
 #[derive(Clone, Debug)]
@@ -61,7 +71,9 @@ struct Inner {
     keys: Keys,
     home: Home,
     cmd: mpsc::Sender<Cmd>,
-    known: Mutex<HashMap<Name, PublicKeys>>,
+    /// Keys looked up, with when the control plane last confirmed them.
+    known: Mutex<HashMap<Name, (PublicKeys, Instant)>>,
+    connected: Arc<AtomicBool>,
 }
 
 /// A connected, authenticated control-plane client. Cheap to clone.
@@ -100,18 +112,23 @@ impl ControlClient {
         let cfg = home.load_control(me)?;
         let conn = Conn::open(&cfg, me, &keys).await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
-        let (push_tx, push_rx) = mpsc::channel(1024);
+        let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
+        let (ack_tx, ack_rx) = mpsc::channel(PUSH_QUEUE);
         let (msg_tx, msg_rx) = mpsc::channel(1024);
+        let connected = Arc::new(AtomicBool::new(true));
         let inner = Arc::new(Inner {
             me: me.clone(),
             keys,
             home: home.clone(),
             cmd: cmd_tx,
             known: Mutex::new(HashMap::new()),
+            connected: connected.clone(),
         });
         let weak = Arc::downgrade(&inner);
-        tokio::spawn(conn::run(conn, cfg, me.clone(), weak.clone(), cmd_rx, push_tx));
-        tokio::spawn(open_pushes(weak, push_rx, msg_tx));
+        let outlets = Outlets { pushes: push_tx, acks: ack_tx.clone(), connected };
+        tokio::spawn(conn::run(conn, cfg, me.clone(), weak.clone(), cmd_rx, outlets));
+        tokio::spawn(open_pushes(weak.clone(), push_rx, msg_tx, ack_tx));
+        tokio::spawn(acknowledge(weak, ack_rx));
         Ok((ControlClient { inner }, Incoming { rx: msg_rx }))
     }
 
@@ -144,20 +161,69 @@ impl ControlClient {
         }
     }
 
+    /// Whether the connection to the control plane is up right now (it reconnects by itself).
+    pub fn connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Relaxed)
+    }
+
     /// The public keys of `name`, pinned on first use: a later change is an error.
+    ///
+    /// A key confirmed by the control plane within [`KEY_TTL`] is answered from memory. An older
+    /// one is confirmed again: if the identity was revoked meanwhile, it is forgotten and the
+    /// lookup fails (`UnknownIdentity`); if the control plane cannot be reached (no connection,
+    /// or no answer), the cached key is still used, so its users keep working through an outage.
     pub async fn lookup(&self, name: &Name) -> Result<PublicKeys, ClientError> {
-        if let Some(k) = self.inner.known.lock().ok().and_then(|m| m.get(name).copied()) {
-            return Ok(k);
+        let cached = self.inner.known.lock().ok().and_then(|m| m.get(name).copied());
+        if let Some((k, at)) = cached {
+            if at.elapsed() < KEY_TTL || !self.connected() {
+                return Ok(k);
+            }
         }
-        let keys = match self.request(Request::Lookup { name: name.clone() }).await? {
-            Reply::Identity(info) if &info.name == name => info.keys,
-            other => return Err(unexpected(other)),
+        let ask = self.request(Request::Lookup { name: name.clone() });
+        // With a key in hand, a slow control plane costs a user at most this much.
+        let limit = if cached.is_some() { RECHECK_TIMEOUT } else { REQUEST_TIMEOUT };
+        let answer = match tokio::time::timeout(limit, ask).await {
+            Ok(Ok(Reply::Identity(info))) if &info.name == name => Ok(info.keys),
+            Ok(Ok(other)) => Err(unexpected(other)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Timeout("key lookup")),
         };
-        self.inner.home.pin_peer(name, &keys)?;
+        let keys = match (answer, cached) {
+            (Ok(keys), _) => keys,
+            (Err(e @ ClientError::Refused { code: ErrorCode::UnknownIdentity, .. }), _) => {
+                if let Ok(mut m) = self.inner.known.lock() {
+                    if m.remove(name).is_some() {
+                        tracing::info!(%name, "forgot the key of an identity the control plane no longer knows (revoked)");
+                    }
+                }
+                return Err(e);
+            }
+            (Err(e), Some((k, _))) => {
+                // Confirmed again later; until then the key that worked is still the best one.
+                tracing::debug!(%name, error = %e, "could not confirm a cached key; using it");
+                if let Ok(mut m) = self.inner.known.lock() {
+                    m.insert(name.clone(), (k, Instant::now()));
+                }
+                return Ok(k);
+            }
+            (Err(e), None) => return Err(e),
+        };
+        // The pin file is read (or written, the first time) only when the key is new here.
+        if cached.map(|(k, _)| k) != Some(keys) {
+            self.inner.home.pin_peer(name, &keys)?;
+        }
         if let Ok(mut m) = self.inner.known.lock() {
-            m.insert(name.clone(), keys);
+            m.insert(name.clone(), (keys, Instant::now()));
         }
         Ok(keys)
+    }
+
+    /// The relays this control plane's operator lists (`np-control relay add`).
+    pub async fn relays(&self) -> Result<Vec<Name>, ClientError> {
+        match self.request(Request::Relays).await? {
+            Reply::Relays(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// The control-plane node that serves `name`.
@@ -241,7 +307,9 @@ fn request_name(r: &Request) -> &'static str {
         Request::List { .. } => "listing records",
         Request::Notify { .. } => "sending a notification",
         Request::Ack { .. } => "acknowledging a notification",
+        Request::AckMany { .. } => "acknowledging notifications",
         Request::Ping => "ping",
+        Request::Relays => "listing relays",
     }
 }
 
@@ -249,13 +317,16 @@ fn unexpected(r: Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {r:?}"))
 }
 
-/// Verifies, decrypts and acknowledges pushed notifications. Holds the client weakly, so that
-/// dropping every `ControlClient` ends the connection task.
+/// Verifies and decrypts pushed notifications, and hands each one's sequence number to
+/// [`acknowledge`]. Holds the client weakly, so that dropping every `ControlClient` ends the
+/// connection task.
 async fn open_pushes(
     inner: Weak<Inner>,
     mut pushes: mpsc::Receiver<np_control_proto::Delivery>,
     out: mpsc::Sender<Message>,
+    acks: mpsc::Sender<u64>,
 ) {
+    let mut discarding = false;
     while let Some(d) = pushes.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         let client = ControlClient { inner };
@@ -270,17 +341,46 @@ async fn open_pushes(
         };
         match opened {
             Ok(payload) => {
-                if out.send(Message { from: env.from.clone(), payload, created_ms: env.created_ms }).await.is_err() {
-                    // Nobody reads: leave it queued on the server for the next connection.
-                    continue;
+                if out.send(Message { from: env.from.clone(), payload, created_ms: env.created_ms }).await.is_err()
+                    && !discarding
+                {
+                    // The owner dropped its `Incoming`: it wants no notifications (a relay, say).
+                    // They are acknowledged and dropped, so none piles up on the server for it.
+                    tracing::debug!("notifications arrive but nobody reads them; acknowledging and dropping them");
+                    discarding = true;
                 }
             }
             Err(e) => {
                 tracing::warn!(from = %env.from, seq = d.seq, error = %e, "dropping a notification that does not open")
             }
         }
-        if let Err(e) = client.request(Request::Ack { seq: d.seq }).await {
-            tracing::debug!(seq = d.seq, error = %e, "acknowledgement failed; it will be delivered again");
+        if acks.send(d.seq).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Acknowledges what [`open_pushes`] is done with, in batches: whatever accumulated while the
+/// previous batch was on its way goes in one `AckMany` (one round trip and one database commit),
+/// so a backlog of thousands drains at the speed of the connection.
+async fn acknowledge(inner: Weak<Inner>, mut acks: mpsc::Receiver<u64>) {
+    let mut batch = Vec::with_capacity(MAX_ACK_BATCH);
+    while let Some(seq) = acks.recv().await {
+        batch.push(seq);
+        while batch.len() < MAX_ACK_BATCH {
+            match acks.try_recv() {
+                Ok(s) => batch.push(s),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let client = ControlClient { inner };
+        let n = batch.len();
+        let req =
+            if n == 1 { Request::Ack { seq: batch[0] } } else { Request::AckMany { seqs: std::mem::take(&mut batch) } };
+        batch.clear();
+        if let Err(e) = client.request(req).await {
+            tracing::debug!(count = n, error = %e, "acknowledgement failed; those notifications will be delivered again");
         }
     }
 }

@@ -7,7 +7,9 @@
 //! 2. client → [`ClientFrame`]s: `Enroll` or `Auth` first (each signs a transcript that includes the
 //!    nonce, so a captured signature is useless on another connection), then anything else;
 //! 3. server → [`ServerFrame`]s: a `Reply` per request (matched by id), and `Push` for each
-//!    notification addressed to this identity, which the client acknowledges with `Ack`.
+//!    notification addressed to this identity, which the client acknowledges with `Ack` or
+//!    `AckMany`. At most [`PUSH_WINDOW`] pushes are unacknowledged at a time, and the server
+//!    writes replies before pushes, so a client's requests are answered however long its backlog.
 
 mod code;
 mod msg;
@@ -24,6 +26,11 @@ pub const MAX_FRAME: usize = 128 * 1024;
 /// Largest frame accepted before authentication: enough for an enrolment, far below a flood's
 /// appetite.
 pub const MAX_PREAUTH_FRAME: usize = 4 * 1024;
+/// Most pushes a server leaves unacknowledged on one connection. A client's push queue must hold
+/// at least this many, so that reading never waits for the code that consumes pushes.
+pub const PUSH_WINDOW: usize = 256;
+/// Most sequence numbers one `AckMany` may carry.
+pub const MAX_ACK_BATCH: usize = 1024;
 /// The TLS server name clients ask for; the certificate is pinned by hash, not by name.
 pub const TLS_SERVER_NAME: &str = "np-control";
 

@@ -58,8 +58,15 @@ pub enum Request {
     },
     /// A pushed notification was received and may be deleted.
     Ack { seq: u64 },
+    /// Several pushed notifications were received and may be deleted (at most [`crate::MAX_ACK_BATCH`]):
+    /// one round trip and one database commit for a whole batch, so a backlog of thousands
+    /// drains at the speed of the connection.
+    AckMany { seqs: Vec<u64> },
     /// Liveness check.
     Ping,
+    /// The relays this control plane's operator lists (`np-control relay add`): the relays a
+    /// device trusts when it names none itself.
+    Relays,
 }
 
 /// A record an identity publishes, signed by it. Public unless `readers` names who may read it.
@@ -106,7 +113,10 @@ pub struct IdentityInfo {
 pub enum ServerFrame {
     /// The answer to request `id`.
     Reply { id: u32, result: Result<Reply, ErrorReply> },
-    /// A notification for this identity; acknowledge it with `Ack { seq }`.
+    /// A notification for this identity; acknowledge it with `Ack { seq }` or `AckMany`. The
+    /// server keeps at most [`crate::PUSH_WINDOW`] pushes unacknowledged on a connection, so a client
+    /// whose push queue holds that many never has to stop reading (and its replies never wait
+    /// behind pushes).
     Push(Delivery),
 }
 
@@ -144,6 +154,8 @@ pub enum Reply {
     },
     Acked,
     Pong,
+    /// The operator's relay list.
+    Relays(Vec<Name>),
 }
 
 /// A refused request, with a machine-readable code and a message for humans.
@@ -182,6 +194,9 @@ pub enum ErrorCode {
     NotFound,
     /// The server could not complete the request (storage failure).
     Internal,
+    /// The recipient already holds as many queued notifications from this sender (or in all) as
+    /// it may; others can still reach it. Try again once it has connected and caught up.
+    Quota,
 }
 
 /// Requests the operator's tool sends over the control plane's local admin socket.
@@ -192,6 +207,12 @@ pub enum AdminRequest {
     /// Remove an identity: its key, records and queued notifications; its connections close
     /// and it can no longer authenticate.
     Revoke { name: Name },
+    /// Add `name` (an enrolled identity) to the relays devices trust by default.
+    RelayAdd { name: Name },
+    /// Remove `name` from that list.
+    RelayRemove { name: Name },
+    /// The list.
+    RelayList,
 }
 
 /// Answers on the admin socket.
@@ -201,6 +222,8 @@ pub enum AdminReply {
     Code(String),
     /// Done.
     Revoked,
+    /// The relay list, after the change if there was one.
+    Relays(Vec<Name>),
     /// Refused, with why.
     Error(String),
 }

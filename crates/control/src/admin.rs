@@ -36,7 +36,7 @@ pub(crate) async fn serve(
         let (shared, cert) = (shared.clone(), cert_der.clone());
         let store = shared.store.clone();
         tokio::spawn(async move {
-            let req = match np_wire::io::read_msg::<AdminRequest, _>(&mut s, 4096).await {
+            let req: AdminRequest = match np_wire::io::read_msg(&mut s, 4096).await {
                 Ok(Some(r)) => r,
                 _ => return,
             };
@@ -57,13 +57,21 @@ pub(crate) async fn serve(
                 }
                 AdminRequest::Revoke { name } => {
                     let n = name.clone();
-                    match shared.lane.submit(move |s| s.revoke(&n)).await {
+                    match shared.lane.submit(move |s| revoke_in(s, &n)).await {
                         Ok(Ok(true)) => {
                             shared.hub.close_all(&name);
                             tracing::warn!(%name, "identity revoked");
                             AdminReply::Revoked
                         }
                         Ok(Ok(false)) => AdminReply::Error(format!("{name} is not enrolled")),
+                        Ok(Err(e)) => AdminReply::Error(e.to_string()),
+                        Err(e) => AdminReply::Error(e.to_string()),
+                    }
+                }
+                AdminRequest::RelayAdd { .. } | AdminRequest::RelayRemove { .. } | AdminRequest::RelayList => {
+                    let r = shared.lane.submit(move |s| relay_op(s, &req)).await;
+                    match r {
+                        Ok(Ok(list)) => AdminReply::Relays(list),
                         Ok(Err(e)) => AdminReply::Error(e.to_string()),
                         Err(e) => AdminReply::Error(e.to_string()),
                     }
@@ -114,8 +122,50 @@ pub async fn revoke(data: &Path, name: &Name) -> Result<()> {
         };
     }
     let store = Store::open(&data.join(crate::server::DB_FILE))?;
-    if !store.revoke(name)? {
+    if !revoke_in(&store, name)? {
         bail!("{name} is not enrolled");
     }
     Ok(())
+}
+
+/// Revokes `name` and takes it off the relay list: a revoked relay is trusted by no device.
+fn revoke_in(store: &Store, name: &Name) -> Result<bool, StoreError> {
+    let existed = store.revoke(name)?;
+    store.relay_remove(name)?;
+    Ok(existed)
+}
+
+/// Applies a relay-list request; returns the list after it.
+fn relay_op(store: &Store, req: &AdminRequest) -> Result<Vec<Name>, StoreError> {
+    match req {
+        AdminRequest::RelayAdd { name } => store.relay_add(name, crate::now_ms())?,
+        AdminRequest::RelayRemove { name } if !store.relay_remove(name)? => {
+            return Err(StoreError::Limit(format!("{name} is not on the relay list")));
+        }
+        _ => {}
+    }
+    store.relays()
+}
+
+/// Changes or reads the relay list (`req` is one of the relay requests): through the running
+/// server, or directly in the database when no server is running. Returns the list after it.
+pub async fn relays(data: &Path, req: AdminRequest) -> Result<Vec<Name>> {
+    let sock = data.join(SOCKET);
+    if let Ok(mut s) = UnixStream::connect(&sock).await {
+        np_wire::io::write_msg(&mut s, &req).await.context("asking the running server")?;
+        return match np_wire::io::read_msg::<AdminReply, _>(&mut s, 64 * 1024).await {
+            Ok(Some(AdminReply::Relays(list))) => Ok(list),
+            Ok(Some(AdminReply::Error(e))) => bail!("{e}"),
+            _ => bail!("the running server closed the admin socket without an answer"),
+        };
+    }
+    if !data.join(crate::server::DB_FILE).exists() {
+        bail!(
+            "no control-plane data in {}: start the server first with `np-control serve --data {}`",
+            data.display(),
+            data.display()
+        );
+    }
+    let store = Store::open(&data.join(crate::server::DB_FILE))?;
+    Ok(relay_op(&store, &req)?)
 }

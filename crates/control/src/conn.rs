@@ -5,15 +5,16 @@ use crate::server::Shared;
 use crate::store::{Store, StoreError};
 use np_control_proto::{
     auth_transcript, enroll_transcript, ClientFrame, Delivery, ErrorCode, ErrorReply, IdentityInfo, Reply, Request,
-    ServerFrame, ServerHello, MAX_FRAME, MAX_PREAUTH_FRAME, PROTOCOL_VERSION,
+    ServerFrame, ServerHello, MAX_ACK_BATCH, MAX_FRAME, MAX_PREAUTH_FRAME, PROTOCOL_VERSION, PUSH_WINDOW,
 };
 use np_identity::Name;
 use np_wire::io::{read_msg, write_msg};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 
 type Tls = TlsStream<TcpStream>;
@@ -37,6 +38,7 @@ fn store_err(e: StoreError) -> ErrorReply {
         StoreError::CodeForOtherName(_) => err(ErrorCode::CodeForOtherName, e.to_string()),
         StoreError::NameTaken(_) => err(ErrorCode::NameTaken, e.to_string()),
         StoreError::Limit(_) => err(ErrorCode::TooLarge, e.to_string()),
+        StoreError::Quota(_) => err(ErrorCode::Quota, e.to_string()),
         StoreError::Db(_) | StoreError::InUse(_) | StoreError::Corrupt(_) => {
             tracing::error!(error = %e, "storage failure");
             err(ErrorCode::Internal, "the control plane could not complete this (storage failure); try again")
@@ -111,50 +113,178 @@ pub(crate) async fn serve(
     m.handshake.observe(started.elapsed());
     let _authenticated = m.authenticated.track();
     tracing::info!(name = %me.name, %peer, conn, "authenticated");
-    let (tx, rx) = mpsc::channel(crate::hub::CONN_QUEUE);
+    let (live_tx, live_rx) = mpsc::channel(crate::hub::CONN_QUEUE);
+    let (reply_tx, reply_rx) = mpsc::channel(MAX_CONCURRENT_REQUESTS + 1);
     let kill = Arc::new(Notify::new());
-    shared.hub.add(&me.name, conn, tx.clone(), kill.clone());
-    // Registered before reading the queue, so a notification arriving in between is pushed (and
-    // perhaps sent twice; clients drop duplicate sequence numbers) rather than missed.
-    let name = me.name.clone();
-    let backlog = match db(&shared.store, move |s| s.pending(&name, crate::now_ms())).await {
-        Ok(pending) => pending,
-        Err(e) => {
-            tracing::error!(name = %me.name, error = %e.message, "could not read queued notifications");
-            Vec::new()
-        }
-    };
-    if !backlog.is_empty() {
-        tracing::debug!(name = %me.name, queued = backlog.len(), "delivering queued notifications");
+    let resync = Arc::new(Notify::new());
+    let window = Arc::new(Window::default());
+    // Registered before the queue is read, so a notification arriving in between is pushed (and
+    // perhaps sent twice; the writer and the client drop duplicates) rather than missed.
+    shared.hub.add(&me.name, conn, crate::hub::ConnHandle { tx: live_tx, kill: kill.clone(), resync: resync.clone() });
+    // A notification pushed just before this registration missed it, and its commit may still be
+    // on its way, so the queue read next could miss it too and it would reach this connection
+    // never. Every such commit was submitted to the (ordered) write lane before now: wait for
+    // the lane to get past this point first.
+    if dbw(&shared, |_| Ok(())).await.is_err() {
+        tracing::error!(name = %me.name, "the database writer failed");
     }
-    // The writer sends the backlog itself, ahead of the push channel: feeding a backlog larger
-    // than the channel through it before the writer ran deadlocked the connection (a recipient
-    // with more than CONN_QUEUE waiting never received any), and would crowd out live pushes.
-    let writer = tokio::spawn(write_loop(backlog, rx, wr));
+    let (pages_tx, pages_rx) = mpsc::channel(1);
+    let backlog = tokio::spawn(read_backlog(shared.clone(), me.name.clone(), pages_tx, resync));
+    let mut writer = tokio::spawn(write_loop(reply_rx, live_rx, pages_rx, window.clone(), wr));
     let result = tokio::select! {
-        r = read_loop(&shared, &me, rd, &tx) => r,
-        _ = kill.notified() => Err("its push queue was full (client too slow); it will reconnect and catch up".into()),
+        r = read_loop(&shared, &me, rd, reply_tx, &window) => r,
+        _ = kill.notified() => Err("closed by the operator (revoked)".into()),
+        _ = &mut writer => Err("writing to it failed".into()),
     };
     shared.hub.remove(&me.name, conn);
-    drop(tx);
-    let _ = writer.await;
+    backlog.abort();
+    // The writer ends once every reply of the requests still running is written.
+    if !writer.is_finished() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut writer).await;
+        writer.abort();
+    }
     match result {
         Ok(()) => tracing::info!(name = %me.name, conn, "disconnected"),
         Err(reason) => tracing::info!(name = %me.name, conn, %reason, "connection closed"),
     }
 }
 
-async fn write_loop(
-    backlog: Vec<(u64, np_identity::Envelope)>,
-    mut rx: mpsc::Receiver<ServerFrame>,
-    mut wr: WriteHalf<Tls>,
-) {
-    for (seq, envelope) in backlog {
-        if write_msg(&mut wr, &ServerFrame::Push(Delivery { seq, envelope })).await.is_err() {
-            return;
+/// Requests of one connection handled at once: a slow one (a notification waits for its commit)
+/// does not hold up a lookup behind it, and a client cannot make the server hold more than this
+/// many (the reader stops reading until one is answered).
+const MAX_CONCURRENT_REQUESTS: usize = 16;
+/// Notifications read from the database at a time when streaming a backlog.
+const BACKLOG_PAGE: usize = 128;
+
+/// The pushes of a connection that are written and not yet acknowledged. At most
+/// [`PUSH_WINDOW`]: the client's push queue holds at least that many, so its reader never waits
+/// for the code that drains that queue (which needs the same reader for its lookups and acks).
+#[derive(Default)]
+struct Window {
+    in_flight: std::sync::Mutex<HashSet<u64>>,
+    /// Room was made by an acknowledgement.
+    freed: Notify,
+}
+
+impl Window {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn has_room(&self) -> bool {
+        self.lock().len() < PUSH_WINDOW
+    }
+
+    /// Marks `seq` as written; false if it already is (written once, unacknowledged).
+    fn sent(&self, seq: u64) -> bool {
+        self.lock().insert(seq)
+    }
+
+    fn acked(&self, seqs: &[u64]) {
+        let mut w = self.lock();
+        let mut any = false;
+        for s in seqs {
+            any |= w.remove(s);
+        }
+        drop(w);
+        if any {
+            self.freed.notify_one();
         }
     }
-    while let Some(frame) = rx.recv().await {
+}
+
+/// Streams the recipient's queue from the database, a page at a time, to the writer (which takes
+/// a page only when its window has room, so at most two pages are in memory). At the end it waits
+/// for a resync (a live push that did not fit) and reads the queue again from the start; what
+/// was acknowledged meanwhile is gone, and what is still in flight the writer skips.
+async fn read_backlog(
+    shared: Arc<Shared>,
+    name: Name,
+    pages: mpsc::Sender<Vec<(u64, np_identity::Envelope)>>,
+    resync: Arc<Notify>,
+) {
+    loop {
+        let mut after = None;
+        let mut total = 0usize;
+        loop {
+            let n = name.clone();
+            let page = match db(&shared.store, move |s| s.pending_page(&n, after, crate::now_ms(), BACKLOG_PAGE)).await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(%name, error = %e.message, "could not read queued notifications");
+                    break;
+                }
+            };
+            total += page.items.len();
+            if !page.items.is_empty() && pages.send(page.items).await.is_err() {
+                return;
+            }
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        if total > 0 {
+            tracing::debug!(%name, queued = total, "delivered queued notifications");
+        }
+        resync.notified().await;
+    }
+}
+
+/// Writes a connection's frames: replies first (they never wait behind pushes), then live pushes,
+/// then the backlog; pushes only while the window has room.
+async fn write_loop(
+    mut replies: mpsc::Receiver<(ServerFrame, OwnedSemaphorePermit)>,
+    mut live: mpsc::Receiver<ServerFrame>,
+    mut pages: mpsc::Receiver<Vec<(u64, np_identity::Envelope)>>,
+    window: Arc<Window>,
+    mut wr: WriteHalf<Tls>,
+) {
+    let mut page: std::collections::VecDeque<(u64, np_identity::Envelope)> = Default::default();
+    loop {
+        // Whatever is ready, by priority, without waiting.
+        let frame = if let Ok((reply, _permit)) = replies.try_recv() {
+            Some(reply)
+        } else if !window.has_room() {
+            None
+        } else if let Ok(push) = live.try_recv() {
+            Some(push)
+        } else {
+            page.pop_front().map(|(seq, envelope)| ServerFrame::Push(Delivery { seq, envelope }))
+        };
+        let frame = match frame {
+            Some(f) => f,
+            None => {
+                let room = window.has_room();
+                tokio::select! {
+                    biased;
+                    r = replies.recv() => match r {
+                        Some((reply, _permit)) => reply,
+                        // The reader and every request it started are done.
+                        None => break,
+                    },
+                    p = live.recv(), if room => match p {
+                        Some(p) => p,
+                        None => break,
+                    },
+                    p = pages.recv(), if room && page.is_empty() => {
+                        if let Some(p) = p {
+                            page.extend(p);
+                        }
+                        continue;
+                    }
+                    _ = window.freed.notified(), if !room => continue,
+                }
+            }
+        };
+        // A push already in flight (sent from the backlog, then live, or the reverse) is not
+        // sent twice.
+        if let ServerFrame::Push(d) = &frame {
+            if !window.sent(d.seq) {
+                continue;
+            }
+        }
         if write_msg(&mut wr, &frame).await.is_err() {
             return;
         }
@@ -282,26 +412,40 @@ async fn read_loop(
     shared: &Arc<Shared>,
     me: &IdentityInfo,
     mut rd: ReadHalf<Tls>,
-    tx: &mpsc::Sender<ServerFrame>,
+    replies: mpsc::Sender<(ServerFrame, OwnedSemaphorePermit)>,
+    window: &Arc<Window>,
 ) -> Result<(), String> {
+    let running = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
     loop {
+        // One permit per request, returned when its reply is written: the reply channel never
+        // fills, and a client that does not read its replies stops being read.
+        let Ok(permit) = running.clone().acquire_owned().await else {
+            return Err("closed".into());
+        };
         let frame: ClientFrame = match read_msg(&mut rd, MAX_FRAME).await {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(e) => {
                 shared.metrics.refused(ErrorCode::BadRequest);
                 let reply = ServerFrame::Reply { id: 0, result: Err(err(ErrorCode::BadRequest, e.to_string())) };
-                let _ = tx.send(reply).await;
+                let _ = replies.send((reply, permit)).await;
                 return Err(e.to_string());
             }
         };
-        let result = handle(shared, me, frame.req).await;
-        if let Err(e) = &result {
-            shared.metrics.refused(e.code);
+        // Acknowledgements open the window at once; the deletion follows through the write lane.
+        match &frame.req {
+            Request::Ack { seq } => window.acked(&[*seq]),
+            Request::AckMany { seqs } if seqs.len() <= MAX_ACK_BATCH => window.acked(seqs),
+            _ => {}
         }
-        if tx.send(ServerFrame::Reply { id: frame.id, result }).await.is_err() {
-            return Err("writer ended".into());
-        }
+        let (shared, me, replies) = (shared.clone(), me.clone(), replies.clone());
+        tokio::spawn(async move {
+            let result = handle(&shared, &me, frame.req).await;
+            if let Err(e) = &result {
+                shared.metrics.refused(e.code);
+            }
+            let _ = replies.send((ServerFrame::Reply { id: frame.id, result }, permit)).await;
+        });
     }
 }
 
@@ -352,9 +496,18 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, req: Request) -> Result
             Ok(Reply::Records(db(store, move |s| s.records_for(&reader, &key_prefix, MAX_LIST)).await?))
         }
         Request::Notify { envelope, ttl_secs } => notify(shared, me, envelope, ttl_secs).await,
+        Request::Relays => Ok(Reply::Relays(db(store, |s| s.relays()).await?)),
         Request::Ack { seq } => {
             let name = me.name.clone();
             dbw(shared, move |s| s.ack(&name, seq)).await?;
+            Ok(Reply::Acked)
+        }
+        Request::AckMany { seqs } => {
+            if seqs.len() > MAX_ACK_BATCH {
+                return Err(err(ErrorCode::TooLarge, format!("at most {MAX_ACK_BATCH} acknowledgements at once")));
+            }
+            let name = me.name.clone();
+            dbw(shared, move |s| s.ack_many(&name, &seqs)).await?;
             Ok(Reply::Acked)
         }
     }
@@ -380,14 +533,22 @@ async fn notify(
     if db(&shared.store, move |s| s.identity(&t)).await?.is_none() {
         return Err(err(ErrorCode::UnknownIdentity, format!("{to} is not enrolled on this control plane")));
     }
+    // Over its share: refused before the recipient sees anything (checked again, under the
+    // queue's lock, when it is stored).
+    shared.store.admit(&to, &me.name).map_err(store_err)?;
     let ttl_ms = (u64::from(ttl_secs) * 1000).min(shared.cfg.max_ttl.as_millis() as u64);
     let expires = crate::now_ms().saturating_add(ttl_ms);
     let env = envelope.clone();
     let seq = shared.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let stored = shared.lane.submit(move |s| s.enqueue_at(seq, &env, expires));
     // Pushed before the commit completes (see `lane`); the sender's answer waits for it.
-    let delivered = shared.hub.push(&to, &Delivery { seq, envelope });
-    match stored.await {
+    let pushed = shared.hub.push(&to, &Delivery { seq, envelope });
+    let stored = stored.await;
+    for resync in pushed.overflowed {
+        resync.notify_one();
+    }
+    let delivered = pushed.delivered;
+    match stored {
         Ok(r) => r.map_err(store_err)?,
         Err(_) => return Err(err(ErrorCode::Internal, "storage writer failed")),
     }

@@ -6,13 +6,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Notify};
 
-/// Frames a connection may have waiting to be written before it counts as stuck.
+/// Live pushes a connection may have waiting to be written. Beyond it they are left to the
+/// database (where each already is, or is about to be) and the connection rereads its queue.
 pub const CONN_QUEUE: usize = 256;
+
+/// How the hub reaches one connection.
+pub struct ConnHandle {
+    /// Live pushes, for its writer.
+    pub tx: mpsc::Sender<ServerFrame>,
+    /// Closes it (revocation).
+    pub kill: Arc<Notify>,
+    /// Tells it that a live push did not fit, so it must read its queue from the database again.
+    pub resync: Arc<Notify>,
+}
 
 struct Entry {
     conn: u64,
-    tx: mpsc::Sender<ServerFrame>,
-    kill: Arc<Notify>,
+    h: ConnHandle,
 }
 
 /// The connected identities.
@@ -23,9 +33,9 @@ pub struct Hub {
 
 impl Hub {
     /// Registers a connection of `name`.
-    pub fn add(&self, name: &Name, conn: u64, tx: mpsc::Sender<ServerFrame>, kill: Arc<Notify>) {
+    pub fn add(&self, name: &Name, conn: u64, h: ConnHandle) {
         if let Ok(mut m) = self.conns.lock() {
-            m.entry(name.clone()).or_default().push(Entry { conn, tx, kill });
+            m.entry(name.clone()).or_default().push(Entry { conn, h });
         }
     }
 
@@ -45,25 +55,37 @@ impl Hub {
     pub fn close_all(&self, name: &Name) {
         if let Ok(m) = self.conns.lock() {
             for e in m.get(name).into_iter().flatten() {
-                e.kill.notify_one();
+                e.h.kill.notify_one();
             }
         }
     }
 
-    /// Pushes to every connection of the recipient; returns whether any took it. A connection
-    /// whose queue is full is told to close: its client reconnects and receives the queue from
-    /// the database, so nothing is lost and no memory grows.
-    pub fn push(&self, to: &Name, d: &Delivery) -> bool {
+    /// Pushes to every connection of the recipient. A connection whose queue is full (a slow
+    /// client, or one whose push window is full because it does not acknowledge) is left out and
+    /// returned in [`Pushed::overflowed`]: once the notification is committed, the caller tells
+    /// it to reread its queue from the database. So nothing is lost, no memory grows, and the
+    /// connection stays up and keeps answering requests (closing it, as before, let any sender
+    /// cut a recipient off by pushing faster than it reads).
+    pub fn push(&self, to: &Name, d: &Delivery) -> Pushed {
+        let mut pushed = Pushed { delivered: false, overflowed: Vec::new() };
         let Ok(m) = self.conns.lock() else {
-            return false;
+            return pushed;
         };
-        let mut delivered = false;
         for e in m.get(to).into_iter().flatten() {
-            match e.tx.try_send(ServerFrame::Push(d.clone())) {
-                Ok(()) => delivered = true,
-                Err(_) => e.kill.notify_one(),
+            match e.h.tx.try_send(ServerFrame::Push(d.clone())) {
+                Ok(()) => pushed.delivered = true,
+                Err(_) => pushed.overflowed.push(e.h.resync.clone()),
             }
         }
-        delivered
+        pushed
     }
+}
+
+/// What [`Hub::push`] did.
+pub struct Pushed {
+    /// A connection of the recipient took it.
+    pub delivered: bool,
+    /// Connections that had no room; notify each once the notification is committed (not
+    /// before: it must be in the database when they reread it).
+    pub overflowed: Vec<Arc<Notify>>,
 }

@@ -5,12 +5,21 @@
 //! which would otherwise sit in every session's setup): the recipient's acknowledgement can only
 //! be submitted after the push, so it is always applied after the enqueue it deletes. Reads do
 //! not come here; redb serves them from a consistent snapshot without waiting for writers.
+//!
+//! Writes that queue up while one is on the disk are applied together as a group
+//! ([`Store::group`]): each commits without waiting, one final commit makes them all durable,
+//! and only then is any of them answered. So many senders (or a backlog's acknowledgements) cost
+//! one fsync per group instead of one each, and nothing is reported done before it is durable.
 
 use crate::store::{Store, StoreError};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-type Job = Box<dyn FnOnce(&Store) + Send>;
+/// A write; what it returns hands its result over, and is called only once the write is durable
+/// (dropped uncalled if that fails, which its caller sees as an internal error).
+type Job = Box<dyn FnOnce(&Store) -> Box<dyn FnOnce() + Send> + Send>;
+/// Most writes in one group.
+const GROUP_MAX: usize = 256;
 
 /// The write lane.
 pub struct WriteLane {
@@ -23,7 +32,26 @@ impl WriteLane {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new().name("np-control-writer".into()).spawn(move || {
             while let Ok(job) = rx.recv() {
-                job(&store);
+                let mut jobs = vec![job];
+                while jobs.len() < GROUP_MAX {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                if jobs.len() == 1 {
+                    // Alone: its own commit is durable.
+                    for job in jobs {
+                        job(&store)();
+                    }
+                    continue;
+                }
+                match store.group(|s| jobs.into_iter().map(|job| job(s)).collect::<Vec<_>>()) {
+                    Ok(done) => done.into_iter().for_each(|d| d()),
+                    // The group's commits may be lost with the process. `group` dropped their
+                    // handovers, so each caller sees an internal error, never success.
+                    Err(e) => tracing::error!(error = %e, "making a group of writes durable failed"),
+                }
             }
         })?;
         Ok(WriteLane { tx })
@@ -36,7 +64,10 @@ impl WriteLane {
     ) -> oneshot::Receiver<Result<T, StoreError>> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |s| {
-            let _ = tx.send(f(s));
+            let r = f(s);
+            Box::new(move || {
+                let _ = tx.send(r);
+            })
         });
         // The thread only ends with the process; a failed send just drops the reply sender,
         // which the caller sees as an internal error.

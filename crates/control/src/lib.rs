@@ -10,11 +10,13 @@ mod conn;
 mod hub;
 mod lane;
 mod metrics;
+mod relays;
 mod server;
 pub mod store;
 pub mod tls;
 
-pub use admin::{issue_code, revoke};
+pub use admin::{issue_code, relays, revoke};
+pub use np_control_proto::AdminRequest;
 pub use server::{ControlServer, ServerConfig};
 
 /// Milliseconds since the Unix epoch.

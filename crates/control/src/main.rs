@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use np_control::{ControlServer, ServerConfig};
+use np_control::{AdminRequest, ControlServer, ServerConfig};
 use np_identity::Name;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +48,14 @@ enum Cmd {
         /// How often expired notifications are deleted.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         sweep_interval: Duration,
+        /// Most notifications one sender may have waiting for one recipient; more are refused
+        /// (to that sender only), so nobody can fill another identity's queue for everyone.
+        #[arg(long, default_value_t = np_control::store::MAX_QUEUED_PER_SENDER)]
+        max_queued_per_sender: u32,
+        /// Most notifications waiting for one recipient in all (a sender with only a few waiting
+        /// is still accepted beyond it).
+        #[arg(long, default_value_t = np_control::store::MAX_QUEUED_PER_RECIPIENT)]
+        max_queued_per_recipient: u32,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9443); off if not given.
         #[arg(long, value_name = "ADDR", env = "NP_CONTROL_METRICS")]
         metrics: Option<SocketAddr>,
@@ -75,6 +83,26 @@ enum Cmd {
         #[arg(long, env = "NP_CONTROL_DATA")]
         data: Option<PathBuf>,
     },
+    /// The relays devices trust by default: a device whose `npd` names no `--relay` accepts
+    /// sessions only through relays on this list, dialled at the address each relay publishes
+    /// in a record signed with its own key.
+    Relay {
+        #[command(subcommand)]
+        op: RelayOp,
+        /// The server's data directory [default: ~/.np-control].
+        #[arg(long, env = "NP_CONTROL_DATA", global = true)]
+        data: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RelayOp {
+    /// Add a relay (an enrolled identity, e.g. @relay) to the list.
+    Add { name: Name },
+    /// Remove a relay from the list; devices stop accepting new sessions through it.
+    Remove { name: Name },
+    /// Print the list, one relay per line.
+    List,
 }
 
 fn default_data(d: Option<PathBuf>) -> PathBuf {
@@ -94,7 +122,18 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { listen, data, public_address, auth_timeout, max_preauth, max_ttl, sweep_interval, metrics } => {
+        Cmd::Serve {
+            listen,
+            data,
+            public_address,
+            auth_timeout,
+            max_preauth,
+            max_ttl,
+            sweep_interval,
+            max_queued_per_sender,
+            max_queued_per_recipient,
+            metrics,
+        } => {
             let data = default_data(data);
             let mut cfg = ServerConfig::new(listen, data.clone());
             cfg.public_address = public_address;
@@ -102,6 +141,8 @@ async fn run(cmd: Cmd) -> Result<()> {
             cfg.max_preauth = max_preauth;
             cfg.max_ttl = max_ttl;
             cfg.sweep_interval = sweep_interval;
+            cfg.quota =
+                np_control::store::Quota { per_sender: max_queued_per_sender, per_recipient: max_queued_per_recipient };
             let server = ControlServer::start(cfg).await.context("starting the control plane")?;
             let metrics = match metrics {
                 Some(m) => Some(
@@ -136,6 +177,26 @@ async fn run(cmd: Cmd) -> Result<()> {
             let data = default_data(data);
             np_control::revoke(&data, &name).await.with_context(|| format!("revoking {name}"))?;
             eprintln!("revoked {name}");
+            Ok(())
+        }
+        Cmd::Relay { op, data } => {
+            let data = default_data(data);
+            let (req, what) = match op {
+                RelayOp::Add { name } => {
+                    (AdminRequest::RelayAdd { name: name.clone() }, format!("adding relay {name}"))
+                }
+                RelayOp::Remove { name } => {
+                    (AdminRequest::RelayRemove { name: name.clone() }, format!("removing relay {name}"))
+                }
+                RelayOp::List => (AdminRequest::RelayList, "listing relays".to_string()),
+            };
+            let list = np_control::relays(&data, req).await.context(what)?;
+            for r in &list {
+                println!("{r}");
+            }
+            if list.is_empty() {
+                eprintln!("no relays listed: devices without `npd --relay` accept no session (add one with `np-control relay add @NAME`)");
+            }
             Ok(())
         }
         Cmd::Enroll { name, data, ttl } => {

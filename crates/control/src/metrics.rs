@@ -20,6 +20,7 @@ const CODES: &[&str] = &[
     "bad_request",
     "not_found",
     "internal",
+    "quota",
 ];
 
 /// The label value of an error code.
@@ -38,6 +39,7 @@ pub(crate) fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::BadRequest => "bad_request",
         ErrorCode::NotFound => "not_found",
         ErrorCode::Internal => "internal",
+        ErrorCode::Quota => "quota",
     }
 }
 

@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub max_ttl: Duration,
     /// How often expired notifications are deleted.
     pub sweep_interval: Duration,
+    /// How many notifications may wait for one recipient, from one sender and in all.
+    pub quota: crate::store::Quota,
 }
 
 impl ServerConfig {
@@ -44,6 +46,7 @@ impl ServerConfig {
             max_preauth: 512,
             max_ttl: Duration::from_secs(7 * 24 * 3600),
             sweep_interval: Duration::from_secs(5),
+            quota: crate::store::Quota::default(),
         }
     }
 }
@@ -80,7 +83,7 @@ impl ControlServer {
                 .with_context(|| format!("securing {}", d.display()))?;
         }
         let tls = TlsIdentity::load_or_create(d)?;
-        let store = Arc::new(Store::open(&d.join(DB_FILE))?);
+        let store = Arc::new(Store::open(&d.join(DB_FILE))?.with_quota(cfg.quota));
         let listener = bind_listener(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
         let local = listener.local_addr()?;
         let sock = d.join(crate::admin::SOCKET);

@@ -176,11 +176,15 @@ impl Home {
                     Err(PinError::Changed { peer: peer.to_string(), file: p })
                 }
             }
-            Err(_) => {
+            // Only a pin that does not exist is written. One that cannot be read (damaged, not
+            // text, unreadable) is an error: overwriting it would accept whatever keys the
+            // control plane serves now, which is what the pin is there to prevent.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 make_private_dir(&self.dir).map_err(PinError::Io)?;
                 make_private_dir(&dir).map_err(PinError::Io)?;
                 write_replace(&p, toml_string(&file).as_bytes()).map_err(PinError::Io)
             }
+            Err(_) => Err(PinError::Io(IdentityError::BadKeyFile(p.clone()))),
         }
     }
 }
@@ -285,5 +289,20 @@ mod tests {
         h.pin_peer(&n, &a).expect("first use");
         h.pin_peer(&n, &a).expect("same again");
         assert!(matches!(h.pin_peer(&n, &b), Err(PinError::Changed { .. })));
+    }
+
+    #[test]
+    fn an_unreadable_pin_is_an_error_and_is_left_alone() {
+        let t = tempfile::tempdir().expect("tmp");
+        let h = Home::new(t.path());
+        let n: Name = "@bob".parse().expect("n");
+        let (a, b) = (Keys::generate().expect("k").public(), Keys::generate().expect("k").public());
+        h.pin_peer(&n, &a).expect("first use");
+        let pin = t.path().join("known").join("bob.toml");
+        // Not text: it cannot be read as a pin. Before, it was overwritten with whatever keys came
+        // next, so a damaged pin silently accepted changed keys.
+        std::fs::write(&pin, [0xff, 0xfe, 0x00, 0x80]).expect("damage");
+        assert!(matches!(h.pin_peer(&n, &b), Err(PinError::Io(IdentityError::BadKeyFile(_)))));
+        assert_eq!(std::fs::read(&pin).expect("still there"), vec![0xff, 0xfe, 0x00, 0x80]);
     }
 }

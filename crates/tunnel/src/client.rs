@@ -2,10 +2,12 @@
 //! plane; the relay join; the device's handshake answer over the relay; then the encrypted,
 //! multiplexed session.
 
+use crate::admission::Refusal;
 use crate::msg::{prologue, SessionRequest, TunnelMsg};
+use crate::relays::{RelayBook, RelayError};
 use crate::router::Router;
 use np_control_client::ControlClient;
-use np_identity::DeviceRef;
+use np_identity::{DeviceRef, Name};
 use np_relay::Role;
 use np_session::{client_session, Initiator, MuxConfig, SessionHandle, SessionKeys};
 use std::time::{Duration, Instant};
@@ -13,13 +15,20 @@ use tokio::net::TcpStream;
 
 /// Longest a handshake answer frame may be.
 pub(crate) const MAX_ANSWER: usize = 1024;
+/// Longest a session request waits on the control plane for an absent device: the device's
+/// freshness window (±30 s), past which the request is refused as stale anyway, so a longer
+/// life would only let requests pile up in the device's queue.
+pub const MAX_REQUEST_TTL: Duration = Duration::from_secs(30);
 
 /// Why a session could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// The device said no.
-    #[error("{device} refused: {reason}")]
-    Refused { device: String, reason: String },
+    #[error("{device} refused: {refusal}")]
+    Refused { device: String, refusal: Refusal },
+    /// An identity other than the device answered the request.
+    #[error("{device}: answer from an unexpected identity {from}")]
+    Unexpected { device: String, from: Name },
     /// No answer in time.
     #[error("{device} did not answer within {secs}s: is npd running there, connected to the control plane, and able to reach the relay? (`np devices` shows its last heartbeat; npd's log says which step failed)")]
     Timeout { device: String, secs: u64 },
@@ -27,8 +36,8 @@ pub enum SetupError {
     #[error("control plane: {0}")]
     Control(#[from] np_control_client::ClientError),
     /// The relay could not be reached or refused.
-    #[error("relay {relay}: {reason}")]
-    Relay { relay: String, reason: String },
+    #[error(transparent)]
+    Relay(#[from] RelayError),
     /// The handshake failed (wrong keys, or tampering).
     #[error("handshake with {device} failed: {reason}")]
     Handshake { device: String, reason: String },
@@ -42,6 +51,8 @@ pub struct Connector {
     /// How long to wait for the device.
     pub timeout: Duration,
     pub mux: MuxConfig,
+    /// Relay records in use.
+    pub relays: RelayBook,
 }
 
 fn now_ms() -> u64 {
@@ -60,7 +71,7 @@ impl Connector {
     pub async fn open_session(
         &self,
         device: &DeviceRef,
-        relay: &str,
+        relay: &Name,
         targets: &[String],
         step: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<SessionHandle, SetupError> {
@@ -76,7 +87,7 @@ impl Connector {
     pub async fn open_transport(
         &self,
         device: &DeviceRef,
-        relay: &str,
+        relay: &Name,
         targets: &[String],
         step: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<(TcpStream, SessionKeys), SetupError> {
@@ -94,18 +105,19 @@ impl Connector {
             request_id,
             timestamp_ms: now_ms(),
             device: device.device.clone(),
-            relay: relay.to_string(),
+            relay: relay.clone(),
             session,
             handshake: msg1,
             targets: targets.to_vec(),
         });
         let refusal = self.router.expect(request_id);
         let ttl = self.timeout.max(Duration::from_secs(1));
+        let request_ttl = ttl.min(MAX_REQUEST_TTL);
         // The request and the relay connection go out together: the relay join waits for the
         // device anyway, and the control plane's answer to the send (which waits for its disk)
         // is not on the path to the device.
         let send = async {
-            let sent = self.ctl.send(&device.identity, &req.encode(), ttl).await?;
+            let sent = self.ctl.send(&device.identity, &req.encode(), request_ttl).await?;
             step(if sent.delivered {
                 "request delivered to the device"
             } else {
@@ -114,24 +126,13 @@ impl Connector {
             Ok::<_, SetupError>(())
         };
         let join = async {
-            let tcp = TcpStream::connect(relay)
-                .await
-                .map_err(|e| SetupError::Relay { relay: relay.to_string(), reason: e.to_string() })?;
-            let _ = tcp.set_nodelay(true);
-            step("connected to the relay");
-            let mut stream = np_relay::join_with_timeout(
-                tcp,
-                self.ctl.keys(),
-                &me,
-                Role::Client,
-                session,
-                &device.identity,
-                None,
-                // Longer than the overall wait, so a silent device is reported as such.
-                ttl + Duration::from_secs(5),
-            )
-            .await
-            .map_err(|e| SetupError::Relay { relay: relay.to_string(), reason: e.to_string() })?;
+            let info = self.relays.info(&self.ctl, relay).await?;
+            step(&format!("found relay {relay} at {}", info.addresses.join(", ")));
+            // Longer than the overall wait, so a silent device is reported as such.
+            let mut stream = self
+                .relays
+                .join(&self.ctl, relay, Role::Client, session, &device.identity, ttl + Duration::from_secs(5))
+                .await?;
             step("paired with the device at the relay");
             let msg2 = np_wire::io::read_frame(&mut stream, MAX_ANSWER)
                 .await
@@ -156,10 +157,10 @@ impl Connector {
                 Err(_) => Err(SetupError::Timeout { device: dev_name.clone(), secs: ttl.as_secs() }),
             },
             Ok(answer) = refusal => match answer.msg {
-                TunnelMsg::SessionRefused { reason, .. } if answer.from == device.identity => {
-                    Err(SetupError::Refused { device: dev_name.clone(), reason })
+                TunnelMsg::SessionRefused { refusal, .. } if answer.from == device.identity => {
+                    Err(SetupError::Refused { device: dev_name.clone(), refusal })
                 }
-                _ => Err(SetupError::Refused { device: dev_name.clone(), reason: format!("answer from an unexpected identity {}", answer.from) }),
+                _ => Err(SetupError::Unexpected { device: dev_name.clone(), from: answer.from }),
             },
         };
         self.router.forget(&request_id);

@@ -1,10 +1,13 @@
-//! The device daemon's logic: publish device info with a heartbeat, check each session request
-//! (permitted identity or policy, fresh, not replayed, targets permitted), answer refusals with
-//! a signed reason, and serve accepted sessions by dialling permitted targets only.
+//! The device daemon: publishes device info with a heartbeat and serves session requests. The
+//! decision on each request is [`crate::admission::admit`], a pure function; this file is the IO
+//! around it: asking the policy, answering refusals (rate-limited per requester), joining the
+//! trusted relay at its signed address, and dialling permitted targets only.
 
+use crate::admission::{self, Admission, AdmissionConfig, Permits, Refusal};
 use crate::msg::{prologue, SessionRequest, TunnelMsg};
 use crate::permit::PermitOpen;
 use crate::policy::PolicyClient;
+use crate::relays::RelayBook;
 use crate::replay::ReplayGuard;
 use crate::router::{FromPeer, Router};
 use np_control_client::{ControlClient, Incoming};
@@ -12,8 +15,9 @@ use np_identity::Name;
 use np_relay::Role;
 use np_session::{device_session, IncomingFlow, MuxConfig, Responder};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 /// How long the daemon's side of a session may take to reach the relay, join and send its
@@ -21,6 +25,15 @@ use tokio::net::TcpStream;
 /// requester reads "cannot reach relay" rather than a bare timeout; above a few SYN
 /// retransmissions (1 s, then 2 s) on a lossy path.
 const RELAY_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the operator's relay list is used before it is asked for again.
+const RELAY_LIST_TTL: Duration = Duration::from_secs(30);
+/// Refusals sent to one requester: a burst, then a steady rate. Beyond it requests are dropped
+/// unanswered, so a flood of bad requests (thousands queued for an absent device, say) costs
+/// the device a few answers rather than a control-plane round trip each.
+const REFUSAL_BURST: f64 = 20.0;
+const REFUSALS_PER_SEC: f64 = 5.0;
+/// Requesters whose refusal budget is remembered; the table is cleared when full.
+const REFUSAL_TABLE_MAX: usize = 10_000;
 
 /// What a device publishes about itself (record `device/NAME`, readable by its managers).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +60,12 @@ pub struct DaemonConfig {
     pub managers: Vec<Name>,
     pub policy: Option<Name>,
     pub permit: PermitOpen,
+    /// The relays this device joins sessions at; `None`: the control plane operator's list.
+    pub relays: Option<Vec<Name>>,
+    /// Sessions one requester may hold at once.
+    pub max_sessions_per_requester: usize,
+    /// Identities besides the managers that may read the device's record (`np devices`).
+    pub share_with: Vec<Name>,
     pub heartbeat: Duration,
     /// Allowed clock difference for requests.
     pub skew: Duration,
@@ -63,11 +82,25 @@ impl DaemonConfig {
             managers: Vec::new(),
             policy: None,
             permit: PermitOpen::default(),
+            relays: None,
+            max_sessions_per_requester: 16,
+            share_with: Vec::new(),
             heartbeat: Duration::from_secs(10),
             skew: Duration::from_secs(30),
             dial_timeout: Duration::from_secs(5),
             mux: MuxConfig::default(),
         }
+    }
+
+    /// Who may read the device record: its managers and whoever it is shared with; if nobody,
+    /// the device identity alone (an empty reader list would make it public).
+    pub fn readers(&self, me: &Name) -> Vec<Name> {
+        let mut r: Vec<Name> = self.managers.iter().chain(&self.share_with).cloned().collect();
+        r.dedup();
+        if r.is_empty() {
+            r.push(me.clone());
+        }
+        r
     }
 }
 
@@ -75,13 +108,27 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// One session the daemon holds (or is setting up) for a requester.
+struct Held {
+    id: u64,
+    who: Name,
+    /// `None` while being set up: counted against the requester's cap from admission on.
+    handle: Option<np_session::SessionHandle>,
+}
+
 struct Daemon {
     ctl: ControlClient,
     cfg: DaemonConfig,
     replay: Mutex<ReplayGuard>,
     policy: Option<PolicyClient>,
-    /// Live sessions by requester, so a manager can end them.
-    live: Mutex<Vec<(Name, np_session::SessionHandle)>>,
+    relays: RelayBook,
+    /// The operator's relay list as last fetched, when `cfg.relays` is `None`.
+    relay_list: Mutex<Option<(Instant, Vec<Name>)>>,
+    /// Sessions by requester, so a manager can end them and each requester is capped.
+    held: Mutex<Vec<Held>>,
+    next_held: std::sync::atomic::AtomicU64,
+    /// Refusal budget per requester: (tokens, last refill).
+    refusals: Mutex<HashMap<Name, (f64, Instant)>>,
 }
 
 /// Runs the daemon until the control-plane client is gone.
@@ -93,10 +140,21 @@ pub async fn run(ctl: ControlClient, incoming: Incoming, cfg: DaemonConfig) {
         ctl,
         cfg,
         policy,
-        live: Mutex::new(Vec::new()),
+        relays: RelayBook::default(),
+        relay_list: Mutex::new(None),
+        held: Mutex::new(Vec::new()),
+        next_held: std::sync::atomic::AtomicU64::new(1),
+        refusals: Mutex::new(HashMap::new()),
     });
     tokio::spawn(heartbeat(d.clone()));
-    tracing::info!(device = %d.cfg.device, identity = %d.ctl.me(), permit_open = %d.cfg.permit, "waiting for session requests");
+    let trusted = d.trusted_relays().await;
+    if trusted.is_empty() {
+        tracing::warn!(
+            "no trusted relay: every session request will be refused; name one with `npd --relay @NAME`, or have the control plane's operator list one (`np-control relay add @NAME`)"
+        );
+    }
+    let relays = trusted.iter().map(Name::to_string).collect::<Vec<_>>().join(",");
+    tracing::info!(device = %d.cfg.device, identity = %d.ctl.me(), permit_open = %d.cfg.permit, %relays, "waiting for session requests");
     while let Some(req) = requests.recv().await {
         let d = d.clone();
         tokio::spawn(async move { d.handle(req).await });
@@ -114,10 +172,11 @@ async fn heartbeat(d: Arc<Daemon>) {
         heartbeat_secs: d.cfg.heartbeat.as_secs().max(1),
     };
     let value = postcard::to_stdvec(&info).unwrap_or_default();
+    let readers = d.cfg.readers(d.ctl.me());
     let mut tick = tokio::time::interval(d.cfg.heartbeat);
     loop {
         tick.tick().await;
-        match d.ctl.publish(&device_key(&d.cfg.device), value.clone(), d.cfg.managers.clone()).await {
+        match d.ctl.publish(&device_key(&d.cfg.device), value.clone(), readers.clone()).await {
             Ok(()) => tracing::trace!("heartbeat published"),
             Err(e) => tracing::warn!(error = %e, "could not publish the heartbeat; will retry"),
         }
@@ -134,26 +193,23 @@ impl Daemon {
                     return;
                 }
                 let request_id = r.request_id;
-                if let Err(reason) = self.serve(&from, r).await {
-                    tracing::info!(requester = %from, %reason, "session refused");
-                    let msg = TunnelMsg::SessionRefused { request_id, reason };
-                    if let Err(e) = self.ctl.send(&from, &msg.encode(), Duration::from_secs(30)).await {
-                        tracing::warn!(requester = %from, error = %e, "could not send the refusal");
-                    }
+                if let Err(refusal) = self.serve(&from, r).await {
+                    tracing::info!(requester = %from, %refusal, "session refused");
+                    self.refuse(&from, request_id, refusal).await;
                 }
             }
             TunnelMsg::EndSessions { request_id, device, identity } if device == self.cfg.device => {
                 let result = if self.cfg.managers.contains(&req.from) {
                     let mut n = 0u32;
-                    if let Ok(mut live) = self.live.lock() {
-                        live.retain(|(who, h)| {
-                            if who == &identity && h.error().is_none() {
-                                h.close(&format!("sessions of {identity} ended by {}", req.from));
+                    if let Ok(mut held) = self.held.lock() {
+                        held.retain(|h| match &h.handle {
+                            Some(s) if h.who == identity && s.error().is_none() => {
+                                s.close(&format!("sessions of {identity} ended by {}", req.from));
                                 n += 1;
                                 false
-                            } else {
-                                h.error().is_none()
                             }
+                            Some(s) => s.error().is_none(),
+                            None => true,
                         });
                     }
                     tracing::warn!(%identity, by = %req.from, ended = n, "ended sessions on request");
@@ -170,84 +226,158 @@ impl Daemon {
         }
     }
 
+    /// Whether `who` may be sent one more refusal now (token bucket per requester).
+    fn may_refuse(&self, who: &Name) -> bool {
+        let Ok(mut t) = self.refusals.lock() else { return false };
+        if t.len() >= REFUSAL_TABLE_MAX && !t.contains_key(who) {
+            t.clear();
+        }
+        let now = Instant::now();
+        let (tokens, last) = t.entry(who.clone()).or_insert((REFUSAL_BURST, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * REFUSALS_PER_SEC).min(REFUSAL_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sends a refusal, unless the requester has had its share of them lately.
+    async fn refuse(&self, to: &Name, request_id: [u8; 16], refusal: Refusal) {
+        if !self.may_refuse(to) {
+            tracing::debug!(requester = %to, "not answering: too many refusals to this requester lately");
+            return;
+        }
+        let msg = TunnelMsg::SessionRefused { request_id, refusal };
+        if let Err(e) = self.ctl.send(to, &msg.encode(), crate::client::MAX_REQUEST_TTL).await {
+            tracing::warn!(requester = %to, error = %e, "could not send the refusal");
+        }
+    }
+
+    /// The relays this device joins sessions at.
+    async fn trusted_relays(&self) -> Vec<Name> {
+        if let Some(list) = &self.cfg.relays {
+            return list.clone();
+        }
+        if let Some((at, list)) = self.relay_list.lock().ok().and_then(|l| l.clone()) {
+            if at.elapsed() < RELAY_LIST_TTL {
+                return list;
+            }
+        }
+        match self.ctl.relays().await {
+            Ok(list) => {
+                if let Ok(mut l) = self.relay_list.lock() {
+                    *l = Some((Instant::now(), list.clone()));
+                }
+                list
+            }
+            Err(e) => {
+                // Keep the last list through a control-plane hiccup; with none, trust nobody.
+                tracing::warn!(error = %e, "cannot fetch the operator's relay list");
+                self.relay_list.lock().ok().and_then(|l| l.clone()).map(|(_, l)| l).unwrap_or_default()
+            }
+        }
+    }
+
+    fn admission_config(&self, trusted_relays: Vec<Name>) -> AdmissionConfig {
+        AdmissionConfig {
+            device: self.cfg.device.clone(),
+            identity: self.ctl.me().clone(),
+            managers: self.cfg.managers.clone(),
+            policy: self.cfg.policy.clone(),
+            permit: self.cfg.permit.clone(),
+            trusted_relays,
+            max_sessions_per_requester: self.cfg.max_sessions_per_requester,
+        }
+    }
+
     /// Several daemons may share an identity; each sees every request. The one whose name it is
     /// answers; the others stay quiet unless no device of that name exists at all, in which case
-    /// the requester is told so at once rather than left to time out.
+    /// the requester is told, in words that say no more than a refusal would (see
+    /// [`admission::unknown_device`]).
     async fn maybe_unknown_device(&self, from: &Name, r: &SessionRequest) {
-        if !np_identity::DeviceRef::valid_device_name(&r.device) {
+        if !np_identity::DeviceRef::valid_device_name(&r.device) || !self.may_refuse(from) {
             return;
         }
         match self.ctl.fetch(self.ctl.me(), &device_key(&r.device)).await {
             Ok(_) => {}
             Err(np_control_client::ClientError::Refused { code: np_control_client::ErrorCode::NotFound, .. }) => {
-                let reason = format!("no device named {} under {}", r.device, self.ctl.me());
-                let msg = TunnelMsg::SessionRefused { request_id: r.request_id, reason };
-                let _ = self.ctl.send(from, &msg.encode(), Duration::from_secs(30)).await;
+                let refusal = admission::unknown_device(&self.admission_config(Vec::new()), from, &r.device);
+                let msg = TunnelMsg::SessionRefused { request_id: r.request_id, refusal };
+                let _ = self.ctl.send(from, &msg.encode(), crate::client::MAX_REQUEST_TTL).await;
             }
             Err(e) => tracing::debug!(error = %e, "could not check for a sibling device"),
         }
     }
 
-    /// Checks a request and, if it passes, serves the session. `Err(reason)` is sent back.
-    async fn serve(&self, from: &Name, r: SessionRequest) -> Result<(), String> {
-        // Who: a manager, or whoever the policy identity allows.
-        let mut extra: Option<PermitOpen> = None;
-        if !self.cfg.managers.contains(from) {
-            match &self.policy {
-                None => {
-                    return Err(format!(
-                        "{from} is not permitted to connect to {}@{}",
-                        self.cfg.device,
-                        self.ctl.me().bare()
-                    ))
-                }
-                Some(p) => {
-                    let d = p.ask(from, &format!("{}@{}", self.cfg.device, self.ctl.me().bare()), &r.targets).await?;
-                    extra = Some(d);
-                }
-            }
-        }
-        // Fresh and single use.
-        self.replay
-            .lock()
-            .map_err(|_| "internal error".to_string())?
-            .check(r.request_id, r.timestamp_ms, now_ms())
-            .map_err(|e| e.to_string())?;
-        // What: every requested target is permitted.
-        let permits = Permits { device: self.cfg.permit.clone(), policy: extra };
-        for t in &r.targets {
-            permits.check(t)?;
-        }
-        // The handshake: our side of Noise KK, bound to this session and these identities.
-        let client_keys = self.ctl.lookup(from).await.map_err(|e| format!("cannot look up {from}: {e}"))?;
-        let pro = prologue(&r.session, from, self.ctl.me(), &self.cfg.device, &r.relay);
+    /// Decides on a request and, if admitted, serves the session.
+    async fn serve(&self, from: &Name, r: SessionRequest) -> Result<(), Refusal> {
+        let cfg = self.admission_config(self.trusted_relays().await);
+        let verdict = match (&self.policy, admission::needs_policy(&cfg, from) && !r.targets.is_empty()) {
+            (Some(p), true) => Some(p.ask(from, &format!("{}@{}", cfg.device, cfg.identity.bare()), &r.targets).await),
+            _ => None,
+        };
+        // Admission and the reservation of a place under one lock, so concurrent requests of
+        // one requester cannot all pass the cap.
+        let (admission, place) = {
+            let mut held = self.held.lock().map_err(|_| Refusal::Internal)?;
+            held.retain(|h| h.handle.as_ref().is_none_or(|s| s.error().is_none()));
+            let live = held.iter().filter(|h| &h.who == from).count();
+            let admission = {
+                let mut replay = self.replay.lock().map_err(|_| Refusal::Internal)?;
+                admission::admit(&cfg, from, &r, now_ms(), verdict.as_ref(), &mut replay, live)?
+            };
+            let id = self.next_held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            held.push(Held { id, who: from.clone(), handle: None });
+            (admission, Place { daemon: self, id, kept: false })
+        };
+        self.join_and_serve(from, &r, admission, place).await
+    }
+
+    async fn join_and_serve(
+        &self,
+        from: &Name,
+        r: &SessionRequest,
+        admission: Admission,
+        mut place: Place<'_>,
+    ) -> Result<(), Refusal> {
+        // The handshake: our side of Noise KK, bound to this session, these identities and this relay.
+        let client_keys = self.ctl.lookup(from).await.map_err(|e| {
+            tracing::warn!(requester = %from, error = %e, "cannot look up the requester's keys");
+            Refusal::Internal
+        })?;
+        let pro = prologue(&r.session, from, self.ctl.me(), &self.cfg.device, &admission.relay);
         let (msg2, keys) =
             Responder::respond(self.ctl.keys().x25519_private(), &client_keys.x25519, &pro, &r.handshake)
-                .map_err(|_| "handshake failed".to_string())?;
+                .map_err(|_| Refusal::Handshake)?;
+        let relay = admission.relay.clone();
+        let cannot_reach = |detail: String| {
+            // The detail stays here: whatever answered at the relay's address, the requester
+            // reads the same words.
+            tracing::warn!(%relay, %detail, "cannot reach the relay");
+            Refusal::CannotReachRelay { relay: relay.clone() }
+        };
         let join = async {
-            let tcp = TcpStream::connect(&r.relay)
+            let mut stream = self
+                .relays
+                .join(&self.ctl, &relay, Role::Device, r.session, from, RELAY_JOIN_TIMEOUT)
                 .await
-                .map_err(|e| format!("device cannot reach relay {}: {e}", r.relay))?;
-            let _ = tcp.set_nodelay(true);
-            let mut stream = np_relay::join(tcp, self.ctl.keys(), self.ctl.me(), Role::Device, r.session, from, None)
-                .await
-                .map_err(|e| format!("relay {}: {e}", r.relay))?;
-            np_wire::io::write_frame(&mut stream, &msg2).await.map_err(|e| format!("relay: {e}"))?;
-            Ok::<_, String>(stream)
+                .map_err(|e| cannot_reach(e.to_string()))?;
+            np_wire::io::write_frame(&mut stream, &msg2).await.map_err(|e| cannot_reach(e.to_string()))?;
+            Ok::<_, Refusal>(stream)
         };
         // Bounded: with the relay unreachable (a partition drops the SYNs) the kernel would retry
         // for about two minutes, the requester would get no answer but its own timeout, and the
         // task would linger to join a session long abandoned.
-        let stream = tokio::time::timeout(RELAY_JOIN_TIMEOUT, join).await.map_err(|_| {
-            format!("device cannot reach relay {}: no answer within {}s", r.relay, RELAY_JOIN_TIMEOUT.as_secs())
-        })??;
-        tracing::info!(requester = %from, session = %hex::encode(&r.session[..4]), "session accepted");
+        let stream = tokio::time::timeout(RELAY_JOIN_TIMEOUT, join)
+            .await
+            .map_err(|_| cannot_reach(format!("no answer within {}s", RELAY_JOIN_TIMEOUT.as_secs())))??;
+        tracing::info!(requester = %from, session = %hex::encode(&r.session[..4]), %relay, "session accepted");
         let mut session = device_session(stream, keys, self.cfg.mux.clone());
-        if let Ok(mut live) = self.live.lock() {
-            live.retain(|(_, h)| h.error().is_none());
-            live.push((from.clone(), session.handle().clone()));
-        }
-        let permits = Arc::new(permits);
+        place.keep(session.handle().clone());
+        let permits = Arc::new(admission.permits);
         let dial_timeout = self.cfg.dial_timeout;
         let requester = from.clone();
         tokio::spawn(async move {
@@ -261,28 +391,41 @@ impl Daemon {
     }
 }
 
-/// The device's permit-open, narrowed further by the policy's answer when there is one.
-struct Permits {
-    device: PermitOpen,
-    policy: Option<PermitOpen>,
+/// A requester's place, reserved at admission: filled with the session once it is up, given
+/// back if setting it up fails.
+struct Place<'a> {
+    daemon: &'a Daemon,
+    id: u64,
+    kept: bool,
 }
 
-impl Permits {
-    fn check(&self, target: &str) -> Result<crate::permit::Target, String> {
-        let t = self.device.check(target)?;
-        if let Some(p) = &self.policy {
-            p.check(target).map_err(|_| format!("{t} is not permitted for you by the policy"))?;
+impl Place<'_> {
+    fn keep(&mut self, handle: np_session::SessionHandle) {
+        if let Ok(mut held) = self.daemon.held.lock() {
+            if let Some(h) = held.iter_mut().find(|h| h.id == self.id) {
+                h.handle = Some(handle);
+                self.kept = true;
+            }
         }
-        Ok(t)
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            if let Ok(mut held) = self.daemon.held.lock() {
+                held.retain(|h| h.id != self.id);
+            }
+        }
     }
 }
 
 async fn serve_flow(flow: IncomingFlow, permits: Arc<Permits>, dial_timeout: Duration) {
     let target = match permits.check(flow.target()) {
         Ok(t) => t,
-        Err(reason) => {
-            tracing::info!(%reason, "flow refused");
-            flow.refuse(&reason);
+        Err(refusal) => {
+            tracing::info!(%refusal, "flow refused");
+            flow.refuse(&refusal.to_string());
             return;
         }
     };

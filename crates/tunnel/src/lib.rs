@@ -1,5 +1,8 @@
 //! np sessions end to end, above the control plane, the relay and the session layer:
 //!
+//! - [`admission`]: the device's decision on a request, as a pure function, and its typed
+//!   refusals;
+//! - [`relays`]: finding a relay's signed address and joining it, proving who it is;
 //! - [`msg`]: what a client, a device and a policy identity say to each other (sealed and signed
 //!   by the control-plane client);
 //! - [`permit`]: which targets a device dials;
@@ -8,14 +11,17 @@
 //! - [`daemon`]: the device daemon's checks and service;
 //! - [`policy`]: delegating the decision to a policy identity.
 
+pub mod admission;
 pub mod client;
 pub mod daemon;
 pub mod msg;
 pub mod permit;
 pub mod policy;
+pub mod relays;
 pub mod replay;
 pub mod router;
 
+pub use admission::Refusal;
 pub use client::{Connector, SetupError};
 pub use daemon::{DaemonConfig, DeviceInfo};
 pub use permit::PermitOpen;

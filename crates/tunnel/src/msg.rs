@@ -1,5 +1,6 @@
 //! Messages between identities, carried sealed and signed by the control plane.
 
+use crate::admission::Refusal;
 use np_identity::Name;
 use serde::{Deserialize, Serialize};
 
@@ -9,7 +10,7 @@ pub enum TunnelMsg {
     /// Client → device: please join me at the relay.
     SessionRequest(SessionRequest),
     /// Device → client: no, and why.
-    SessionRefused { request_id: [u8; 16], reason: String },
+    SessionRefused { request_id: [u8; 16], refusal: Refusal },
     /// Device → policy identity: may `requester` connect to `device`, and to what?
     PolicyQuery { query_id: [u8; 16], requester: Name, device: String, targets: Vec<String> },
     /// Policy identity → device.
@@ -29,8 +30,9 @@ pub struct SessionRequest {
     pub timestamp_ms: u64,
     /// The device name (several daemons may share an identity).
     pub device: String,
-    /// The relay both sides join, `HOST:PORT`.
-    pub relay: String,
+    /// The relay both sides join, by identity: the device dials it only if it trusts it, at the
+    /// address the relay's own signed record gives (never at an address named here).
+    pub relay: Name,
     /// The session id both sides present to the relay.
     pub session: [u8; 16],
     /// First message of the Noise KK handshake.
@@ -54,11 +56,15 @@ impl TunnelMsg {
 
 /// The Noise prologue: binds the handshake to this session, these identities and this device,
 /// so a handshake message cannot be replayed into another context.
-pub fn prologue(session: &[u8; 16], client: &Name, device_id: &Name, device: &str, relay: &str) -> Vec<u8> {
-    let mut p = b"np-session-v1".to_vec();
-    for part in
-        [&session[..], client.as_str().as_bytes(), device_id.as_str().as_bytes(), device.as_bytes(), relay.as_bytes()]
-    {
+pub fn prologue(session: &[u8; 16], client: &Name, device_id: &Name, device: &str, relay: &Name) -> Vec<u8> {
+    let mut p = b"np-session-v2".to_vec();
+    for part in [
+        &session[..],
+        client.as_str().as_bytes(),
+        device_id.as_str().as_bytes(),
+        device.as_bytes(),
+        relay.as_str().as_bytes(),
+    ] {
         p.extend_from_slice(&(part.len() as u32).to_be_bytes());
         p.extend_from_slice(part);
     }

@@ -4,12 +4,15 @@
 //! The policy service (`np policy serve`) reads rules from a TOML file:
 //!
 //! ```toml
+//! serves = ["@alice_device"]          # device identities this policy answers (optional when
+//!                                     # every rule names its devices' identity)
 //! [[rule]]
 //! identities = ["@bob", "@carol"]     # who
 //! devices = ["pi4@alice_device", "*@alice_device"]   # which devices ("*" for any)
 //! permit = ["localhost:22"]           # what they may open there (further limited by the device's permit-open)
 //! ```
 
+use crate::admission::PolicyVerdict;
 use crate::msg::TunnelMsg;
 use crate::permit::PermitOpen;
 use crate::router::{FromPeer, Router};
@@ -39,6 +42,11 @@ pub struct Rule {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
+    /// The device identities this policy answers for. Default: those its rules name
+    /// (`pi4@alice_device`, `*@alice_device`). A query from any other identity gets "no" and
+    /// nothing else, so nobody learns a rule by asking about a device of its own.
+    #[serde(default)]
+    pub serves: Vec<Name>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<Rule>,
 }
@@ -46,11 +54,29 @@ pub struct PolicyFile {
 impl PolicyFile {
     /// Parses the file's text; errors name the line.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let p: PolicyFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut p: PolicyFile = toml::from_str(text).map_err(|e| e.to_string())?;
         for r in &p.rules {
             PermitOpen::parse_list(&r.permit.join(",")).map_err(|e| format!("in a rule's permit list: {e}"))?;
         }
+        if p.serves.is_empty() {
+            for d in p.rules.iter().flat_map(|r| &r.devices) {
+                if let Some((_, id)) = d.split_once('@') {
+                    let id: Name = format!("@{id}").parse().map_err(|e| format!("device {d:?}: {e}"))?;
+                    if !p.serves.contains(&id) {
+                        p.serves.push(id);
+                    }
+                }
+            }
+        }
+        if p.serves.is_empty() && p.rules.iter().any(|r| r.devices.iter().any(|d| d == "*")) {
+            return Err("a rule for devices = [\"*\"] needs `serves = [\"@DEVICE_IDENTITY\", ...]`: the device identities this policy answers for".into());
+        }
         Ok(p)
+    }
+
+    /// Whether this policy answers queries from the device identity `id`.
+    pub fn serves(&self, id: &Name) -> bool {
+        self.serves.contains(id)
     }
 
     /// The decision for `who` on `device` (`NAME@ID`): the union of matching rules' permits.
@@ -73,8 +99,9 @@ impl PolicyFile {
 pub async fn serve(ctl: ControlClient, mut requests: mpsc::Receiver<FromPeer>, policy: PolicyFile) {
     while let Some(q) = requests.recv().await {
         let TunnelMsg::PolicyQuery { query_id, requester, device, targets } = q.msg else { continue };
-        // Only the device identity named in the query may ask about itself.
-        let owner_ok = device.split_once('@').map(|(_, id)| format!("@{id}") == q.from.as_str()).unwrap_or(false);
+        // Only a device identity this policy serves may ask, and only about its own devices.
+        let owner_ok = policy.serves(&q.from)
+            && device.split_once('@').map(|(_, id)| format!("@{id}") == q.from.as_str()).unwrap_or(false);
         let (allow, permit) = if owner_ok { policy.decide(&requester, &device) } else { (false, Vec::new()) };
         let reason = if allow {
             String::new()
@@ -103,14 +130,16 @@ impl PolicyClient {
     }
 
     /// What `who` may open on `device`, or why not.
-    pub async fn ask(&self, who: &Name, device: &str, targets: &[String]) -> Result<PermitOpen, String> {
+    pub async fn ask(&self, who: &Name, device: &str, targets: &[String]) -> PolicyVerdict {
         if let Some((at, p)) = self.cache.lock().ok().and_then(|c| c.get(who).cloned()) {
             if at.elapsed() < CACHE_FOR {
-                return Ok(p);
+                return PolicyVerdict::Permit(p);
             }
         }
         let mut query_id = [0u8; 16];
-        np_identity::random_bytes(&mut query_id).map_err(|e| e.to_string())?;
+        if np_identity::random_bytes(&mut query_id).is_err() {
+            return PolicyVerdict::Unavailable;
+        }
         let rx = self.router.expect(query_id);
         let q = TunnelMsg::PolicyQuery {
             query_id,
@@ -121,33 +150,34 @@ impl PolicyClient {
         let sent = self.ctl.send(&self.policy, &q.encode(), ASK_TIMEOUT).await;
         if let Err(e) = sent {
             self.router.forget(&query_id);
-            return Err(format!("cannot ask the policy service {}: {e}", self.policy));
+            tracing::warn!(policy = %self.policy, error = %e, "cannot ask the policy service");
+            return PolicyVerdict::Unavailable;
         }
         let answer = tokio::time::timeout(ASK_TIMEOUT, rx).await;
         self.router.forget(&query_id);
-        let a = match answer {
-            Ok(Ok(a)) => a,
-            _ => {
-                return Err(format!(
-                    "the policy service {} did not answer within {}s",
-                    self.policy,
-                    ASK_TIMEOUT.as_secs()
-                ))
-            }
+        let Ok(Ok(a)) = answer else {
+            tracing::warn!(policy = %self.policy, timeout_s = ASK_TIMEOUT.as_secs(), "the policy service did not answer");
+            return PolicyVerdict::Unavailable;
         };
         if a.from != self.policy {
-            return Err(format!("policy answer came from {}, not {}", a.from, self.policy));
+            tracing::warn!(policy = %self.policy, from = %a.from, "policy answer from another identity");
+            return PolicyVerdict::Unavailable;
         }
         match a.msg {
-            TunnelMsg::PolicyAnswer { allow: true, permit, .. } => {
-                let p = PermitOpen::parse_list(&permit.join(",")).map_err(|e| format!("policy answer: {e}"))?;
-                if let Ok(mut c) = self.cache.lock() {
-                    c.insert(who.clone(), (Instant::now(), p.clone()));
+            TunnelMsg::PolicyAnswer { allow: true, permit, .. } => match PermitOpen::parse_list(&permit.join(",")) {
+                Ok(p) => {
+                    if let Ok(mut c) = self.cache.lock() {
+                        c.insert(who.clone(), (Instant::now(), p.clone()));
+                    }
+                    PolicyVerdict::Permit(p)
                 }
-                Ok(p)
-            }
-            TunnelMsg::PolicyAnswer { reason, .. } => Err(reason),
-            _ => Err("unexpected answer from the policy service".into()),
+                Err(e) => {
+                    tracing::warn!(policy = %self.policy, error = %e, "the policy answer does not parse");
+                    PolicyVerdict::Unavailable
+                }
+            },
+            TunnelMsg::PolicyAnswer { reason, .. } => PolicyVerdict::Deny(reason),
+            _ => PolicyVerdict::Unavailable,
         }
     }
 }
@@ -178,5 +208,18 @@ mod tests {
         assert_eq!(p.decide(&bob, "pi4@other"), (false, vec![]));
         let err = PolicyFile::parse("[[rule]]\nidentities = [\"@bob\"]\ndevice = []\n").expect_err("bad");
         assert!(err.contains("line"), "{err}");
+        assert!(p.serves(&"@alice_device".parse().expect("n")));
+        assert!(!p.serves(&"@other".parse().expect("n")));
+    }
+
+    #[test]
+    fn a_wildcard_rule_serves_only_the_identities_listed() {
+        let star = "[[rule]]\nidentities = [\"@bob\"]\ndevices = [\"*\"]\npermit = [\"localhost:22\"]\n";
+        let err = PolicyFile::parse(star).expect_err("needs serves");
+        assert!(err.contains("serves"), "{err}");
+        let p = PolicyFile::parse(&format!("serves = [\"@alice_device\"]\n{star}")).expect("parse");
+        assert!(p.serves(&"@alice_device".parse().expect("n")));
+        // @mallory asking about a device of its own learns nothing of the "*" rule.
+        assert!(!p.serves(&"@mallory".parse().expect("n")));
     }
 }

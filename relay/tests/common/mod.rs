@@ -20,6 +20,8 @@ pub fn name(s: &str) -> Name {
 pub struct World {
     pub addr: SocketAddr,
     pub relay: RelayHandle,
+    /// The relay identity's keys (it signs its proofs with them).
+    pub relay_keys: Arc<Keys>,
     pub alice: Keys,
     pub dev: Keys,
     pub mallory: Keys,
@@ -29,7 +31,9 @@ pub const ALICE: &str = "@alice";
 pub const DEV: &str = "@alice_device";
 pub const MALLORY: &str = "@mallory";
 
-pub async fn world(config: RelayConfig) -> World {
+pub async fn world(mut config: RelayConfig) -> World {
+    let relay_keys = config.keys.clone().unwrap_or_else(|| Arc::new(Keys::generate().unwrap()));
+    config.keys = Some(relay_keys.clone());
     let alice = Keys::generate().unwrap();
     let dev = Keys::generate().unwrap();
     let mallory = Keys::generate().unwrap();
@@ -40,7 +44,7 @@ pub async fn world(config: RelayConfig) -> World {
     let relay = Relay::bind("127.0.0.1:0".parse().unwrap(), config, Arc::new(dir)).await.unwrap();
     let addr = relay.local_addr().unwrap();
     let (handle, _task) = relay.spawn();
-    World { addr, relay: handle, alice, dev, mallory }
+    World { addr, relay: handle, relay_keys, alice, dev, mallory }
 }
 
 pub fn session(n: u8) -> [u8; 16] {

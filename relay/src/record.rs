@@ -1,0 +1,86 @@
+//! The record a relay publishes about itself, signed with its own key: where it can be reached.
+//! Devices and clients dial a relay only at the addresses in this record (never at an address a
+//! peer's message names), and check at join that whoever answers holds the relay's key.
+
+use serde::{Deserialize, Serialize};
+
+/// Key of the record (owner: the relay's identity; readable by every identity).
+pub const RELAY_RECORD: &str = "relay";
+/// Most addresses one record may carry; readers ignore the rest.
+pub const MAX_ADDRESSES: usize = 8;
+/// Longest address, `HOST:PORT`, a reader accepts.
+pub const MAX_ADDRESS_LEN: usize = 261;
+
+/// What a relay says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// Where sides connect, `HOST:PORT` each, in the relay's order of preference.
+    pub addresses: Vec<String>,
+    /// A free-form region label (e.g. `eu`), for people choosing among relays.
+    pub region: Option<String>,
+}
+
+/// Why a relay record is not usable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    /// The value does not decode.
+    #[error("the relay record does not decode")]
+    Malformed,
+    /// No address in it is usable.
+    #[error("the relay record holds no usable address")]
+    NoAddress,
+}
+
+impl RelayInfo {
+    /// Serialises for publishing.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Parses a record's value and keeps only well-formed addresses (`HOST:PORT`, non-zero port,
+    /// bounded length), at most [`MAX_ADDRESSES`].
+    pub fn decode(value: &[u8]) -> Result<RelayInfo, RecordError> {
+        let mut info: RelayInfo = postcard::from_bytes(value).map_err(|_| RecordError::Malformed)?;
+        info.addresses.retain(|a| valid_address(a));
+        info.addresses.truncate(MAX_ADDRESSES);
+        if info.addresses.is_empty() {
+            return Err(RecordError::NoAddress);
+        }
+        Ok(info)
+    }
+}
+
+/// `HOST:PORT` (or `[V6]:PORT`) with a port from 1 to 65535 and a host of printable ASCII.
+pub fn valid_address(a: &str) -> bool {
+    if a.is_empty() || a.len() > MAX_ADDRESS_LEN {
+        return false;
+    }
+    let Some((host, port)) = a.rsplit_once(':') else { return false };
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    port_ok && !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_checked_and_bounded() {
+        assert!(valid_address("relay.example:7444"));
+        assert!(valid_address("198.18.0.1:7444"));
+        assert!(valid_address("[2001:db8::1]:7444"));
+        for bad in ["", "relay", "relay:", "relay:0", "relay:70000", ":7444", "re lay:1", "a/b:1"] {
+            assert!(!valid_address(bad), "{bad:?}");
+        }
+        let mut many: Vec<String> = (1..20).map(|i| format!("h{i}:1")).collect();
+        many.insert(0, "bad".into());
+        let info = RelayInfo { addresses: many, region: None };
+        let back = RelayInfo::decode(&info.encode()).expect("decodes");
+        assert_eq!(back.addresses.len(), MAX_ADDRESSES);
+        assert_eq!(back.addresses[0], "h1:1");
+        let none = RelayInfo { addresses: vec!["x".into()], region: None };
+        assert_eq!(RelayInfo::decode(&none.encode()), Err(RecordError::NoAddress));
+        assert_eq!(RelayInfo::decode(&[0xff; 3]), Err(RecordError::Malformed));
+    }
+}
