@@ -20,6 +20,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+/// The time for the mux: tokio's clock, so that a test on a paused clock drives the whole
+/// session (timers and rate limits alike) in virtual time.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -536,7 +542,7 @@ where
     let write_timeout = config.idle_timeout;
     let inner = Arc::new(Inner {
         shared: Mutex::new(Shared {
-            mux: Mux::new(keys.role(), config, Instant::now()),
+            mux: Mux::new(keys.role(), config, now()),
             slots: HashMap::new(),
             error: None,
             incoming,
@@ -586,7 +592,7 @@ async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R, mut opene
                 return;
             }
             // Records opened before a failure are authentic and in order: deliver them first.
-            let now = Instant::now();
+            let now = now();
             for r in records.drain(..) {
                 if let Err(e) = st.mux.handle_frames(r, now) {
                     failure.get_or_insert(e);
@@ -640,7 +646,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, mut sea
         let (finished, timeout) = {
             let mut guard = inner.lock();
             let st = &mut *guard;
-            let now = Instant::now();
+            let now = now();
             if st.mux.poll_timeout().is_some_and(|t| t <= now) {
                 st.mux.handle_timeout(now);
                 inner.dispatch(st);

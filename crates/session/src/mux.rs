@@ -60,6 +60,13 @@ pub struct MuxConfig {
     pub records_per_key: u64,
 }
 
+/// Pings a peer may send in a burst, and per second after it. A peer of ours pings once per
+/// keepalive interval, and only when idle; a peer that pings faster is flooding, and every Ping
+/// costs the receiver a record to open and a Pong to seal, so past this the session is ended
+/// for abuse rather than left to take the device's CPU from everyone else's sessions.
+pub const PING_BURST: f64 = 32.0;
+pub const PINGS_PER_SEC: f64 = 8.0;
+
 impl Default for MuxConfig {
     fn default() -> Self {
         MuxConfig {
@@ -206,6 +213,9 @@ pub struct Mux {
     control: VecDeque<Frame>,
     /// The answer to the latest `Ping`, not yet sent: one at most, however many Pings arrive.
     pong: Option<u64>,
+    /// Pings the peer may still send now (refilled with time, see [`PING_BURST`]).
+    ping_tokens: f64,
+    ping_refilled: Instant,
     /// Flows with a coalesced `Credit` to send (each at most once, see `Flow::credit_queued`).
     credit_ready: VecDeque<FlowId>,
     ready: VecDeque<FlowId>,
@@ -235,6 +245,8 @@ impl Mux {
             early_recv: 0,
             control: VecDeque::new(),
             pong: None,
+            ping_tokens: PING_BURST,
+            ping_refilled: now,
             credit_ready: VecDeque::new(),
             ready: VecDeque::new(),
             events: VecDeque::new(),
@@ -463,6 +475,9 @@ impl Mux {
     pub fn handle_frames(&mut self, plaintext: Bytes, now: Instant) -> Result<(), SessionError> {
         self.check_open()?;
         self.last_recv = now;
+        let refill = now.saturating_duration_since(self.ping_refilled).as_secs_f64() * PINGS_PER_SEC;
+        self.ping_tokens = (self.ping_tokens + refill).min(PING_BURST);
+        self.ping_refilled = now;
         let mut reader = FrameReader::new(plaintext);
         loop {
             let frame = match reader.next_frame() {
@@ -592,7 +607,13 @@ impl Mux {
                 }
             }
             // Only the newest Ping needs an answer: it proves we are alive as well as all of them.
-            Frame::Ping { id } => self.pong = Some(id),
+            Frame::Ping { id } => {
+                if self.ping_tokens < 1.0 {
+                    return Err(SessionError::Limit("peer sent Pings faster than a session allows"));
+                }
+                self.ping_tokens -= 1.0;
+                self.pong = Some(id);
+            }
             Frame::Pong { .. } => {}
             Frame::Close { reason } => {
                 self.closed = Some(reason.clone());
@@ -1085,20 +1106,35 @@ mod tests {
     }
 
     #[test]
-    fn a_ping_flood_leaves_one_pong() {
+    fn a_burst_of_pings_leaves_one_pong() {
         let t0 = Instant::now();
         let mut device = Mux::new(Role::Responder, MuxConfig::default(), t0);
-        // A peer that pings and never reads: records full of Pings, nothing transmitted back.
-        let pings: Vec<Frame> = (0..7000).map(|id| Frame::Ping { id }).collect();
-        for i in 0..100u32 {
-            device.handle_frames(record(&pings), t0 + Duration::from_millis(u64::from(i))).expect("pings");
+        // A peer that pings (within the allowed rate) and never reads: one answer waits.
+        for i in 0..100u64 {
+            let pings: Vec<Frame> = (0..4).map(|j| Frame::Ping { id: i * 4 + j }).collect();
+            device.handle_frames(record(&pings), t0 + Duration::from_millis(500 * i)).expect("pings");
             assert!(device.control_backlog() <= 1, "backlog {}", device.control_backlog());
             assert!(!device.is_backlogged());
         }
         // The one answer is to the newest Ping.
         let out = device.poll_transmit(t0).expect("pong");
-        assert_eq!(frames_of(out), vec![Frame::Pong { id: 6999 }]);
+        assert_eq!(frames_of(out), vec![Frame::Pong { id: 399 }]);
         assert!(device.poll_transmit(t0).is_none());
+    }
+
+    #[test]
+    fn a_ping_flood_ends_the_session_for_abuse() {
+        let t0 = Instant::now();
+        let mut device = Mux::new(Role::Responder, MuxConfig::default(), t0);
+        let burst: Vec<Frame> = (0..PING_BURST as u64).map(|id| Frame::Ping { id }).collect();
+        device.handle_frames(record(&burst), t0).expect("a burst is fine");
+        // One second later, PINGS_PER_SEC more are fine; one beyond is a flood.
+        let later = t0 + Duration::from_secs(1);
+        let more: Vec<Frame> = (0..PINGS_PER_SEC as u64).map(|id| Frame::Ping { id }).collect();
+        device.handle_frames(record(&more), later).expect("the refill");
+        let r = device.handle_frames(record(&[Frame::Ping { id: 9 }]), later);
+        assert!(matches!(r, Err(SessionError::Limit(_))), "{r:?}");
+        assert!(device.is_closed());
     }
 
     #[test]
