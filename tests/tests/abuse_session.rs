@@ -142,8 +142,14 @@ fn ping_flood_from_a_permitted_client_leaves_npd_bounded_and_others_served() {
         std::thread::spawn(move || {
             runtime().block_on(async move {
                 while flooding.load(Ordering::Relaxed) && peak.now() < base + ABORT_GROWTH_KIB {
-                    let Ok(mut h) =
-                        HostilePeer::open(&mallory, "@mallory", "pi4@alice_device", &relay, &[target.clone()]).await
+                    let Ok(mut h) = HostilePeer::open(
+                        &mallory,
+                        "@mallory",
+                        "pi4@alice_device",
+                        &relay,
+                        std::slice::from_ref(&target),
+                    )
+                    .await
                     else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
