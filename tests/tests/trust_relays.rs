@@ -203,78 +203,52 @@ fn whatever_answers_at_a_trusted_relays_address_the_requester_reads_one_refusal(
     assert!(refusals.windows(2).all(|w| w[0] == w[1]), "different refusals: {refusals:#?}");
 }
 
-#[test]
-fn a_requester_at_its_session_cap_leaves_the_managers_their_sessions() {
-    // The relay gives each identity 2 places; the device would give @bob 3 sessions.
-    let s = Stack::start_with_relay(&["--max-sessions-per-identity", "2"]);
+/// On `s` (relay started with `relay_args`), npd with managers @alice and @bob and
+/// `--max-sessions-per-requester npd_cap`: @bob opens two sessions, his third is refused with
+/// one of `refusals`, and @alice still gets a working session. Returns the stack and @bob's
+/// sessions.
+fn bob_at_his_cap_leaves_alice_hers(
+    relay_args: &[&str],
+    npd_cap: &str,
+    refusals: &[&str],
+) -> (Stack, Proc, Vec<np_tests::stack::Forward>, std::path::PathBuf, u16) {
+    let s = Stack::start_with_relay(relay_args);
     let port = echo();
     let bob = s.ctl.identity("@bob");
-    let _npd = s.npd(
-        "pi4",
-        &[
-            "--manager",
-            "@alice",
-            "--manager",
-            "@bob",
-            "--permit-open",
-            &format!("localhost:{port}"),
-            "--max-sessions-per-requester",
-            "3",
-        ],
-    );
-    let fwd =
-        |home: &Path, me: &str| s.forward_as(home, me, "pi4@alice_device", &[&format!("0:localhost:{port}")], &[]);
-    // @bob takes his two places at the relay (and the device's two places for him).
-    let b1 = fwd(&bob, "@bob").unwrap();
-    let b2 = fwd(&bob, "@bob").unwrap();
+    let target = format!("localhost:{port}");
+    let args = ["--manager", "@alice", "--manager", "@bob", "--permit-open", &target];
+    let npd = s.npd("pi4", &[&args[..], &["--max-sessions-per-requester", npd_cap]].concat());
+    let fwd = |home: &Path, me: &str| s.forward_as(home, me, "pi4@alice_device", &[&format!("0:{target}")], &[]);
+    let bobs = vec![fwd(&bob, "@bob").unwrap(), fwd(&bob, "@bob").unwrap()];
     let third = fwd(&bob, "@bob");
-    assert!(third.as_ref().is_err_and(|e| e.contains("too many sessions for @bob")), "{:?}", third.as_ref().err());
-    // @alice, a manager, still gets hers: the device's places are counted per requester. Before,
-    // the device identity's two places were @bob's and @alice was refused at the relay.
+    assert!(third.as_ref().is_err_and(|e| refusals.iter().any(|r| e.contains(r))), "{:?}", third.as_ref().err());
     let a = fwd(&s.client_home, "@alice").unwrap();
     let mut c = TcpStream::connect(a.addrs[0]).unwrap();
     c.write_all(b"ping").unwrap();
     let mut back = [0u8; 4];
     c.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"ping");
-    drop((b1, b2, a));
+    (s, npd, bobs, bob, port)
+}
+
+#[test]
+fn a_requester_at_its_session_cap_leaves_the_managers_their_sessions() {
+    // At the relay: each identity has 2 places; the device would give @bob 3 sessions. @bob's
+    // two sessions also take the device's two places for him, and @alice still gets hers: the
+    // device's places are counted per requester. Before, they were all @bob's and @alice was
+    // refused at the relay.
+    // Both of @bob's sides are refused at the relay; whichever refusal reaches him first is his
+    // answer (his own join's, or the device's, which says only that it cannot reach the relay).
+    let relay_full = ["too many sessions for @bob", "the device cannot reach relay @relay"];
+    drop(bob_at_his_cap_leaves_alice_hers(&["--max-sessions-per-identity", "2"], "3", &relay_full));
 
     // At npd: a relay with room, a device cap of 2 per requester.
-    let s = Stack::start();
-    let bob = s.ctl.identity("@bob");
-    let _npd = s.npd(
-        "pi4",
-        &[
-            "--manager",
-            "@alice",
-            "--manager",
-            "@bob",
-            "--permit-open",
-            &format!("localhost:{port}"),
-            "--max-sessions-per-requester",
-            "2",
-        ],
-    );
-    let fwd =
-        |home: &Path, me: &str| s.forward_as(home, me, "pi4@alice_device", &[&format!("0:localhost:{port}")], &[]);
-    let b1 = fwd(&bob, "@bob").unwrap();
-    let b2 = fwd(&bob, "@bob").unwrap();
-    let third = fwd(&bob, "@bob");
-    assert!(
-        third.as_ref().is_err_and(|e| e.contains("you hold 2 sessions with this device")),
-        "{:?}",
-        third.as_ref().err()
-    );
-    let a = fwd(&s.client_home, "@alice").unwrap();
-    let mut c = TcpStream::connect(a.addrs[0]).unwrap();
-    c.write_all(b"pong").unwrap();
-    c.read_exact(&mut back).unwrap();
-    assert_eq!(&back, b"pong");
+    let (s, _npd, mut bobs, bob, port) =
+        bob_at_his_cap_leaves_alice_hers(&[], "2", &["you hold 2 sessions with this device"]);
     // When one of @bob's sessions ends, he has room again.
-    drop(b1);
-    let again = wait_until(Duration::from_secs(20), || fwd(&bob, "@bob").is_ok());
-    assert!(again, "@bob never got a place back after closing a session");
-    drop((b2, a));
+    bobs.pop();
+    let fwd = || s.forward_as(&bob, "@bob", "pi4@alice_device", &[&format!("0:localhost:{port}")], &[]).is_ok();
+    assert!(wait_until(Duration::from_secs(20), fwd), "@bob never got a place back after closing a session");
 }
 
 #[test]

@@ -82,19 +82,22 @@ pub(crate) async fn serve(
     }
 }
 
-/// Issues a code for `name`: through the running server's admin socket, or directly in the
-/// database when no server is running.
-pub async fn issue_code(data: &Path, name: &Name, ttl: Duration) -> Result<String> {
-    let sock = data.join(SOCKET);
-    if let Ok(mut s) = UnixStream::connect(&sock).await {
-        let req = AdminRequest::IssueCode { name: name.clone(), ttl_secs: ttl.as_secs() };
-        np_wire::io::write_msg(&mut s, &req).await.context("asking the running server for a code")?;
-        return match np_wire::io::read_msg::<AdminReply, _>(&mut s, 4096).await {
-            Ok(Some(AdminReply::Code(c))) => Ok(c),
-            Ok(Some(AdminReply::Error(e))) => bail!("{e}"),
-            _ => bail!("the running server closed the admin socket without an answer"),
-        };
+/// Sends `req` to the running server's admin socket and returns its answer (an `Error` answer
+/// as an error); `None` when no server listens there, so the caller opens the database itself.
+async fn ask_running_server(data: &Path, req: &AdminRequest) -> Result<Option<AdminReply>> {
+    let Ok(mut s) = UnixStream::connect(data.join(SOCKET)).await else {
+        return Ok(None);
+    };
+    np_wire::io::write_msg(&mut s, req).await.context("asking the running server")?;
+    match np_wire::io::read_msg::<AdminReply, _>(&mut s, 64 * 1024).await {
+        Ok(Some(AdminReply::Error(e))) => bail!("{e}"),
+        Ok(Some(reply)) => Ok(Some(reply)),
+        _ => bail!("the running server closed the admin socket without an answer"),
     }
+}
+
+/// The database of a stopped server, for the admin commands (an error if there is none yet).
+fn open_stopped(data: &Path) -> Result<Store> {
     if !data.join(crate::server::DB_FILE).exists() {
         bail!(
             "no control-plane data in {}: start the server first with `np-control serve --data {}`",
@@ -102,27 +105,32 @@ pub async fn issue_code(data: &Path, name: &Name, ttl: Duration) -> Result<Strin
             data.display()
         );
     }
+    Ok(Store::open(&data.join(crate::server::DB_FILE))?)
+}
+
+/// Issues a code for `name`: through the running server's admin socket, or directly in the
+/// database when no server is running.
+pub async fn issue_code(data: &Path, name: &Name, ttl: Duration) -> Result<String> {
+    let req = AdminRequest::IssueCode { name: name.clone(), ttl_secs: ttl.as_secs() };
+    match ask_running_server(data, &req).await? {
+        Some(AdminReply::Code(c)) => return Ok(c),
+        Some(other) => bail!("unexpected answer from the running server: {other:?}"),
+        None => {}
+    }
+    let store = open_stopped(data)?;
     let tls = crate::tls::TlsIdentity::load_or_create(data)?;
-    let store = Store::open(&data.join(crate::server::DB_FILE))?;
     Ok(new_code(&store, &tls.cert_der, name, ttl)?)
 }
 
 /// Revokes `name`: through the running server (which also closes its connections), or directly
 /// in the database when no server is running.
 pub async fn revoke(data: &Path, name: &Name) -> Result<()> {
-    let sock = data.join(SOCKET);
-    if let Ok(mut s) = UnixStream::connect(&sock).await {
-        np_wire::io::write_msg(&mut s, &AdminRequest::Revoke { name: name.clone() })
-            .await
-            .context("asking the running server")?;
-        return match np_wire::io::read_msg::<AdminReply, _>(&mut s, 4096).await {
-            Ok(Some(AdminReply::Revoked)) => Ok(()),
-            Ok(Some(AdminReply::Error(e))) => bail!("{e}"),
-            _ => bail!("the running server closed the admin socket without an answer"),
-        };
+    match ask_running_server(data, &AdminRequest::Revoke { name: name.clone() }).await? {
+        Some(AdminReply::Revoked) => return Ok(()),
+        Some(other) => bail!("unexpected answer from the running server: {other:?}"),
+        None => {}
     }
-    let store = Store::open(&data.join(crate::server::DB_FILE))?;
-    if !revoke_in(&store, name)? {
+    if !revoke_in(&Store::open(&data.join(crate::server::DB_FILE))?, name)? {
         bail!("{name} is not enrolled");
     }
     Ok(())
@@ -150,22 +158,9 @@ fn relay_op(store: &Store, req: &AdminRequest) -> Result<Vec<Name>, StoreError> 
 /// Changes or reads the relay list (`req` is one of the relay requests): through the running
 /// server, or directly in the database when no server is running. Returns the list after it.
 pub async fn relays(data: &Path, req: AdminRequest) -> Result<Vec<Name>> {
-    let sock = data.join(SOCKET);
-    if let Ok(mut s) = UnixStream::connect(&sock).await {
-        np_wire::io::write_msg(&mut s, &req).await.context("asking the running server")?;
-        return match np_wire::io::read_msg::<AdminReply, _>(&mut s, 64 * 1024).await {
-            Ok(Some(AdminReply::Relays(list))) => Ok(list),
-            Ok(Some(AdminReply::Error(e))) => bail!("{e}"),
-            _ => bail!("the running server closed the admin socket without an answer"),
-        };
+    match ask_running_server(data, &req).await? {
+        Some(AdminReply::Relays(list)) => Ok(list),
+        Some(other) => bail!("unexpected answer from the running server: {other:?}"),
+        None => Ok(relay_op(&open_stopped(data)?, &req)?),
     }
-    if !data.join(crate::server::DB_FILE).exists() {
-        bail!(
-            "no control-plane data in {}: start the server first with `np-control serve --data {}`",
-            data.display(),
-            data.display()
-        );
-    }
-    let store = Store::open(&data.join(crate::server::DB_FILE))?;
-    Ok(relay_op(&store, &req)?)
 }
