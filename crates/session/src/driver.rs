@@ -1,19 +1,19 @@
-//! The tokio shell: runs a [`Mux`] over one byte stream with a [`Sealer`]/[`Opener`] pair.
+//! The tokio shell for `np forward` and `npd`: runs a [`Connection`] over one byte stream and
+//! hands its flows out as [`FlowStream`]s (`AsyncRead + AsyncWrite`).
 //!
-//! Two tasks per session. The reader reads big chunks straight into the [`Opener`]'s buffer,
-//! opens every complete record without holding any lock, then takes the lock once to feed the
-//! plaintexts to the mux and hand data to the flows. The writer takes the lock to collect as
-//! many frames as fit into up to [`WRITE_BATCH`] bytes of records, releases it, seals the records
-//! in place and writes them with one call. Flows ([`FlowStream`]) lock the shared state once per
-//! `poll_read`/`poll_write` call, never per byte.
+//! Two tasks per session. The reader borrows the connection's receive buffer, reads into it
+//! without holding the lock, then takes the lock once to hand it back: the connection opens the
+//! records and queues each flow's bytes. The writer takes the lock to have the connection seal up
+//! to [`WRITE_BATCH`] bytes of records, releases it, and writes them with one call. Flows lock
+//! the shared state once per `poll_read`/`poll_write` call, never per byte. Everything about the
+//! protocol (framing, truncation, keepalives, credit) is the connection's; this file only moves
+//! bytes and wakes tasks.
 //!
-//! Memory stays bounded against a hostile peer: the reader pauses while the mux is backlogged
-//! (the peer is not reading our answers), a write that makes no progress for the idle timeout
-//! ends the session, incoming flows wait in a bounded channel, and received bytes that are
-//! queued rather than read at once are copied out of the shared receive buffer (see
-//! `Inner::dispatch`).
+//! Memory stays bounded against a hostile peer: the reader pauses while the connection says not
+//! to read (the peer is not reading our answers), a write that makes no progress for the idle
+//! timeout ends the session, and incoming flows wait in a bounded channel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,12 +26,12 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::mux::{Event, FlowId, Mux, MuxConfig};
-use crate::record::{Opener, Sealer, HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
+use crate::connection::{ConnEvent, Connection, Recv};
+use crate::mux::{FlowId, MuxConfig};
+use crate::record::{HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
 use crate::{SessionError, SessionKeys};
 
 /// Bytes of records the writer gathers before one socket write: four full records, enough to
@@ -54,7 +54,7 @@ pub enum OpenError {
 
 #[derive(Default)]
 struct Slot {
-    recv: VecDeque<Bytes>,
+    /// The peer's Fin was read: reads return end of stream.
     fin: bool,
     reset: Option<String>,
     read_waker: Option<Waker>,
@@ -74,9 +74,8 @@ impl Slot {
 }
 
 struct Shared {
-    mux: Mux,
+    conn: Connection,
     slots: HashMap<FlowId, Slot>,
-    error: Option<SessionError>,
     incoming: Option<mpsc::Sender<IncomingFlow>>,
 }
 
@@ -90,35 +89,16 @@ struct Inner {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Shared> {
-        // A panic while holding the lock cannot leave the mux half-updated in a way that matters
-        // more than losing the session; keep going with the inner value.
+        // A panic while holding the lock cannot leave the connection half-updated in a way that
+        // matters more than losing the session; keep going with the inner value.
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ends the session with `err` (the first error wins) and wakes everyone.
-    fn fail(&self, st: &mut Shared, err: SessionError) {
-        if st.error.is_some() {
-            return;
-        }
-        tracing::debug!(error = %err, "session ended");
-        st.mux.close(&err.to_string());
-        for slot in st.slots.values_mut() {
-            if let Some(tx) = slot.open_tx.take() {
-                let _ = tx.send(Err(OpenError::Session(err.clone())));
-            }
-            slot.wake();
-        }
-        st.incoming = None;
-        st.error = Some(err.clone());
-        self.done.send_replace(Some(err));
-        self.transmit.notify_one();
-    }
-
-    /// Hands the mux's events to the flows.
+    /// Hands the connection's events to the flows, and wakes the writer if there is output.
     fn dispatch(self: &Arc<Self>, st: &mut Shared) {
-        while let Some(ev) = st.mux.poll_event() {
+        while let Some(ev) = st.conn.poll_event() {
             match ev {
-                Event::FlowOpened { flow, target } => {
+                ConnEvent::FlowOpened { flow, target } => {
                     st.slots.insert(flow, Slot::default());
                     let incoming = IncomingFlow { inner: self.clone(), flow, target, answered: false };
                     // The channel holds as many as the mux lets the peer open, so it is full only
@@ -134,58 +114,49 @@ impl Inner {
                         // Nobody takes incoming flows here (a client, or a dropped receiver).
                         inc.answered = true;
                         st.slots.remove(&flow);
-                        let _ = st.mux.refuse(flow, reason);
+                        let _ = st.conn.refuse(flow, reason);
                     }
                 }
-                Event::FlowAccepted { flow } => {
+                ConnEvent::FlowAccepted { flow } => {
                     if let Some(tx) = st.slots.get_mut(&flow).and_then(|s| s.open_tx.take()) {
                         let _ = tx.send(Ok(()));
                     }
                 }
-                Event::FlowRefused { flow, reason } => {
+                ConnEvent::FlowRefused { flow, reason } => {
                     if let Some(tx) = st.slots.get_mut(&flow).and_then(|s| s.open_tx.take()) {
                         let _ = tx.send(Err(OpenError::Refused(reason)));
                     }
                 }
-                Event::FlowData { flow, bytes } => match st.slots.get_mut(&flow) {
-                    Some(slot) => {
-                        // `bytes` is a slice of the shared receive buffer, and keeps all of that
-                        // buffer (256 KiB and more) alive. Handed straight to a waiting reader it
-                        // is gone at once; queued, a peer could make each byte of credit pin a
-                        // whole buffer (one byte per record on many flows nobody reads). So what
-                        // is queued is copied: the memory held is then what credit allows.
-                        let waiting = slot.read_waker.is_some() && slot.recv.is_empty();
-                        let bytes = if waiting { bytes } else { Bytes::copy_from_slice(&bytes) };
-                        slot.recv.push_back(bytes);
-                        if let Some(w) = slot.read_waker.take() {
-                            w.wake();
-                        }
-                    }
-                    // The application dropped the flow after finishing its side: discard, but
-                    // keep credit flowing so the peer can reach its Fin.
-                    None => st.mux.consumed(flow, bytes.len()),
-                },
-                Event::FlowFin { flow } => {
-                    if let Some(slot) = st.slots.get_mut(&flow) {
-                        slot.fin = true;
-                        if let Some(w) = slot.read_waker.take() {
-                            w.wake();
-                        }
+                ConnEvent::Readable { flow } => {
+                    if let Some(w) = st.slots.get_mut(&flow).and_then(|s| s.read_waker.take()) {
+                        w.wake();
                     }
                 }
-                Event::FlowReset { flow, reason } => {
+                ConnEvent::Writable { flow } => {
+                    if let Some(w) = st.slots.get_mut(&flow).and_then(|s| s.write_waker.take()) {
+                        w.wake();
+                    }
+                }
+                ConnEvent::FlowReset { flow, reason } => {
                     if let Some(slot) = st.slots.get_mut(&flow) {
                         slot.reset = Some(reason);
                         slot.wake();
                     }
                 }
-                Event::FlowWritable { flow } => {
-                    if let Some(w) = st.slots.get_mut(&flow).and_then(|s| s.write_waker.take()) {
-                        w.wake();
+                ConnEvent::Ended { error } => {
+                    for slot in st.slots.values_mut() {
+                        if let Some(tx) = slot.open_tx.take() {
+                            let _ = tx.send(Err(OpenError::Session(error.clone())));
+                        }
+                        slot.wake();
                     }
+                    st.incoming = None;
+                    self.done.send_replace(Some(error));
                 }
-                Event::Closed { reason } => self.fail(st, SessionError::Closed(reason)),
             }
+        }
+        if st.conn.wants_transmit() || st.conn.is_drained() {
+            self.transmit.notify_one();
         }
     }
 }
@@ -203,7 +174,8 @@ struct HandleGuard {
 impl Drop for HandleGuard {
     fn drop(&mut self) {
         let mut st = self.inner.lock();
-        self.inner.fail(&mut st, SessionError::Closed("session handle dropped".into()));
+        st.conn.close("session handle dropped");
+        self.inner.dispatch(&mut st);
     }
 }
 
@@ -221,10 +193,7 @@ impl SessionHandle {
         let (tx, rx) = oneshot::channel();
         let stream = {
             let mut st = inner.lock();
-            if let Some(e) = &st.error {
-                return Err(OpenError::Session(e.clone()));
-            }
-            let flow = st.mux.open(target)?;
+            let flow = st.conn.open(target)?;
             st.slots.insert(flow, Slot { open_tx: Some(tx), ..Slot::default() });
             inner.transmit.notify_one();
             // Created before awaiting so that a cancelled `open` still cleans up on drop.
@@ -241,8 +210,8 @@ impl SessionHandle {
     pub fn close(&self, reason: &str) {
         let inner = &self.guard.inner;
         let mut st = inner.lock();
-        st.mux.close(reason);
-        inner.fail(&mut st, SessionError::Closed(reason.to_owned()));
+        st.conn.close(reason);
+        inner.dispatch(&mut st);
     }
 
     /// Waits until the session ends and returns why (`Closed` for an orderly end).
@@ -260,7 +229,7 @@ impl SessionHandle {
 
     /// The error that ended the session, if it has ended.
     pub fn error(&self) -> Option<SessionError> {
-        self.guard.inner.lock().error.clone()
+        self.guard.inner.lock().conn.error().cloned()
     }
 }
 
@@ -319,7 +288,7 @@ impl IncomingFlow {
         self.answered = true;
         let mut st = self.inner.lock();
         st.slots.remove(&self.flow);
-        let _ = st.mux.refuse(self.flow, reason);
+        let _ = st.conn.refuse(self.flow, reason);
         self.inner.transmit.notify_one();
     }
 
@@ -327,7 +296,7 @@ impl IncomingFlow {
     pub fn accept(mut self) -> Result<FlowStream, SessionError> {
         self.answered = true;
         let mut st = self.inner.lock();
-        st.mux.accept(self.flow)?;
+        st.conn.accept(self.flow)?;
         self.inner.transmit.notify_one();
         Ok(FlowStream::new(self.inner.clone(), self.flow))
     }
@@ -350,7 +319,7 @@ impl Drop for IncomingFlow {
         if !self.answered {
             let mut st = self.inner.lock();
             st.slots.remove(&self.flow);
-            let _ = st.mux.refuse(self.flow, "not answered");
+            let _ = st.conn.refuse(self.flow, "not answered");
             self.inner.transmit.notify_one();
         }
     }
@@ -397,43 +366,37 @@ impl AsyncRead for FlowStream {
         let Some(slot) = st.slots.get_mut(&this.flow) else {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
         };
-        let mut taken = 0;
-        while buf.remaining() > 0 {
-            let Some(front) = slot.recv.front_mut() else {
-                break;
-            };
-            let n = front.len().min(buf.remaining());
-            buf.put_slice(&front[..n]);
-            front.advance(n);
-            if front.is_empty() {
-                slot.recv.pop_front();
-            }
-            taken += n;
-        }
-        if taken > 0 {
-            st.mux.consumed(this.flow, taken);
-            if st.mux.wants_transmit() {
-                this.inner.transmit.notify_one();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if buf.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
         if let Some(reason) = &slot.reset {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::ConnectionReset,
                 format!("flow reset by peer: {reason}"),
             )));
         }
-        if slot.fin {
+        if slot.fin || buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        if let Some(e) = &st.error {
-            return Poll::Ready(Err(session_io_error(e)));
+        let read = st.conn.recv_with(this.flow, |chunk| {
+            let n = chunk.len().min(buf.remaining());
+            buf.put_slice(&chunk[..n]);
+            n
+        });
+        match read {
+            Ok(Recv::Data(_)) => {
+                if st.conn.wants_transmit() {
+                    this.inner.transmit.notify_one();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Ok(Recv::Fin) => {
+                slot.fin = true;
+                Poll::Ready(Ok(()))
+            }
+            Ok(Recv::Empty) => {
+                slot.read_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(session_io_error(&e))),
         }
-        slot.read_waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 }
 
@@ -445,9 +408,6 @@ impl AsyncWrite for FlowStream {
         }
         let mut guard = this.inner.lock();
         let st = &mut *guard;
-        if let Some(e) = &st.error {
-            return Poll::Ready(Err(session_io_error(e)));
-        }
         let Some(slot) = st.slots.get_mut(&this.flow) else {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
         };
@@ -457,7 +417,7 @@ impl AsyncWrite for FlowStream {
                 format!("flow reset by peer: {reason}"),
             )));
         }
-        match st.mux.send(this.flow, data) {
+        match st.conn.send(this.flow, data) {
             Ok(0) if !data.is_empty() => {
                 slot.write_waker = Some(cx.waker().clone());
                 Poll::Pending
@@ -481,11 +441,11 @@ impl AsyncWrite for FlowStream {
         }
         this.write_closed = true;
         let mut st = this.inner.lock();
-        if let Some(e) = &st.error {
+        if let Some(e) = st.conn.error() {
             return Poll::Ready(Err(session_io_error(e)));
         }
-        if st.mux.has_flow(this.flow) {
-            if let Err(e) = st.mux.finish(this.flow) {
+        if st.conn.has_flow(this.flow) {
+            if let Err(e) = st.conn.finish(this.flow) {
                 return Poll::Ready(Err(session_io_error(&e)));
             }
             this.inner.transmit.notify_one();
@@ -500,8 +460,12 @@ impl Drop for FlowStream {
         st.slots.remove(&self.flow);
         // Our side finished: let queued data and the Fin go out, discard what still arrives.
         // Otherwise nobody will read or write this flow again: abort it.
-        if !self.write_closed && st.mux.has_flow(self.flow) {
-            st.mux.reset(self.flow, "flow dropped");
+        if self.write_closed {
+            st.conn.discard(self.flow);
+        } else {
+            st.conn.abort(self.flow, "flow dropped");
+        }
+        if st.conn.wants_transmit() {
             self.inner.transmit.notify_one();
         }
     }
@@ -537,101 +501,74 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (done, _) = watch::channel(None);
-    let sealer = Sealer::with_counter(keys.send_key(), 0, config.records_per_key);
-    let opener = Opener::with_counter(keys.recv_key(), 0, config.records_per_key);
     let write_timeout = config.idle_timeout;
+    let conn = Connection::new(&keys, config, now());
+    drop(keys);
     let inner = Arc::new(Inner {
-        shared: Mutex::new(Shared {
-            mux: Mux::new(keys.role(), config, now()),
-            slots: HashMap::new(),
-            error: None,
-            incoming,
-        }),
+        shared: Mutex::new(Shared { conn, slots: HashMap::new(), incoming }),
         transmit: Notify::new(),
         drained: Notify::new(),
         done,
     });
-    drop(keys);
     let (rd, wr) = tokio::io::split(stream);
-    tokio::spawn(read_loop(inner.clone(), rd, opener));
-    tokio::spawn(write_loop(inner.clone(), wr, sealer, write_timeout));
+    tokio::spawn(read_loop(inner.clone(), rd));
+    tokio::spawn(write_loop(inner.clone(), wr, write_timeout));
     SessionHandle { guard: Arc::new(HandleGuard { inner }) }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R, mut opener: Opener) {
-    let mut records = Vec::new();
+async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R) {
     let mut done = inner.done.subscribe();
     loop {
+        // The connection's own buffer, borrowed so the read needs no lock and no copy.
+        let mut buf = {
+            let mut st = inner.lock();
+            if st.conn.error().is_some() {
+                return;
+            }
+            st.conn.lend_input_buffer()
+        };
         let read = tokio::select! {
-            r = rd.read_buf(opener.recv_buffer()) => r,
+            r = rd.read_buf(&mut buf) => r,
             // The session ended elsewhere (writer error, local close): stop reading.
             _ = done.wait_for(Option::is_some) => return,
         };
-        let eof = matches!(read, Ok(0));
-        let mut failure = match read {
-            Err(e) => Some(SessionError::from(e)),
-            Ok(_) => None,
-        };
-        if failure.is_none() {
-            loop {
-                match opener.next() {
-                    Ok(Some(r)) => records.push(r.freeze()),
-                    Ok(None) => break,
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
-                }
-            }
-        }
         // In a block of its own: the guard must be gone before the next await.
-        let backlogged = {
+        let paused = {
             let mut guard = inner.lock();
             let st = &mut *guard;
-            if st.error.is_some() {
-                return;
-            }
-            // Records opened before a failure are authentic and in order: deliver them first.
             let now = now();
-            for r in records.drain(..) {
-                if let Err(e) = st.mux.handle_frames(r, now) {
-                    failure.get_or_insert(e);
-                    break;
+            match read {
+                Ok(0) => {
+                    st.conn.handle_input_buffer(buf, now);
+                    st.conn.handle_eof();
+                }
+                Ok(_) => st.conn.handle_input_buffer(buf, now),
+                Err(e) => {
+                    st.conn.handle_input_buffer(buf, now);
+                    st.conn.handle_io_error(e);
                 }
             }
             inner.dispatch(st);
-            if failure.is_none() && eof {
-                // A session ends with a Close frame; a bare end of stream may be a truncation.
-                failure = Some(match opener.finish() {
-                    Err(e) => e,
-                    Ok(()) if st.mux.is_closed() => return,
-                    Ok(()) => SessionError::Truncated,
-                });
-            }
-            if let Some(e) = failure {
-                inner.fail(st, e);
+            if st.conn.error().is_some() {
                 return;
             }
-            if st.mux.wants_transmit() {
-                inner.transmit.notify_one();
-            }
-            st.mux.is_backlogged()
+            !st.conn.wants_input()
         };
-        if backlogged {
+        if paused {
             tracing::debug!("peer is not reading our answers: pausing reads");
             loop {
                 tokio::select! {
                     _ = inner.drained.notified() => {}
                     _ = done.wait_for(Option::is_some) => return,
                 }
-                let (ended, backlogged) = {
+                let (ended, paused) = {
                     let st = inner.lock();
-                    (st.error.is_some(), st.mux.is_backlogged())
+                    (st.conn.error().is_some(), !st.conn.wants_input())
                 };
                 if ended {
                     return;
                 }
-                if !backlogged {
+                if !paused {
                     break;
                 }
             }
@@ -639,42 +576,21 @@ async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R, mut opene
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, mut sealer: Sealer, stall: Duration) {
-    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_RECORD_PLAINTEXT);
-    let mut records: Vec<(usize, usize)> = Vec::new();
+async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, stall: Duration) {
+    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_RECORD_PLAINTEXT + HEADER_LEN + TAG_LEN);
     loop {
-        let (finished, timeout) = {
+        let (drained, timeout) = {
             let mut guard = inner.lock();
             let st = &mut *guard;
             let now = now();
-            if st.mux.poll_timeout().is_some_and(|t| t <= now) {
-                st.mux.handle_timeout(now);
-                inner.dispatch(st);
+            if st.conn.poll_timeout().is_some_and(|t| t <= now) {
+                st.conn.handle_timeout(now);
             }
-            while out.len() < WRITE_BATCH {
-                let start = out.len();
-                out.extend_from_slice(&[0u8; HEADER_LEN]);
-                if !st.mux.poll_transmit_into(now, &mut out, MAX_RECORD_PLAINTEXT) {
-                    out.truncate(start);
-                    break;
-                }
-                out.extend_from_slice(&[0u8; TAG_LEN]);
-                records.push((start, out.len()));
-            }
-            (st.mux.is_closed() || st.error.is_some(), st.mux.poll_timeout())
+            st.conn.poll_transmit(now, &mut out, WRITE_BATCH);
+            inner.dispatch(st);
+            (st.conn.is_drained(), st.conn.poll_timeout())
         };
         if !out.is_empty() {
-            for (s, e) in records.drain(..) {
-                let sealed = match out.get_mut(s..e) {
-                    Some(record) => sealer.seal_in_slice(record),
-                    None => Err(SessionError::Truncated),
-                };
-                if let Err(e) = sealed {
-                    let mut st = inner.lock();
-                    inner.fail(&mut st, e);
-                    return;
-                }
-            }
             tracing::trace!(bytes = out.len(), "writing records");
             // A peer that reads nothing for as long as the idle timeout is gone or hostile
             // (pinging us while our answers pile up); either way the session is over. Without
@@ -686,17 +602,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, mut sea
                     format!("the peer read nothing for {}s", stall.as_secs()),
                 )),
             };
+            out.clear();
             if let Err(e) = written {
                 let mut st = inner.lock();
-                inner.fail(&mut st, e.into());
+                st.conn.handle_io_error(e);
+                inner.dispatch(&mut st);
                 return;
             }
-            out.clear();
             // `notify_one` keeps a permit, so a reader that is about to wait still sees it.
             inner.drained.notify_one();
             continue;
         }
-        if finished {
+        if drained {
             let _ = wr.shutdown().await;
             return;
         }

@@ -5,11 +5,14 @@
 //! - [`record`]: AES-256-GCM records with implicit counter nonces, sealed and opened in place.
 //! - [`mux`]: many TCP flows in one session with per-flow credit-based flow control and
 //!   keepalives, as a pure state machine (bytes and `Instant`s in, frames and events out).
+//! - [`connection`]: the three above as one sans-IO session (bytes and time in; sealed records,
+//!   events and deadlines out), with each flow's received bytes until the application takes them.
 //! - [`driver`]: the thin tokio shell that runs the above over one byte stream.
 //!
 //! The first three modules read no clock and touch no socket, so tests drive whole sessions in
 //! memory with a fake clock.
 
+pub mod connection;
 pub mod driver;
 mod error;
 pub mod frame;
@@ -20,6 +23,7 @@ pub mod record;
 pub use error::SessionError;
 pub use handshake::{Initiator, Responder, Role, SessionKeys};
 
+pub use connection::{ConnEvent, ConnStats, Connection, Recv};
 pub use driver::{client_session, device_session, DeviceSession, FlowStream, IncomingFlow, OpenError, SessionHandle};
 pub use mux::{Event, FlowId, Mux, MuxConfig};
 pub use record::{Opener, Sealer, MAX_RECORD_PLAINTEXT};

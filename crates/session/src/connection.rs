@@ -1,0 +1,523 @@
+//! One session as a sans-IO connection, in the shape of quinn-proto's `Connection`: bytes from
+//! the peer and the time go in; sealed records, events and the next deadline come out.
+//!
+//! It holds the [`Mux`], the [`Sealer`] and the [`Opener`], and owns everything between the
+//! byte stream and the flows: record framing, the truncation rule (a session ends with a `Close`
+//! frame; a bare end of stream is a truncation), keepalive timing, and each flow's received
+//! bytes until the application takes them. The mux's credit is the only flow control: `send`
+//! takes what the peer's credit allows, and taking received bytes grants credit back.
+//!
+//! No tokio, no clock reads, no sockets: the driver (`driver.rs`, for `np forward` and `npd`)
+//! and `np up`'s bridge are shells that move bytes between a socket and this.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::mux::{Event, FlowId, Mux, MuxConfig};
+use crate::record::{Opener, Sealer, HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
+use crate::{SessionError, SessionKeys};
+
+/// Received chunks shorter than this are copied into the flow's queue; longer ones stay slices
+/// of the decrypted record. A slice keeps the whole receive buffer it came from alive, so a peer
+/// sending one byte per record on many unread flows could otherwise make each byte of credit
+/// pin a buffer; at this size a queued chunk pins at most a few times its own length.
+const COPY_BELOW: usize = MAX_RECORD_PLAINTEXT / 4;
+
+/// Something the application must react to.
+#[derive(Debug, Clone)]
+pub enum ConnEvent {
+    /// The peer asks to open a flow to `target`: [`Connection::accept`] or [`Connection::refuse`].
+    FlowOpened {
+        /// The new flow.
+        flow: FlowId,
+        /// `host:port` to dial.
+        target: String,
+    },
+    /// A flow we opened was accepted.
+    FlowAccepted {
+        /// The flow.
+        flow: FlowId,
+    },
+    /// A flow we opened was refused; it no longer exists.
+    FlowRefused {
+        /// The flow.
+        flow: FlowId,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// Bytes (or the peer's Fin) are waiting in [`Connection::recv`]. Sent when a flow's queue
+    /// goes from empty to not empty, so read until [`Recv::Empty`] after it.
+    Readable {
+        /// The flow.
+        flow: FlowId,
+    },
+    /// A flow whose `send` was cut short by credit may send again.
+    Writable {
+        /// The flow.
+        flow: FlowId,
+    },
+    /// The peer aborted the flow; it no longer exists.
+    FlowReset {
+        /// The flow.
+        flow: FlowId,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// The session is over: [`SessionError::Closed`] for an orderly end, anything else for a
+    /// failure (tampering, truncation, abuse, timeout). Every flow is gone.
+    Ended {
+        /// Why.
+        error: SessionError,
+    },
+}
+
+impl PartialEq for ConnEvent {
+    fn eq(&self, other: &Self) -> bool {
+        use ConnEvent::*;
+        match (self, other) {
+            (FlowOpened { flow: a, target: x }, FlowOpened { flow: b, target: y }) => a == b && x == y,
+            (FlowAccepted { flow: a }, FlowAccepted { flow: b })
+            | (Readable { flow: a }, Readable { flow: b })
+            | (Writable { flow: a }, Writable { flow: b }) => a == b,
+            (FlowRefused { flow: a, reason: x }, FlowRefused { flow: b, reason: y })
+            | (FlowReset { flow: a, reason: x }, FlowReset { flow: b, reason: y }) => a == b && x == y,
+            // Errors carry an `io::Error`, which has no equality: compare what they say.
+            (Ended { error: a }, Ended { error: b }) => a.to_string() == b.to_string(),
+            _ => false,
+        }
+    }
+}
+
+/// What [`Connection::recv`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recv {
+    /// This many bytes were taken.
+    Data(usize),
+    /// The peer finished the flow and every byte has been taken. The flow's receive side is
+    /// gone; do not ask again.
+    Fin,
+    /// Nothing yet: a [`ConnEvent::Readable`] follows when there is.
+    Empty,
+}
+
+/// A flow's received bytes not yet taken.
+#[derive(Debug, Default)]
+struct Inbox {
+    chunks: VecDeque<Bytes>,
+    fin: bool,
+    /// The application will never read this flow: take what arrives at once (granting credit so
+    /// the peer can reach its Fin) and drop it.
+    discard: bool,
+}
+
+impl Inbox {
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && !self.fin
+    }
+}
+
+/// The sans-IO session. See the module docs.
+pub struct Connection {
+    mux: Mux,
+    sealer: Sealer,
+    opener: Opener,
+    inboxes: HashMap<FlowId, Inbox>,
+    events: VecDeque<ConnEvent>,
+    ended: Option<SessionError>,
+    /// Records sealed and bytes of plaintext moved, for tests and metrics.
+    stats: ConnStats,
+}
+
+/// Counters of one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Records sealed.
+    pub records_sent: u64,
+    /// Records opened.
+    pub records_received: u64,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("flows", &self.inboxes.len())
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// A connection for the side whose handshake produced `keys`.
+    pub fn new(keys: &SessionKeys, config: MuxConfig, now: Instant) -> Connection {
+        let sealer = Sealer::with_counter(keys.send_key(), 0, config.records_per_key);
+        let opener = Opener::with_counter(keys.recv_key(), 0, config.records_per_key);
+        Connection {
+            mux: Mux::new(keys.role(), config, now),
+            sealer,
+            opener,
+            inboxes: HashMap::new(),
+            events: VecDeque::new(),
+            ended: None,
+            stats: ConnStats::default(),
+        }
+    }
+
+    /// The session's tunables.
+    pub fn config(&self) -> &MuxConfig {
+        self.mux.config()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ConnStats {
+        self.stats
+    }
+
+    // ---- input ----
+
+    /// Bytes read from the peer.
+    pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.opener.push(bytes);
+        self.process_input(now);
+    }
+
+    /// The receive buffer, to read from a socket straight into it (append only, e.g. tokio's
+    /// `try_read_buf`); then call [`Connection::process_input`]. Saves [`Connection::handle_input`]'s copy.
+    pub fn input_buffer(&mut self) -> &mut BytesMut {
+        self.opener.recv_buffer()
+    }
+
+    /// Lends out the receive buffer, so a reader can fill it while the connection is used
+    /// elsewhere (a reader task reading without holding the session's lock). Give it back with
+    /// [`Connection::handle_input_buffer`]; bytes received meanwhile are an error of the caller.
+    pub fn lend_input_buffer(&mut self) -> BytesMut {
+        std::mem::take(self.opener.recv_buffer())
+    }
+
+    /// Takes back the buffer from [`Connection::lend_input_buffer`], with what was read into
+    /// it appended, and processes it.
+    pub fn handle_input_buffer(&mut self, buf: BytesMut, now: Instant) {
+        if self.ended.is_some() {
+            return;
+        }
+        let own = self.opener.recv_buffer();
+        if own.is_empty() {
+            *own = buf;
+        } else {
+            own.extend_from_slice(&buf);
+        }
+        self.process_input(now);
+    }
+
+    /// Opens and handles every complete record in the receive buffer.
+    pub fn process_input(&mut self, now: Instant) {
+        while self.ended.is_none() {
+            match self.opener.next() {
+                Ok(Some(record)) => {
+                    self.stats.records_received += 1;
+                    if let Err(e) = self.mux.handle_frames(record.freeze(), now) {
+                        self.drain_mux();
+                        self.end(e);
+                        return;
+                    }
+                    self.drain_mux();
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.end(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The peer's end of stream. Orderly only after the peer's `Close`; otherwise the session
+    /// was cut ([`SessionError::Truncated`]), maybe by an attacker hiding the rest.
+    pub fn handle_eof(&mut self) {
+        if self.ended.is_some() {
+            return;
+        }
+        let err = match self.opener.finish() {
+            Err(e) => e,
+            Ok(()) => SessionError::Truncated,
+        };
+        self.end(err);
+    }
+
+    /// The transport failed.
+    pub fn handle_io_error(&mut self, err: std::io::Error) {
+        self.end(err.into());
+    }
+
+    // ---- output ----
+
+    /// Appends sealed records to `buf` until at least `max` bytes are in it or nothing more is
+    /// pending. Returns how many bytes were appended.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>, max: usize) -> usize {
+        let begin = buf.len();
+        while buf.len() < max {
+            let start = buf.len();
+            buf.extend_from_slice(&[0u8; HEADER_LEN]);
+            if !self.mux.poll_transmit_into(now, buf, MAX_RECORD_PLAINTEXT) {
+                buf.truncate(start);
+                break;
+            }
+            buf.extend_from_slice(&[0u8; TAG_LEN]);
+            let sealed = match buf.get_mut(start..) {
+                Some(record) => self.sealer.seal_in_slice(record),
+                None => Err(SessionError::Truncated),
+            };
+            if let Err(e) = sealed {
+                buf.truncate(start);
+                self.end(e);
+                break;
+            }
+            self.stats.records_sent += 1;
+        }
+        buf.len() - begin
+    }
+
+    /// Is anything waiting for [`Connection::poll_transmit`]?
+    pub fn wants_transmit(&self) -> bool {
+        self.mux.wants_transmit()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<ConnEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Connection::handle_timeout`] should next run; `None` once ended.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.ended.is_some() {
+            return None;
+        }
+        self.mux.poll_timeout()
+    }
+
+    /// Runs the keepalive timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.mux.handle_timeout(now);
+        self.drain_mux();
+    }
+
+    /// Should the shell read more from the peer? Not once ended, and not while so many answers
+    /// are queued that the peer is evidently not reading ours (reading on would let it make us
+    /// queue without bound; pausing pushes back on its writes).
+    pub fn wants_input(&self) -> bool {
+        self.ended.is_none() && !self.mux.is_backlogged()
+    }
+
+    /// Has the session ended, and is everything (the final `Close`) transmitted? Then the
+    /// shell shuts the stream down.
+    pub fn is_drained(&self) -> bool {
+        self.ended.is_some() && !self.mux.wants_transmit()
+    }
+
+    /// Why the session ended, if it has.
+    pub fn error(&self) -> Option<&SessionError> {
+        self.ended.as_ref()
+    }
+
+    /// Ends the session: a `Close` carrying `reason` is the last record transmitted, and every
+    /// flow is gone.
+    pub fn close(&mut self, reason: &str) {
+        self.end(SessionError::Closed(reason.to_owned()));
+    }
+
+    // ---- flows ----
+
+    /// Opens a flow to `target` (`host:port`). Data may be sent at once, within the early
+    /// budget; [`ConnEvent::FlowAccepted`] or [`ConnEvent::FlowRefused`] follows.
+    pub fn open(&mut self, target: &str) -> Result<FlowId, SessionError> {
+        self.check()?;
+        self.mux.open(target)
+    }
+
+    /// Accepts a flow the peer opened.
+    pub fn accept(&mut self, flow: FlowId) -> Result<(), SessionError> {
+        self.check()?;
+        self.mux.accept(flow)
+    }
+
+    /// Refuses a flow the peer opened.
+    pub fn refuse(&mut self, flow: FlowId, reason: &str) -> Result<(), SessionError> {
+        self.check()?;
+        self.inboxes.remove(&flow);
+        self.mux.refuse(flow, reason)
+    }
+
+    /// Queues as much of `data` as the flow's credit allows; returns how much that was. When
+    /// less than all, a [`ConnEvent::Writable`] follows once the peer grants more.
+    pub fn send(&mut self, flow: FlowId, data: &[u8]) -> Result<usize, SessionError> {
+        self.check()?;
+        self.mux.send(flow, data)
+    }
+
+    /// Bytes `send` would take on this flow now.
+    pub fn send_credit(&self, flow: FlowId) -> u64 {
+        self.mux.send_credit(flow)
+    }
+
+    /// Hands `f` the flow's received bytes, chunk by chunk, until it takes less than it was
+    /// given; `f` returns how many it took. Credit for what was taken goes back to the peer.
+    pub fn recv_with(&mut self, flow: FlowId, mut f: impl FnMut(&[u8]) -> usize) -> Result<Recv, SessionError> {
+        self.check()?;
+        let Some(inbox) = self.inboxes.get_mut(&flow) else {
+            return if self.mux.has_flow(flow) { Ok(Recv::Empty) } else { Err(SessionError::UnknownFlow(flow)) };
+        };
+        let mut taken = 0;
+        while let Some(front) = inbox.chunks.front_mut() {
+            let n = f(front).min(front.len());
+            front.advance(n);
+            taken += n;
+            if !front.is_empty() {
+                break;
+            }
+            inbox.chunks.pop_front();
+        }
+        let result = if taken > 0 {
+            Recv::Data(taken)
+        } else if inbox.chunks.is_empty() && inbox.fin {
+            self.inboxes.remove(&flow);
+            Recv::Fin
+        } else {
+            Recv::Empty
+        };
+        if taken > 0 {
+            self.mux.consumed(flow, taken);
+        }
+        Ok(result)
+    }
+
+    /// Copies received bytes into `buf`.
+    pub fn recv(&mut self, flow: FlowId, buf: &mut [u8]) -> Result<Recv, SessionError> {
+        let mut filled = 0;
+        self.recv_with(flow, |chunk| {
+            let n = chunk.len().min(buf.len() - filled);
+            buf[filled..filled + n].copy_from_slice(&chunk[..n]);
+            filled += n;
+            n
+        })
+    }
+
+    /// Bytes received on the flow and not yet taken.
+    pub fn recv_pending(&self, flow: FlowId) -> usize {
+        self.inboxes.get(&flow).map_or(0, |i| i.chunks.iter().map(Bytes::len).sum())
+    }
+
+    /// Half-closes our direction of the flow once what is queued has gone (a Fin).
+    pub fn finish(&mut self, flow: FlowId) -> Result<(), SessionError> {
+        self.check()?;
+        self.mux.finish(flow)
+    }
+
+    /// Aborts the flow in both directions (a Reset to the peer). Unknown flows are ignored.
+    pub fn abort(&mut self, flow: FlowId, reason: &str) {
+        self.inboxes.remove(&flow);
+        if self.ended.is_none() {
+            self.mux.reset(flow, reason);
+        }
+    }
+
+    /// The application will read nothing more from this flow (it finished its side and went
+    /// away): what is queued is dropped, what arrives is dropped at once with its credit
+    /// granted back, so the peer can still send its Fin.
+    pub fn discard(&mut self, flow: FlowId) {
+        let pending = self.recv_pending(flow);
+        if !self.mux.has_flow(flow) {
+            self.inboxes.remove(&flow);
+            return;
+        }
+        let inbox = self.inboxes.entry(flow).or_default();
+        inbox.chunks.clear();
+        inbox.discard = true;
+        if inbox.fin {
+            self.inboxes.remove(&flow);
+        }
+        self.mux.consumed(flow, pending);
+    }
+
+    /// Does the flow still exist (in the mux, or with bytes waiting)?
+    pub fn has_flow(&self, flow: FlowId) -> bool {
+        self.mux.has_flow(flow) || self.inboxes.contains_key(&flow)
+    }
+
+    // ---- internals ----
+
+    fn check(&self) -> Result<(), SessionError> {
+        match &self.ended {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn end(&mut self, err: SessionError) {
+        if self.ended.is_some() {
+            return;
+        }
+        tracing::debug!(error = %err, "session ended");
+        // Tells the peer why (a no-op if it closed first); the Close is the last record out.
+        match &err {
+            SessionError::Closed(reason) => self.mux.close(reason),
+            other => self.mux.close(&other.to_string()),
+        }
+        self.inboxes.clear();
+        self.ended = Some(err.clone());
+        self.events.push_back(ConnEvent::Ended { error: err });
+    }
+
+    fn drain_mux(&mut self) {
+        while let Some(ev) = self.mux.poll_event() {
+            match ev {
+                Event::FlowOpened { flow, target } => self.events.push_back(ConnEvent::FlowOpened { flow, target }),
+                Event::FlowAccepted { flow } => self.events.push_back(ConnEvent::FlowAccepted { flow }),
+                Event::FlowRefused { flow, reason } => {
+                    self.inboxes.remove(&flow);
+                    self.events.push_back(ConnEvent::FlowRefused { flow, reason });
+                }
+                Event::FlowData { flow, bytes } => {
+                    let inbox = self.inboxes.entry(flow).or_default();
+                    if inbox.discard {
+                        self.mux.consumed(flow, bytes.len());
+                        continue;
+                    }
+                    let was_empty = inbox.is_empty();
+                    let bytes = if bytes.len() < COPY_BELOW { Bytes::copy_from_slice(&bytes) } else { bytes };
+                    inbox.chunks.push_back(bytes);
+                    if was_empty {
+                        self.events.push_back(ConnEvent::Readable { flow });
+                    }
+                }
+                Event::FlowFin { flow } => {
+                    let inbox = self.inboxes.entry(flow).or_default();
+                    if inbox.discard {
+                        self.inboxes.remove(&flow);
+                        continue;
+                    }
+                    let was_empty = inbox.is_empty();
+                    inbox.fin = true;
+                    if was_empty {
+                        self.events.push_back(ConnEvent::Readable { flow });
+                    }
+                }
+                Event::FlowReset { flow, reason } => {
+                    self.inboxes.remove(&flow);
+                    self.events.push_back(ConnEvent::FlowReset { flow, reason });
+                }
+                Event::FlowWritable { flow } => self.events.push_back(ConnEvent::Writable { flow }),
+                Event::Closed { reason } => self.end(SessionError::Closed(reason)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
