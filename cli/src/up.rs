@@ -1,20 +1,17 @@
 //! `np up`: a TUN interface where each device has a virtual address; every TCP flow to it (or to
 //! a routed prefix) is carried through that device's session.
 
-use crate::forward::SessionSlot;
 use anyhow::{Context, Result};
 use np_identity::DeviceRef;
 use np_netstack::{
-    AddressMap, BoxFuture, DeviceKey, FlowTarget, Netstack, NetstackConfig, OpenRefused, Opener, Prefix, RefuseKind,
+    AddressMap, BoxFuture, DeviceKey, Dialed, Dialer, Netstack, NetstackConfig, Prefix, RefuseKind, SetupFailed,
 };
-use np_session::{FlowStream, OpenError};
-use np_tunnel::Connector;
+use np_tunnel::{Connector, SetupError};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 
@@ -61,39 +58,51 @@ pub fn dns_name(d: &DeviceRef) -> String {
     format!("{}.{}.np", d.device, d.identity.bare())
 }
 
-/// Opens each flow through its device's session, setting the session up on first use and again
-/// after it breaks.
-struct SessionOpener {
-    slots: HashMap<String, Arc<SessionSlot>>,
+/// Sets up each device's session for the netstack: the request, the relay join, the handshake.
+struct UpDialer {
+    connector: Connector,
+    relay: np_identity::Name,
+    devices: HashMap<String, DeviceRef>,
+    verbose: bool,
 }
 
-impl Opener for SessionOpener {
-    type Stream = FlowStream;
-
-    fn open(&self, to: FlowTarget) -> BoxFuture<'static, Result<FlowStream, OpenRefused>> {
-        let slot = self.slots.get(&to.device.0).cloned();
+impl Dialer for UpDialer {
+    fn dial(&self, device: DeviceKey, first_target: String) -> BoxFuture<'static, Result<Dialed, SetupFailed>> {
+        let connector = self.connector.clone();
+        let relay = self.relay.clone();
+        let device_ref = self.devices.get(&device.0).cloned();
+        let verbose = self.verbose;
         Box::pin(async move {
-            let unreachable = |reason: String| OpenRefused { kind: RefuseKind::Unreachable, reason };
-            let slot = slot.ok_or_else(|| unreachable(format!("no device {}", to.device)))?;
-            for attempt in 0..2 {
-                let session = slot.get(Some(&to.target)).await.map_err(|e| unreachable(format!("{e:#}")))?;
-                match session.open(&to.target).await {
-                    Ok(f) => return Ok(f),
-                    Err(OpenError::Refused(reason)) => {
-                        tracing::info!(device = %to.device, target = %to.target, %reason, "flow refused");
-                        return Err(OpenRefused { kind: RefuseKind::Refused, reason });
-                    }
-                    Err(OpenError::Session(e)) if attempt == 0 && e.is_stale() => {
-                        tracing::info!(device = %to.device, error = %e, "session broke; setting up a new one");
-                        slot.reset().await;
-                    }
-                    Err(OpenError::Session(e)) => return Err(unreachable(e.to_string())),
+            let unreachable = |reason: String| SetupFailed { kind: RefuseKind::Unreachable, reason };
+            let device_ref = device_ref.ok_or_else(|| unreachable(format!("no device {device}")))?;
+            let t0 = Instant::now();
+            let step = move |s: &str| {
+                if verbose {
+                    eprintln!("{:>9.1} ms  {s}", t0.elapsed().as_secs_f64() * 1e3);
+                }
+            };
+            match connector.dial(&device_ref, &relay, &[first_target], &step).await {
+                Ok(t) => {
+                    tracing::info!(device = %device_ref, session = %t.session, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
+                    Ok(Dialed { stream: t.stream, keys: t.keys, session: t.session })
+                }
+                Err(e) => {
+                    tracing::warn!(device = %device_ref, error = %e, "setting up a session failed");
+                    // A device that says no (the target is not permitted) is a refusal the
+                    // application should see as such; anything else is "unreachable".
+                    let kind = match e {
+                        SetupError::Refused { .. } => RefuseKind::Refused,
+                        _ => RefuseKind::Unreachable,
+                    };
+                    Err(SetupFailed { kind, reason: e.to_string() })
                 }
             }
-            Err(unreachable("no session".into()))
         })
     }
 }
+
+/// What an eager session's request names before any flow does.
+const DEFAULT_TARGET: &str = "localhost:22";
 
 /// What `np up` was asked for.
 pub struct UpOptions {
@@ -114,28 +123,38 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
     // Given addresses first, so automatic ones never take them.
     let mut devices = opts.devices.clone();
     devices.sort_by_key(|d| d.addr.is_none());
-    let mut slots = HashMap::new();
+    let mut refs: HashMap<String, DeviceRef> = HashMap::new();
     let mut names: Vec<(String, Ipv4Addr, DeviceRef)> = Vec::new();
     for spec in devices.iter().chain(
         opts.routes.iter().map(|r| DeviceSpec { device: r.device.clone(), addr: None }).collect::<Vec<_>>().iter(),
     ) {
         let key = spec.device.to_string();
-        if slots.contains_key(&key) {
+        if refs.contains_key(&key) {
             continue;
         }
         let addr =
             map.add_device(DeviceKey(key.clone()), spec.addr).map_err(|e| anyhow::anyhow!("{}: {e}", spec.device))?;
         names.push((dns_name(&spec.device), addr, spec.device.clone()));
-        let slot =
-            SessionSlot::new(connector.clone(), spec.device.clone(), opts.relay.clone(), Vec::new(), opts.verbose);
-        slots.insert(key, Arc::new(slot));
+        refs.insert(key, spec.device.clone());
     }
     for r in &opts.routes {
         map.add_route(r.prefix, DeviceKey(r.device.to_string()))
             .map_err(|e| anyhow::anyhow!("--route {}: {e}", r.prefix))?;
     }
     let iface_addr = map.interface_addr();
-    let config = NetstackConfig { name: opts.name.clone(), map: map.clone(), ..NetstackConfig::default() };
+    // An eager session is set up before any flow: ssh is what most users are after.
+    let eager = if opts.eager {
+        refs.keys().map(|k| (DeviceKey(k.clone()), DEFAULT_TARGET.to_string())).collect()
+    } else {
+        Vec::new()
+    };
+    let config = NetstackConfig {
+        name: opts.name.clone(),
+        map: map.clone(),
+        mux: connector.mux.clone(),
+        eager,
+        ..NetstackConfig::default()
+    };
     let netstack = Netstack::new(config).with_context(|| format!("bringing up interface {}", opts.name))?;
     let guard = match netstack.forward_guard_missing() {
         None => "on (nftables: packets forwarded into the interface are dropped)".to_string(),
@@ -159,34 +178,22 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
         Err(e) => tracing::warn!(error = %e, "no DNS for .np names (cannot bind {iface_addr}:53 on {})", opts.name),
     }
 
-    let slots = Arc::new(slots);
-    if opts.eager {
-        for s in slots.values() {
-            let s = s.clone();
-            tokio::spawn(async move {
-                if let Err(e) = s.get(None).await {
-                    tracing::warn!("{e:#}");
-                }
-            });
-        }
-    }
     let status = netstack.status();
     let (listener, _socket_file) = status_listener(&opts.name)?;
-    let st_slots = slots.clone();
     let name = opts.name.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else { return };
             let text = match status.snapshot().await {
-                Some(st) => render_status(&name, &st, &st_slots, started, &guard).await,
+                Some(st) => render_status(&name, &st, started, &guard),
                 None => "stopping\n".into(),
             };
             let _ = s.write_all(text.as_bytes()).await;
         }
     });
     println!("ready");
-    let opener = SessionOpener { slots: slots.iter().map(|(k, v)| (k.clone(), v.clone())).collect() };
-    netstack.serve(opener, shutdown).await.context("serving the interface")?;
+    let dialer = UpDialer { connector, relay: opts.relay.clone(), devices: refs, verbose: opts.verbose };
+    netstack.serve(dialer, shutdown).await.context("serving the interface")?;
     Ok(())
 }
 
@@ -350,13 +357,7 @@ pub async fn status(iface: &str) -> Result<String> {
     Ok(out)
 }
 
-async fn render_status(
-    iface: &str,
-    st: &np_netstack::Status,
-    slots: &HashMap<String, Arc<SessionSlot>>,
-    started: Instant,
-    guard: &str,
-) -> String {
+fn render_status(iface: &str, st: &np_netstack::Status, started: Instant, guard: &str) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     let _ = writeln!(
@@ -368,10 +369,7 @@ async fn render_status(
     );
     let _ = writeln!(o, "{:<15} {:<32} {:<24} FLOWS", "ADDRESS", "DEVICE", "SESSION");
     for (key, addr) in &st.devices {
-        let session = match slots.get(&key.0) {
-            Some(s) => s.describe().await,
-            None => "-".into(),
-        };
+        let session = st.sessions.iter().find(|(d, _)| d == key).map_or_else(|| "-".into(), |(_, s)| s.clone());
         let flows = st.flows.get(key).copied().unwrap_or(0);
         let _ = writeln!(o, "{:<15} {:<32} {:<24} {flows}", addr.to_string(), key.0, session);
     }
@@ -385,6 +383,7 @@ async fn render_status(
     );
     let _ = writeln!(o, "forward guard: {guard}");
     let _ = writeln!(o, "stack: {:?}", st.stats);
+    let _ = writeln!(o, "sessions: {:?}", st.bridge);
     o
 }
 

@@ -1,17 +1,20 @@
 //! The client network stack behind `np up`: a TUN interface whose TCP flows are terminated by
-//! smoltcp and handed to an [`Opener`] that carries them to a device.
+//! smoltcp and carried through each device's encrypted session.
 //!
 //! - [`map`]: which device owns a destination, and what it dials there.
 //! - [`stack`]: the pure core (packets and `now` in; packets, events and timers out).
 //! - [`tun`]: the interface itself.
-//! - [`Netstack`] (in `shell`): the tokio driver tying them to an [`Opener`].
+//! - [`bridge`]: the stack and each device's session connection as one pure state machine.
+//! - [`Netstack`] (in `shell`): the tokio driver: the TUN, the relay connections, session setup.
 
+pub mod bridge;
 pub mod map;
 mod packet;
 mod shell;
 pub mod stack;
 pub mod tun;
 
+pub use bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed};
 pub use map::{AddressMap, DeviceKey, FlowTarget, MapError, Prefix, DEFAULT_SUBNET};
-pub use shell::{BoxFuture, Netstack, NetstackConfig, NetstackError, OpenRefused, Opener, Status, StatusHandle};
+pub use shell::{BoxFuture, Dialed, Dialer, Netstack, NetstackConfig, NetstackError, Status, StatusHandle};
 pub use stack::{Event, FlowError, FlowId, RefuseKind, Stack, StackConfig, Stats};

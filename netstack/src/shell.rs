@@ -1,53 +1,49 @@
-//! The tokio driver around [`Stack`]: reads packets from the TUN, writes the stack's packets back,
-//! asks the [`Opener`] to open each new flow, and pumps each flow's bytes between smoltcp and the
-//! opener's stream.
+//! The tokio shell around the [`Bridge`]: reads packets from the TUN and bytes from each
+//! device's relay connection into it, writes what it has for them back, sets up sessions when it
+//! asks, and runs its timers. One task, one event loop: no task or channel per flow.
 //!
-//! One task owns the stack and waits on: the TUN being readable, a flow task saying its stream
-//! has data or room (a shared set of flow ids plus a `Notify`), an open finishing, the stack's
-//! next timer, and shutdown. Nothing spins or sleeps a fixed time.
-//!
-//! Each open flow has two tasks. The reader reads the stream into chunks and sends them through a
-//! bounded channel; the driver moves them into smoltcp only as fast as smoltcp's send buffer
-//! takes them (so a full buffer stops the reads). The writer writes chunks the driver read out of
-//! smoltcp; the driver reads smoltcp only while that channel has room (so a slow stream closes the
-//! TCP window toward the application).
+//! The loop waits on: the TUN being readable, any relay connection being readable (while its
+//! session wants input) or writable (while records wait), a session setup finishing, a status
+//! request, the bridge's next deadline, and shutdown. Nothing spins or sleeps a fixed time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::Ipv4Addr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, Notify};
-use tokio::task::{AbortHandle, JoinHandle};
+use np_session::{MuxConfig, SessionKeys};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
 
-use crate::map::{AddressMap, DeviceKey, FlowTarget, Prefix};
-use crate::stack::{Event, FlowError, FlowId, RefuseKind, Stack, StackConfig, Stats};
+use crate::bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed};
+use crate::map::{AddressMap, DeviceKey, Prefix};
+use crate::stack::{StackConfig, Stats};
 use crate::tun::{Tun, TunError};
 
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Opens flows on the far side (an encrypted session to the device).
-pub trait Opener: Send + Sync + 'static {
-    /// The flow's byte stream once open.
-    type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
-
-    /// Open a flow to `to.target` on `to.device`. Resolve only once the device has connected to
-    /// the target: the application gets its SYN-ACK then.
-    fn open(&self, to: FlowTarget) -> BoxFuture<'static, Result<Self::Stream, OpenRefused>>;
+/// Sets up sessions to devices (the session request, the relay join and the handshake).
+pub trait Dialer: Send + Sync + 'static {
+    /// A session to `device`, whose request names `first_target` (what the flow that needs it
+    /// goes to). Resolves with the relay connection, paired and past the handshake.
+    fn dial(&self, device: DeviceKey, first_target: String) -> BoxFuture<'static, Result<Dialed, SetupFailed>>;
 }
 
-/// Why a flow could not be opened; `kind` decides what the application sees.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenRefused {
-    /// Refused (the target refused, or the device does not permit it) or unreachable.
-    pub kind: RefuseKind,
-    /// For the logs.
-    pub reason: String,
+/// A session set up by a [`Dialer`].
+pub struct Dialed {
+    /// The relay connection, paired with the device.
+    pub stream: TcpStream,
+    /// From the handshake.
+    pub keys: SessionKeys,
+    /// The session id both ends log (hex).
+    pub session: String,
 }
 
 /// Configuration of [`Netstack`].
@@ -61,6 +57,11 @@ pub struct NetstackConfig {
     pub stack: StackConfig,
     /// How long a flow may take to open before the application is told "unreachable".
     pub open_timeout: Duration,
+    /// The sessions' tunables (both ends must agree).
+    pub mux: MuxConfig,
+    /// Devices whose sessions are set up at once rather than on their first flow, each with the
+    /// target its request names.
+    pub eager: Vec<(DeviceKey, String)>,
 }
 
 impl Default for NetstackConfig {
@@ -70,6 +71,8 @@ impl Default for NetstackConfig {
             map: AddressMap::default(),
             stack: StackConfig::default(),
             open_timeout: Duration::from_secs(20),
+            mux: MuxConfig::default(),
+            eager: Vec::new(),
         }
     }
 }
@@ -102,6 +105,10 @@ pub struct Status {
     pub flows: HashMap<DeviceKey, usize>,
     /// Counters of the stack.
     pub stats: Stats,
+    /// Each device's session, in words (`established (session …)`, `connecting`, `ended: …`).
+    pub sessions: Vec<(DeviceKey, String)>,
+    /// Counters of the bridge.
+    pub bridge: BridgeStats,
 }
 
 /// Asks a running netstack for its [`Status`].
@@ -117,12 +124,10 @@ impl StatusHandle {
     }
 }
 
-/// Bytes per chunk moved between smoltcp and a stream (one maximal segment).
-const CHUNK: usize = 64 * 1024;
-/// Chunks queued per direction per flow: with smoltcp's buffer, what a stalled flow holds.
-const CHUNKS_QUEUED: usize = 4;
-/// TUN packets handled before the stack's output is written out.
+/// TUN packets handled before the bridge reacts and writes out.
 const RX_BATCH: usize = 64;
+/// Bytes of sealed records gathered for one write to a relay connection.
+const WRITE_BATCH: usize = 4 * (np_session::MAX_RECORD_PLAINTEXT + 20);
 
 /// The TUN interface and its TCP stack. Create with [`Netstack::new`] (which brings the interface
 /// up), then [`Netstack::serve`].
@@ -144,12 +149,12 @@ impl Netstack {
 
     /// Bring up the interface and serve until `shutdown` resolves; the interface is gone when
     /// this returns.
-    pub async fn run<O: Opener>(
+    pub async fn run<D: Dialer>(
         config: NetstackConfig,
-        opener: O,
+        dialer: D,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), NetstackError> {
-        Netstack::new(config)?.serve(opener, shutdown).await
+        Netstack::new(config)?.serve(dialer, shutdown).await
     }
 
     /// A handle for [`Status`] snapshots.
@@ -169,94 +174,66 @@ impl Netstack {
     }
 
     /// Serve flows until `shutdown` resolves, then remove the interface.
-    pub async fn serve<O: Opener>(self, opener: O, shutdown: impl Future<Output = ()>) -> Result<(), NetstackError> {
+    pub async fn serve<D: Dialer>(self, dialer: D, shutdown: impl Future<Output = ()>) -> Result<(), NetstackError> {
         let Netstack { tun, config, status_tx, status_rx } = self;
         drop(status_tx);
         let mut stack_config = config.stack.clone();
         if stack_config.seed == 0 {
             stack_config.seed = random_seed();
         }
-        let (opened_tx, opened_rx) = mpsc::unbounded_channel();
-        let mut driver = Driver {
-            stack: Stack::new(stack_config, config.map.clone(), Instant::now()),
-            tun,
-            opener: Arc::new(opener),
-            open_timeout: config.open_timeout,
-            flows: HashMap::new(),
-            opening: HashMap::new(),
-            opened_tx,
-            wake: Arc::new(Wake::default()),
-            buf: vec![0u8; CHUNK],
-        };
-        let result = driver.run(opened_rx, status_rx, shutdown).await;
-        for flow in driver.flows.values() {
-            flow.reader.abort();
-            flow.writer.abort();
+        let bridge_config = BridgeConfig { open_timeout: config.open_timeout, mux: config.mux.clone() };
+        let mut bridge = Bridge::new(stack_config, config.map.clone(), bridge_config, Instant::now());
+        for (device, target) in &config.eager {
+            bridge.connect(device, target);
         }
-        for open in driver.opening.values() {
-            open.abort();
+        let (dialed_tx, dialed_rx) = mpsc::unbounded_channel();
+        let mut shell = Shell {
+            bridge,
+            tun,
+            dialer: Arc::new(dialer),
+            links: HashMap::new(),
+            dials: HashMap::new(),
+            dialed_tx,
+            stall: config.mux.idle_timeout,
+        };
+        let result = shell.run(dialed_rx, status_rx, shutdown).await;
+        for dial in shell.dials.values() {
+            dial.abort();
         }
         result
     }
 }
 
-/// Flow ids whose tasks have news, and the notification that wakes the driver.
-#[derive(Default)]
-struct Wake {
-    ids: Mutex<HashSet<FlowId>>,
-    notify: Notify,
+/// A relay connection and the records waiting to be written to it.
+struct LinkIo {
+    stream: TcpStream,
+    out: Vec<u8>,
+    written: usize,
+    /// Since when the socket has taken nothing although records wait.
+    stalled_since: Option<Instant>,
 }
 
-impl Wake {
-    fn wake(&self, id: FlowId) {
-        if let Ok(mut ids) = self.ids.lock() {
-            ids.insert(id);
-        }
-        self.notify.notify_one();
-    }
-
-    fn take(&self) -> Vec<FlowId> {
-        self.ids.lock().map(|mut ids| ids.drain().collect()).unwrap_or_default()
-    }
+/// What a relay connection is ready for.
+enum Ready {
+    Read(LinkId),
+    Write,
 }
 
-/// From a flow's reader task to the driver.
-enum Up {
-    Data(Vec<u8>),
-    /// The stream failed: reset the flow.
-    Failed,
-}
-
-/// The driver's side of an open flow.
-struct FlowIo {
-    /// Chunks read from the stream; closed when the stream ended.
-    up_rx: mpsc::Receiver<Up>,
-    /// A chunk smoltcp has not taken all of yet.
-    up_partial: Option<(Vec<u8>, usize)>,
-    /// The stream ended and the FIN is queued.
-    up_closed: bool,
-    /// Chunks for the stream; `None` once the application's FIN has been passed on.
-    down_tx: Option<mpsc::Sender<Vec<u8>>>,
-    reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
-}
-
-struct Driver<O: Opener> {
-    stack: Stack,
+struct Shell<D: Dialer> {
+    bridge: Bridge,
     tun: Tun,
-    opener: Arc<O>,
-    open_timeout: Duration,
-    flows: HashMap<FlowId, FlowIo>,
-    opening: HashMap<FlowId, AbortHandle>,
-    opened_tx: mpsc::UnboundedSender<(FlowId, Result<O::Stream, OpenRefused>)>,
-    wake: Arc<Wake>,
-    buf: Vec<u8>,
+    dialer: Arc<D>,
+    links: HashMap<LinkId, LinkIo>,
+    dials: HashMap<LinkId, AbortHandle>,
+    dialed_tx: mpsc::UnboundedSender<(LinkId, Result<Dialed, SetupFailed>)>,
+    /// A relay connection that takes nothing for this long ends its session.
+    stall: Duration,
 }
 
-impl<O: Opener> Driver<O> {
+impl<D: Dialer> Shell<D> {
     async fn run(
         &mut self,
-        mut opened_rx: mpsc::UnboundedReceiver<(FlowId, Result<O::Stream, OpenRefused>)>,
+        mut dialed_rx: mpsc::UnboundedReceiver<(LinkId, Result<Dialed, SetupFailed>)>,
         mut status_rx: mpsc::Receiver<oneshot::Sender<Status>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), NetstackError> {
@@ -266,229 +243,204 @@ impl<O: Opener> Driver<O> {
         let mut packet = vec![0u8; 65536];
         loop {
             self.flush().await;
-            let deadline = self.stack.poll_at(Instant::now());
+            let now = Instant::now();
+            let deadline = self.deadline(now);
             if let Some(at) = deadline {
                 timer.as_mut().reset(at.into());
             }
-            let wake = self.wake.clone();
+            let ready = std::future::poll_fn(|cx| self.poll_links(cx));
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
                 read = self.tun.device().recv(&mut packet) => {
                     let n = read?;
                     let now = Instant::now();
-                    self.stack.handle_packet(&packet[..n], now);
+                    self.bridge.handle_packet(&packet[..n], now);
                     for _ in 1..RX_BATCH {
                         match self.tun.device().try_recv(&mut packet) {
-                            Ok(n) => self.stack.handle_packet(&packet[..n], now),
+                            Ok(n) => self.bridge.handle_packet(&packet[..n], now),
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                             Err(e) => return Err(e.into()),
                         }
                     }
                 }
-                () = wake.notify.notified() => {
-                    for id in self.wake.take() {
-                        self.pump(id);
-                    }
-                }
-                Some((id, result)) = opened_rx.recv() => self.opened(id, result),
+                ready = ready => match ready {
+                    Ready::Read(link) => self.read_link(link),
+                    // `flush` writes at the top of the loop.
+                    Ready::Write => {}
+                },
+                Some((link, result)) = dialed_rx.recv() => self.dialed(link, result),
                 Some(reply) = status_rx.recv() => {
                     let _ = reply.send(self.status());
                 }
-                () = &mut timer, if deadline.is_some() => self.stack.handle_timeout(Instant::now()),
+                () = &mut timer, if deadline.is_some() => self.timeout(Instant::now()),
             }
         }
     }
 
-    /// Handle events and write packets until the stack has nothing more to say.
+    /// The bridge's next deadline, or a stalled connection's.
+    fn deadline(&mut self, now: Instant) -> Option<Instant> {
+        let stalls = self.links.values().filter_map(|l| l.stalled_since.map(|t| t + self.stall));
+        self.bridge.poll_timeout(now).into_iter().chain(stalls).min()
+    }
+
+    fn timeout(&mut self, now: Instant) {
+        self.bridge.handle_timeout(now);
+        let stall = self.stall;
+        for (link, io) in &self.links {
+            if io.stalled_since.is_some_and(|t| now >= t + stall) {
+                // The device (or relay) reads nothing: it is gone or hostile, and our records
+                // would pile up. The session is over.
+                let err = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the relay connection took nothing for {}s", stall.as_secs()),
+                );
+                self.bridge.link_error(*link, err);
+            }
+        }
+    }
+
+    /// Which relay connection can be read (its session wants input) or written (records wait).
+    fn poll_links(&self, cx: &mut std::task::Context<'_>) -> Poll<Ready> {
+        for (link, io) in &self.links {
+            if self.bridge.link_wants_input(*link) && io.stream.poll_read_ready(cx).is_ready() {
+                return Poll::Ready(Ready::Read(*link));
+            }
+            if io.written < io.out.len() && io.stream.poll_write_ready(cx).is_ready() {
+                return Poll::Ready(Ready::Write);
+            }
+        }
+        Poll::Pending
+    }
+
+    fn read_link(&mut self, link: LinkId) {
+        let Some(io) = self.links.get(&link) else { return };
+        // A few reads at most, so one busy session cannot keep the loop from the others and the TUN.
+        for _ in 0..4 {
+            let Some(buf) = self.bridge.link_input_buffer(link) else { return };
+            match io.stream.try_read_buf(buf) {
+                Ok(0) => {
+                    self.bridge.link_eof(link);
+                    return;
+                }
+                Ok(_) => self.bridge.link_input(link, Instant::now()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    self.bridge.link_error(link, e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dialed(&mut self, link: LinkId, result: Result<Dialed, SetupFailed>) {
+        self.dials.remove(&link);
+        let now = Instant::now();
+        match result {
+            Ok(d) => {
+                let _ = d.stream.set_nodelay(true);
+                self.links.insert(link, LinkIo { stream: d.stream, out: Vec::new(), written: 0, stalled_since: None });
+                self.bridge.connected(link, Ok(Established { keys: d.keys, session: d.session }), now);
+            }
+            Err(failed) => self.bridge.connected(link, Err(failed), now),
+        }
+    }
+
+    /// Lets the bridge react, then writes out everything it has: packets to the TUN, records to
+    /// each relay connection, and sets up the sessions it asks for.
     async fn flush(&mut self) {
         loop {
-            let mut progress = false;
-            while let Some(event) = self.stack.poll_event() {
-                progress = true;
-                self.event(event);
+            let now = Instant::now();
+            self.bridge.process(now);
+            while let Some(action) = self.bridge.poll_action() {
+                match action {
+                    Action::Connect { link, device, first_target } => {
+                        let dial = self.dialer.dial(device, first_target);
+                        let tx = self.dialed_tx.clone();
+                        let task = tokio::spawn(async move {
+                            let _ = tx.send((link, dial.await));
+                        });
+                        self.dials.insert(link, task.abort_handle());
+                    }
+                }
             }
-            while let Some(packet) = self.stack.poll_transmit() {
-                progress = true;
+            while let Some(packet) = self.bridge.poll_packet() {
                 if let Err(e) = self.tun.device().send(&packet).await {
                     tracing::debug!(error = %e, "writing to the TUN failed; packet dropped");
                 }
             }
-            if !progress {
+            if !self.write_links(now) {
                 return;
             }
         }
     }
 
-    fn event(&mut self, event: Event) {
-        match event {
-            Event::NewFlow { id, target, .. } => {
-                tracing::debug!(flow = %id, device = %target.device, target = %target.target, "opening flow");
-                let open = self.opener.open(target);
-                let timeout = self.open_timeout;
-                let tx = self.opened_tx.clone();
-                let task = tokio::spawn(async move {
-                    let result = match tokio::time::timeout(timeout, open).await {
-                        Ok(r) => r,
-                        Err(_) => Err(OpenRefused { kind: RefuseKind::Unreachable, reason: "open timed out".into() }),
-                    };
-                    let _ = tx.send((id, result));
-                });
-                self.opening.insert(id, task.abort_handle());
-            }
-            Event::Readable(id) | Event::Writable(id) => self.pump(id),
-            Event::Closed(id) => {
-                if let Some(open) = self.opening.remove(&id) {
-                    open.abort();
-                }
-                if let Some(flow) = self.flows.remove(&id) {
-                    tracing::debug!(flow = %id, "flow closed");
-                    // The writer finishes what is queued and closes the stream; the reader has
-                    // nowhere to send to any more.
-                    flow.reader.abort();
-                }
-            }
-        }
-    }
-
-    fn opened(&mut self, id: FlowId, result: Result<O::Stream, OpenRefused>) {
-        self.opening.remove(&id);
-        match result {
-            Ok(stream) => {
-                if let Err(e) = self.stack.accept_flow(id, Instant::now()) {
-                    tracing::debug!(flow = %id, error = %e, "flow gone before it opened");
-                    return;
-                }
-                let (mut read_half, mut write_half) = tokio::io::split(stream);
-                let (up_tx, up_rx) = mpsc::channel(CHUNKS_QUEUED);
-                let (down_tx, mut down_rx) = mpsc::channel::<Vec<u8>>(CHUNKS_QUEUED);
-                let wake = self.wake.clone();
-                let reader = tokio::spawn(async move {
-                    loop {
-                        let mut chunk = vec![0u8; CHUNK];
-                        let up = match read_half.read(&mut chunk).await {
-                            Ok(0) => break,
-                            Ok(n) => {
-                                chunk.truncate(n);
-                                Up::Data(chunk)
-                            }
-                            Err(_) => Up::Failed,
-                        };
-                        let failed = matches!(up, Up::Failed);
-                        if up_tx.send(up).await.is_err() {
-                            return;
+    /// Writes each relay connection's records as far as its socket takes them. Returns whether
+    /// something happened that the bridge must react to (a connection failed or finished).
+    fn write_links(&mut self, now: Instant) -> bool {
+        let mut react = false;
+        let mut gone = Vec::new();
+        for (&link, io) in self.links.iter_mut() {
+            loop {
+                if io.written == io.out.len() {
+                    io.out.clear();
+                    io.written = 0;
+                    match self.bridge.poll_link_transmit(link, now, &mut io.out, WRITE_BATCH) {
+                        None => {
+                            gone.push(link);
+                            break;
                         }
-                        wake.wake(id);
-                        if failed {
-                            return;
+                        Some(0) => {
+                            io.stalled_since = None;
+                            break;
                         }
+                        Some(_) => {}
                     }
-                    drop(up_tx);
-                    wake.wake(id);
-                });
-                let wake = self.wake.clone();
-                let writer = tokio::spawn(async move {
-                    while let Some(chunk) = down_rx.recv().await {
-                        // Room in the channel again: the driver may read more from smoltcp.
-                        wake.wake(id);
-                        if write_half.write_all(&chunk).await.is_err() {
-                            // Dropping the receiver tells the driver to reset the flow.
-                            drop(down_rx);
-                            wake.wake(id);
-                            return;
-                        }
+                }
+                match io.stream.try_write(&io.out[io.written..]) {
+                    Ok(n) => {
+                        io.written += n;
+                        io.stalled_since = None;
                     }
-                    let _ = write_half.shutdown().await;
-                });
-                self.flows.insert(
-                    id,
-                    FlowIo { up_rx, up_partial: None, up_closed: false, down_tx: Some(down_tx), reader, writer },
-                );
-                tracing::debug!(flow = %id, "flow open");
-            }
-            Err(refused) => {
-                tracing::debug!(flow = %id, reason = %refused.reason, kind = ?refused.kind, "flow refused");
-                let _ = self.stack.refuse_flow(id, refused.kind);
-            }
-        }
-    }
-
-    /// Move what can be moved between the flow's stream tasks and smoltcp.
-    fn pump(&mut self, id: FlowId) {
-        let Some(flow) = self.flows.get_mut(&id) else { return };
-        let stack = &mut self.stack;
-
-        // Stream → application, as far as smoltcp's send buffer takes it.
-        loop {
-            if let Some((chunk, offset)) = &mut flow.up_partial {
-                match stack.send(id, &chunk[*offset..]) {
-                    Ok(n) => *offset += n,
-                    Err(_) => {
-                        flow.up_partial = None;
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        io.stalled_since.get_or_insert(now);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(link = %link, error = %e, "writing to the relay failed");
+                        self.bridge.link_error(link, e);
+                        io.out.clear();
+                        io.written = 0;
+                        react = true;
                         break;
                     }
                 }
-                if *offset < chunk.len() {
-                    break;
-                }
-                flow.up_partial = None;
-            }
-            match flow.up_rx.try_recv() {
-                Ok(Up::Data(chunk)) => flow.up_partial = Some((chunk, 0)),
-                Ok(Up::Failed) => {
-                    let _ = stack.abort(id);
-                    return;
-                }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    if !flow.up_closed {
-                        flow.up_closed = true;
-                        let _ = stack.close(id);
-                    }
-                    break;
-                }
             }
         }
-
-        // Application → stream, while the writer has room.
-        let mut down_done = false;
-        while let Some(down_tx) = &flow.down_tx {
-            let permit = match down_tx.try_reserve() {
-                Ok(permit) => permit,
-                Err(mpsc::error::TrySendError::Full(())) => break,
-                Err(mpsc::error::TrySendError::Closed(())) => {
-                    // The stream failed.
-                    let _ = stack.abort(id);
-                    down_done = true;
-                    break;
-                }
-            };
-            match stack.recv(id, &mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => permit.send(self.buf[..n].to_vec()),
-                Err(FlowError::Finished) => {
-                    // The application's FIN: the writer shuts the stream's write side down.
-                    down_done = true;
-                    break;
-                }
-                Err(_) => break,
+        for link in gone {
+            if let Some(mut io) = self.links.remove(&link) {
+                // The session is over and its Close is out: end the stream politely.
+                tokio::spawn(async move {
+                    let _ = io.stream.shutdown().await;
+                });
             }
         }
-        if down_done {
-            flow.down_tx = None;
-        }
+        react
     }
 
     fn status(&self) -> Status {
-        let map = self.stack.map();
+        let stack = self.bridge.stack();
+        let map = stack.map();
         Status {
             interface: self.tun.name().to_owned(),
             interface_addr: map.interface_addr(),
             subnet: map.subnet(),
             devices: map.devices().map(|(a, d)| (d.clone(), a)).collect(),
             routes: map.routes().map(|(p, d)| (p, d.clone())).collect(),
-            flows: self.stack.flows_per_device(),
-            stats: self.stack.stats().clone(),
+            flows: stack.flows_per_device(),
+            stats: stack.stats().clone(),
+            sessions: map.devices().map(|(_, d)| (d.clone(), self.bridge.describe(d))).collect(),
+            bridge: self.bridge.stats(),
         }
     }
 }

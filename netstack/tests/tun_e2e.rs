@@ -12,10 +12,12 @@ use std::process::Command;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
+use np_identity::Keys;
 use np_netstack::{
-    AddressMap, BoxFuture, FlowTarget, Netstack, NetstackConfig, OpenRefused, Opener, Prefix, RefuseKind,
+    AddressMap, BoxFuture, DeviceKey, Dialed, Dialer, Netstack, NetstackConfig, Prefix, RefuseKind, SetupFailed,
     DEFAULT_SUBNET,
 };
+use np_session::{device_session, IncomingFlow, Initiator, MuxConfig, Responder, SessionKeys};
 use ring::digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -27,6 +29,8 @@ impl Netns {
     fn new() -> Option<Netns> {
         let name = format!("np-e2e-{}", std::process::id());
         let ok = Command::new("ip").args(["netns", "add", &name]).status().map(|s| s.success()).unwrap_or(false);
+        // The sessions run over loopback connections inside the namespace.
+        let _ = Command::new("ip").args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"]).status();
         ok.then(|| Netns(name))
     }
 
@@ -54,38 +58,73 @@ impl Drop for Netns {
 
 type DialReply = tokio::sync::oneshot::Sender<std::io::Result<TcpStream>>;
 
-/// Dials in the host namespace: "localhost:PORT" is 127.0.0.1:PORT; port 9 is "unreachable".
-struct HostOpener {
+/// Sets up each "session" in process: a loopback TCP connection in the namespace, keys from a
+/// real handshake, and a device side (np-session's driver) that dials in the host namespace:
+/// "localhost:PORT" is 127.0.0.1:PORT; port 9 is "unreachable".
+struct HostDialer {
     dialer: std_mpsc::Sender<(SocketAddr, DialReply)>,
 }
 
-impl Opener for HostOpener {
-    type Stream = tokio::net::TcpStream;
+fn session_keys() -> (SessionKeys, SessionKeys) {
+    let (c, d) = (Keys::generate().expect("keys"), Keys::generate().expect("keys"));
+    let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"tun").expect("start");
+    let (msg2, dk) = Responder::respond(d.x25519_private(), &c.public().x25519, b"tun", &msg1).expect("respond");
+    (init.finish(&msg2).expect("finish"), dk)
+}
 
-    fn open(&self, to: FlowTarget) -> BoxFuture<'static, Result<Self::Stream, OpenRefused>> {
+impl Dialer for HostDialer {
+    fn dial(&self, _device: DeviceKey, _first: String) -> BoxFuture<'static, Result<Dialed, SetupFailed>> {
         let dialer = self.dialer.clone();
         Box::pin(async move {
-            let refused = |kind, reason: String| OpenRefused { kind, reason };
-            let port: u16 = to
-                .target
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse().ok())
-                .ok_or_else(|| refused(RefuseKind::Refused, "bad target".into()))?;
-            if port == 9 {
-                return Err(refused(RefuseKind::Unreachable, "no route".into()));
-            }
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            dialer
-                .send((SocketAddr::from(([127, 0, 0, 1], port)), tx))
-                .map_err(|_| refused(RefuseKind::Unreachable, "dialer gone".into()))?;
-            let stream = rx
-                .await
-                .map_err(|_| refused(RefuseKind::Unreachable, "dialer gone".into()))?
-                .map_err(|e| refused(RefuseKind::Refused, e.to_string()))?;
-            stream.set_nonblocking(true).map_err(|e| refused(RefuseKind::Unreachable, e.to_string()))?;
-            stream.set_nodelay(true).ok();
-            tokio::net::TcpStream::from_std(stream).map_err(|e| refused(RefuseKind::Unreachable, e.to_string()))
+            let failed = |e: std::io::Error| SetupFailed { kind: RefuseKind::Unreachable, reason: e.to_string() };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(failed)?;
+            let addr = listener.local_addr().map_err(failed)?;
+            let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            let (client, (server, _)) = (client.map_err(failed)?, accepted.map_err(failed)?);
+            let (ck, dk) = session_keys();
+            let mut device = device_session(server, dk, MuxConfig::default());
+            tokio::spawn(async move {
+                while let Some(flow) = device.next_flow().await {
+                    tokio::spawn(serve_flow(flow, dialer.clone()));
+                }
+            });
+            Ok(Dialed { stream: client, keys: ck, session: "0000test".into() })
         })
+    }
+}
+
+async fn serve_flow(flow: IncomingFlow, dialer: std_mpsc::Sender<(SocketAddr, DialReply)>) {
+    let Some(port) = flow.target().rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()) else {
+        flow.refuse("bad target");
+        return;
+    };
+    if port == 9 {
+        flow.refuse("connecting to localhost:9: No route to host (os error 113)");
+        return;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if dialer.send((SocketAddr::from(([127, 0, 0, 1], port)), tx)).is_err() {
+        flow.refuse("dialer gone");
+        return;
+    }
+    match rx.await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nonblocking(true);
+            let _ = stream.set_nodelay(true);
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(s) => {
+                    if let Ok(j) = flow.accept_with(s) {
+                        let _ = j.await;
+                    }
+                }
+                Err(e) => flow.refuse(&e.to_string()),
+            }
+        }
+        Ok(Err(e)) => {
+            let reason = format!("connecting to {}: {e}", flow.target());
+            flow.refuse(&reason);
+        }
+        Err(_) => flow.refuse("dialer gone"),
     }
 }
 
@@ -279,7 +318,7 @@ async fn run_in_namespace(
     let netstack = Netstack::new(config).expect("netstack");
     let status = netstack.status();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(netstack.serve(HostOpener { dialer }, async {
+    let serving = tokio::spawn(netstack.serve(HostDialer { dialer }, async {
         let _ = stop_rx.await;
     }));
 

@@ -366,6 +366,17 @@ impl Connection {
         self.mux.send_credit(flow)
     }
 
+    /// Asks for a [`ConnEvent::Writable`] once the flow has credit again, for a caller that
+    /// checks [`Connection::send_credit`] before reading its source rather than offering bytes
+    /// `send` may refuse. A no-op while the flow has credit.
+    pub fn want_writable(&mut self, flow: FlowId) {
+        if self.ended.is_none() && self.mux.send_credit(flow) == 0 {
+            // Offered with no credit, a byte is refused and the mux remembers to report the
+            // next grant: exactly the flag this needs.
+            let _ = self.mux.send(flow, &[0]);
+        }
+    }
+
     /// Hands `f` the flow's received bytes, chunk by chunk, until it takes less than it was
     /// given; `f` returns how many it took. Credit for what was taken goes back to the peer.
     pub fn recv_with(&mut self, flow: FlowId, mut f: impl FnMut(&[u8]) -> usize) -> Result<Recv, SessionError> {

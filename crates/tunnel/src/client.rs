@@ -43,6 +43,19 @@ pub enum SetupError {
     Handshake { device: String, reason: String },
 }
 
+/// A session's transport, set up: the relay stream paired with the device, past the handshake.
+pub struct Transport {
+    pub stream: TcpStream,
+    pub keys: SessionKeys,
+    /// The session's id in the logs of both ends: the first bytes of its random id, in hex.
+    pub session: String,
+}
+
+/// How both ends name a session in their logs.
+pub fn session_id(session: &[u8; 16]) -> String {
+    hex::encode(&session[..4])
+}
+
 /// Sets up sessions for one identity.
 #[derive(Clone)]
 pub struct Connector {
@@ -91,6 +104,18 @@ impl Connector {
         targets: &[String],
         step: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<(TcpStream, SessionKeys), SetupError> {
+        let t = self.dial(device, relay, targets, step).await?;
+        Ok((t.stream, t.keys))
+    }
+
+    /// [`Connector::open_transport`], with the session's id (for the logs: npd logs the same).
+    pub async fn dial(
+        &self,
+        device: &DeviceRef,
+        relay: &Name,
+        targets: &[String],
+        step: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Transport, SetupError> {
         let dev_name = device.to_string();
         let me = self.ctl.me().clone();
         let keys = self.ctl.lookup(&device.identity).await?;
@@ -149,7 +174,7 @@ impl Connector {
                 .finish(&msg2)
                 .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?;
             step("handshake complete");
-            Ok::<_, SetupError>((stream, keys))
+            Ok::<_, SetupError>(Transport { stream, keys, session: session_id(&session) })
         };
         let result = tokio::select! {
             r = tokio::time::timeout(ttl, fut) => match r {

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 /// How long the daemon's side of a session may take to reach the relay, join and send its
 /// handshake answer before the request is refused. Under the client's default 10 s wait, so the
@@ -374,15 +375,20 @@ impl Daemon {
         let stream = tokio::time::timeout(RELAY_JOIN_TIMEOUT, join)
             .await
             .map_err(|_| cannot_reach(format!("no answer within {}s", RELAY_JOIN_TIMEOUT.as_secs())))??;
-        tracing::info!(requester = %from, session = %hex::encode(&r.session[..4]), %relay, "session accepted");
+        let session_id = crate::client::session_id(&r.session);
+        tracing::info!(requester = %from, session = %session_id, %relay, "session accepted");
         let mut session = device_session(stream, keys, self.cfg.mux.clone());
         place.keep(session.handle().clone());
         let permits = Arc::new(admission.permits);
         let dial_timeout = self.cfg.dial_timeout;
         let requester = from.clone();
+        // Every flow's logs carry the session id and the mux's flow id; the client's carry the
+        // same pair (and its TUN flow id), so one flow can be followed end to end.
+        let span = tracing::info_span!("session", session = %session_id);
         tokio::spawn(async move {
             while let Some(flow) = session.next_flow().await {
-                tokio::spawn(serve_flow(flow, permits.clone(), dial_timeout));
+                let flow_span = tracing::debug_span!(parent: &span, "flow", mux_flow = flow.id());
+                tokio::spawn(serve_flow(flow, permits.clone(), dial_timeout).instrument(flow_span));
             }
             let reason = session.handle().error().map(|e| e.to_string()).unwrap_or_else(|| "closed".into());
             tracing::info!(%requester, %reason, "session ended");
@@ -424,7 +430,8 @@ async fn serve_flow(flow: IncomingFlow, permits: Arc<Permits>, dial_timeout: Dur
     let target = match permits.check(flow.target()) {
         Ok(t) => t,
         Err(refusal) => {
-            tracing::info!(%refusal, "flow refused");
+            // Not at info: per-flow logs there carry no addresses (the refusal names the target).
+            tracing::debug!(%refusal, "flow refused");
             flow.refuse(&refusal.to_string());
             return;
         }

@@ -22,7 +22,7 @@ pub mod replay;
 pub mod router;
 
 pub use admission::Refusal;
-pub use client::{Connector, SetupError};
+pub use client::{session_id, Connector, SetupError, Transport};
 pub use daemon::{DaemonConfig, DeviceInfo};
 pub use permit::PermitOpen;
 pub use router::Router;
