@@ -1,0 +1,103 @@
+//! Frame scheduling: what goes into the next record. Control frames first (the Pong, credit
+//! grants, answers), then data round-robin over the flows that have some.
+
+use std::time::Instant;
+
+use bytes::Buf;
+
+use super::send::SendState;
+use super::Mux;
+use crate::frame::{encode_data_header, Frame, DATA_HEADER};
+use crate::record::MAX_RECORD_PLAINTEXT;
+
+impl Mux {
+    /// Is there anything to transmit?
+    pub fn wants_transmit(&self) -> bool {
+        self.pong.is_some() || !self.control.is_empty() || !self.credit_ready.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Are so many control frames waiting to be sent that the driver should stop reading from
+    /// the peer until it has sent some? Reading on would let a peer that never reads make us
+    /// queue answers (to its opens, ...) without bound; pausing pushes back on its writes.
+    pub fn is_backlogged(&self) -> bool {
+        self.control.len() >= self.config.max_control_backlog
+    }
+
+    /// Control frames waiting to be sent (for tests and metrics).
+    pub fn control_backlog(&self) -> usize {
+        self.control.len() + usize::from(self.pong.is_some()) + self.credit_ready.len()
+    }
+
+    /// Plaintext for one record (at most [`MAX_RECORD_PLAINTEXT`] bytes), if anything is pending.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        self.poll_transmit_into(now, &mut out, MAX_RECORD_PLAINTEXT).then_some(out)
+    }
+
+    /// Appends pending frames to `out`, at most `max` bytes (at least 2 KiB is assumed, so any
+    /// control frame fits). Control frames go first, then data round-robin over the flows that
+    /// have some, so no flow starves the others. Returns whether anything was written.
+    pub fn poll_transmit_into(&mut self, now: Instant, out: &mut Vec<u8>, max: usize) -> bool {
+        let start = out.len();
+        let used = |out: &Vec<u8>| out.len() - start;
+        if let Some(id) = self.pong.take() {
+            Frame::Pong { id }.encode(out);
+        }
+        while let Some(&flow) = self.credit_ready.front() {
+            if used(out) + 9 > max {
+                break;
+            }
+            self.credit_ready.pop_front();
+            let Some(grant) = self.flows.get_mut(&flow).and_then(|f| f.recv.take_grant()) else {
+                continue;
+            };
+            Frame::Credit { flow, bytes: grant }.encode(out);
+        }
+        while let Some(f) = self.control.front() {
+            if used(out) > 0 && used(out) + f.encoded_len() > max {
+                break;
+            }
+            if let Some(f) = self.control.pop_front() {
+                f.encode(out);
+            }
+        }
+        let rounds = self.ready.len();
+        for _ in 0..rounds {
+            let room = max.saturating_sub(used(out));
+            if room <= DATA_HEADER {
+                break;
+            }
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(f) = self.flows.get_mut(&id) else {
+                continue;
+            };
+            let send = &mut f.send;
+            if !send.queue.is_empty() {
+                let chunk = send.queue.len().min(room - DATA_HEADER);
+                encode_data_header(out, id, chunk);
+                out.extend_from_slice(&send.queue[..chunk]);
+                send.queue.advance(chunk);
+            }
+            if send.queue.is_empty() && send.state == SendState::Finishing {
+                let fin = Frame::Fin { flow: id };
+                if used(out) + fin.encoded_len() <= max {
+                    fin.encode(out);
+                    send.state = SendState::Finished;
+                }
+            }
+            // Still work to do: back to the end of the rotation (see `SendHalf::has_work`).
+            if send.has_work() {
+                self.ready.push_back(id);
+            } else {
+                self.maybe_retire(id);
+            }
+        }
+        let wrote = used(out) > 0;
+        if wrote {
+            self.last_send = now;
+        }
+        wrote
+    }
+}

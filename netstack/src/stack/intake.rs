@@ -1,0 +1,115 @@
+//! Packets from the TUN: whose they are, which flow they belong to, and what to answer for
+//! those no flow takes. Only segments of open flows reach smoltcp.
+
+use std::time::Instant;
+
+use super::flow::{Flow, FlowState, Tuple};
+use super::{Event, FlowId, Stack};
+use crate::packet::{self, Segment, Unusable};
+
+impl Stack {
+    /// Take a packet read from the TUN. A packet whose source is not the interface's own address
+    /// (see [`AddressMap::is_interface_addr`]), and anything that is not a well-formed TCP
+    /// segment to a mapped address, is dropped and counted.
+    ///
+    /// [`AddressMap::is_interface_addr`]: crate::map::AddressMap::is_interface_addr
+    pub fn handle_packet(&mut self, packet: &[u8], now: Instant) {
+        self.advance(now);
+        self.stats.packets_in += 1;
+        // First of all, whose packet it is: only this host's own (its source address is the
+        // interface's). Anything else was forwarded in from another host and gets no flow, no
+        // reset, no ICMP: nothing that would tell it a device is there.
+        match packet::source(packet) {
+            None => {
+                self.stats.malformed += 1;
+                return;
+            }
+            Some(src) if !self.map.is_interface_addr(src) => {
+                self.stats.foreign_source += 1;
+                tracing::trace!(%src, "dropped a packet from another host");
+                return;
+            }
+            Some(_) => {}
+        }
+        let seg = match packet::parse_tcp(packet) {
+            Ok(seg) => seg,
+            Err(Unusable::Malformed) => {
+                self.stats.malformed += 1;
+                return;
+            }
+            Err(Unusable::NotTcp) => {
+                self.stats.not_tcp += 1;
+                return;
+            }
+        };
+        let tuple = Tuple { src: seg.src, dst: seg.dst };
+        if let Some(&id) = self.by_tuple.get(&tuple) {
+            return self.segment_of_known_flow(id, seg, packet);
+        }
+        if !seg.is_syn() {
+            // Not a flow we know: a reset tells the application so (nothing answers a reset).
+            if !seg.is_rst() {
+                self.reply(packet::reset_for(&seg));
+                self.stats.resets_sent += 1;
+            }
+            return;
+        }
+        let Some(target) = self.map.lookup(seg.dst.ip(), seg.dst.port()) else {
+            // An unassigned address in our subnet: say so rather than let connect() hang.
+            self.stats.unmapped += 1;
+            self.reply(packet::unreachable_for(&seg));
+            self.stats.unreachables_sent += 1;
+            return;
+        };
+        if self.pending + self.half_open >= self.config.max_pending {
+            self.stats.pending_full += 1;
+            return;
+        }
+        if self.flows.len() >= self.config.max_flows {
+            self.stats.flows_refused += 1;
+            self.stats.resets_sent += 1;
+            self.reply(packet::reset_for(&seg));
+            return;
+        }
+        let id = FlowId(self.next_id);
+        self.next_id += 1;
+        self.stats.flows_new += 1;
+        tracing::trace!(flow = %id, src = %seg.src, dst = %seg.dst, "new flow");
+        self.events.push_back(Event::NewFlow { id, src: seg.src, dst: seg.dst, target: target.clone() });
+        self.flows.insert(id, Flow { tuple, target, state: FlowState::Pending { syn: packet.to_vec(), seg } });
+        self.by_tuple.insert(tuple, id);
+        self.pending += 1;
+    }
+
+    fn segment_of_known_flow(&mut self, id: FlowId, seg: Segment, packet: &[u8]) {
+        let Some(flow) = self.flows.get(&id) else { return };
+        match &flow.state {
+            FlowState::Pending { .. } if seg.is_syn() => self.stats.syn_retransmits += 1,
+            FlowState::Pending { .. } if seg.is_rst() => {
+                // The application gave up before the device answered.
+                self.forget(id);
+                self.events.push_back(Event::Closed(id));
+            }
+            FlowState::Pending { .. } => {}
+            // A listening socket on the same address and port would take a stray SYN as a new
+            // connection; smoltcp retransmits its own SYN-ACK, so a repeated SYN adds nothing.
+            FlowState::Open(_) if seg.is_syn() => {}
+            FlowState::Open(_) => {
+                self.queues.rx.push_back(packet.to_vec());
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Queue a packet the stack wrote itself (a reset, an unreachable), unless the queue is full.
+    pub(super) fn reply(&mut self, packet: Vec<u8>) {
+        if packet.is_empty() {
+            return;
+        }
+        if self.queues.tx.len() >= self.queues.max_tx {
+            self.stats.tx_queue_full += 1;
+            return;
+        }
+        self.queues.tx.push_back(packet);
+    }
+}
