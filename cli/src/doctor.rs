@@ -9,7 +9,7 @@ use np_control_client::{ClientError, ControlClient};
 use np_control_proto::ErrorCode;
 use np_identity::home::Home;
 use np_identity::{DeviceRef, Name};
-use np_relay::RelayMsg;
+use np_relay_proto::{join_transcript, proof_transcript, Join, RelayMsg, Role, MAX_PREAUTH_FRAME};
 use np_tunnel::DeviceInfo;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -269,7 +269,7 @@ async fn check_relay(r: &mut Report, ctl: &ControlClient, relay: &Name) -> bool 
     };
     let probe = async {
         let mut s = TcpStream::connect(address.as_str()).await.map_err(|e| (true, e.to_string()))?;
-        let (name, nonce) = match np_wire::io::read_msg::<RelayMsg, _>(&mut s, np_relay::MAX_PREAUTH_FRAME).await {
+        let (name, nonce) = match np_wire::io::read_msg::<RelayMsg, _>(&mut s, MAX_PREAUTH_FRAME).await {
             Ok(Some(RelayMsg::Challenge { relay, nonce })) => (relay, nonce),
             Ok(Some(RelayMsg::Refused { reason })) => return Err((false, format!("it refused at once: {reason}"))),
             Ok(Some(other)) => return Err((false, format!("it sent {other:?} instead of a Challenge"))),
@@ -284,19 +284,19 @@ async fn check_relay(r: &mut Report, ctl: &ControlClient, relay: &Name) -> bool 
         np_identity::random_bytes(&mut session).map_err(|e| (false, e.to_string()))?;
         let side_nonce = np_identity::random32().map_err(|e| (false, e.to_string()))?;
         let me = ctl.me();
-        let transcript = np_relay::join_transcript(relay, &nonce, me, np_relay::Role::Client, &session, me);
-        let join = np_relay::Join {
+        let transcript = join_transcript(relay, &nonce, me, Role::Client, &session, me);
+        let join = Join {
             identity: me.clone(),
-            role: np_relay::Role::Client,
+            role: Role::Client,
             session,
             peer: me.clone(),
             side_nonce,
             sig: ctl.keys().sign(&transcript).to_vec(),
         };
         np_wire::io::write_msg(&mut s, &join).await.map_err(|e| (false, e.to_string()))?;
-        match np_wire::io::read_msg::<RelayMsg, _>(&mut s, np_relay::MAX_PREAUTH_FRAME).await {
+        match np_wire::io::read_msg::<RelayMsg, _>(&mut s, MAX_PREAUTH_FRAME).await {
             Ok(Some(RelayMsg::Waiting { proof })) => {
-                np_identity::verify(&keys.signing, &np_relay::proof_transcript(&transcript, &side_nonce), &proof)
+                np_identity::verify(&keys.signing, &proof_transcript(&transcript, &side_nonce), &proof)
                     .map_err(|_| (false, format!("it does not prove that it is {relay}")))
             }
             Ok(Some(RelayMsg::Refused { reason })) => Err((false, format!("it refused our join: {reason}"))),
