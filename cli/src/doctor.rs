@@ -5,6 +5,7 @@
 //! A check that needs an earlier one (authentication needs keys) is printed as `skip` when that
 //! one failed, so the first failure is the one to fix.
 
+use crate::devices::{is_live, now_ms};
 use np_control_client::{ClientError, ControlClient};
 use np_control_proto::ErrorCode;
 use np_identity::home::Home;
@@ -320,15 +321,6 @@ async fn check_relay(r: &mut Report, ctl: &ControlClient, relay: &Name) -> bool 
             "check the address, any firewall, and whether the relay is overloaded (its --max-preauth)",
         ),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// Live while the heartbeat is at most three beats overdue (as `np devices` judges it).
-fn is_live(age_ms: u64, heartbeat_secs: u64) -> bool {
-    age_ms <= 3 * 1000 * heartbeat_secs.max(1)
 }
 
 /// The device's record: readable (so it exists and we are among its readers), its heartbeat
