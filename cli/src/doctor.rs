@@ -5,11 +5,12 @@
 //! A check that needs an earlier one (authentication needs keys) is printed as `skip` when that
 //! one failed, so the first failure is the one to fix.
 
+use crate::devices::{is_live, now_ms};
 use np_control_client::{ClientError, ControlClient};
 use np_control_proto::ErrorCode;
 use np_identity::home::Home;
 use np_identity::{DeviceRef, Name};
-use np_relay::RelayMsg;
+use np_relay_proto::{join_transcript, proof_transcript, Join, RelayMsg, Role, MAX_PREAUTH_FRAME};
 use np_tunnel::DeviceInfo;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -269,7 +270,7 @@ async fn check_relay(r: &mut Report, ctl: &ControlClient, relay: &Name) -> bool 
     };
     let probe = async {
         let mut s = TcpStream::connect(address.as_str()).await.map_err(|e| (true, e.to_string()))?;
-        let (name, nonce) = match np_wire::io::read_msg::<RelayMsg, _>(&mut s, np_relay::MAX_PREAUTH_FRAME).await {
+        let (name, nonce) = match np_wire::io::read_msg::<RelayMsg, _>(&mut s, MAX_PREAUTH_FRAME).await {
             Ok(Some(RelayMsg::Challenge { relay, nonce })) => (relay, nonce),
             Ok(Some(RelayMsg::Refused { reason })) => return Err((false, format!("it refused at once: {reason}"))),
             Ok(Some(other)) => return Err((false, format!("it sent {other:?} instead of a Challenge"))),
@@ -284,19 +285,19 @@ async fn check_relay(r: &mut Report, ctl: &ControlClient, relay: &Name) -> bool 
         np_identity::random_bytes(&mut session).map_err(|e| (false, e.to_string()))?;
         let side_nonce = np_identity::random32().map_err(|e| (false, e.to_string()))?;
         let me = ctl.me();
-        let transcript = np_relay::join_transcript(relay, &nonce, me, np_relay::Role::Client, &session, me);
-        let join = np_relay::Join {
+        let transcript = join_transcript(relay, &nonce, me, Role::Client, &session, me);
+        let join = Join {
             identity: me.clone(),
-            role: np_relay::Role::Client,
+            role: Role::Client,
             session,
             peer: me.clone(),
             side_nonce,
             sig: ctl.keys().sign(&transcript).to_vec(),
         };
         np_wire::io::write_msg(&mut s, &join).await.map_err(|e| (false, e.to_string()))?;
-        match np_wire::io::read_msg::<RelayMsg, _>(&mut s, np_relay::MAX_PREAUTH_FRAME).await {
+        match np_wire::io::read_msg::<RelayMsg, _>(&mut s, MAX_PREAUTH_FRAME).await {
             Ok(Some(RelayMsg::Waiting { proof })) => {
-                np_identity::verify(&keys.signing, &np_relay::proof_transcript(&transcript, &side_nonce), &proof)
+                np_identity::verify(&keys.signing, &proof_transcript(&transcript, &side_nonce), &proof)
                     .map_err(|_| (false, format!("it does not prove that it is {relay}")))
             }
             Ok(Some(RelayMsg::Refused { reason })) => Err((false, format!("it refused our join: {reason}"))),
@@ -320,15 +321,6 @@ async fn check_relay(r: &mut Report, ctl: &ControlClient, relay: &Name) -> bool 
             "check the address, any firewall, and whether the relay is overloaded (its --max-preauth)",
         ),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// Live while the heartbeat is at most three beats overdue (as `np devices` judges it).
-fn is_live(age_ms: u64, heartbeat_secs: u64) -> bool {
-    age_ms <= 3 * 1000 * heartbeat_secs.max(1)
 }
 
 /// The device's record: readable (so it exists and we are among its readers), its heartbeat

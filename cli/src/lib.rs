@@ -4,8 +4,10 @@ use std::process::ExitCode;
 
 pub use np_cmd::{init_logs, run_main, shutdown_signal};
 
+pub mod devices;
 pub mod dns;
 pub mod doctor;
+pub mod end_sessions;
 pub mod forward;
 pub mod up;
 

@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use np_relay::proto::decode_join;
-use np_relay::{RelayMsg, MAX_PREAUTH_FRAME};
+use np_relay_proto::decode_join;
+use np_relay_proto::{RelayMsg, MAX_PREAUTH_FRAME};
 use np_wire::{decode_msg, encode_msg, FrameDecoder};
 
 fuzz_target!(|data: &[u8]| {

@@ -4,9 +4,9 @@
 //! [`Pairing::end`]) and the time ([`Pairing::expire`] at [`Pairing::poll_timeout`]), and acts
 //! on the decisions it returns.
 
-use crate::proto::Role;
 use crate::refusal::Refusal;
 use np_identity::Name;
+use np_relay_proto::Role;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Why the relay refuses a connection. The `Display` text is what the side receives.
 
-use crate::proto::Role;
 use np_identity::Name;
+use np_relay_proto::Role;
 
 /// A reason to refuse a connection before it is paired.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

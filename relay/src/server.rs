@@ -10,8 +10,8 @@ use crate::directory::KeyDirectory;
 use crate::forward::{forward, Ended};
 use crate::metrics::RelayMetrics;
 use crate::pairing::{Decision, PairKey, Pairing, PairingLimits};
-use crate::proto::{join_transcript, proof_transcript, short_hex, Join, RelayMsg, MAX_PREAUTH_FRAME};
 use crate::refusal::Refusal;
+use np_relay_proto::{join_transcript, proof_transcript, short_hex, Join, RelayMsg, Role, MAX_PREAUTH_FRAME};
 use np_wire::io::read_frame;
 use np_wire::{decode_msg, encode_msg, WireError};
 use std::collections::HashMap;
@@ -439,7 +439,7 @@ async fn wait_then_forward(
     session: String,
     conn: u64,
     mut rx: oneshot::Receiver<Outcome>,
-    (role, joined, waiting): (crate::proto::Role, Instant, Vec<u8>),
+    (role, joined, waiting): (Role, Instant, Vec<u8>),
 ) {
     if stream.write_all(&waiting).await.is_err() && withdraw_or_wait(&inner, &key, conn) {
         return;
@@ -494,8 +494,8 @@ async fn wait_then_forward(
     m.handshake.observe(joined.elapsed());
     // `stream` is the first side, `other` the second, of opposite roles.
     let totals = match role {
-        crate::proto::Role::Client => (&*m.client_to_device, &*m.device_to_client),
-        crate::proto::Role::Device => (&*m.device_to_client, &*m.client_to_device),
+        Role::Client => (&*m.client_to_device, &*m.device_to_client),
+        Role::Device => (&*m.device_to_client, &*m.client_to_device),
     };
     let started = Instant::now();
     let (ended, moved) = forward(

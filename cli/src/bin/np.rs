@@ -8,7 +8,7 @@ use np_control_client::ControlClient;
 use np_control_proto::EnrolCode;
 use np_identity::home::Home;
 use np_identity::{DeviceRef, Name};
-use np_tunnel::{Connector, DeviceInfo, Router};
+use np_tunnel::{Connector, Router};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -263,68 +263,12 @@ async fn run(cli: Cli) -> Result<()> {
             let opts = UpOptions { relay, devices, routes, subnet, name, eager, verbose: cli.verbose };
             np_cli::up::run(connector, opts, np_cli::shutdown_signal()).await
         }
-        Cmd::EndSessions { me, to, of } => {
-            let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
-            let (router, _requests) = Router::start(incoming);
-            let mut request_id = [0u8; 16];
-            np_identity::random_bytes(&mut request_id)?;
-            let answer = router.expect(request_id);
-            let msg =
-                np_tunnel::msg::TunnelMsg::EndSessions { request_id, device: to.device.clone(), identity: of.clone() };
-            ctl.send(&to.identity, &msg.encode(), Duration::from_secs(30))
-                .await
-                .with_context(|| format!("asking {to}"))?;
-            let a = tokio::time::timeout(Duration::from_secs(10), answer)
-                .await
-                .map_err(|_| anyhow::anyhow!("{to} did not answer within 10s: is its npd running?"))?
-                .map_err(|_| anyhow::anyhow!("no answer from {to}"))?;
-            match a.msg {
-                np_tunnel::msg::TunnelMsg::SessionsEnded { result: Ok(n), .. } if a.from == to.identity => {
-                    println!("{to} ended {n} session(s) of {of}");
-                    Ok(())
-                }
-                np_tunnel::msg::TunnelMsg::SessionsEnded { result: Err(e), .. } => anyhow::bail!("{to} refused: {e}"),
-                _ => anyhow::bail!("unexpected answer from {}", a.from),
-            }
-        }
+        Cmd::EndSessions { me, to, of } => np_cli::end_sessions::run(&home, me.as_ref(), &to, &of).await,
         Cmd::Status { name } => {
             print!("{}", np_cli::up::status(&name).await?);
             Ok(())
         }
-        Cmd::Devices { me } => {
-            let (ctl, _incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
-            let records = ctl.list("device/").await.context("listing devices")?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            if records.is_empty() {
-                println!(
-                    "no devices share their info with {} (start one with `npd --as @ID --device NAME --manager {}`)",
-                    ctl.me(),
-                    ctl.me()
-                );
-                return Ok(());
-            }
-            println!("{:<32} {:<6} {:<12} {:<10} PERMIT-OPEN", "DEVICE", "STATE", "LAST SEEN", "VERSION");
-            for r in records {
-                let Ok(info) = postcard::from_bytes::<DeviceInfo>(&r.value) else { continue };
-                let age = now.saturating_sub(r.updated_ms);
-                // Live while the heartbeat is at most three beats overdue.
-                let live = age <= 3 * 1000 * info.heartbeat_secs.max(1);
-                let seen = humantime::format_duration(Duration::from_secs(age / 1000)).to_string();
-                let name = format!("{}@{}", info.device, r.owner.bare());
-                println!(
-                    "{:<32} {:<6} {:<12} {:<10} {}",
-                    name,
-                    if live { "live" } else { "gone" },
-                    format!("{seen} ago"),
-                    info.version,
-                    info.permit_open
-                );
-            }
-            Ok(())
-        }
+        Cmd::Devices { me } => np_cli::devices::run(&home, me.as_ref()).await,
         Cmd::Doctor { me, relay, device } => {
             let opts = np_cli::doctor::DoctorOptions { me, relay, device };
             let report = np_cli::doctor::run(&home, &opts).await;

@@ -26,7 +26,7 @@ pub(crate) fn new_code(store: &Store, cert_der: &[u8], name: &Name, ttl: Duratio
 /// Serves admin requests until the listener fails.
 pub(crate) async fn serve(
     listener: tokio::net::UnixListener,
-    shared: Arc<crate::server::Shared>,
+    shared: Arc<crate::state::Shared>,
     cert_der: Arc<Vec<u8>>,
 ) {
     loop {
@@ -98,14 +98,14 @@ async fn ask_running_server(data: &Path, req: &AdminRequest) -> Result<Option<Ad
 
 /// The database of a stopped server, for the admin commands (an error if there is none yet).
 fn open_stopped(data: &Path) -> Result<Store> {
-    if !data.join(crate::server::DB_FILE).exists() {
+    if !data.join(crate::state::DB_FILE).exists() {
         bail!(
             "no control-plane data in {}: start the server first with `np-control serve --data {}`",
             data.display(),
             data.display()
         );
     }
-    Ok(Store::open(&data.join(crate::server::DB_FILE))?)
+    Ok(Store::open(&data.join(crate::state::DB_FILE))?)
 }
 
 /// Issues a code for `name`: through the running server's admin socket, or directly in the
@@ -130,7 +130,7 @@ pub async fn revoke(data: &Path, name: &Name) -> Result<()> {
         Some(other) => bail!("unexpected answer from the running server: {other:?}"),
         None => {}
     }
-    if !revoke_in(&Store::open(&data.join(crate::server::DB_FILE))?, name)? {
+    if !revoke_in(&Store::open(&data.join(crate::state::DB_FILE))?, name)? {
         bail!("{name} is not enrolled");
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! One client connection: TLS, hello, authentication (or enrolment) within a deadline, then
 //! requests and pushes.
 
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{Store, StoreError};
 use np_control_proto::{
     auth_transcript, enroll_transcript, ClientFrame, Delivery, ErrorCode, ErrorReply, IdentityInfo, Reply, Request,

@@ -12,12 +12,14 @@ mod lane;
 mod metrics;
 mod relays;
 mod server;
+mod state;
 pub mod store;
 pub mod tls;
 
 pub use admin::{issue_code, relays, revoke};
 pub use np_control_proto::AdminRequest;
-pub use server::{ControlServer, ServerConfig};
+pub use server::ControlServer;
+pub use state::ServerConfig;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -8,7 +8,7 @@ use crate::relays::{RelayBook, RelayError};
 use crate::router::Router;
 use np_control_client::ControlClient;
 use np_identity::{DeviceRef, Name};
-use np_relay::Role;
+use np_relay_proto::Role;
 use np_session::{client_session, Initiator, MuxConfig, SessionHandle, SessionKeys};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;

@@ -12,7 +12,7 @@ use crate::replay::ReplayGuard;
 use crate::router::{FromPeer, Router};
 use np_control_client::{ControlClient, Incoming};
 use np_identity::Name;
-use np_relay::Role;
+use np_relay_proto::Role;
 use np_session::{device_session, IncomingFlow, MuxConfig, Responder};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

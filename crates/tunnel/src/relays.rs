@@ -1,11 +1,11 @@
 //! Relays by identity: where a relay is reached comes only from the record it signed itself
-//! ([`np_relay::RelayInfo`], fetched from the control plane and verified against the relay's
+//! ([`np_relay_proto::RelayInfo`], fetched from the control plane and verified against the relay's
 //! pinned key), and whoever answers there must prove it holds that key for this connection.
 //! No address from a peer's message is ever dialled.
 
 use np_control_client::ControlClient;
 use np_identity::Name;
-use np_relay::{ExpectedRelay, RelayInfo, Role, RELAY_RECORD};
+use np_relay_proto::{join_with_timeout, ExpectedRelay, RelayInfo, Role, RELAY_RECORD};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -126,9 +126,7 @@ impl RelayBook {
             };
             let _ = tcp.set_nodelay(true);
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match np_relay::join_with_timeout(tcp, ctl.keys(), ctl.me(), role, session, peer, Some(expected), left)
-                .await
-            {
+            match join_with_timeout(tcp, ctl.keys(), ctl.me(), role, session, peer, Some(expected), left).await {
                 Ok(stream) => return Ok(stream),
                 Err(e) => reasons.push(format!("{address}: {e}")),
             }

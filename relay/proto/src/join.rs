@@ -1,6 +1,6 @@
 //! The side's half of the protocol, for the client (`np`) and the device daemon (`npd`).
 
-use crate::proto::{join_transcript, proof_transcript, Join, RelayMsg, Role, MAX_PREAUTH_FRAME};
+use crate::msg::{join_transcript, proof_transcript, Join, RelayMsg, Role, MAX_PREAUTH_FRAME};
 use np_identity::{Keys, Name};
 use np_wire::io::{read_msg, write_msg};
 use np_wire::WireError;
