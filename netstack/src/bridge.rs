@@ -174,8 +174,6 @@ pub struct Bridge {
     /// Why each device's last session ended or failed, for `np status`.
     last_error: HashMap<DeviceKey, String>,
     actions: VecDeque<Action>,
-    /// A scratch buffer for bytes read from smoltcp on their way into a mux flow.
-    scratch: Vec<u8>,
     stats: BridgeStats,
 }
 
@@ -192,7 +190,6 @@ impl Bridge {
             deadlines: VecDeque::new(),
             last_error: HashMap::new(),
             actions: VecDeque::new(),
-            scratch: vec![0u8; np_session::MAX_RECORD_PLAINTEXT],
             stats: BridgeStats::default(),
         }
     }
@@ -677,31 +674,37 @@ impl Bridge {
             }
         }
 
-        // Application → device: as much as the flow's credit allows.
+        // Application → device: as much as the flow's credit allows, straight from smoltcp's
+        // buffer into the mux flow's queue.
+        let mux = f.mux;
         while !f.up_done && !failed {
-            let credit = usize::try_from(conn.send_credit(f.mux)).unwrap_or(usize::MAX);
+            let credit = usize::try_from(conn.send_credit(mux)).unwrap_or(usize::MAX);
             if credit == 0 {
                 // The device's grant brings us back, whether or not smoltcp holds more now.
-                conn.want_writable(f.mux);
+                conn.want_writable(mux);
                 break;
             }
-            let room = credit.min(self.scratch.len());
-            match self.stack.recv(id, &mut self.scratch[..room]) {
+            let mut send_failed = false;
+            let read = self.stack.recv_with(id, |data| {
+                let n = data.len().min(credit);
+                conn.send(mux, &data[..n]).unwrap_or_else(|_| {
+                    send_failed = true;
+                    0
+                })
+            });
+            match read {
+                // Nothing buffered now: smoltcp's Readable brings us back.
                 Ok(0) => break,
-                Ok(n) => {
-                    self.stats.bytes_up += n as u64;
-                    if conn.send(f.mux, &self.scratch[..n]).is_err() {
-                        failed = true;
-                    }
-                }
+                Ok(n) => self.stats.bytes_up += n as u64,
                 Err(FlowError::Finished) => {
                     f.up_done = true;
-                    if conn.finish(f.mux).is_err() {
+                    if conn.finish(mux).is_err() {
                         failed = true;
                     }
                 }
                 Err(_) => break,
             }
+            failed |= send_failed;
         }
         if failed {
             let mux = f.mux;

@@ -12,6 +12,8 @@ pub mod map;
 mod packet;
 mod shell;
 pub mod stack;
+#[cfg(test)]
+mod testapp;
 pub mod tun;
 
 pub use bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed};

@@ -6,14 +6,14 @@ use std::collections::VecDeque;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 
 /// The in-memory device smoltcp reads from and writes to.
-pub(super) struct Queues {
+pub(crate) struct Queues {
     /// Packets from the TUN, for smoltcp.
-    pub(super) rx: VecDeque<Vec<u8>>,
+    pub(crate) rx: VecDeque<Vec<u8>>,
     /// Packets from smoltcp (and the stack's own replies), for the TUN.
-    pub(super) tx: VecDeque<Vec<u8>>,
+    pub(crate) tx: VecDeque<Vec<u8>>,
     /// smoltcp is told the device is busy while `tx` holds this many.
-    pub(super) max_tx: usize,
-    pub(super) mtu: usize,
+    pub(crate) max_tx: usize,
+    pub(crate) mtu: usize,
 }
 
 impl phy::Device for Queues {
@@ -37,7 +37,7 @@ impl phy::Device for Queues {
     }
 }
 
-pub(super) struct RxToken(Vec<u8>);
+pub(crate) struct RxToken(Vec<u8>);
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -45,7 +45,7 @@ impl phy::RxToken for RxToken {
     }
 }
 
-pub(super) struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+pub(crate) struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {

@@ -38,7 +38,7 @@ use crate::map::{AddressMap, DeviceKey, FlowTarget};
 use self::device::Queues;
 use self::flow::{Flow, Tuple};
 
-mod device;
+pub(crate) mod device;
 mod flow;
 mod intake;
 mod poll;

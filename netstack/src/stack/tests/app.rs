@@ -1,48 +1,11 @@
 //! Whole flows: an application on the other side of the TUN, played by a second smoltcp
 //! interface, exchanging data, FINs and resets with the stack.
 
-use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
-use smoltcp::wire::IpCidr;
 
 use super::*;
 
-/// An application on the other side of the TUN: a second smoltcp interface.
-struct App {
-    iface: Interface,
-    sockets: SocketSet<'static>,
-    queues: Queues,
-    base: Instant,
-}
-
-impl App {
-    fn new(now: Instant) -> Self {
-        let mut queues = Queues { rx: VecDeque::new(), tx: VecDeque::new(), max_tx: 4096, mtu: 65535 };
-        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut queues, smoltcp::time::Instant::ZERO);
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::v4(100, 80, 0, 1), 16)).expect("addr");
-        });
-        let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Addr::new(100, 80, 0, 2));
-        App { iface, sockets: SocketSet::new(Vec::new()), queues, base: now }
-    }
-
-    fn connect(&mut self, dst: &str, local_port: u16) -> SocketHandle {
-        let mut s =
-            tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 512 * 1024]), tcp::SocketBuffer::new(vec![0; 512 * 1024]));
-        s.set_nagle_enabled(false);
-        s.connect(self.iface.context(), sa(dst), local_port).expect("connect");
-        self.sockets.add(s)
-    }
-
-    fn socket(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
-        self.sockets.get_mut::<tcp::Socket>(h)
-    }
-
-    fn poll(&mut self, now: Instant) {
-        let t = smoltcp::time::Instant::from_micros(now.duration_since(self.base).as_micros() as i64);
-        self.iface.poll(t, &mut self.queues, &mut self.sockets);
-    }
-}
+use crate::testapp::App;
 
 /// Move packets both ways until neither side has anything to say; the clock advances 1 ms
 /// per round, enough for delayed ACKs.
