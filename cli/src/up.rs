@@ -101,9 +101,6 @@ impl Dialer for UpDialer {
     }
 }
 
-/// What an eager session's request names before any flow does.
-const DEFAULT_TARGET: &str = "localhost:22";
-
 /// What `np up` was asked for.
 pub struct UpOptions {
     pub relay: np_identity::Name,
@@ -144,7 +141,7 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
     let iface_addr = map.interface_addr();
     // An eager session is set up before any flow: ssh is what most users are after.
     let eager = if opts.eager {
-        refs.keys().map(|k| (DeviceKey(k.clone()), DEFAULT_TARGET.to_string())).collect()
+        refs.keys().map(|k| (DeviceKey(k.clone()), np_tunnel::slot::DEFAULT_TARGET.to_string())).collect()
     } else {
         Vec::new()
     };

@@ -2,13 +2,13 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use np_cli::forward::{LocalForward, SessionSlot};
+use np_cli::forward::LocalForward;
 use np_cli::up::{DeviceSpec, RouteSpec, UpOptions};
 use np_control_client::ControlClient;
 use np_control_proto::EnrolCode;
 use np_identity::home::Home;
 use np_identity::{DeviceRef, Name};
-use np_tunnel::{Connector, Router};
+use np_tunnel::{Connector, Router, SessionSlot};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -20,9 +20,11 @@ pub mod policy;
 pub mod relays;
 pub mod replay;
 pub mod router;
+pub mod slot;
 
 pub use admission::Refusal;
 pub use client::{session_id, Connector, SetupError, Transport};
 pub use daemon::{DaemonConfig, DeviceInfo};
 pub use permit::PermitOpen;
 pub use router::Router;
+pub use slot::{SessionSlot, SlotError};

@@ -1,0 +1,129 @@
+//! One session to a device, reused by every flow and set up again when it has ended: the
+//! client's session reuse, and its retry when a flow finds the session stale.
+
+use crate::client::{Connector, SetupError};
+use np_identity::{DeviceRef, Name};
+use np_session::{FlowStream, OpenError, SessionError, SessionHandle};
+use std::time::Instant;
+
+/// What a session set up before any flow names (an eager `np up`, `np forward` at start with
+/// no targets): ssh is what most users are after.
+pub const DEFAULT_TARGET: &str = "localhost:22";
+
+/// Why a flow could not be opened through a [`SessionSlot`].
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// No session could be set up.
+    #[error("setting up a session to {device} via relay {relay}: {source}")]
+    Setup {
+        device: String,
+        relay: Name,
+        #[source]
+        source: SetupError,
+    },
+    /// The device refused the flow.
+    #[error("{device} refused {target}: {reason}")]
+    Refused { device: String, target: String, reason: String },
+    /// The session failed (twice, or in a way a new one would not fix).
+    #[error("session to {device}: {source}")]
+    Session {
+        device: String,
+        #[source]
+        source: SessionError,
+    },
+}
+
+/// Reuses one session for every flow; sets up a new one when it has ended.
+pub struct SessionSlot {
+    connector: Connector,
+    device: DeviceRef,
+    relay: Name,
+    targets: Vec<String>,
+    current: tokio::sync::Mutex<Option<SessionHandle>>,
+    verbose: bool,
+}
+
+impl SessionSlot {
+    /// A slot for sessions to `device` through `relay`, whose requests name `targets` (or, if
+    /// empty, each new session's first flow's target).
+    pub fn new(connector: Connector, device: DeviceRef, relay: Name, targets: Vec<String>, verbose: bool) -> Self {
+        SessionSlot { connector, device, relay, targets, current: tokio::sync::Mutex::new(None), verbose }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &DeviceRef {
+        &self.device
+    }
+
+    /// The live session, set up if there is none. A new session's request names the slot's
+    /// targets, or if it has none, `first`: the target of the flow that needs it (a device
+    /// refuses a request that names none).
+    pub async fn get(&self, first: Option<&str>) -> Result<SessionHandle, SlotError> {
+        let mut cur = self.current.lock().await;
+        if let Some(h) = cur.as_ref() {
+            if h.error().is_none() {
+                return Ok(h.clone());
+            }
+            tracing::info!(device = %self.device, "session ended; setting up a new one");
+        }
+        let t0 = Instant::now();
+        let verbose = self.verbose;
+        let step = move |s: &str| {
+            if verbose {
+                eprintln!("{:>9.1} ms  {s}", t0.elapsed().as_secs_f64() * 1e3);
+            }
+        };
+        let targets = match (self.targets.is_empty(), first) {
+            (true, Some(t)) => vec![t.to_string()],
+            (true, None) => vec![DEFAULT_TARGET.to_string()],
+            (false, _) => self.targets.clone(),
+        };
+        let h = self.connector.open_session(&self.device, &self.relay, &targets, &step).await.map_err(|source| {
+            SlotError::Setup { device: self.device.to_string(), relay: self.relay.clone(), source }
+        })?;
+        step("session ready");
+        *cur = Some(h.clone());
+        Ok(h)
+    }
+
+    /// Opens a flow to `target` on the live session. A session found stale (the relay
+    /// restarted, the network changed: it ended without anyone noticing yet) is replaced once.
+    pub async fn open(&self, target: &str) -> Result<FlowStream, SlotError> {
+        for attempt in 0..2 {
+            let session = self.get(Some(target)).await?;
+            match session.open(target).await {
+                Ok(f) => return Ok(f),
+                Err(OpenError::Refused(reason)) => {
+                    return Err(SlotError::Refused { device: self.device.to_string(), target: target.into(), reason })
+                }
+                Err(OpenError::Session(e)) if attempt == 0 && e.is_stale() => {
+                    tracing::info!(device = %self.device, error = %e, "session broke; setting up a new one");
+                    self.reset().await;
+                }
+                Err(OpenError::Session(source)) => {
+                    return Err(SlotError::Session { device: self.device.to_string(), source })
+                }
+            }
+        }
+        Err(SlotError::Session { device: self.device.to_string(), source: SessionError::Closed("no session".into()) })
+    }
+
+    /// Forgets a session that failed.
+    pub async fn reset(&self) {
+        *self.current.lock().await = None;
+    }
+
+    /// The session's state, in words.
+    pub async fn describe(&self) -> String {
+        match self.current.try_lock() {
+            Err(_) => "connecting".into(),
+            Ok(cur) => match cur.as_ref() {
+                None => "none yet".into(),
+                Some(h) => match h.error() {
+                    None => "established".into(),
+                    Some(e) => format!("ended: {e}"),
+                },
+            },
+        }
+    }
+}
