@@ -58,7 +58,10 @@ fn parse_args() -> Result<Args> {
         }
     }
     let (Some(relay), Some(ch), Some(c), Some(dh), Some(d)) = (relay, ch, c, dh, d) else {
-        bail!("usage: relay_idle --relay ADDR [--sessions N] [--in-flight N] [--relay-pid PID] --client-home DIR --client @A --device-home DIR --device @B");
+        bail!(
+            "usage: relay_idle --relay ADDR [--sessions N] [--in-flight N] [--relay-pid PID] \
+             --client-home DIR --client @A --device-home DIR --device @B"
+        );
     };
     Ok(Args { relay, sessions, in_flight, relay_pid, client: (ch, c), device: (dh, d) })
 }
@@ -141,7 +144,8 @@ async fn main() -> Result<()> {
     let after = args.relay_pid.and_then(rss_kib);
     let paired = held.len() as u64 / 2;
     println!(
-        "relay holding {paired} idle sessions ({} authenticated connections): paired in {:.2} s ({:.0} sessions/s), {failed} joins failed",
+        "relay holding {paired} idle sessions ({} authenticated connections): paired in {:.2} s \
+         ({:.0} sessions/s), {failed} joins failed",
         held.len(),
         took.as_secs_f64(),
         paired as f64 / took.as_secs_f64().max(1e-9),
@@ -149,7 +153,8 @@ async fn main() -> Result<()> {
     if let (Some((rss0, _)), Some((rss, hwm))) = (before, after) {
         let per = (rss.saturating_sub(rss0) as f64 * 1024.0) / paired.max(1) as f64;
         println!(
-            "relay RSS holding them: {:.1} MiB (peak {:.1} MiB, {:.1} MiB before; {:.1} KiB per session; at that rate 10,000 sessions: {:.0} MiB)",
+            "relay RSS holding them: {:.1} MiB (peak {:.1} MiB, {:.1} MiB before; {:.1} KiB per \
+             session; at that rate 10,000 sessions: {:.0} MiB)",
             rss as f64 / 1024.0,
             hwm as f64 / 1024.0,
             rss0 as f64 / 1024.0,
