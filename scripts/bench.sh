@@ -94,13 +94,28 @@ try_make_hosts() { local i=1 n
   done
 }
 
-# bg CMD...: start in the background, remembered for stop_bg / cleanup; output to $WORK/logs.
-bg() { mkdir -p "$WORK/logs"; "$@" >>"$WORK/logs/bg.log" 2>&1 & echo $! >>"$WORK/pids"; }
-# mark / stop_since MARK: stop only what was started after `mark` (a section's own processes).
+# bg CMD...: start in the background, remembered for stop_since / cleanup; output to $WORK/logs.
+# `ns` is a shell function, and a function run with `&` runs in a subshell whose pid is what $!
+# gives: killing that left the program itself running (every section's relay, npd and np up
+# stayed up for the rest of the run, and a later round's np up found np0 taken and measured the
+# earlier one). So `ns ...` is spelt out here as a plain command, which the background child
+# execs (as `ip netns exec` execs its program): $! is then the program's own pid.
+bg() { mkdir -p "$WORK/logs"
+  if [ "$1" = ns ]; then shift; set -- ip netns exec "$@"; fi
+  "$@" >>"$WORK/logs/bg.log" 2>&1 & echo $! >>"$WORK/pids"; }
+# mark / stop_since MARK: stop only what was started after `mark` (a section's own processes),
+# and wait (5 s at most, then SIGKILL) until they are gone, so the next section can take their
+# ports and np0.
 mark() { wc -l <"$WORK/pids" 2>/dev/null || echo 0; }
-stop_since() { local m=$1
-  for p in $(tail -n +$((m+1)) "$WORK/pids" 2>/dev/null); do kill "$p" 2>/dev/null; done
-  head -n "$m" "$WORK/pids" >"$WORK/pids.tmp" 2>/dev/null; mv "$WORK/pids.tmp" "$WORK/pids"; sleep 0.3; }
+stop_since() { local m=$1 p i left
+  local pids; pids=$(tail -n +$((m+1)) "$WORK/pids" 2>/dev/null)
+  for p in $pids; do kill "$p" 2>/dev/null; done
+  for i in $(seq 50); do
+    left=; for p in $pids; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+    [ -z "$left" ] && break; sleep 0.1
+  done
+  for p in $left; do log "pid $p did not stop on SIGTERM; killing it"; kill -9 "$p" 2>/dev/null; done
+  head -n "$m" "$WORK/pids" >"$WORK/pids.tmp" 2>/dev/null; mv "$WORK/pids.tmp" "$WORK/pids"; }
 
 gbps() { python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))'; }
 # iperf_sum: iperf3 JSON in, "GBIT_PER_S BYTES" out (bytes received, for CPU per GB).
@@ -366,7 +381,7 @@ section_up() {
   bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
     --permit-open localhost:5201,localhost:22,localhost:$BANNER_PORT --home "$WORK/home-bench_device"
   sleep 1
-  ns pc "$BIN/np" up --as @bench_client --relay @relay --device bench@bench_device=100.80.0.2 \
+  ip netns exec pc "$BIN/np" up --as @bench_client --relay @relay --device bench@bench_device=100.80.0.2 \
     --home "$WORK/home-bench_client" >"$WORK/up.out" 2>>"$WORK/logs/bg.log" &
   echo $! >>"$WORK/pids"
   local i; for i in $(seq 100); do grep -q '^ready' "$WORK/up.out" 2>/dev/null && break; sleep 0.05; done
@@ -443,7 +458,8 @@ section_abuse() {
   q_setup=$(cold_setup 16100 "np forward cold setup, no flood beside it")
   rss0=$(awk '/VmRSS/ {print $2}' "/proc/$npd/status" 2>/dev/null)
   # Up to three tries at the flooder's session setup (it exits with an error when setup fails).
-  bg ns pc bash -c 'for i in 1 2 3; do "$@" && exit 0; sleep 1; done; exit 1' ping_flood \
+  bg ns pc bash -c 'trap "kill \$c 2>/dev/null; exit 0" TERM
+    for i in 1 2 3; do "$@" & c=$!; wait $c && exit 0; sleep 1; done; exit 1' ping_flood \
     "$BIN/examples/ping_flood" "$WORK/home-bench_mallory" @bench_mallory bench@bench_device @relay localhost:22
   local i; for i in $(seq 100); do grep -q '^ping_flood: session up' "$WORK/logs/bg.log" && break; sleep 0.1; done
   grep -q '^ping_flood: session up' "$WORK/logs/bg.log" || log "ping_flood did not get its session: the flooded figures below are without a flood"
