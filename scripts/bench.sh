@@ -29,7 +29,7 @@ PEERS_OUT=$WORK/peers.txt
 METRICS=$WORK/metrics.txt
 CONTROL=198.18.0.2:7443
 ROUNDS=${ROUNDS:-3}
-ROUNDED="relay forward up"
+ROUNDED="tunnel relay forward up"
 ROUND=1
 : >"$OURS"; : >"$SETUP"; : >"$METRICS"; : >"$WORK/pids"
 
@@ -192,8 +192,24 @@ start_rev_tunnel() { local k=$WORK/ssh_key
   bg ns pr /usr/sbin/sshd -D -o GatewayPorts=yes -o PidFile=none -p 22
   wait_port pr 198.18.0.2 22
   bg ns pd ssh -i "$k" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes \
-    -o LogLevel=ERROR -N -R 0.0.0.0:$REV_BANNER_PORT:127.0.0.1:$BANNER_PORT root@198.18.0.2
+    -o LogLevel=ERROR -N -R 0.0.0.0:$REV_BANNER_PORT:127.0.0.1:$BANNER_PORT \
+    -R 0.0.0.0:17201:127.0.0.1:5201 -R 0.0.0.0:17022:127.0.0.1:22 root@198.18.0.2
   wait_port pr 198.18.0.2 $REV_BANNER_PORT
+}
+
+# --- the main peers, in every round -----------------------------------------------------------------
+# The reverse SSH tunnel and the socat relay of peers.sh, built again in our hosts and measured in
+# every round beside our paths: the machine's load moves all of a round's figures together, so a
+# round's own tunnel is the fairest yardstick for that round (peers.sh runs once, before them).
+section_tunnel() {
+  log "reverse SSH tunnel and socat relay"
+  measure "reverse SSH tunnel via relay host (this round)" 198.18.0.2 17201 17022
+  local m; m=$(mark)
+  bg ns pr socat -b 262144 TCP-LISTEN:17301,fork,reuseaddr TCP:198.18.0.3:5201
+  bg ns pr socat TCP-LISTEN:17302,fork,reuseaddr TCP:198.18.0.3:22
+  wait_port pr 198.18.0.2 17301; wait_port pr 198.18.0.2 17302
+  measure "plain TCP relay via relay host (socat, this round)" 198.18.0.2 17301 17302
+  stop_since "$m"
 }
 # warm_cfb WHICH HOST PORT: median ms from connect() to the first banner byte through our path
 # (HOST:PORT) and through the tunnel, 200 tries each, alternating; two metrics.
@@ -536,8 +552,8 @@ ours = {}
 for tag, rest in tagged(ours_path):
     p = parse(rest)
     if p:
-        ours.setdefault(p[0], []).append(p[1:])
-rows = [(l, med([g for g, _ in v]), med([c for _, c in v]), [g for g, _ in v]) for l, v in ours.items()]
+        ours.setdefault(p[0], []).append((tag,) + p[1:])
+rows = [(l, med([g for _, g, _ in v]), med([c for _, _, c in v]), [g for _, g, _ in v]) for l, v in ours.items()]
 def find(prefix):
     return next((g for l, g, _ in peers if l.startswith(prefix)), None)
 direct, ssh, socat = find("direct kernel TCP"), find("reverse SSH tunnel"), find("plain TCP relay")
@@ -562,6 +578,22 @@ print("-" * (w + 100))
 for l, g, c in peers:
     print(fmt % (w, l, f(g), f(c), ratio(g, direct), ratio(g, ssh), ratio(g, socat), ratio(g, wg), ratio(c, ssh_cfb), ""))
 print("-" * (w + 100))
+# Paired ratios: each round's figure over the same round's tunnel and socat relay.
+yard = [(n, {t: g for t, g, _ in ours.get(l, [])}) for n, l in (("/rev-ssh", "reverse SSH tunnel via relay host (this round)"),
+                                                              ("/socat", "plain TCP relay via relay host (socat, this round)"))]
+if any(b for _, b in yard):
+    print("paired with each round's own tunnel and socat relay (median, then each round):")
+    for l, v in ours.items():
+        if "(this round)" in l:
+            continue
+        parts = []
+        for n, b in yard:
+            r = [g / b[t] for t, g, _ in v if g is not None and b.get(t)]
+            if r:
+                parts.append("%s %.2f (%s)" % (n, statistics.median(r), ", ".join("%.2f" % x for x in r)))
+        if parts:
+            print("  %-*s  %s" % (w, l, "   ".join(parts)))
+    print()
 one = next((g for l, g, _, _ in rows if l.startswith("np up (TUN + smoltcp, one flow)")), None)
 for l, g, _, _ in rows:
     m = re.match(r"np up \(TUN \+ smoltcp, (\d+) flows\)", l)
@@ -605,12 +637,12 @@ start_rev_tunnel || log "no reverse SSH tunnel: warm connect-to-first-byte has n
 # Our paths in rounds (each round all of them, so a slow minute of the machine touches every path
 # once rather than one path three times), then the sections measured once.
 for ROUND in $(seq "$ROUNDS"); do
-  for sec in ${SECTIONS:-relay forward up idle backlog abuse}; do
+  for sec in ${SECTIONS:-tunnel relay forward up idle backlog abuse}; do
     case " $ROUNDED " in *" $sec "*) log "round $ROUND of $ROUNDS: $sec"; "section_$sec" ;; esac
   done
 done
 ROUND=0
-for sec in ${SECTIONS:-relay forward up idle backlog abuse}; do
+for sec in ${SECTIONS:-tunnel relay forward up idle backlog abuse}; do
   case " $ROUNDED " in *" $sec "*) ;; *) "section_$sec" ;; esac
 done
 teardown_hosts
