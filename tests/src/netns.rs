@@ -33,9 +33,11 @@ const LINK_PREFIXES: [&str; 2] = ["npb", "npv"];
 
 /// Client, relay and device hosts on one bridge, and optionally a LAN host behind the device.
 ///
-/// Addresses: the bridge subnet is `10.77.N.0/24` (pc `.1`, pr `.2`, pd `.3`); the LAN is
-/// `10.78.N.0/24` (pd `.1` on `lan0`, the LAN host `.2` on `eth0`, its default route via pd);
-/// `N` is the counter, so two hosts sets in one process differ (which only helps reading logs).
+/// Addresses come from the benchmarking range 198.18.0.0/15 (RFC 2544), as in `scripts/bench.sh`
+/// and `scripts/demo.sh`, never from a range a real network may use: the bridge subnet is
+/// `198.18.N.0/24` (pc `.1`, pr `.2`, pd `.3`); the LAN is `198.19.N.0/24` (pd `.1` on `lan0`,
+/// the LAN host `.2` on `eth0`, its default route via pd); `N` is the counter (mod 128), so two
+/// hosts sets in one process differ (which only helps reading logs).
 pub struct Hosts {
     pub pc: String,
     pub pr: String,
@@ -100,13 +102,15 @@ impl Hosts {
         hosts
     }
 
+    /// Below 128, so the LAN never lands on 198.19.254.0/24, which unit tests use as a foreign
+    /// source address.
     fn octet(&self) -> u8 {
-        (self.n % 256) as u8
+        (self.n % 128) as u8
     }
 
     /// Address `.host` on the bridge subnet.
     pub fn bridge_ip(&self, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 77, self.octet(), host)
+        Ipv4Addr::new(198, 18, self.octet(), host)
     }
 
     pub fn pc_ip(&self) -> Ipv4Addr {
@@ -123,17 +127,17 @@ impl Hosts {
 
     /// pd's address on the LAN.
     pub fn lan_gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 78, self.octet(), 1)
+        Ipv4Addr::new(198, 19, self.octet(), 1)
     }
 
     /// The LAN host's address.
     pub fn lan_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 78, self.octet(), 2)
+        Ipv4Addr::new(198, 19, self.octet(), 2)
     }
 
-    /// The LAN's prefix, `10.78.N.0/24`.
+    /// The LAN's prefix, `198.19.N.0/24`.
     pub fn lan_prefix(&self) -> String {
-        format!("10.78.{}.0/24", self.octet())
+        format!("198.19.{}.0/24", self.octet())
     }
 
     /// The LAN host's namespace; panics if these hosts have none.

@@ -130,15 +130,21 @@ fn partition_proxy(relay: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
     addr
 }
 
+/// Keepalive interval of the partition test.
+const KEEPALIVE: &str = "300ms";
+
 #[test]
 fn a_partition_longer_than_the_keepalive_is_noticed_by_both_sides_and_recovered() {
     let mut s = Stack::start();
     let ep = echo();
-    let _npd = s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{ep}"), "--keepalive", "1s"]);
+    // A short keepalive (a session silent for three intervals is dead), so both sides notice the
+    // partition in about a second of real time; the binaries' timers read the real clock.
+    let _npd =
+        s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{ep}"), "--keepalive", KEEPALIVE]);
     let cut = Arc::new(AtomicBool::new(false));
     let real = s.relay_addr;
     s.relay_addr = partition_proxy(real, cut.clone());
-    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{ep}")], &["--keepalive", "1s"]).unwrap();
+    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{ep}")], &["--keepalive", KEEPALIVE]).unwrap();
     let mut live = TcpStream::connect(f.addrs[0]).unwrap();
     live.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
     live.write_all(b"ping").unwrap();

@@ -469,6 +469,11 @@ struct E2e {
 }
 
 const E2E_ROUNDS: usize = 8;
+/// Keepalive of `np forward` and npd in the end-to-end cases. A held-back record is noticed
+/// when the next record arrives, which in a lock-step exchange is the next keepalive: at the
+/// binaries' default of 15 s each such case took 15 s of real waiting; at 1 s it takes about 1 s,
+/// and a session silent for three intervals still ends.
+const E2E_KEEPALIVE: &str = "1s";
 
 fn e2e_expected() -> Vec<u8> {
     (0..E2E_ROUNDS).flat_map(message).collect()
@@ -484,7 +489,11 @@ fn e2e_case(
 ) -> (E2e, Vec<u8>, Vec<u8>) {
     let (proxy, rec_up, rec_down) = rt.block_on(relay_proxy(real_relay, up, down));
     s.relay_addr = proxy;
-    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{port}")], &["--timeout", "5s"]);
+    let f = s.forward(
+        "pi4@alice_device",
+        &[&format!("0:localhost:{port}")],
+        &["--timeout", "5s", "--keepalive", E2E_KEEPALIVE],
+    );
     s.relay_addr = real_relay;
     let recs = || (std::mem::take(&mut *rec_up.lock().unwrap()), std::mem::take(&mut *rec_down.lock().unwrap()));
     let f = match f {
@@ -495,7 +504,8 @@ fn e2e_case(
         }
     };
     let mut c = std::net::TcpStream::connect(f.addrs[0]).unwrap();
-    // Beyond the 15 s keepalive: a stalled receiver is woken by the next keepalive record.
+    // Well beyond the keepalive (and the binaries' default of 15 s): a stalled receiver is woken
+    // by the next keepalive record.
     c.set_read_timeout(Some(Duration::from_secs(25))).unwrap();
     let mut received = Vec::new();
     let mut ending = "eof";
@@ -538,7 +548,10 @@ fn e2e_setup() -> (tokio::runtime::Runtime, Stack, Proc, SocketAddr, u16, Vec<u8
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut s = Stack::start();
     let port = echo();
-    let npd = s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{port}")]);
+    let npd = s.npd(
+        "pi4",
+        &["--manager", "@alice", "--permit-open", &format!("localhost:{port}"), "--keepalive", E2E_KEEPALIVE],
+    );
     let real_relay = s.relay_addr;
     let (rec, up, down) = e2e_case(&rt, &mut s, real_relay, port, Tamper::None, Tamper::None);
     assert!(rec.complete, "untampered session failed ({}): {} bytes", rec.ending, rec.received.len());
@@ -617,8 +630,9 @@ fn a_sample_of_byte_flips_truncations_and_duplicates_ends_np_forward_sessions_wi
 /// Dropping or holding back a record (a swap holds record k until k+1 arrives) in a lock-step
 /// exchange is noticed only when the next record arrives: when the held record is the device's
 /// `OpenOk` or an echo, both sides wait, and the next record is a keepalive `Ping` (or its
-/// `Pong`) after 15 s, which then fails to open at once. Over the library with 100 ms keepalives
-/// every such case ends with an error (the test above); here each flow must end within 25 s.
+/// `Pong`) one keepalive interval later (15 s by default, [`E2E_KEEPALIVE`] here), which then
+/// fails to open at once. Over the library with 100 ms keepalives every such case ends with an
+/// error (the test above); here each flow must end within 25 s.
 ///
 /// This once failed (`drop down record 1`, `swap down records 1,2`: the flow open > 25 s): the
 /// session did end after one keepalive with an authentication error, but `np forward` then

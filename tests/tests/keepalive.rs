@@ -10,10 +10,16 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// Relay closes a paired session after this long with no byte either way.
-const RELAY_IDLE: &str = "3s";
+/// Relay closes a paired session after this long with no byte either way. Short, with keepalive
+/// intervals to match, so the idle periods below last under a second of real time: both tests
+/// run the real binaries, whose timers read the real clock.
+const RELAY_IDLE: &str = "300ms";
 /// How long each test leaves the flow idle: more than twice the relay's idle timeout.
-const IDLE: Duration = Duration::from_secs(7);
+const IDLE: Duration = Duration::from_millis(700);
+/// Keepalive interval that keeps the flow alive: a third of the relay's idle timeout.
+const KEEPALIVE_IN_TIME: &str = "100ms";
+/// Keepalive interval far longer than the idle period: nothing crosses the relay during it.
+const KEEPALIVE_TOO_LATE: &str = "20s";
 
 /// Sends `msg` on `c` and reads its echo; the error says what happened.
 fn round_trip(c: &mut TcpStream, msg: &[u8]) -> Result<(), String> {
@@ -45,7 +51,7 @@ fn idle_flow(keepalive: &str) -> (Result<(), String>, Stack) {
 
 #[test]
 fn an_idle_flow_outlives_the_relays_idle_timeout_thanks_to_keepalives() {
-    let (after, s) = idle_flow("1s");
+    let (after, s) = idle_flow(KEEPALIVE_IN_TIME);
     assert!(after.is_ok(), "the idle flow broke: {after:?}");
     let relay_log = std::fs::read_to_string(s.relay_log()).unwrap();
     assert!(!relay_log.contains("idle timeout"), "the relay closed a session as idle despite keepalives");
@@ -53,8 +59,8 @@ fn an_idle_flow_outlives_the_relays_idle_timeout_thanks_to_keepalives() {
 
 #[test]
 fn without_keepalives_in_time_the_relay_ends_the_idle_session() {
-    // Keepalive 20 s: nothing crosses the relay during the 7 s idle period.
-    let (after, s) = idle_flow("20s");
+    // Nothing crosses the relay during the idle period.
+    let (after, s) = idle_flow(KEEPALIVE_TOO_LATE);
     assert!(after.is_err(), "the flow survived {IDLE:?} of silence past a {RELAY_IDLE} relay idle timeout");
     let relay_log = std::fs::read_to_string(s.relay_log()).unwrap();
     assert!(relay_log.contains("idle timeout"), "the relay did not log why it closed the session");
