@@ -14,7 +14,7 @@ pub const DEFAULT_TARGET: &str = "localhost:22";
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     /// No session could be set up.
-    #[error("setting up a session to {device} via relay {relay}: {source}")]
+    #[error("setting up a session to {device} via relay {relay}")]
     Setup {
         device: String,
         relay: Name,
@@ -25,7 +25,7 @@ pub enum SlotError {
     #[error("{device} refused {target}: {reason}")]
     Refused { device: String, target: String, reason: String },
     /// The session failed (twice, or in a way a new one would not fix).
-    #[error("session to {device}: {source}")]
+    #[error("session to {device}")]
     Session {
         device: String,
         #[source]
