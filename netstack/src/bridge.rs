@@ -214,6 +214,11 @@ impl Bridge {
         self.stack.poll_transmit()
     }
 
+    /// Takes back a packet from [`Bridge::poll_packet`] once written, to reuse its buffer.
+    pub fn recycle(&mut self, packet: Vec<u8>) {
+        self.stack.recycle(packet);
+    }
+
     /// The next thing for the shell to do.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()

@@ -368,6 +368,7 @@ impl<D: Dialer> Shell<D> {
                 if let Err(e) = self.tun.device().send(&packet).await {
                     tracing::debug!(error = %e, "writing to the TUN failed; packet dropped");
                 }
+                self.bridge.recycle(packet);
             }
             if !self.write_links(now) {
                 return;

@@ -1,7 +1,6 @@
 //! Test support: an application on the other side of the TUN, played by a second smoltcp
 //! interface at 100.80.0.1 that routes everything to the stack.
 
-use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
@@ -25,7 +24,7 @@ pub(crate) struct App {
 
 impl App {
     pub(crate) fn new(now: Instant) -> Self {
-        let mut queues = Queues { rx: VecDeque::new(), tx: VecDeque::new(), max_tx: 4096, mtu: 65535 };
+        let mut queues = Queues::new(4096, 65535);
         let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut queues, smoltcp::time::Instant::ZERO);
         iface.update_ip_addrs(|a| {
             a.push(IpCidr::new(IpAddress::v4(100, 80, 0, 1), 16)).expect("addr");

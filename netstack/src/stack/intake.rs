@@ -95,7 +95,8 @@ impl Stack {
             // connection; smoltcp retransmits its own SYN-ACK, so a repeated SYN adds nothing.
             FlowState::Open(_) if seg.is_syn() => {}
             FlowState::Open(_) => {
-                self.queues.rx.push_back(packet.to_vec());
+                let copy = self.queues.rx_copy(packet);
+                self.queues.rx.push_back(copy);
                 self.dirty = true;
             }
         }

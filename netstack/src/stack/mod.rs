@@ -221,12 +221,7 @@ pub struct Stack {
 impl Stack {
     /// A stack answering for the addresses of `map`, starting at `now`.
     pub fn new(config: StackConfig, map: AddressMap, now: Instant) -> Self {
-        let mut queues = Queues {
-            rx: VecDeque::new(),
-            tx: VecDeque::new(),
-            max_tx: config.max_queued_packets.max(1),
-            mtu: config.mtu,
-        };
+        let mut queues = Queues::new(config.max_queued_packets.max(1), config.mtu);
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = config.seed;
         let mut iface = Interface::new(iface_config, &mut queues, smoltcp::time::Instant::ZERO);

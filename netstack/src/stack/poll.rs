@@ -14,6 +14,11 @@ impl Stack {
         self.dirty = true;
     }
 
+    /// Takes back a packet from [`Stack::poll_transmit`] once written, to reuse its buffer.
+    pub fn recycle(&mut self, packet: Vec<u8>) {
+        super::device::recycle(&mut self.queues.tx_free, packet);
+    }
+
     /// The next packet to write to the TUN.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.poll_if_dirty();
