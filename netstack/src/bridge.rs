@@ -209,6 +209,16 @@ impl Bridge {
         self.stack.handle_packet(packet, now);
     }
 
+    /// [`Stack::handle_packet_owned`].
+    pub fn handle_packet_owned(&mut self, packet: Vec<u8>, now: Instant) {
+        self.stack.handle_packet_owned(packet, now);
+    }
+
+    /// [`Stack::packet_buffer`].
+    pub fn packet_buffer(&mut self, len: usize) -> Vec<u8> {
+        self.stack.packet_buffer(len)
+    }
+
     /// The next packet for the TUN. Call [`Bridge::process`] first.
     pub fn poll_packet(&mut self) -> Option<Vec<u8>> {
         self.stack.poll_transmit()

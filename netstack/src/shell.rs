@@ -124,6 +124,10 @@ impl StatusHandle {
     }
 }
 
+/// The largest packet a TUN read returns (the MTU is at most 65535).
+const MAX_PACKET: usize = 65536;
+/// Packets at least this long are handed to the stack in the buffer they were read into.
+const OWNED_MIN: usize = 16 * 1024;
 /// TUN packets handled before the bridge reacts and writes out.
 const RX_BATCH: usize = 64;
 /// Bytes of sealed records gathered for one write to a relay connection.
@@ -240,7 +244,7 @@ impl<D: Dialer> Shell<D> {
         tokio::pin!(shutdown);
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
-        let mut packet = vec![0u8; 65536];
+        let mut packet = vec![0u8; MAX_PACKET];
         loop {
             self.flush().await;
             let now = Instant::now();
@@ -255,12 +259,25 @@ impl<D: Dialer> Shell<D> {
                 read = self.tun.device().recv(&mut packet) => {
                     let n = read?;
                     let now = Instant::now();
-                    self.bridge.handle_packet(&packet[..n], now);
-                    for _ in 1..RX_BATCH {
-                        match self.tun.device().try_recv(&mut packet) {
-                            Ok(n) => self.bridge.handle_packet(&packet[..n], now),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e.into()),
+                    // Read straight into a buffer the stack keeps (no copy for a data segment).
+                    for i in 0..RX_BATCH {
+                        let n = if i == 0 {
+                            n
+                        } else {
+                            match self.tun.device().try_recv(&mut packet) {
+                                Ok(n) => n,
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                                Err(e) => return Err(e.into()),
+                            }
+                        };
+                        if n >= OWNED_MIN {
+                            let next = self.bridge.packet_buffer(MAX_PACKET);
+                            let mut full = std::mem::replace(&mut packet, next);
+                            full.truncate(n);
+                            self.bridge.handle_packet_owned(full, now);
+                        } else {
+                            // Small (an ACK, a SYN): a copy is cheaper than another buffer.
+                            self.bridge.handle_packet(&packet[..n.min(packet.len())], now);
                         }
                     }
                 }

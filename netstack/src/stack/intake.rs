@@ -14,6 +14,38 @@ impl Stack {
     ///
     /// [`AddressMap::is_interface_addr`]: crate::map::AddressMap::is_interface_addr
     pub fn handle_packet(&mut self, packet: &[u8], now: Instant) {
+        if self.intake(packet, now) {
+            let copy = self.queues.rx_copy(packet);
+            self.queues.rx.push_back(copy);
+        }
+    }
+
+    /// [`Stack::handle_packet`] for a packet read into a buffer of [`Stack::packet_buffer`]: a
+    /// segment of an open flow goes to smoltcp as it is, without a copy.
+    pub fn handle_packet_owned(&mut self, packet: Vec<u8>, now: Instant) {
+        if self.intake(&packet, now) {
+            self.queues.rx.push_back(packet);
+        } else {
+            super::device::recycle(&mut self.queues.rx_free, packet);
+        }
+    }
+
+    /// A buffer of `len` bytes to read the next packet into (see [`Stack::handle_packet_owned`]),
+    /// reused when one is spare.
+    pub fn packet_buffer(&mut self, len: usize) -> Vec<u8> {
+        // Growing a buffer zeroes what it grows by: take one that held a big packet.
+        let pool = &mut self.queues.rx_free;
+        let mut buf = match pool.iter().rposition(|b| b.len() >= len / 2) {
+            Some(i) => pool.swap_remove(i),
+            None => Vec::with_capacity(len),
+        };
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Everything about a packet but handing it to smoltcp: true if it should be (a segment of
+    /// an open flow).
+    fn intake(&mut self, packet: &[u8], now: Instant) -> bool {
         self.advance(now);
         self.stats.packets_in += 1;
         // First of all, whose packet it is: only this host's own (its source address is the
@@ -22,12 +54,12 @@ impl Stack {
         match packet::source(packet) {
             None => {
                 self.stats.malformed += 1;
-                return;
+                return false;
             }
             Some(src) if !self.map.is_interface_addr(src) => {
                 self.stats.foreign_source += 1;
                 tracing::trace!(%src, "dropped a packet from another host");
-                return;
+                return false;
             }
             Some(_) => {}
         }
@@ -35,16 +67,16 @@ impl Stack {
             Ok(seg) => seg,
             Err(Unusable::Malformed) => {
                 self.stats.malformed += 1;
-                return;
+                return false;
             }
             Err(Unusable::NotTcp) => {
                 self.stats.not_tcp += 1;
-                return;
+                return false;
             }
         };
         let tuple = Tuple { src: seg.src, dst: seg.dst };
         if let Some(&id) = self.by_tuple.get(&tuple) {
-            return self.segment_of_known_flow(id, seg, packet);
+            return self.segment_of_known_flow(id, seg);
         }
         if !seg.is_syn() {
             // Not a flow we know: a reset tells the application so (nothing answers a reset).
@@ -52,24 +84,24 @@ impl Stack {
                 self.reply(packet::reset_for(&seg));
                 self.stats.resets_sent += 1;
             }
-            return;
+            return false;
         }
         let Some(target) = self.map.lookup(seg.dst.ip(), seg.dst.port()) else {
             // An unassigned address in our subnet: say so rather than let connect() hang.
             self.stats.unmapped += 1;
             self.reply(packet::unreachable_for(&seg));
             self.stats.unreachables_sent += 1;
-            return;
+            return false;
         };
         if self.pending + self.half_open >= self.config.max_pending {
             self.stats.pending_full += 1;
-            return;
+            return false;
         }
         if self.flows.len() >= self.config.max_flows {
             self.stats.flows_refused += 1;
             self.stats.resets_sent += 1;
             self.reply(packet::reset_for(&seg));
-            return;
+            return false;
         }
         let id = FlowId(self.next_id);
         self.next_id += 1;
@@ -79,10 +111,11 @@ impl Stack {
         self.flows.insert(id, Flow { tuple, target, state: FlowState::Pending { syn: packet.to_vec(), seg } });
         self.by_tuple.insert(tuple, id);
         self.pending += 1;
+        false
     }
 
-    fn segment_of_known_flow(&mut self, id: FlowId, seg: Segment, packet: &[u8]) {
-        let Some(flow) = self.flows.get(&id) else { return };
+    fn segment_of_known_flow(&mut self, id: FlowId, seg: Segment) -> bool {
+        let Some(flow) = self.flows.get(&id) else { return false };
         match &flow.state {
             FlowState::Pending { .. } if seg.is_syn() => self.stats.syn_retransmits += 1,
             FlowState::Pending { .. } if seg.is_rst() => {
@@ -95,11 +128,11 @@ impl Stack {
             // connection; smoltcp retransmits its own SYN-ACK, so a repeated SYN adds nothing.
             FlowState::Open(_) if seg.is_syn() => {}
             FlowState::Open(_) => {
-                let copy = self.queues.rx_copy(packet);
-                self.queues.rx.push_back(copy);
                 self.dirty = true;
+                return true;
             }
         }
+        false
     }
 
     /// Queue a packet the stack wrote itself (a reset, an unreachable), unless the queue is full.
