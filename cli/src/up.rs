@@ -114,7 +114,11 @@ pub struct UpOptions {
 
 /// Brings the interface up and serves until `shutdown`; everything it created is gone when it
 /// returns.
-pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    connector: Connector,
+    opts: UpOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let started = Instant::now();
     let mut map = AddressMap::new(opts.subnet).map_err(|e| anyhow::anyhow!("--subnet {}: {e}", opts.subnet))?;
     // Given addresses first, so automatic ones never take them.
@@ -190,7 +194,10 @@ pub async fn run(connector: Connector, opts: UpOptions, shutdown: impl std::futu
     });
     println!("ready");
     let dialer = UpDialer { connector, relay: opts.relay.clone(), devices: refs, verbose: opts.verbose };
-    netstack.serve(dialer, shutdown).await.context("serving the interface")?;
+    // On a runtime worker, not the thread blocked on `main`'s future: a worker drives the I/O
+    // events itself, where the main thread would be woken by one for every readiness.
+    let serving = tokio::spawn(netstack.serve(dialer, shutdown));
+    serving.await.context("the interface's task")?.context("serving the interface")?;
     Ok(())
 }
 
