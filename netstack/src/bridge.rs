@@ -582,7 +582,8 @@ impl Bridge {
                     by_mux.remove(&flow);
                 }
                 if let Some(f) = self.flows.remove(&id) {
-                    f.span.in_scope(|| tracing::info!(%reason, "flow refused by the device"));
+                    // Not at info: per-flow info logs carry no addresses, and the reason may name the target.
+                    f.span.in_scope(|| tracing::debug!(%reason, "flow refused by the device"));
                 }
                 self.stats.failed_opens += 1;
                 let _ = self.stack.refuse_flow(id, refusal_kind(&reason));

@@ -312,7 +312,7 @@ async fn run_in_namespace(
 ) {
     let mut map = AddressMap::new(DEFAULT_SUBNET).expect("map");
     let device = map.add_device("pi@test".into(), None).expect("device");
-    map.add_route("192.168.77.0/24".parse::<Prefix>().expect("prefix"), "pi@test".into()).expect("route");
+    map.add_route("198.19.77.0/24".parse::<Prefix>().expect("prefix"), "pi@test".into()).expect("route");
     map.add_route("fd00:77::/64".parse::<Prefix>().expect("prefix"), "pi@test".into()).expect("route");
     let config = NetstackConfig { name: IFACE.into(), map, ..NetstackConfig::default() };
     let netstack = Netstack::new(config).expect("netstack");
@@ -350,7 +350,7 @@ async fn run_in_namespace(
     // (IPv4, and the IPv6 one the interface gets for an IPv6 route) as their source, the only
     // sources the stack serves.
     for addr in
-        [SocketAddr::from(([192, 168, 77, 10], echo_port)), format!("[fd00:77::10]:{echo_port}").parse().expect("addr")]
+        [SocketAddr::from(([198, 19, 77, 10], echo_port)), format!("[fd00:77::10]:{echo_port}").parse().expect("addr")]
     {
         let back = echo(addr, b"routed").await;
         assert_eq!(back, b"routed", "{addr}");
