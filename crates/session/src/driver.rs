@@ -34,9 +34,10 @@ use crate::mux::{FlowId, MuxConfig};
 use crate::record::{HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
 use crate::{SessionError, SessionKeys};
 
-/// Bytes of records the writer gathers before one socket write: four full records, enough to
-/// amortise the syscall and the lock without delaying the first record much.
-pub const WRITE_BATCH: usize = 4 * (MAX_RECORD_PLAINTEXT + HEADER_LEN + TAG_LEN);
+/// Bytes of records the writer gathers before one socket write: up to eight full records (what
+/// is pending, never waited for), enough to amortise the syscall and the lock; eight measured a
+/// little better than four in the bench (`np forward` 1.27x to 1.41x the tunnel, noisy).
+pub const WRITE_BATCH: usize = 8 * (MAX_RECORD_PLAINTEXT + HEADER_LEN + TAG_LEN);
 
 /// Buffer size for the byte pumps between a flow and a local TCP stream.
 const PUMP_BUFFER: usize = 256 * 1024;
