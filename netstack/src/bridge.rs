@@ -322,11 +322,6 @@ impl Bridge {
         Some(n)
     }
 
-    /// Links the shell should hold sockets for.
-    pub fn links(&self) -> impl Iterator<Item = LinkId> + '_ {
-        self.links.iter().filter(|(_, l)| !matches!(l.state, LinkState::Connecting { .. })).map(|(id, _)| *id)
-    }
-
     /// `np status`'s word on each device's session.
     pub fn describe(&self, device: &DeviceKey) -> String {
         match self.current.get(device).and_then(|l| self.links.get(l)).map(|l| &l.state) {
@@ -577,14 +572,9 @@ impl Bridge {
                 }
             }
             ConnEvent::FlowRefused { flow, reason } => {
-                let Some(id) = by_mux(self, flow) else { return };
-                if let Some(LinkState::Up { by_mux, .. }) = self.links.get_mut(&link).map(|l| &mut l.state) {
-                    by_mux.remove(&flow);
-                }
-                if let Some(f) = self.flows.remove(&id) {
-                    // Not at info: per-flow info logs carry no addresses, and the reason may name the target.
-                    f.span.in_scope(|| tracing::debug!(%reason, "flow refused by the device"));
-                }
+                let Some((id, f)) = self.unmap(link, flow) else { return };
+                // Not at info: per-flow info logs carry no addresses, and the reason may name the target.
+                f.span.in_scope(|| tracing::debug!(%reason, "flow refused by the device"));
                 self.stats.failed_opens += 1;
                 let _ = self.stack.refuse_flow(id, refusal_kind(&reason));
             }
@@ -594,17 +584,19 @@ impl Bridge {
                 }
             }
             ConnEvent::FlowReset { flow, reason } => {
-                let Some(id) = by_mux(self, flow) else { return };
-                if let Some(LinkState::Up { by_mux, .. }) = self.links.get_mut(&link).map(|l| &mut l.state) {
-                    by_mux.remove(&flow);
-                }
-                if let Some(f) = self.flows.remove(&id) {
-                    f.span.in_scope(|| tracing::debug!(%reason, "flow reset by the device"));
-                }
+                let Some((id, f)) = self.unmap(link, flow) else { return };
+                f.span.in_scope(|| tracing::debug!(%reason, "flow reset by the device"));
                 let _ = self.stack.abort(id);
             }
             ConnEvent::Ended { error } => self.link_ended(link, error),
         }
+    }
+
+    /// Forgets the flow that mux flow `mux` of `link` carried (the device refused or reset it).
+    fn unmap(&mut self, link: LinkId, mux: u32) -> Option<(FlowId, Flow)> {
+        let Some(LinkState::Up { by_mux, .. }) = self.links.get_mut(&link).map(|l| &mut l.state) else { return None };
+        let id = by_mux.remove(&mux)?;
+        self.flows.remove(&id).map(|f| (id, f))
     }
 
     fn drop_flow(&mut self, link: LinkId, id: FlowId, mux: u32, reason: &str) {

@@ -358,3 +358,29 @@ fn a_device_that_never_answers_is_unreachable_after_the_open_timeout() {
     w.bridge.connected(link, Err(SetupFailed { kind: RefuseKind::Unreachable, reason: "late".into() }), w.now);
     assert!(w.bridge.describe(&pi()).contains("late"));
 }
+
+#[test]
+fn a_device_cannot_open_flows_toward_the_client() {
+    let mut w = World::new(MuxConfig::default());
+    let h = w.app.connect("100.80.0.2:22", 40000);
+    w.settle();
+    w.establish();
+    w.settle();
+    // A hostile device opens flows of its own and sends on them before any answer.
+    let opened: Vec<u32> =
+        (0..5).map(|i| w.devices[0].conn.open(&format!("127.0.0.1:{}", 1000 + i)).expect("open")).collect();
+    for f in &opened {
+        let _ = w.devices[0].conn.send(*f, b"GET / HTTP/1.0\r\n\r\n");
+    }
+    w.settle();
+    for f in &opened {
+        assert!(
+            w.devices[0].events.iter().any(|e| matches!(e, ConnEvent::FlowRefused { flow, .. } if flow == f)),
+            "flow {f} refused: {:?}",
+            w.devices[0].events
+        );
+    }
+    assert_eq!(w.bridge.stack().flow_count(), 1, "nothing but the application's own flow");
+    assert!(w.devices[0].conn.error().is_none(), "refusing is not an error; the session goes on");
+    assert_eq!(w.socket(h).state(), tcp::State::Established);
+}
