@@ -76,11 +76,7 @@ impl Dialer for UpDialer {
             let unreachable = |reason: String| SetupFailed { kind: RefuseKind::Unreachable, reason };
             let device_ref = device_ref.ok_or_else(|| unreachable(format!("no device {device}")))?;
             let t0 = Instant::now();
-            let step = move |s: &str| {
-                if verbose {
-                    eprintln!("{:>9.1} ms  {s}", t0.elapsed().as_secs_f64() * 1e3);
-                }
-            };
+            let step = np_tunnel::slot::progress(verbose);
             match connector.dial(&device_ref, &relay, &[first_target], &step).await {
                 Ok(t) => {
                     tracing::info!(device = %device_ref, session = %t.session, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");

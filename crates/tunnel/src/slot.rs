@@ -10,6 +10,17 @@ use std::time::Instant;
 /// no targets): ssh is what most users are after.
 pub const DEFAULT_TARGET: &str = "localhost:22";
 
+/// The `step` for session setup (`--verbose`): each step on stderr with the milliseconds since
+/// this was made; silent otherwise.
+pub fn progress(verbose: bool) -> impl Fn(&str) + Send + Sync {
+    let t0 = Instant::now();
+    move |s: &str| {
+        if verbose {
+            eprintln!("{:>9.1} ms  {s}", t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+}
+
 /// Why a flow could not be opened through a [`SessionSlot`].
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
@@ -66,13 +77,7 @@ impl SessionSlot {
             }
             tracing::info!(device = %self.device, "session ended; setting up a new one");
         }
-        let t0 = Instant::now();
-        let verbose = self.verbose;
-        let step = move |s: &str| {
-            if verbose {
-                eprintln!("{:>9.1} ms  {s}", t0.elapsed().as_secs_f64() * 1e3);
-            }
-        };
+        let step = progress(self.verbose);
         let targets = match (self.targets.is_empty(), first) {
             (true, Some(t)) => vec![t.to_string()],
             (true, None) => vec![DEFAULT_TARGET.to_string()],

@@ -131,15 +131,20 @@ impl World {
         self.app.socket(h)
     }
 
-    fn device_flow(&self) -> u32 {
+    /// The flows the (first) device was asked for, in order.
+    fn device_flows(&self) -> Vec<u32> {
         self.devices[0]
             .events
             .iter()
-            .find_map(|e| match e {
+            .filter_map(|e| match e {
                 ConnEvent::FlowOpened { flow, .. } => Some(*flow),
                 _ => None,
             })
-            .expect("the device saw the flow")
+            .collect()
+    }
+
+    fn device_flow(&self) -> u32 {
+        *self.device_flows().first().expect("the device saw the flow")
     }
 }
 
@@ -236,14 +241,7 @@ fn resets_cross_both_ways() {
     w.settle();
     w.establish();
     w.settle();
-    let flows: Vec<u32> = w.devices[0]
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            ConnEvent::FlowOpened { flow, .. } => Some(*flow),
-            _ => None,
-        })
-        .collect();
+    let flows = w.device_flows();
     assert_eq!(flows.len(), 2);
     // The device aborts one flow: the application's socket is reset.
     w.devices[0].conn.abort(flows[0], "target reset");
@@ -286,15 +284,7 @@ fn a_stalled_reader_holds_only_its_window_and_the_next_flow_still_moves() {
     assert_eq!(w.socket(other).state(), tcp::State::Established);
     w.socket(other).send_slice(b"ping").expect("send");
     w.settle();
-    let second = w.devices[0]
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            ConnEvent::FlowOpened { flow, .. } => Some(*flow),
-            _ => None,
-        })
-        .nth(1)
-        .expect("second flow");
+    let second = *w.device_flows().get(1).expect("second flow");
     let mut buf = [0u8; 16];
     assert_eq!(w.devices[0].conn.recv(second, &mut buf).expect("recv"), Recv::Data(4));
 
