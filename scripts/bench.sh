@@ -327,8 +327,8 @@ relay_variant() { local label=$1 port=$2 lb=$3 m; shift 3
 
 section_relay() {
   log "np-relay"
-  relay_variant "copy" 7444 15200
-  relay_variant "splice" 7445 15300 --zero-copy
+  relay_variant "copy" 7444 15200 --forward copy
+  relay_variant "splice" 7445 15300 --forward splice
 }
 
 # cold_setup LOCAL_BASE LABEL: median of 7 runs of `np forward` as @bench_client (through @relay,
@@ -365,7 +365,7 @@ PY
 section_forward() {
   log "np forward"
   local m; m=$(mark)
-  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7446
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7446 ${RELAY_FLAGS:-}
   wait_port pr 198.18.0.2 7446
   bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
     --permit-open localhost:5201,localhost:22,localhost:$BANNER_PORT --home "$WORK/home-bench_device"
@@ -392,7 +392,7 @@ section_forward() {
 section_up() {
   log "np up"
   local m; m=$(mark)
-  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7447
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7447 ${RELAY_FLAGS:-}
   wait_port pr 198.18.0.2 7447
   bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
     --permit-open localhost:5201,localhost:22,localhost:$BANNER_PORT --home "$WORK/home-bench_device"

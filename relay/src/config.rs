@@ -34,10 +34,11 @@ pub struct RelayConfig {
     pub forward_buffer: usize,
     /// Forward with `splice(2)` through a pipe (Linux) instead of copying through user space.
     ///
-    /// Off by default: on these machines (loopback, 2 cores, 4 GiB per run, release) the copy
-    /// loop with 256 KiB buffers moved 2.5–3.0 GiB/s and the splice path 1.9–2.1 GiB/s
-    /// (`tests/throughput.rs`). The splice path drains its pipe fully before reading again;
-    /// overlapping the two may change the verdict.
+    /// On by default in `np-relay` (`--forward splice`): on loopback alone the copy loop moved
+    /// more (2.5–3.0 GiB/s against 1.9–2.1 GiB/s, `tests/throughput.rs`), but on the whole path
+    /// between hosts, where the relay shares two cores with both edges, splice took 0.41–0.46
+    /// CPU s/GB against 0.50–0.52 and `np up` went from 1.52x to 1.95x the reverse SSH tunnel
+    /// (`scripts/bench.sh`, two rounds each). Off in this struct's default, which tests use.
     pub zero_copy: bool,
     /// The relay identity's keys: every `Waiting` carries a signature with them, so a side can
     /// check it reached the relay it trusts. `None` only in tests (sides that expect a relay
