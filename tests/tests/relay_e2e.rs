@@ -282,7 +282,7 @@ async fn the_relay_log_never_holds_the_bytes_it_forwards() {
     let up = b"PLAINTEXT-MARKER-c2d-5f1e8a9b".repeat(1000);
     let down = b"PLAINTEXT-MARKER-d2c-7c3b0e14".repeat(1000);
     // Both forwarding paths, with the most verbose log the relay can write.
-    for (name, flags) in [("@relay", &[][..]), ("@relay_splice", &["--zero-copy"][..])] {
+    for (name, flags) in [("@relay", &["--forward", "copy"][..]), ("@relay_splice", &["--forward", "splice"][..])] {
         let relay = RelayProc::start(&ctl, name, flags, "trace");
         let (c, d) = pair(&relay, (&alice, "@alice"), (&dev, "@alice_device")).await;
         exchange(c.unwrap(), d.unwrap(), &up, &down).await;
@@ -325,7 +325,7 @@ fn help_explains_every_flag() {
         "--idle-timeout",
         "--max-sessions ",
         "--max-sessions-per-identity",
-        "--zero-copy",
+        "--forward",
         "NP_HOME",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}:\n{help}");
