@@ -313,9 +313,56 @@ impl Bridge {
     /// over and everything is out: the shell closes its socket.
     pub fn poll_link_transmit(&mut self, link: LinkId, now: Instant, buf: &mut Vec<u8>, max: usize) -> Option<usize> {
         let l = self.links.get_mut(&link)?;
-        let (LinkState::Up { conn, .. } | LinkState::Ending { conn }) = &mut l.state else { return Some(0) };
-        let n = conn.poll_transmit(now, buf, max);
-        if n == 0 && conn.is_drained() {
+        let n = match &mut l.state {
+            LinkState::Up { conn, by_mux, .. } => {
+                // Pull mode (see `pump`): each flow's bytes go from smoltcp's buffer into the
+                // record being sealed, and what is left becomes the flow's new offer.
+                let stack = &mut self.stack;
+                let stats = &mut self.stats;
+                let mut ended = Vec::new();
+                let n = conn.poll_transmit_with(now, buf, max, &mut |mux, out, want| {
+                    let Some(&id) = by_mux.get(&mux) else { return 0 };
+                    let mut took = 0;
+                    while took < want {
+                        match stack.recv_with(id, |data| {
+                            let n = data.len().min(want - took);
+                            out.extend_from_slice(&data[..n]);
+                            n
+                        }) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => took += n,
+                        }
+                    }
+                    stats.bytes_up += took as u64;
+                    match stack.recv_pending(id) {
+                        Ok(left) => left as u64,
+                        // The application's FIN is behind the last byte: this read used it up,
+                        // so it must go on as the flow's Fin right after this transmit.
+                        Err(FlowError::Finished) => {
+                            ended.push((id, mux));
+                            0
+                        }
+                        Err(_) => 0,
+                    }
+                });
+                for (id, mux) in ended {
+                    if let Some(f) = self.flows.get_mut(&id) {
+                        f.up_done = true;
+                    }
+                    if conn.finish(mux).is_err() {
+                        tracing::debug!(flow = %id, "finishing the flow failed");
+                    }
+                }
+                n
+            }
+            LinkState::Ending { conn } => conn.poll_transmit(now, buf, max),
+            LinkState::Connecting { .. } => return Some(0),
+        };
+        let drained = match &l.state {
+            LinkState::Up { conn, .. } | LinkState::Ending { conn } => conn.is_drained(),
+            LinkState::Connecting { .. } => false,
+        };
+        if n == 0 && drained {
             self.links.remove(&link);
             return None;
         }
@@ -682,37 +729,19 @@ impl Bridge {
             }
         }
 
-        // Application → device: as much as the flow's credit allows, straight from smoltcp's
-        // buffer into the mux flow's queue.
+        // Application → device: offered, not copied. The connection pulls the bytes straight
+        // from smoltcp's buffer into a record when it transmits (`poll_link_transmit`), as
+        // credit allows, and learns there what is left; here it only hears what is waiting.
         let mux = f.mux;
-        while !f.up_done && !failed {
-            let credit = usize::try_from(conn.send_credit(mux)).unwrap_or(usize::MAX);
-            if credit == 0 {
-                // The device's grant brings us back, whether or not smoltcp holds more now.
-                conn.want_writable(mux);
-                break;
-            }
-            let mut send_failed = false;
-            let read = self.stack.recv_with(id, |data| {
-                let n = data.len().min(credit);
-                conn.send(mux, &data[..n]).unwrap_or_else(|_| {
-                    send_failed = true;
-                    0
-                })
-            });
-            match read {
-                // Nothing buffered now: smoltcp's Readable brings us back.
-                Ok(0) => break,
-                Ok(n) => self.stats.bytes_up += n as u64,
+        if !f.up_done && !failed {
+            match self.stack.recv_pending(id) {
+                Ok(n) => failed = conn.offer(mux, n as u64).is_err(),
                 Err(FlowError::Finished) => {
                     f.up_done = true;
-                    if conn.finish(mux).is_err() {
-                        failed = true;
-                    }
+                    failed = conn.finish(mux).is_err();
                 }
-                Err(_) => break,
+                Err(_) => {}
             }
-            failed |= send_failed;
         }
         if failed {
             let mux = f.mux;

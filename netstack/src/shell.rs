@@ -395,7 +395,8 @@ impl<D: Dialer> Shell<D> {
     }
 
     /// Writes each relay connection's records as far as its socket takes them. Returns whether
-    /// something happened that the bridge must react to (a connection failed or finished).
+    /// something happened that the bridge must react to (a connection failed or finished, or
+    /// records took bytes from the stack).
     fn write_links(&mut self, now: Instant) -> bool {
         let mut react = false;
         let mut gone = Vec::new();
@@ -413,7 +414,9 @@ impl<D: Dialer> Shell<D> {
                             io.stalled_since = None;
                             break;
                         }
-                        Some(_) => {}
+                        // Records pulled bytes out of smoltcp's buffers (see `Bridge::pump`):
+                        // the windows opened, and the stack must say so to the applications.
+                        Some(_) => react = true,
                     }
                 }
                 match io.stream.try_write(&io.out[io.written..]) {

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::mux::{Event, FlowId, Mux, MuxConfig};
+use crate::mux::{Event, FlowId, Mux, MuxConfig, Pull};
 use crate::record::{Opener, Sealer, HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
 use crate::{SessionError, SessionKeys};
 
@@ -258,11 +258,18 @@ impl Connection {
     /// Appends sealed records to `buf` until at least `max` bytes are in it or nothing more is
     /// pending. Returns how many bytes were appended.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>, max: usize) -> usize {
+        self.poll_transmit_with(now, buf, max, &mut |_, _, _| 0)
+    }
+
+    /// [`Connection::poll_transmit`], pulling the bytes of flows in pull mode
+    /// ([`Connection::offer`]) straight from the application's buffers into the records through
+    /// `pull` (see [`Mux::poll_transmit_with`](crate::mux::Mux::poll_transmit_with)).
+    pub fn poll_transmit_with(&mut self, now: Instant, buf: &mut Vec<u8>, max: usize, pull: &mut Pull<'_>) -> usize {
         let begin = buf.len();
         while buf.len() < max {
             let start = buf.len();
             buf.extend_from_slice(&[0u8; HEADER_LEN]);
-            if !self.mux.poll_transmit_into(now, buf, MAX_RECORD_PLAINTEXT) {
+            if !self.mux.poll_transmit_with(now, buf, MAX_RECORD_PLAINTEXT, pull) {
                 buf.truncate(start);
                 break;
             }
@@ -359,6 +366,14 @@ impl Connection {
     pub fn send(&mut self, flow: FlowId, data: &[u8]) -> Result<usize, SessionError> {
         self.check()?;
         self.mux.send(flow, data)
+    }
+
+    /// Pull mode instead of [`Connection::send`]: the application holds `available` bytes of
+    /// `flow` in its own buffer, to be pulled into records by
+    /// [`Connection::poll_transmit_with`] as credit allows (one copy fewer than `send`).
+    pub fn offer(&mut self, flow: FlowId, available: u64) -> Result<(), SessionError> {
+        self.check()?;
+        self.mux.offer(flow, available)
     }
 
     /// Bytes `send` would take on this flow now.

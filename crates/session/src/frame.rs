@@ -174,6 +174,14 @@ pub fn encode_data_header(out: &mut Vec<u8>, flow: u32, len: usize) {
     out.extend_from_slice(&(len as u32).to_be_bytes());
 }
 
+/// Rewrites the length of the data frame whose header starts `frame` (written by
+/// [`encode_data_header`] before the bytes were known).
+pub fn set_data_len(frame: &mut [u8], len: usize) {
+    if let Some(field) = frame.get_mut(5..DATA_HEADER) {
+        field.copy_from_slice(&(len as u32).to_be_bytes());
+    }
+}
+
 /// Iterates the frames of one record plaintext.
 #[derive(Debug)]
 pub struct FrameReader {

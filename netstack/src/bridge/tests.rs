@@ -374,3 +374,49 @@ fn a_device_cannot_open_flows_toward_the_client() {
     assert!(w.devices[0].conn.error().is_none(), "refusing is not an error; the session goes on");
     assert_eq!(w.socket(h).state(), tcp::State::Established);
 }
+
+#[test]
+fn the_device_finishes_first_then_the_applications_last_bytes_and_fin_arrive_whole() {
+    // An ssh server often closes first: the device's Fin, then the client's last bytes and FIN.
+    // Those bytes wait in smoltcp's buffer until a record pulls them; the FIN must follow them
+    // as the flow's Fin, not turn into a reset.
+    let mut w = World::new(MuxConfig::default());
+    let h = w.app.connect("100.80.0.2:22", 40000);
+    w.settle();
+    w.establish();
+    w.settle();
+    let flow = w.device_flow();
+    w.devices[0].conn.finish(flow).expect("device finishes");
+    w.settle();
+    assert!(!w.app.socket(h).may_recv(), "the device's Fin arrived as a FIN");
+    let tail = pattern(300 * 1024, 9);
+    let mut sent = 0;
+    let (mut got, mut fin) = (Vec::new(), false);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..2000 {
+        if sent < tail.len() {
+            sent += w.socket(h).send_slice(&tail[sent..]).unwrap_or(0);
+            if sent == tail.len() {
+                w.socket(h).close();
+            }
+        }
+        loop {
+            match w.devices[0].conn.recv(flow, &mut buf) {
+                Ok(Recv::Data(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Recv::Fin) => fin = true,
+                _ => break,
+            }
+        }
+        if fin {
+            break;
+        }
+        w.round();
+        w.now += Duration::from_millis(1);
+        w.bridge.handle_timeout(w.now);
+    }
+    w.settle();
+    assert!(got == tail, "every byte after the device's Fin ({} of {})", got.len(), tail.len());
+    assert!(fin, "then the application's FIN as the flow's Fin");
+    let reset = w.devices[0].events.iter().any(|e| matches!(e, ConnEvent::FlowReset { .. }));
+    assert!(!reset, "no reset: {:?}", w.devices[0].events);
+}

@@ -181,6 +181,25 @@ impl Stack {
         })
     }
 
+    /// How many bytes the application has sent that wait in the flow's receive buffer, without
+    /// taking any. `Ok(0)` and `Err(Finished)` as for [`Stack::recv`]: `Finished` once the
+    /// buffer is empty and the application closed its sending side.
+    pub fn recv_pending(&mut self, id: FlowId) -> Result<usize, FlowError> {
+        let n = self.recv_queue(id);
+        if n > 0 {
+            return Ok(n);
+        }
+        self.recv_with(id, |_| 0)
+    }
+
+    /// Bytes waiting in the flow's receive buffer (0 for a flow that is gone or not open).
+    pub fn recv_queue(&self, id: FlowId) -> usize {
+        match self.flows.get(&id).map(|f| &f.state) {
+            Some(FlowState::Open(open)) => self.sockets.get::<tcp::Socket>(open.handle).recv_queue(),
+            _ => 0,
+        }
+    }
+
     /// `recv` and `recv_with`: `read` takes bytes out of the socket, the rest is bookkeeping.
     fn read(
         &mut self,

@@ -109,8 +109,13 @@ impl Mux {
             }
             Frame::Credit { flow, bytes } => {
                 if let Some(f) = self.flows.get_mut(&flow) {
+                    let was_idle = !f.send.has_work();
                     if f.send.grant(bytes) {
                         self.events.push_back(Event::FlowWritable { flow });
+                    }
+                    // Offered bytes that waited for credit can go now (see `Mux::offer`).
+                    if was_idle && f.send.has_work() {
+                        self.ready.push_back(flow);
                     }
                 } else if !self.is_past(flow) {
                     return Err(SessionError::Protocol("credit for unknown flow"));

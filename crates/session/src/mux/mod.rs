@@ -48,6 +48,8 @@ mod send;
 mod tests;
 mod transmit;
 
+pub use transmit::Pull;
+
 /// A flow's id: odd when the client opened it, even when the device did.
 pub type FlowId = u32;
 

@@ -26,18 +26,27 @@ pub(super) struct SendHalf {
     pub(super) credit: u64,
     /// Accepted by `send`, not yet in a record.
     pub(super) queue: BytesMut,
+    /// Bytes the application holds in its own buffer for this flow and lets the mux pull
+    /// straight into a record ([`Mux::offer`]): no queue, one copy fewer. Credit is taken when
+    /// they are pulled, not when offered.
+    pub(super) offered: u64,
     pub(super) state: SendState,
 }
 
 impl SendHalf {
     pub(super) fn new(window: u32) -> SendHalf {
-        SendHalf { credit: u64::from(window), queue: BytesMut::new(), state: SendState::Open }
+        SendHalf { credit: u64::from(window), queue: BytesMut::new(), offered: 0, state: SendState::Open }
     }
 
     /// Is there anything for a record: bytes, or a `Fin` not yet sent? A flow is in the mux's
     /// send rotation (`Mux::ready`) exactly while this holds.
     pub(super) fn has_work(&self) -> bool {
-        !self.queue.is_empty() || self.state == SendState::Finishing
+        !self.queue.is_empty() || self.can_pull() || self.state == SendState::Finishing
+    }
+
+    /// Offered bytes that credit lets a record take now.
+    pub(super) fn can_pull(&self) -> bool {
+        self.offered > 0 && self.credit > 0
     }
 
     /// The peer granted `bytes` more; returns whether to report the flow writable.
@@ -98,6 +107,29 @@ impl Mux {
             }
         }
         Ok(n)
+    }
+
+    /// Pull mode, the alternative to [`Mux::send`] for an application whose bytes already sit in
+    /// a buffer of its own (`np up`: smoltcp's receive ring): it says how many it holds, and
+    /// [`Mux::poll_transmit_with`] pulls them into records as credit allows, through the
+    /// application's `pull` callback, which also reports what is left. `available` is the
+    /// total held now, not an increment. Only for an accepted flow (the early budget before the
+    /// answer is `send`'s business), and not mixed with `send` on the same flow.
+    pub fn offer(&mut self, flow: FlowId, available: u64) -> Result<(), SessionError> {
+        self.check_open()?;
+        let f = self.flows.get_mut(&flow).ok_or(SessionError::UnknownFlow(flow))?;
+        if f.state != FlowState::Open {
+            return Err(SessionError::Protocol("flow not accepted yet"));
+        }
+        if matches!(f.send.state, SendState::Finishing | SendState::Finished) {
+            return Err(SessionError::Protocol("flow already finished"));
+        }
+        let was_idle = !f.send.has_work();
+        f.send.offered = available;
+        if was_idle && f.send.has_work() {
+            self.ready.push_back(flow);
+        }
+        Ok(())
     }
 
     /// Credit `send` would accept on this flow right now.

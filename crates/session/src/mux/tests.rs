@@ -563,3 +563,116 @@ proptest! {
         }
     }
 }
+
+/// Pull mode: the client's bytes sit in `source` (as in smoltcp's buffer) and records pull them.
+struct PullSource {
+    data: Vec<u8>,
+    taken: usize,
+}
+
+impl PullSource {
+    fn pull(&mut self, out: &mut Vec<u8>, want: usize) -> u64 {
+        let n = want.min(self.data.len() - self.taken);
+        out.extend_from_slice(&self.data[self.taken..self.taken + n]);
+        self.taken += n;
+        (self.data.len() - self.taken) as u64
+    }
+}
+
+/// Moves records both ways, the client pulling from `src` for `flow`; the device consumes
+/// what arrives when `consume` says so.
+fn pump_pull(p: &mut Pair, flow: FlowId, src: &mut PullSource) -> usize {
+    let mut records = 0;
+    loop {
+        let mut moved = false;
+        loop {
+            let mut out = Vec::new();
+            let wrote = p.client.poll_transmit_with(p.now, &mut out, MAX_RECORD_PLAINTEXT, &mut |f, o, want| {
+                assert_eq!(f, flow, "only the offered flow is pulled");
+                src.pull(o, want)
+            });
+            if !wrote {
+                break;
+            }
+            assert!(out.len() <= MAX_RECORD_PLAINTEXT);
+            records += 1;
+            p.device.handle_frames(out.into(), p.now).expect("device handles");
+            moved = true;
+        }
+        while let Some(r) = p.device.poll_transmit(p.now) {
+            p.client.handle_frames(r.into(), p.now).expect("client handles");
+            moved = true;
+        }
+        while let Some(e) = p.client.poll_event() {
+            p.client_events.push(e);
+        }
+        while let Some(e) = p.device.poll_event() {
+            p.device_events.push(e);
+        }
+        if !moved {
+            return records;
+        }
+    }
+}
+
+#[test]
+fn pulled_bytes_arrive_in_order_within_credit_then_the_fin() {
+    let mut p = Pair::new(small_window());
+    let window = small_window().initial_window as usize;
+    let flow = p.client.open("127.0.0.1:22").expect("open");
+    assert!(p.client.offer(flow, 10).is_err(), "no pull before the flow is accepted");
+    p.pump();
+    p.device.accept(flow).expect("accept");
+    p.pump();
+    let mut src = PullSource { data: (0..window * 5 + 123).map(|i| (i * 7) as u8).collect(), taken: 0 };
+    p.client.offer(flow, src.data.len() as u64).expect("offer");
+    pump_pull(&mut p, flow, &mut src);
+    let first = p.device_data(flow, false);
+    assert_eq!(first.len(), window, "pulled as far as the window, no further");
+    assert_eq!(src.taken, window, "nothing taken from the source past the credit");
+    // Credit back: the offer the last pull left resumes by itself, without a new offer.
+    p.device.consumed(flow, first.len());
+    let mut got = first;
+    while src.taken < src.data.len() {
+        let before = src.taken;
+        pump_pull(&mut p, flow, &mut src);
+        let more = p.device_data(flow, true);
+        got.extend_from_slice(&more);
+        assert!(src.taken > before, "credit brought the flow back into the rotation");
+    }
+    pump_pull(&mut p, flow, &mut src);
+    got.extend_from_slice(&p.device_data(flow, true));
+    assert!(got == src.data, "every byte once, in order");
+    p.client.finish(flow).expect("finish");
+    pump_pull(&mut p, flow, &mut src);
+    assert!(p.device_events.contains(&Event::FlowFin { flow }));
+    assert!(p.client.offer(flow, 1).is_err(), "no offer after finish");
+}
+
+#[test]
+fn a_pull_that_overfills_is_cut_back_and_an_empty_pull_ends_the_offer() {
+    let mut p = Pair::new(MuxConfig::default());
+    let flow = p.client.open("127.0.0.1:22").expect("open");
+    p.pump();
+    p.device.accept(flow).expect("accept");
+    p.pump();
+    // Claims 100 bytes, appends 300: only what was asked for goes out, framed as such.
+    p.client.offer(flow, 100).expect("offer");
+    let mut out = Vec::new();
+    assert!(p.client.poll_transmit_with(p.now, &mut out, MAX_RECORD_PLAINTEXT, &mut |_, o, want| {
+        assert_eq!(want, 100);
+        o.extend_from_slice(&[9u8; 300]);
+        0
+    }));
+    p.device.handle_frames(out.into(), p.now).expect("a well-formed record");
+    while let Some(e) = p.device.poll_event() {
+        p.device_events.push(e);
+    }
+    assert_eq!(p.device_data(flow, true), vec![9u8; 100]);
+    // Offers 50, has nothing after all: no empty data frame, and the offer is over.
+    p.client.offer(flow, 50).expect("offer");
+    let mut out = Vec::new();
+    assert!(!p.client.poll_transmit_with(p.now, &mut out, MAX_RECORD_PLAINTEXT, &mut |_, _, _| 7));
+    assert!(out.is_empty());
+    assert!(!p.client.wants_transmit(), "an offer that pulled nothing is dropped, not retried forever");
+}

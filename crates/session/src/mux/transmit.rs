@@ -7,8 +7,11 @@ use bytes::Buf;
 
 use super::send::SendState;
 use super::Mux;
-use crate::frame::{encode_data_header, Frame, DATA_HEADER};
+use crate::frame::{encode_data_header, set_data_len, Frame, DATA_HEADER};
 use crate::record::MAX_RECORD_PLAINTEXT;
+
+/// The application's side of pull mode (see [`Mux::poll_transmit_with`]).
+pub type Pull<'a> = dyn FnMut(super::FlowId, &mut Vec<u8>, usize) -> u64 + 'a;
 
 impl Mux {
     /// Is there anything to transmit?
@@ -38,6 +41,15 @@ impl Mux {
     /// control frame fits). Control frames go first, then data round-robin over the flows that
     /// have some, so no flow starves the others. Returns whether anything was written.
     pub fn poll_transmit_into(&mut self, now: Instant, out: &mut Vec<u8>, max: usize) -> bool {
+        self.poll_transmit_with(now, out, max, &mut |_, _, _| 0)
+    }
+
+    /// [`Mux::poll_transmit_into`] for flows in pull mode too ([`Mux::offer`]): for such a flow,
+    /// `pull(flow, out, max)` must append at most `max` of the flow's bytes to `out` (taking
+    /// them from its buffer) and return how many it still holds after that, which becomes the
+    /// flow's new offer. Appending more than `max` is cut back; appending nothing ends the
+    /// offer.
+    pub fn poll_transmit_with(&mut self, now: Instant, out: &mut Vec<u8>, max: usize, pull: &mut Pull<'_>) -> bool {
         let start = out.len();
         let used = |out: &Vec<u8>| out.len() - start;
         if let Some(id) = self.pong.take() {
@@ -79,8 +91,23 @@ impl Mux {
                 encode_data_header(out, id, chunk);
                 out.extend_from_slice(&send.queue[..chunk]);
                 send.queue.advance(chunk);
+            } else if send.can_pull() {
+                let want = usize::try_from(send.offered.min(send.credit)).unwrap_or(usize::MAX).min(room - DATA_HEADER);
+                let at = out.len();
+                encode_data_header(out, id, want);
+                let left = pull(id, out, want);
+                let got = out.len().saturating_sub(at + DATA_HEADER).min(want);
+                out.truncate(at + DATA_HEADER + got);
+                if got == 0 {
+                    out.truncate(at);
+                    send.offered = 0;
+                } else {
+                    set_data_len(&mut out[at..], got);
+                    send.credit -= got as u64;
+                    send.offered = left;
+                }
             }
-            if send.queue.is_empty() && send.state == SendState::Finishing {
+            if send.queue.is_empty() && send.offered == 0 && send.state == SendState::Finishing {
                 let fin = Frame::Fin { flow: id };
                 if used(out) + fin.encoded_len() <= max {
                     fin.encode(out);
