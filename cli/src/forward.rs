@@ -83,8 +83,8 @@ pub async fn run(slot: Arc<SessionSlot>, forwards: Vec<LocalForward>) -> Result<
 
 async fn carry(slot: &SessionSlot, mut tcp: TcpStream, target: &str) -> Result<()> {
     let _ = tcp.set_nodelay(true);
-    let mut flow = slot.open(target).await?;
-    if let Err(e) = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut flow, 256 * 1024, 256 * 1024).await {
+    let flow = slot.open(target).await?;
+    if let Err(e) = flow.carry(&mut tcp).await {
         // A broken session (tampering, a lost device) is no clean end: the application gets a
         // reset rather than an end of file it could take for a complete transfer.
         let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));

@@ -102,6 +102,17 @@ pub enum Recv {
     Empty,
 }
 
+/// What [`Connection::recv_bytes`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunk {
+    /// Received bytes (never empty).
+    Data(Bytes),
+    /// The peer finished the flow: no more data.
+    Fin,
+    /// Nothing yet: a [`ConnEvent::Readable`] follows when there is.
+    Empty,
+}
+
 /// A flow's received bytes not yet taken.
 #[derive(Debug, Default)]
 struct Inbox {
@@ -368,6 +379,13 @@ impl Connection {
         self.mux.send(flow, data)
     }
 
+    /// [`Connection::send`] for owned bytes: what credit allows is split off the front of `data`
+    /// and queued without a copy; returns how much that was.
+    pub fn send_bytes(&mut self, flow: FlowId, data: &mut Bytes) -> Result<usize, SessionError> {
+        self.check()?;
+        self.mux.send_bytes(flow, data)
+    }
+
     /// Pull mode instead of [`Connection::send`]: the application holds `available` bytes of
     /// `flow` in its own buffer, to be pulled into records by
     /// [`Connection::poll_transmit_with`] as credit allows (one copy fewer than `send`).
@@ -421,6 +439,27 @@ impl Connection {
             self.mux.consumed(flow, taken);
         }
         Ok(result)
+    }
+
+    /// The flow's next received chunk, handed over whole (a slice of the opened record, no
+    /// copy). Credit for it goes back to the peer at once, so a caller holds at most one chunk
+    /// per call beyond the window: write it out before asking for the next.
+    pub fn recv_bytes(&mut self, flow: FlowId) -> Result<Chunk, SessionError> {
+        self.check()?;
+        let Some(inbox) = self.inboxes.get_mut(&flow) else {
+            return if self.mux.has_flow(flow) { Ok(Chunk::Empty) } else { Err(SessionError::UnknownFlow(flow)) };
+        };
+        match inbox.chunks.pop_front() {
+            Some(bytes) => {
+                self.mux.consumed(flow, bytes.len());
+                Ok(Chunk::Data(bytes))
+            }
+            None if inbox.fin => {
+                self.inboxes.remove(&flow);
+                Ok(Chunk::Fin)
+            }
+            None => Ok(Chunk::Empty),
+        }
     }
 
     /// Copies received bytes into `buf`.

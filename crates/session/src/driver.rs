@@ -29,7 +29,9 @@ fn now() -> Instant {
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::connection::{ConnEvent, Connection, Recv};
+use bytes::{Bytes, BytesMut};
+
+use crate::connection::{Chunk, ConnEvent, Connection, Recv};
 use crate::mux::{FlowId, MuxConfig};
 use crate::record::{HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
 use crate::{SessionError, SessionKeys};
@@ -304,14 +306,12 @@ impl IncomingFlow {
 
     /// Accepts the flow and pumps bytes between it and `stream` (typically the dialled
     /// `TcpStream`) until both directions end. Returns bytes moved (to stream, from stream).
-    pub fn accept_with<S>(self, mut stream: S) -> Result<tokio::task::JoinHandle<io::Result<(u64, u64)>>, SessionError>
+    pub fn accept_with<S>(self, stream: S) -> Result<tokio::task::JoinHandle<io::Result<(u64, u64)>>, SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let mut flow = self.accept()?;
-        Ok(tokio::spawn(async move {
-            tokio::io::copy_bidirectional_with_sizes(&mut flow, &mut stream, PUMP_BUFFER, PUMP_BUFFER).await
-        }))
+        let flow = self.accept()?;
+        Ok(tokio::spawn(flow.carry(stream)))
     }
 }
 
@@ -356,6 +356,131 @@ impl FlowStream {
     /// The flow's id.
     pub fn id(&self) -> FlowId {
         self.flow
+    }
+}
+
+impl FlowStream {
+    /// Queues as much of `data` as credit allows without copying it (split off its front);
+    /// `Pending` while there is no credit at all.
+    pub fn poll_send_bytes(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "flow shut down")));
+        }
+        let mut guard = self.inner.lock();
+        let st = &mut *guard;
+        let Some(slot) = st.slots.get_mut(&self.flow) else {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
+        };
+        if let Some(reason) = &slot.reset {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("flow reset by peer: {reason}"),
+            )));
+        }
+        match st.conn.send_bytes(self.flow, data) {
+            Ok(0) if !data.is_empty() => {
+                slot.write_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Ok(n) => {
+                self.inner.transmit.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(session_io_error(&e))),
+        }
+    }
+
+    /// The next received chunk, whole and uncopied; `None` at the peer's Fin.
+    pub fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        let mut guard = self.inner.lock();
+        let st = &mut *guard;
+        let Some(slot) = st.slots.get_mut(&self.flow) else {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
+        };
+        if let Some(reason) = &slot.reset {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("flow reset by peer: {reason}"),
+            )));
+        }
+        if slot.fin {
+            return Poll::Ready(Ok(None));
+        }
+        match st.conn.recv_bytes(self.flow) {
+            Ok(Chunk::Data(bytes)) => {
+                if st.conn.wants_transmit() {
+                    self.inner.transmit.notify_one();
+                }
+                Poll::Ready(Ok(Some(bytes)))
+            }
+            Ok(Chunk::Fin) => {
+                slot.fin = true;
+                Poll::Ready(Ok(None))
+            }
+            Ok(Chunk::Empty) => {
+                slot.read_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(session_io_error(&e))),
+        }
+    }
+
+    /// Carries bytes both ways between this flow and `stream` (a local TCP connection) until
+    /// both directions have ended, passing each half-close on. What `copy_bidirectional` does,
+    /// without its buffers: bytes read from `stream` are queued in the session as they are
+    /// (owned, not copied), and received chunks are written to `stream` straight from the
+    /// opened record. Returns the bytes moved (to `stream`, from `stream`); the first error
+    /// either way ends both.
+    pub async fn carry<S>(mut self, stream: S) -> io::Result<(u64, u64)>
+    where
+        S: AsyncRead + AsyncWrite,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let flow = Mutex::new(&mut self);
+        let down = async {
+            let mut moved = 0u64;
+            loop {
+                let next =
+                    std::future::poll_fn(|cx| flow.lock().unwrap_or_else(|p| p.into_inner()).poll_recv_bytes(cx));
+                match next.await? {
+                    Some(bytes) => {
+                        wr.write_all(&bytes).await?;
+                        moved += bytes.len() as u64;
+                    }
+                    None => {
+                        wr.shutdown().await?;
+                        return Ok::<u64, io::Error>(moved);
+                    }
+                }
+            }
+        };
+        let up = async {
+            let mut moved = 0u64;
+            let mut buf = BytesMut::new();
+            loop {
+                // Room for a full read; when the chunks still queued share the old allocation,
+                // this starts a new one (they free theirs once sent).
+                if buf.capacity() - buf.len() < PUMP_BUFFER / 4 {
+                    buf.reserve(PUMP_BUFFER);
+                }
+                if rd.read_buf(&mut buf).await? == 0 {
+                    std::future::poll_fn(|cx| {
+                        Pin::new(&mut **flow.lock().unwrap_or_else(|p| p.into_inner())).poll_shutdown(cx)
+                    })
+                    .await?;
+                    return Ok::<u64, io::Error>(moved);
+                }
+                let mut chunk = buf.split().freeze();
+                moved += chunk.len() as u64;
+                while !chunk.is_empty() {
+                    std::future::poll_fn(|cx| {
+                        flow.lock().unwrap_or_else(|p| p.into_inner()).poll_send_bytes(cx, &mut chunk)
+                    })
+                    .await?;
+                }
+            }
+        };
+        tokio::try_join!(down, up)
     }
 }
 

@@ -23,7 +23,7 @@ pub mod record;
 pub use error::SessionError;
 pub use handshake::{Initiator, Responder, Role, SessionKeys};
 
-pub use connection::{ConnEvent, ConnStats, Connection, Recv};
+pub use connection::{Chunk, ConnEvent, ConnStats, Connection, Recv};
 pub use driver::{client_session, device_session, DeviceSession, FlowStream, IncomingFlow, OpenError, SessionHandle};
 pub use mux::{Event, FlowId, Mux, MuxConfig};
 pub use record::{Opener, Sealer, MAX_RECORD_PLAINTEXT};

@@ -1,6 +1,8 @@
 //! The send half of a flow: credit, the bytes queued for the next records, and our `Fin`.
 
-use bytes::BytesMut;
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
 
 use super::{FlowId, FlowState, Mux};
 use crate::SessionError;
@@ -26,6 +28,9 @@ pub(super) struct SendHalf {
     pub(super) credit: u64,
     /// Accepted by `send`, not yet in a record.
     pub(super) queue: BytesMut,
+    /// Accepted by `send_bytes` (owned, so not copied in), after `queue` in stream order; while
+    /// any wait here, `send` appends here too, so the order holds.
+    pub(super) chunks: VecDeque<Bytes>,
     /// Bytes the application holds in its own buffer for this flow and lets the mux pull
     /// straight into a record ([`Mux::offer`]): no queue, one copy fewer. Credit is taken when
     /// they are pulled, not when offered.
@@ -35,13 +40,24 @@ pub(super) struct SendHalf {
 
 impl SendHalf {
     pub(super) fn new(window: u32) -> SendHalf {
-        SendHalf { credit: u64::from(window), queue: BytesMut::new(), offered: 0, state: SendState::Open }
+        SendHalf {
+            credit: u64::from(window),
+            queue: BytesMut::new(),
+            chunks: VecDeque::new(),
+            offered: 0,
+            state: SendState::Open,
+        }
     }
 
     /// Is there anything for a record: bytes, or a `Fin` not yet sent? A flow is in the mux's
     /// send rotation (`Mux::ready`) exactly while this holds.
     pub(super) fn has_work(&self) -> bool {
-        !self.queue.is_empty() || self.can_pull() || self.state == SendState::Finishing
+        self.has_queued() || self.can_pull() || self.state == SendState::Finishing
+    }
+
+    /// Bytes accepted by `send` or `send_bytes` wait for a record.
+    pub(super) fn has_queued(&self) -> bool {
+        !self.queue.is_empty() || !self.chunks.is_empty()
     }
 
     /// Offered bytes that credit lets a record take now.
@@ -76,6 +92,28 @@ impl Mux {
     ///
     /// [`Event::FlowWritable`]: super::Event::FlowWritable
     pub fn send(&mut self, flow: FlowId, data: &[u8]) -> Result<usize, SessionError> {
+        self.queue_data(flow, data.len(), |half, n| {
+            if half.chunks.is_empty() {
+                half.queue.extend_from_slice(&data[..n]);
+            } else {
+                half.chunks.push_back(Bytes::copy_from_slice(&data[..n]));
+            }
+        })
+    }
+
+    /// [`Mux::send`] for bytes the caller owns: what credit allows is split off the front of
+    /// `data` and queued without a copy (the rest stays in `data`); returns how much that was.
+    pub fn send_bytes(&mut self, flow: FlowId, data: &mut Bytes) -> Result<usize, SessionError> {
+        self.queue_data(flow, data.len(), |half, n| half.chunks.push_back(data.split_to(n)))
+    }
+
+    /// `send` and `send_bytes`: checks, credit and the early budget, then `put` queues `n` bytes.
+    fn queue_data(
+        &mut self,
+        flow: FlowId,
+        len: usize,
+        put: impl FnOnce(&mut SendHalf, usize),
+    ) -> Result<usize, SessionError> {
         self.check_open()?;
         let f = self.flows.get_mut(&flow).ok_or(SessionError::UnknownFlow(flow))?;
         if f.state == FlowState::Incoming {
@@ -90,13 +128,13 @@ impl Mux {
             // waits for the flow's OpenOk (which wakes the writer, see `FlowWritable`).
             allowed = allowed.min(u64::from(self.config.early_budget).saturating_sub(self.early_sent));
         }
-        let n = data.len().min(usize::try_from(allowed).unwrap_or(usize::MAX));
-        if n < data.len() {
+        let n = len.min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        if n < len {
             f.send.state = SendState::Blocked;
         }
         if n > 0 {
             let was_idle = !f.send.has_work();
-            f.send.queue.extend_from_slice(&data[..n]);
+            put(&mut f.send, n);
             f.send.credit -= n as u64;
             if f.state == FlowState::Opening {
                 f.early += n as u64;

@@ -676,3 +676,40 @@ fn a_pull_that_overfills_is_cut_back_and_an_empty_pull_ends_the_offer() {
     assert!(out.is_empty());
     assert!(!p.client.wants_transmit(), "an offer that pulled nothing is dropped, not retried forever");
 }
+
+#[test]
+fn owned_and_copied_sends_keep_stream_order_and_small_chunks_share_records() {
+    let mut p = Pair::new(small_window());
+    let flow = p.client.open("127.0.0.1:22").expect("open");
+    p.pump();
+    p.device.accept(flow).expect("accept");
+    p.pump();
+    // Copied, then owned, then copied again while owned bytes wait: one stream, in order.
+    assert_eq!(p.client.send(flow, b"one,").expect("send"), 4);
+    let mut owned = Bytes::from_static(b"two,");
+    assert_eq!(p.client.send_bytes(flow, &mut owned).expect("send_bytes"), 4);
+    assert!(owned.is_empty());
+    assert_eq!(p.client.send(flow, b"three,").expect("send"), 6);
+    for _ in 0..20 {
+        let mut small = Bytes::from_static(b"x");
+        p.client.send_bytes(flow, &mut small).expect("send_bytes");
+    }
+    let mut records = 0;
+    while let Some(r) = p.client.poll_transmit(p.now) {
+        records += 1;
+        p.device.handle_frames(r.into(), p.now).expect("device handles");
+    }
+    assert_eq!(records, 1, "small owned chunks share one record");
+    while let Some(e) = p.device.poll_event() {
+        p.device_events.push(e);
+    }
+    let mut want = b"one,two,three,".to_vec();
+    want.extend_from_slice(&[b'x'; 20]);
+    assert_eq!(p.device_data(flow, true), want);
+    // Owned bytes past the credit stay with the caller.
+    let window = small_window().initial_window as usize;
+    let mut big = Bytes::from(vec![7u8; window * 2]);
+    let took = p.client.send_bytes(flow, &mut big).expect("send_bytes");
+    assert_eq!(took, window - want.len(), "up to the credit left");
+    assert_eq!(big.len(), window * 2 - took, "the rest stays with the caller");
+}

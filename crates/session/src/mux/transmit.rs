@@ -86,11 +86,28 @@ impl Mux {
                 continue;
             };
             let send = &mut f.send;
-            if !send.queue.is_empty() {
-                let chunk = send.queue.len().min(room - DATA_HEADER);
-                encode_data_header(out, id, chunk);
-                out.extend_from_slice(&send.queue[..chunk]);
-                send.queue.advance(chunk);
+            if send.has_queued() {
+                if !send.queue.is_empty() {
+                    let chunk = send.queue.len().min(room - DATA_HEADER);
+                    encode_data_header(out, id, chunk);
+                    out.extend_from_slice(&send.queue[..chunk]);
+                    send.queue.advance(chunk);
+                }
+                // Owned chunks (after the queue, in stream order), as many as fit: small ones
+                // share a record rather than take one each.
+                while let Some(front) = send.chunks.front_mut().filter(|_| send.queue.is_empty()) {
+                    let room = max.saturating_sub(used(out));
+                    if room <= DATA_HEADER {
+                        break;
+                    }
+                    let chunk = front.len().min(room - DATA_HEADER);
+                    encode_data_header(out, id, chunk);
+                    out.extend_from_slice(&front[..chunk]);
+                    front.advance(chunk);
+                    if front.is_empty() {
+                        send.chunks.pop_front();
+                    }
+                }
             } else if send.can_pull() {
                 let want = usize::try_from(send.offered.min(send.credit)).unwrap_or(usize::MAX).min(room - DATA_HEADER);
                 let at = out.len();
@@ -107,7 +124,7 @@ impl Mux {
                     send.offered = left;
                 }
             }
-            if send.queue.is_empty() && send.offered == 0 && send.state == SendState::Finishing {
+            if !send.has_queued() && send.offered == 0 && send.state == SendState::Finishing {
                 let fin = Frame::Fin { flow: id };
                 if used(out) + fin.encoded_len() <= max {
                     fin.encode(out);
