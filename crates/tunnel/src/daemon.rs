@@ -436,13 +436,14 @@ async fn serve_flow(flow: IncomingFlow, permits: Arc<Permits>, dial_timeout: Dur
             return;
         }
     };
-    let dial = tokio::time::timeout(dial_timeout, TcpStream::connect((target.host.as_str(), target.port))).await;
+    let dial = tokio::time::timeout(dial_timeout, dial_target(&target.host, target.port)).await;
     match dial {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
-            match flow.accept_with(tcp) {
-                Ok(j) => {
-                    let _ = j.await;
+            // Carried in this task, not a spawned one: one wake-up fewer before the first byte.
+            match flow.accept() {
+                Ok(stream) => {
+                    let _ = stream.carry(tcp).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "flow ended before it was accepted"),
             }
@@ -450,4 +451,20 @@ async fn serve_flow(flow: IncomingFlow, permits: Arc<Permits>, dial_timeout: Dur
         Ok(Err(e)) => flow.refuse(&format!("connecting to {target}: {e}")),
         Err(_) => flow.refuse(&format!("connecting to {target}: timed out")),
     }
+}
+
+/// Connects to a permitted target. `localhost` is the loopback address (RFC 6761) and is dialled
+/// as such: through the resolver, each new flow waited for a blocking-pool thread to run
+/// getaddrinfo, the larger part of what a warm flow's first byte cost beyond the reverse SSH
+/// tunnel's. Any other name goes through the system's resolver as before.
+async fn dial_target(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    if host.eq_ignore_ascii_case("localhost") {
+        let v4 = TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await;
+        return match v4 {
+            Ok(s) => Ok(s),
+            // Served on IPv6 loopback only: what the resolver's second answer would reach.
+            Err(e) => TcpStream::connect((std::net::Ipv6Addr::LOCALHOST, port)).await.map_err(|_| e),
+        };
+    }
+    TcpStream::connect((host, port)).await
 }
