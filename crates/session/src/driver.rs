@@ -344,6 +344,15 @@ impl std::fmt::Debug for FlowStream {
     }
 }
 
+/// The flow's slot, or why it cannot be read or written any more.
+fn live_slot(slots: &mut HashMap<FlowId, Slot>, flow: FlowId) -> io::Result<&mut Slot> {
+    let slot = slots.get_mut(&flow).ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "flow gone"))?;
+    if let Some(reason) = &slot.reset {
+        return Err(io::Error::new(io::ErrorKind::ConnectionReset, format!("flow reset by peer: {reason}")));
+    }
+    Ok(slot)
+}
+
 fn session_io_error(e: &SessionError) -> io::Error {
     let kind = match e {
         SessionError::Closed(_) => io::ErrorKind::ConnectionAborted,
@@ -367,22 +376,28 @@ impl FlowStream {
     /// Queues as much of `data` as credit allows without copying it (split off its front);
     /// `Pending` while there is no credit at all.
     pub fn poll_send_bytes(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<usize>> {
+        let len = data.len();
+        self.poll_queue(cx, len, |conn, flow| conn.send_bytes(flow, data))
+    }
+
+    /// `poll_write` and `poll_send_bytes`: `queue` hands the connection up to `len` bytes.
+    fn poll_queue(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        queue: impl FnOnce(&mut Connection, FlowId) -> Result<usize, SessionError>,
+    ) -> Poll<io::Result<usize>> {
         if self.write_closed {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "flow shut down")));
         }
         let mut guard = self.inner.lock();
         let st = &mut *guard;
-        let Some(slot) = st.slots.get_mut(&self.flow) else {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
+        let slot = match live_slot(&mut st.slots, self.flow) {
+            Ok(slot) => slot,
+            Err(e) => return Poll::Ready(Err(e)),
         };
-        if let Some(reason) = &slot.reset {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("flow reset by peer: {reason}"),
-            )));
-        }
-        match st.conn.send_bytes(self.flow, data) {
-            Ok(0) if !data.is_empty() => {
+        match queue(&mut st.conn, self.flow) {
+            Ok(0) if len > 0 => {
                 slot.write_waker = Some(cx.waker().clone());
                 Poll::Pending
             }
@@ -398,15 +413,10 @@ impl FlowStream {
     pub fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         let mut guard = self.inner.lock();
         let st = &mut *guard;
-        let Some(slot) = st.slots.get_mut(&self.flow) else {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
+        let slot = match live_slot(&mut st.slots, self.flow) {
+            Ok(slot) => slot,
+            Err(e) => return Poll::Ready(Err(e)),
         };
-        if let Some(reason) = &slot.reset {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("flow reset by peer: {reason}"),
-            )));
-        }
         if slot.fin {
             return Poll::Ready(Ok(None));
         }
@@ -510,15 +520,10 @@ impl AsyncRead for FlowStream {
         let this = self.get_mut();
         let mut guard = this.inner.lock();
         let st = &mut *guard;
-        let Some(slot) = st.slots.get_mut(&this.flow) else {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
+        let slot = match live_slot(&mut st.slots, this.flow) {
+            Ok(slot) => slot,
+            Err(e) => return Poll::Ready(Err(e)),
         };
-        if let Some(reason) = &slot.reset {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("flow reset by peer: {reason}"),
-            )));
-        }
         if slot.fin || buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
@@ -549,32 +554,7 @@ impl AsyncRead for FlowStream {
 
 impl AsyncWrite for FlowStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.write_closed {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "flow shut down")));
-        }
-        let mut guard = this.inner.lock();
-        let st = &mut *guard;
-        let Some(slot) = st.slots.get_mut(&this.flow) else {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "flow gone")));
-        };
-        if let Some(reason) = &slot.reset {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("flow reset by peer: {reason}"),
-            )));
-        }
-        match st.conn.send(this.flow, data) {
-            Ok(0) if !data.is_empty() => {
-                slot.write_waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            Ok(n) => {
-                this.inner.transmit.notify_one();
-                Poll::Ready(Ok(n))
-            }
-            Err(e) => Poll::Ready(Err(session_io_error(&e))),
-        }
+        self.get_mut().poll_queue(cx, data.len(), |conn, flow| conn.send(flow, data))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
