@@ -17,7 +17,7 @@ use np_netstack::{
     AddressMap, BoxFuture, DeviceKey, Dialed, Dialer, Netstack, NetstackConfig, Prefix, RefuseKind, SetupFailed,
     DEFAULT_SUBNET,
 };
-use np_session::{device_session, IncomingFlow, Initiator, MuxConfig, Responder, SessionKeys};
+use np_session::{device_session, ConnEvent, Connection, IncomingFlow, Initiator, MuxConfig, Responder, SessionKeys};
 use ring::digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -27,7 +27,12 @@ struct Netns(String);
 
 impl Netns {
     fn new() -> Option<Netns> {
-        let name = format!("np-e2e-{}", std::process::id());
+        Netns::named("e2e")
+    }
+
+    /// A namespace of its own for each test (tests of one binary run at once).
+    fn named(tag: &str) -> Option<Netns> {
+        let name = format!("np-{tag}-{}", std::process::id());
         let ok = Command::new("ip").args(["netns", "add", &name]).status().map(|s| s.success()).unwrap_or(false);
         // The sessions run over loopback connections inside the namespace.
         let _ = Command::new("ip").args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"]).status();
@@ -399,6 +404,150 @@ async fn run_in_namespace(
     assert!(st.foreign_source > 0, "{st:?}");
     assert_eq!(snapshot.interface, IFACE);
     assert_eq!(snapshot.devices.len(), 1);
+
+    let _ = stop_tx.send(());
+    serving.await.expect("serve task").expect("serve");
+}
+
+/// A device that accepts the first flow, then never reads again while it keeps pinging: the
+/// relay connection's send buffer fills and stays full. Both ends' socket buffers are made as
+/// small as the kernel allows, so that happens after a few KiB.
+struct StallingDialer;
+
+fn shrink(fd: std::os::fd::RawFd, opt: libc::c_int) {
+    let size: libc::c_int = 4096;
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+}
+
+impl Dialer for StallingDialer {
+    fn dial(&self, _device: DeviceKey, _first: String) -> BoxFuture<'static, Result<Dialed, SetupFailed>> {
+        Box::pin(async move {
+            let failed = |e: std::io::Error| SetupFailed { kind: RefuseKind::Unreachable, reason: e.to_string() };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(failed)?;
+            let addr = listener.local_addr().map_err(failed)?;
+            let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            let (client, (server, _)) = (client.map_err(failed)?, accepted.map_err(failed)?);
+            shrink(client.as_raw_fd(), libc::SO_SNDBUF);
+            shrink(server.as_raw_fd(), libc::SO_RCVBUF);
+            let (ck, dk) = session_keys();
+            tokio::spawn(stalling_device(server, dk));
+            Ok(Dialed { stream: client, keys: ck, session: "0000stal".into() })
+        })
+    }
+}
+
+async fn stalling_device(mut sock: tokio::net::TcpStream, keys: SessionKeys) {
+    // It pings often and never gives up on np up itself (it reads nothing, so it hears nothing).
+    let config = MuxConfig {
+        keepalive_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_secs(600),
+        ..MuxConfig::default()
+    };
+    let mut conn = Connection::new(&keys, config, Instant::now());
+    let mut buf = vec![0u8; 64 * 1024];
+    // Read until the first flow opens, and accept it.
+    'opening: loop {
+        let n = match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        conn.handle_input(&buf[..n], Instant::now());
+        while let Some(ev) = conn.poll_event() {
+            if let ConnEvent::FlowOpened { flow, .. } = ev {
+                conn.accept(flow).expect("accept");
+                break 'opening;
+            }
+        }
+    }
+    // Then only write: the OpenOk, and a Ping whenever the keepalive says so.
+    loop {
+        let now = Instant::now();
+        if conn.poll_timeout().is_some_and(|t| t <= now) {
+            conn.handle_timeout(now);
+        }
+        let mut out = Vec::new();
+        conn.poll_transmit(now, &mut out, 64 * 1024);
+        if !out.is_empty() && sock.write_all(&out).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn a_relay_connection_that_takes_nothing_ends_its_session() {
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: needs root (network namespaces and a TUN device)");
+        return;
+    }
+    let Some(ns) = Netns::named("stall") else {
+        println!("skipped: `ip netns add` failed");
+        return;
+    };
+    let ns_name = ns.0.clone();
+    let worker = std::thread::spawn(move || {
+        let ns = Netns(ns_name);
+        ns.enter();
+        std::mem::forget(ns);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(stall_in_namespace())
+    });
+    if let Err(panic) = worker.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn stall_in_namespace() {
+    let mut map = AddressMap::new(DEFAULT_SUBNET).expect("map");
+    let device = map.add_device("pi@test".into(), None).expect("device");
+    // The stall bound is the session's idle timeout: 2 s here. Keepalives keep np up's own
+    // idle timer fed (the device pings), so only the stall can end this session.
+    let mux = MuxConfig {
+        keepalive_interval: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(2),
+        ..MuxConfig::default()
+    };
+    let config = NetstackConfig { name: IFACE.into(), map, mux, ..NetstackConfig::default() };
+    let netstack = Netstack::new(config).expect("netstack");
+    let status = netstack.status();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(netstack.serve(StallingDialer, async {
+        let _ = stop_rx.await;
+    }));
+
+    let started = Instant::now();
+    let mut app = tokio::net::TcpStream::connect(SocketAddr::from((device, 22))).await.expect("connect");
+    // Write until the flow is reset: np up's window fills the connection, nothing drains it.
+    let chunk = vec![7u8; 64 * 1024];
+    let written = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut total = 0usize;
+        loop {
+            match app.write(&chunk).await {
+                Ok(n) => total += n,
+                Err(e) => return (total, e),
+            }
+        }
+    })
+    .await
+    .expect("the flow ends within 20 s, not never");
+    let (total, err) = written;
+    let took = started.elapsed();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(took >= Duration::from_secs(2), "not before the bound: {took:?}");
+    assert!(total < 64 << 20, "the application was pushed back ({total} bytes taken)");
+    let snapshot = status.snapshot().await.expect("status");
+    let (_, session) = snapshot.sessions.first().expect("one device");
+    assert!(session.contains("took nothing for 2s"), "{session}");
+    println!("stalled relay connection ended the session after {took:?} ({total} bytes taken): {session}");
 
     let _ = stop_tx.send(());
     serving.await.expect("serve task").expect("serve");
