@@ -120,17 +120,29 @@ pub async fn run(
     // Given addresses first, so automatic ones never take them.
     let mut devices = opts.devices.clone();
     devices.sort_by_key(|d| d.addr.is_none());
+    // With no --device: every device that shares its info with us, each at an address derived
+    // from its name (the same on every start, whichever others come and go).
+    let discovered = if opts.devices.is_empty() { discover(&connector).await? } else { Vec::new() };
     let mut refs: HashMap<String, DeviceRef> = HashMap::new();
     let mut names: Vec<(String, Ipv4Addr, DeviceRef)> = Vec::new();
-    for spec in devices.iter().chain(
-        opts.routes.iter().map(|r| DeviceSpec { device: r.device.clone(), addr: None }).collect::<Vec<_>>().iter(),
-    ) {
+    let routed: Vec<DeviceSpec> =
+        opts.routes.iter().map(|r| DeviceSpec { device: r.device.clone(), addr: None }).collect();
+    for (spec, derived) in devices
+        .iter()
+        .map(|d| (d, false))
+        .chain(discovered.iter().map(|d| (d, true)))
+        .chain(routed.iter().map(|d| (d, !discovered.is_empty())))
+    {
         let key = spec.device.to_string();
         if refs.contains_key(&key) {
             continue;
         }
-        let addr =
-            map.add_device(DeviceKey(key.clone()), spec.addr).map_err(|e| anyhow::anyhow!("{}: {e}", spec.device))?;
+        let added = if derived {
+            map.add_device_derived(DeviceKey(key.clone()))
+        } else {
+            map.add_device(DeviceKey(key.clone()), spec.addr)
+        };
+        let addr = added.map_err(|e| anyhow::anyhow!("{}: {e}", spec.device))?;
         names.push((dns_name(&spec.device), addr, spec.device.clone()));
         refs.insert(key, spec.device.clone());
     }
@@ -195,6 +207,28 @@ pub async fn run(
     let serving = tokio::spawn(netstack.serve(dialer, shutdown));
     serving.await.context("the interface's task")?.context("serving the interface")?;
     Ok(())
+}
+
+/// The devices that share their info with us (what `np devices` lists), by name.
+async fn discover(connector: &Connector) -> Result<Vec<DeviceSpec>> {
+    let records = connector.ctl.list("device/").await.context("listing the devices that share their info with you")?;
+    let mut found: Vec<DeviceSpec> = records
+        .iter()
+        .filter_map(|r| {
+            let info = postcard::from_bytes::<np_tunnel::DeviceInfo>(&r.value).ok()?;
+            let device = format!("{}@{}", info.device, r.owner.bare()).parse().ok()?;
+            Some(DeviceSpec { device, addr: None })
+        })
+        .collect();
+    found.sort_by_key(|d| d.device.to_string());
+    found.dedup();
+    if found.is_empty() {
+        anyhow::bail!(
+            "no devices share their info with {me}: start one with `npd --as @ID --device NAME --manager {me}`, or name one with --device NAME@ID",
+            me = connector.ctl.me()
+        );
+    }
+    Ok(found)
 }
 
 /// With systemd-resolved, send `.np` names to our resolver (undone with the interface).

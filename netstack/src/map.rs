@@ -297,6 +297,30 @@ impl AddressMap {
         Ok(addr)
     }
 
+    /// Give `device` an address derived from its name (FNV-1a over the key, into the subnet's
+    /// usable hosts; on a collision the next free one after it), so that the same device gets
+    /// the same address on every start whatever other devices come and go, and `known_hosts`
+    /// entries for it stay valid. A device that already has an address keeps it.
+    pub fn add_device_derived(&mut self, device: DeviceKey) -> Result<Ipv4Addr, MapError> {
+        if let Some(have) = self.device_addr(&device) {
+            return Ok(have);
+        }
+        // Hosts 2 ..= size-2: not the network address, the interface's (.1) or the broadcast.
+        let hosts = self.subnet.size_v4().saturating_sub(3);
+        if hosts == 0 {
+            return Err(MapError::SubnetFull(self.subnet));
+        }
+        let hash =
+            device.0.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let start = hash % hosts;
+        let addr = (0..hosts)
+            .filter_map(|i| self.subnet.nth_v4((2 + (start + i) % hosts) as u32))
+            .find(|a| self.usable(*a) && !self.devices.contains_key(a))
+            .ok_or(MapError::SubnetFull(self.subnet))?;
+        self.devices.insert(addr, device);
+        Ok(addr)
+    }
+
     /// Forget a device, its address and its routes.
     pub fn remove_device(&mut self, device: &DeviceKey) {
         self.devices.retain(|_, d| d != device);
@@ -372,6 +396,28 @@ mod tests {
 
     fn p(s: &str) -> Prefix {
         s.parse().expect("prefix")
+    }
+
+    #[test]
+    fn derived_addresses_are_stable_whatever_else_is_there() {
+        let key = |s: &str| DeviceKey(s.into());
+        let mut alone = AddressMap::new(p("100.80.0.0/16")).expect("map");
+        let pi = alone.add_device_derived(key("pi4@alice_device")).expect("pi");
+        let mut crowded = AddressMap::new(p("100.80.0.0/16")).expect("map");
+        for i in 0..50 {
+            crowded.add_device_derived(key(&format!("dev{i}@bob"))).expect("dev");
+        }
+        assert_eq!(crowded.add_device_derived(key("pi4@alice_device")).expect("pi"), pi, "the same on every start");
+        assert_eq!(crowded.add_device_derived(key("pi4@alice_device")).expect("pi"), pi, "and kept once given");
+        assert!(crowded.usable(pi));
+        // A small subnet fills up without reusing an address, then says so.
+        let mut tiny = AddressMap::new(p("10.9.0.0/29")).expect("map");
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..5 {
+            let a = tiny.add_device_derived(key(&format!("d{i}@x"))).expect("room");
+            assert!(tiny.usable(a) && seen.insert(a), "{a} usable and not given twice");
+        }
+        assert!(matches!(tiny.add_device_derived(key("d5@x")), Err(MapError::SubnetFull(_))));
     }
 
     fn v4(s: &str) -> Ipv4Addr {

@@ -673,5 +673,21 @@ fn exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start() {
     let st = up.signal_and_wait("INT", Duration::from_secs(10)).unwrap();
     assert!(st.success(), "SIGINT: {st}");
     assert_eq!(leftovers(&d, "npt7"), Vec::<String>::new());
+
+    // No --device: every device that shares its info with @alice, at an address derived from
+    // its name, the same on the next start; its name answers, and ssh to it works.
+    let mut derived = None;
+    for round in ["first", "second"] {
+        let mut up = d.up(&[]).unwrap_or_else(|e| panic!("np up with no --device ({round} start): {e}"));
+        assert_eq!(up.devices.len(), 1, "{:?}", up.lines);
+        let dev = up.device(DEVICE);
+        assert_ne!(dev, Ipv4Addr::new(100, 80, 0, 2), "derived from the name, not the first free address");
+        assert_eq!(*derived.get_or_insert(dev), dev, "the {round} start gave {DEVICE} another address");
+        let dns = SocketAddr::from((up.addr, 53));
+        assert_eq!(dns_a(&pc, dns, DNS_NAME, Duration::from_secs(5)), Ok(vec![dev]), "its name answers");
+        let out = d.ssh(&dev.to_string(), 22, "echo ok-no-flags");
+        assert_eq!(text(&out.stdout).trim(), "ok-no-flags", "{}", text(&out.stderr));
+        assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
+    }
     eprintln!("exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start: {:?}", t0.elapsed());
 }
