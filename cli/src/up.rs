@@ -12,6 +12,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 
@@ -62,15 +63,18 @@ pub fn dns_name(d: &DeviceRef) -> String {
 struct UpDialer {
     connector: Connector,
     relay: np_identity::Name,
-    devices: HashMap<String, DeviceRef>,
+    /// Shared with the watcher that adds and removes devices while `np up` runs.
+    devices: Devices,
     verbose: bool,
 }
+
+type Devices = Arc<RwLock<HashMap<String, DeviceRef>>>;
 
 impl Dialer for UpDialer {
     fn dial(&self, device: DeviceKey, first_target: String) -> BoxFuture<'static, Result<Dialed, SetupFailed>> {
         let connector = self.connector.clone();
         let relay = self.relay.clone();
-        let device_ref = self.devices.get(&device.0).cloned();
+        let device_ref = self.devices.read().unwrap_or_else(|p| p.into_inner()).get(&device.0).cloned();
         let verbose = self.verbose;
         Box::pin(async move {
             let unreachable = |reason: String| SetupFailed { kind: RefuseKind::Unreachable, reason };
@@ -179,9 +183,13 @@ pub async fn run(
 
     // The resolver for NAME.ID.np on the interface's own address.
     let table: HashMap<String, Ipv4Addr> = names.iter().map(|(n, a, _)| (n.to_ascii_lowercase(), *a)).collect();
+    let table = Arc::new(RwLock::new(table));
     match bind_dns(&opts.name, iface_addr).await {
         Ok(sock) => {
-            tokio::spawn(crate::dns::serve(sock, iface_addr, move |n| table.get(n).copied()));
+            let table = table.clone();
+            tokio::spawn(crate::dns::serve(sock, iface_addr, move |n| {
+                table.read().unwrap_or_else(|p| p.into_inner()).get(n).copied()
+            }));
             wire_resolved(&opts.name, iface_addr).await;
         }
         Err(e) => tracing::warn!(error = %e, "no DNS for .np names (cannot bind {iface_addr}:53 on {})", opts.name),
@@ -201,6 +209,11 @@ pub async fn run(
         }
     });
     println!("ready");
+    let refs: Devices = Arc::new(RwLock::new(refs));
+    if !discovered.is_empty() {
+        let watch = Watch { connector: connector.clone(), handle: netstack.status(), devices: refs.clone(), table };
+        tokio::spawn(watch.run());
+    }
     let dialer = UpDialer { connector, relay: opts.relay.clone(), devices: refs, verbose: opts.verbose };
     // On a runtime worker, not the thread blocked on `main`'s future: a worker drives the I/O
     // events itself, where the main thread would be woken by one for every readiness.
@@ -208,6 +221,78 @@ pub async fn run(
     serving.await.context("the interface's task")?.context("serving the interface")?;
     Ok(())
 }
+
+/// How often `np up` with no `--device` looks for devices that appeared or were removed.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Follows the devices that share their info with us while `np up` runs (no `--device`): a new
+/// one gets its derived address, its DNS name and sessions; a removed or revoked one loses all
+/// three. A device that is only offline keeps its address: it is still listed.
+struct Watch {
+    connector: Connector,
+    handle: np_netstack::StatusHandle,
+    devices: Devices,
+    table: Arc<RwLock<HashMap<String, Ipv4Addr>>>,
+}
+
+impl Watch {
+    async fn run(self) {
+        let mut ticker = tokio::time::interval(WATCH_EVERY);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            let found = match discover(&self.connector).await {
+                Ok(f) => f,
+                // None listed is a real answer (every device removed); an error is not.
+                Err(e) if e.downcast_ref::<NoDevices>().is_some() => Vec::new(),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "listing devices failed; trying again");
+                    continue;
+                }
+            };
+            let now: HashMap<String, DeviceRef> = found.into_iter().map(|d| (d.device.to_string(), d.device)).collect();
+            let known: Vec<String> = self.devices.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+            for key in known.iter().filter(|k| !now.contains_key(*k)) {
+                let Some(d) = self.devices.write().unwrap_or_else(|p| p.into_inner()).remove(key) else { continue };
+                self.table.write().unwrap_or_else(|p| p.into_inner()).remove(&dns_name(&d).to_ascii_lowercase());
+                self.handle.remove_device(DeviceKey(key.clone())).await;
+                println!("  removed         {d}");
+            }
+            for (key, d) in now.into_iter().filter(|(k, _)| !known.contains(k)) {
+                match self.handle.add_device(DeviceKey(key.clone())).await {
+                    Some(Ok(addr)) => {
+                        self.devices.write().unwrap_or_else(|p| p.into_inner()).insert(key, d.clone());
+                        self.table
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(dns_name(&d).to_ascii_lowercase(), addr);
+                        println!("  {addr:<15} {d}  ({}) added", dns_name(&d));
+                    }
+                    Some(Err(e)) => tracing::warn!(device = %d, error = %e, "no address for a new device"),
+                    None => return,
+                }
+            }
+        }
+    }
+}
+
+/// No device shares its info with us.
+#[derive(Debug)]
+struct NoDevices {
+    me: String,
+}
+
+impl std::fmt::Display for NoDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no devices share their info with {me}: start one with `npd --as @ID --device NAME --manager {me}`, or name one with --device NAME@ID",
+            me = self.me
+        )
+    }
+}
+
+impl std::error::Error for NoDevices {}
 
 /// The devices that share their info with us (what `np devices` lists), by name.
 async fn discover(connector: &Connector) -> Result<Vec<DeviceSpec>> {
@@ -223,10 +308,7 @@ async fn discover(connector: &Connector) -> Result<Vec<DeviceSpec>> {
     found.sort_by_key(|d| d.device.to_string());
     found.dedup();
     if found.is_empty() {
-        anyhow::bail!(
-            "no devices share their info with {me}: start one with `npd --as @ID --device NAME --manager {me}`, or name one with --device NAME@ID",
-            me = connector.ctl.me()
-        );
+        return Err(NoDevices { me: connector.ctl.me().to_string() }.into());
     }
     Ok(found)
 }

@@ -20,6 +20,9 @@
 //! network changed); open flows are reset.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+
+use crate::map::MapError;
 use std::time::{Duration, Instant};
 
 use np_session::{ConnEvent, Connection, MuxConfig, Recv, SessionError, SessionKeys};
@@ -300,6 +303,25 @@ impl Bridge {
         if let Some(conn) = self.conn_mut(link) {
             conn.handle_eof();
         }
+    }
+
+    /// A device that appeared while the interface is up: an address derived from its name.
+    pub fn add_device(&mut self, device: DeviceKey) -> Result<Ipv4Addr, MapError> {
+        let addr = self.stack.map_mut().add_device_derived(device.clone())?;
+        tracing::info!(device = %device, %addr, "device added");
+        Ok(addr)
+    }
+
+    /// A device that was removed or revoked: its address and routes go (new flows to them are
+    /// refused as unmapped), and its session ends, which resets its open flows.
+    pub fn remove_device(&mut self, device: &DeviceKey) {
+        self.stack.map_mut().remove_device(device);
+        if let Some(link) = self.current.get(device).copied() {
+            if let Some(conn) = self.conn_mut(link) {
+                conn.close("the device was removed");
+            }
+        }
+        tracing::info!(device = %device, "device removed");
     }
 
     /// The relay connection of `link` failed.

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed};
-use crate::map::{AddressMap, DeviceKey, Prefix};
+use crate::map::{AddressMap, DeviceKey, MapError, Prefix};
 use crate::stack::{StackConfig, Stats};
 use crate::tun::{Tun, TunError};
 
@@ -111,16 +111,48 @@ pub struct Status {
     pub bridge: BridgeStats,
 }
 
-/// Asks a running netstack for its [`Status`].
+/// What a [`StatusHandle`] asks of the running netstack.
+enum Command {
+    Status(oneshot::Sender<Status>),
+    AddDevice(DeviceKey, oneshot::Sender<Result<Ipv4Addr, MapError>>),
+    RemoveDevice(DeviceKey),
+}
+
+/// Asks a running netstack for its [`Status`], and changes its devices while it runs.
 #[derive(Debug, Clone)]
-pub struct StatusHandle(mpsc::Sender<oneshot::Sender<Status>>);
+pub struct StatusHandle(mpsc::Sender<Command>);
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Status(_) => "Status",
+            Command::AddDevice(..) => "AddDevice",
+            Command::RemoveDevice(_) => "RemoveDevice",
+        })
+    }
+}
 
 impl StatusHandle {
     /// The current status, or `None` if the netstack has stopped.
     pub async fn snapshot(&self) -> Option<Status> {
         let (tx, rx) = oneshot::channel();
-        self.0.send(tx).await.ok()?;
+        self.0.send(Command::Status(tx)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Gives a new device an address derived from its name
+    /// ([`AddressMap::add_device_derived`]); flows to it are served from now on. `None` if the
+    /// netstack has stopped.
+    pub async fn add_device(&self, device: DeviceKey) -> Option<Result<Ipv4Addr, MapError>> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Command::AddDevice(device, tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Takes a device's address and routes away and ends its session (its open flows are
+    /// reset): it was removed or revoked.
+    pub async fn remove_device(&self, device: DeviceKey) {
+        let _ = self.0.send(Command::RemoveDevice(device)).await;
     }
 }
 
@@ -139,8 +171,8 @@ const WRITE_BATCH: usize = 8 * (np_session::MAX_RECORD_PLAINTEXT + 20);
 pub struct Netstack {
     tun: Tun,
     config: NetstackConfig,
-    status_tx: mpsc::Sender<oneshot::Sender<Status>>,
-    status_rx: mpsc::Receiver<oneshot::Sender<Status>>,
+    status_tx: mpsc::Sender<Command>,
+    status_rx: mpsc::Receiver<Command>,
 }
 
 impl Netstack {
@@ -239,7 +271,7 @@ impl<D: Dialer> Shell<D> {
     async fn run(
         &mut self,
         mut dialed_rx: mpsc::UnboundedReceiver<(LinkId, Result<Dialed, SetupFailed>)>,
-        mut status_rx: mpsc::Receiver<oneshot::Sender<Status>>,
+        mut status_rx: mpsc::Receiver<Command>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), NetstackError> {
         tokio::pin!(shutdown);
@@ -288,9 +320,15 @@ impl<D: Dialer> Shell<D> {
                     Ready::Write => {}
                 },
                 Some((link, result)) = dialed_rx.recv() => self.dialed(link, result),
-                Some(reply) = status_rx.recv() => {
-                    let _ = reply.send(self.status());
-                }
+                Some(command) = status_rx.recv() => match command {
+                    Command::Status(reply) => {
+                        let _ = reply.send(self.status());
+                    }
+                    Command::AddDevice(device, reply) => {
+                        let _ = reply.send(self.bridge.add_device(device));
+                    }
+                    Command::RemoveDevice(device) => self.bridge.remove_device(&device),
+                },
                 () = &mut timer, if deadline.is_some() => self.timeout(Instant::now()),
             }
         }

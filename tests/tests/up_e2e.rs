@@ -687,6 +687,33 @@ fn exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start() {
         assert_eq!(dns_a(&pc, dns, DNS_NAME, Duration::from_secs(5)), Ok(vec![dev]), "its name answers");
         let out = d.ssh(&dev.to_string(), 22, "echo ok-no-flags");
         assert_eq!(text(&out.stdout).trim(), "ok-no-flags", "{}", text(&out.stderr));
+        if round == "second" {
+            // A second device's npd starts while np up runs: it gets an address within 5 s,
+            // and ssh to it works, with no restart.
+            let mut cmd = std::process::Command::new(np_tests::bin("npd"));
+            cmd.args(["--as", "@alice_device", "--device", "nas", "--manager", "@alice", "--home"])
+                .arg(&d.device_home)
+                .args(["--permit-open", &d.permit()]);
+            let _nas = np_tests::netns::spawn_in(&d.hosts.pd, &cmd, &d.path().join("npd-nas.log"));
+            let t = Instant::now();
+            let mut nas = None;
+            let seen = np_tests::wait_until(Duration::from_secs(5), || {
+                let (_, status, _) = d.np_in_pc(&["status"]);
+                nas = status
+                    .lines()
+                    .find(|l| l.contains("nas@alice_device"))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|a| a.parse::<Ipv4Addr>().ok());
+                nas.is_some()
+            });
+            let (_, status, _) = d.np_in_pc(&["status"]);
+            assert!(seen, "nas@alice_device did not appear within 5 s:\n{status}\n{}", d.log("npd-nas.log"));
+            let nas = nas.unwrap();
+            eprintln!("a new device got {nas} {:?} after its npd started", t.elapsed());
+            let out = d.ssh(&nas.to_string(), 22, "echo ok-new-device");
+            assert_eq!(text(&out.stdout).trim(), "ok-new-device", "{}", text(&out.stderr));
+            assert_eq!(dns_a(&pc, dns, "nas.alice_device.np", Duration::from_secs(5)), Ok(vec![nas]));
+        }
         assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
     }
     eprintln!("exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start: {:?}", t0.elapsed());

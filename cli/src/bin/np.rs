@@ -94,7 +94,8 @@ enum Cmd {
         relay_address: Option<String>,
         /// A device, NAME@ID, optionally with its address: pi4@alice_device=100.80.0.5. Repeatable.
         /// With none, every device that shares its info with you (as `np devices` lists them,
-        /// at start), each at an address derived from its name, the same on every start.
+        /// followed while np up runs: new ones are added within seconds, removed ones dropped),
+        /// each at an address derived from its name, the same on every start.
         #[arg(long = "device")]
         devices: Vec<DeviceSpec>,
         /// A prefix on a device's side, PREFIX=NAME@ID (e.g. 192.168.1.0/24=pi4@alice_device). Repeatable.

@@ -420,3 +420,31 @@ fn the_device_finishes_first_then_the_applications_last_bytes_and_fin_arrive_who
     let reset = w.devices[0].events.iter().any(|e| matches!(e, ConnEvent::FlowReset { .. }));
     assert!(!reset, "no reset: {:?}", w.devices[0].events);
 }
+
+#[test]
+fn a_device_added_while_up_is_served_and_a_removed_one_is_cut_off() {
+    let mut w = World::new(MuxConfig::default());
+    let nas = DeviceKey("nas@bob".into());
+    let addr = w.bridge.add_device(nas.clone()).expect("room for it");
+    assert_eq!(w.bridge.add_device(nas.clone()).expect("again"), addr, "the same address when added again");
+    let h = w.app.connect(&format!("{addr}:22"), 40000);
+    w.settle();
+    assert!(
+        matches!(w.connects.as_slice(), [Action::Connect { device, .. }] if *device == nas),
+        "the new device's session is asked for: {:?}",
+        w.connects
+    );
+    w.establish();
+    w.settle();
+    assert_eq!(w.socket(h).state(), tcp::State::Established);
+
+    // Removed (revoked): its open flow is reset, its session ends, its address answers no more.
+    w.bridge.remove_device(&nas);
+    w.settle();
+    assert_eq!(w.socket(h).state(), tcp::State::Closed, "the open flow was reset");
+    assert!(w.bridge.describe(&nas).starts_with("ended"), "{}", w.bridge.describe(&nas));
+    let again = w.app.connect(&format!("{addr}:22"), 40001);
+    w.settle();
+    assert_eq!(w.connects.len(), 0, "no session is set up for a removed device");
+    assert_ne!(w.socket(again).state(), tcp::State::Established);
+}
