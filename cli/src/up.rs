@@ -109,6 +109,8 @@ pub struct UpOptions {
     pub subnet: Prefix,
     pub name: String,
     pub eager: bool,
+    /// Route what the devices advertise (vetted, see [`vet_route`]).
+    pub accept_routes: bool,
     pub verbose: bool,
 }
 
@@ -154,6 +156,23 @@ pub async fn run(
         map.add_route(r.prefix, DeviceKey(r.device.to_string()))
             .map_err(|e| anyhow::anyhow!("--route {}: {e}", r.prefix))?;
     }
+    // What the devices advertise, after the user's own --route (which wins any overlap).
+    let mut advertised: Vec<(Prefix, DeviceRef, bool)> = Vec::new();
+    for (device, text) in advertised_routes(&connector, &refs).await {
+        match vet_route(&text, Some(opts.subnet)) {
+            Ok(prefix) if !opts.accept_routes => advertised.push((prefix, device, false)),
+            // Not over anything already routed, however specific: a device must not take part
+            // of a prefix the user (or another device) routed elsewhere.
+            Ok(prefix) if map.routes().any(|(p, _)| p.overlaps(&prefix)) => {
+                tracing::warn!(%device, route = %prefix, "advertised route skipped: it overlaps a route already there")
+            }
+            Ok(prefix) => match map.add_route(prefix, DeviceKey(device.to_string())) {
+                Ok(()) => advertised.push((prefix, device, true)),
+                Err(e) => tracing::warn!(%device, route = %prefix, error = %e, "advertised route skipped"),
+            },
+            Err(e) => tracing::warn!(%device, route = %text, error = %e, "advertised route skipped"),
+        }
+    }
     let iface_addr = map.interface_addr();
     // An eager session is set up before any flow: ssh is what most users are after.
     let eager = if opts.eager {
@@ -179,6 +198,13 @@ pub async fn run(
     }
     for r in &opts.routes {
         println!("  {:<15} via {}", r.prefix.to_string(), r.device);
+    }
+    for (prefix, device, used) in &advertised {
+        if *used {
+            println!("  {:<15} via {device} (advertised)", prefix.to_string());
+        } else {
+            println!("  {:<15} advertised by {device}, not used: accept with --accept-routes", prefix.to_string());
+        }
     }
 
     // The resolver for NAME.ID.np on the interface's own address.
@@ -220,6 +246,51 @@ pub async fn run(
     let serving = tokio::spawn(netstack.serve(dialer, shutdown));
     serving.await.context("the interface's task")?.context("serving the interface")?;
     Ok(())
+}
+
+/// The LAN prefixes each of our devices advertises (`routes/NAME` records), as published.
+async fn advertised_routes(connector: &Connector, ours: &HashMap<String, DeviceRef>) -> Vec<(DeviceRef, String)> {
+    let records = match connector.ctl.list("routes/").await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the routes devices advertise");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for r in records {
+        let Ok(routes) = postcard::from_bytes::<np_tunnel::routes::DeviceRoutes>(&r.value) else { continue };
+        let key = format!("{}@{}", routes.device, r.owner.bare());
+        // Only a device we bring up, and only under its own identity's record.
+        let Some(device) = ours.get(&key) else { continue };
+        out.extend(routes.routes.into_iter().map(|p| (device.clone(), p)));
+    }
+    out
+}
+
+/// Checks a LAN prefix a device advertises (or npd is told to advertise) before it is routed:
+/// a hostile or careless device must not take the client's default route, loopback,
+/// multicast, or the np subnet (`subnet`) with it.
+pub fn vet_route(text: &str, subnet: Option<Prefix>) -> Result<Prefix, String> {
+    let prefix: Prefix = text.parse().map_err(|e| format!("{text:?} is not a prefix: {e}"))?;
+    let (min, reserved): (u8, &[&str]) = if prefix.addr().is_ipv4() {
+        (8, &["0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32"])
+    } else {
+        (16, &["::1/128", "ff00::/8", "::/128"])
+    };
+    if prefix.prefix_len() < min {
+        return Err(format!("{prefix} is broader than a /{min}: it would take traffic meant for elsewhere"));
+    }
+    for r in reserved {
+        let r: Prefix = r.parse().map_err(|e| format!("{r}: {e}"))?;
+        if prefix.overlaps(&r) {
+            return Err(format!("{prefix} overlaps {r}"));
+        }
+    }
+    if let Some(s) = subnet.filter(|s| prefix.overlaps(s)) {
+        return Err(format!("{prefix} overlaps the np subnet {s}"));
+    }
+    Ok(prefix)
 }
 
 /// How often `np up` with no `--device` looks for devices that appeared or were removed.
@@ -555,6 +626,31 @@ mod tests {
         assert!(p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("np0.")));
         for bad in ["../etc", "a/b", "", ".."] {
             assert!(status_socket_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::vet_route;
+
+    #[test]
+    fn advertised_routes_are_vetted() {
+        let subnet = Some("100.80.0.0/16".parse().expect("subnet"));
+        assert!(vet_route("192.168.1.0/24", subnet).is_ok());
+        assert!(vet_route("fd00:1::/64", subnet).is_ok());
+        for bad in [
+            "0.0.0.0/0",
+            "10.0.0.0/7",
+            "::/0",
+            "127.0.0.0/16",
+            "224.0.0.0/8",
+            "100.80.5.0/24",
+            "100.0.0.0/8",
+            "ff02::/16",
+            "not a prefix",
+        ] {
+            assert!(vet_route(bad, subnet).is_err(), "{bad} accepted");
         }
     }
 }

@@ -718,3 +718,49 @@ fn exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start() {
     }
     eprintln!("exit_cleans_up_and_a_crash_leaves_nothing_that_stops_the_next_start: {:?}", t0.elapsed());
 }
+
+#[test]
+fn advertised_routes_are_used_only_once_accepted() {
+    let mut d = Deployment::start(DeploymentOptions { lan: true, source_len: Some(1 << 20) });
+    let pc = d.hosts.pc.clone();
+    let lan = d.hosts.lan_prefix();
+    let permit = d.permit();
+    // The device offers its LAN, and (hostile or careless) a default route and the np subnet.
+    d.start_npd(&[
+        "--manager",
+        "@alice",
+        "--permit-open",
+        &permit,
+        "--advertise-route",
+        &lan,
+        "--advertise-route",
+        "0.0.0.0/1",
+        "--advertise-route",
+        "100.80.7.0/24",
+    ]);
+    let (lan_open, _) = d.lan_ports.unwrap();
+    let target = SocketAddr::from((d.hosts.lan_ip(), lan_open));
+
+    // Not accepted: listed, not routed; the LAN host is not reached through np.
+    let published =
+        np_tests::wait_until(Duration::from_secs(10), || d.log("npd.log").contains("advertised routes published"));
+    assert!(published, "npd did not publish its routes: {}", d.log("npd.log"));
+    let mut up = d.up(&["--device", DEVICE]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        up.lines.iter().any(|l| l.contains(&lan) && l.contains("not used: accept with --accept-routes")),
+        "{:?}",
+        up.lines
+    );
+    assert!(echo_once(&pc, target, b"unrouted").is_err(), "the LAN was reached without accepting its route");
+    assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
+
+    // Accepted: the LAN prefix is routed to the device and works; the default route and the
+    // np subnet it also advertised are refused.
+    let mut up = d.up(&["--device", DEVICE, "--accept-routes"]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(up.lines.iter().any(|l| l.contains(&lan) && l.contains("(advertised)")), "{:?}", up.lines);
+    assert!(!up.lines.iter().any(|l| l.contains("0.0.0.0/1") || l.contains("100.80.7.0/24")), "{:?}", up.lines);
+    assert_eq!(echo_once(&pc, target, b"via advertised route").unwrap(), b"via advertised route");
+    let log = up.log();
+    assert!(log.contains("advertised route skipped"), "{}", tail(&log));
+    assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
+}

@@ -110,6 +110,13 @@ enum Cmd {
         /// Set up each device's session at start instead of on its first flow.
         #[arg(long)]
         eager: bool,
+        /// Route the LAN prefixes the devices advertise (`npd --advertise-route`) to them.
+        /// Without it they are listed, not used. Each is vetted first: none broader than a /8
+        /// (IPv6: /16), none over loopback, multicast or the np subnet, and none over a prefix
+        /// already routed (a --route, or another device's); those are skipped with a warning.
+        /// Put `accept_routes = true` under [up] in the config file to accept them once for all.
+        #[arg(long)]
+        accept_routes: bool,
         /// How long to wait for a device to answer a session request.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -257,13 +264,13 @@ async fn run(cli: Cli) -> Result<()> {
                 _ = np_cli::shutdown_signal() => Ok(()),
             }
         }
-        Cmd::Up { me, relay, relay_address, devices, routes, subnet, name, eager, timeout } => {
+        Cmd::Up { me, relay, relay_address, devices, routes, subnet, name, eager, accept_routes, timeout } => {
             let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
             let (router, _requests) = Router::start(incoming);
             let relay = np_cli::pick_relay(&ctl, relay).await?;
             let relays = np_cli::relay_book(&relay, relay_address);
             let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays };
-            let opts = UpOptions { relay, devices, routes, subnet, name, eager, verbose: cli.verbose };
+            let opts = UpOptions { relay, devices, routes, subnet, name, eager, accept_routes, verbose: cli.verbose };
             np_cli::up::run(connector, opts, np_cli::shutdown_signal()).await
         }
         Cmd::EndSessions { me, to, of } => np_cli::end_sessions::run(&home, me.as_ref(), &to, &of).await,

@@ -35,6 +35,12 @@ struct Cli {
     /// Targets this daemon will dial: comma-separated host:port, *:port, host:* or *:*.
     #[arg(long, default_value = "localhost:22")]
     permit_open: String,
+    /// A LAN prefix behind this device that clients may route to it (repeatable, e.g.
+    /// 192.168.1.0/24). Only an offer: a client uses it once its user accepts this device's
+    /// routes (`np up --accept-routes`), and --permit-open still decides which hosts and ports
+    /// behind it this daemon dials.
+    #[arg(long = "advertise-route", value_name = "PREFIX")]
+    advertise_routes: Vec<String>,
     /// A relay this device trusts, by identity (repeatable, e.g. --relay @relay). The device
     /// joins sessions only at these relays, dialled at the address each publishes in a record
     /// signed with its own key, and checks at join that the relay proves that identity
@@ -78,6 +84,13 @@ async fn run(cli: Cli) -> Result<()> {
         anyhow::bail!("nobody could connect: give at least one --manager @NAME or a --policy @NAME");
     }
     let permit = PermitOpen::parse_list(&cli.permit_open).map_err(|e| anyhow::anyhow!("--permit-open: {e}"))?;
+    for r in &cli.advertise_routes {
+        r.parse::<np_netstack::Prefix>().map_err(|e| anyhow::anyhow!("--advertise-route {r}: {e}"))?;
+        // Published all the same: it is only an offer, and clients vet it the same way.
+        if let Err(e) = np_cli::up::vet_route(r, None) {
+            tracing::warn!("--advertise-route {r}: clients will not use it: {e}");
+        }
+    }
     let home = Home::resolve(cli.home.as_deref());
     let (ctl, incoming) = np_cli::connect_control_retrying(&home, cli.me.as_ref()).await?;
     let mut cfg = DaemonConfig::new(&cli.device);
@@ -89,6 +102,13 @@ async fn run(cli: Cli) -> Result<()> {
     cfg.share_with = cli.share_with;
     cfg.heartbeat = cli.heartbeat;
     cfg.mux = np_cli::mux_config(cli.keepalive);
+    {
+        // Published (or withdrawn, when empty) on every start, for the same readers as the
+        // device's info.
+        let (ctl, device, readers) = (ctl.clone(), cfg.device.clone(), cfg.readers(ctl.me()));
+        let routes = cli.advertise_routes.clone();
+        tokio::spawn(async move { np_tunnel::routes::publish(&ctl, &device, &routes, readers).await });
+    }
     let relays = match &cfg.relays {
         Some(list) => list.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(","),
         None => "the control plane's list".to_string(),

@@ -9,7 +9,8 @@
 //! - [`replay`]: freshness and single use of requests;
 //! - [`client`]: the client's session setup;
 //! - [`daemon`]: the device daemon's checks and service;
-//! - [`policy`]: delegating the decision to a policy identity.
+//! - [`policy`]: delegating the decision to a policy identity;
+//! - [`routes`]: the LAN routes a device advertises.
 
 pub mod admission;
 pub mod client;
@@ -20,6 +21,7 @@ pub mod policy;
 pub mod relays;
 pub mod replay;
 pub mod router;
+pub mod routes;
 pub mod slot;
 
 pub use admission::Refusal;
