@@ -174,12 +174,33 @@ async fn heartbeat(d: Arc<Daemon>) {
     };
     let value = postcard::to_stdvec(&info).unwrap_or_default();
     let readers = d.cfg.readers(d.ctl.me());
+    let key = device_key(&d.cfg.device);
     let mut tick = tokio::time::interval(d.cfg.heartbeat);
+    let mut held = false;
     loop {
         tick.tick().await;
-        match d.ctl.publish(&device_key(&d.cfg.device), value.clone(), readers.clone()).await {
+        match d.ctl.publish(&key, value.clone(), readers.clone()).await {
             Ok(()) => tracing::trace!("heartbeat published"),
-            Err(e) => tracing::warn!(error = %e, "could not publish the heartbeat; will retry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish the heartbeat; will retry");
+                continue;
+            }
+        }
+        // Once the record exists: held present on this connection and every later one, so the
+        // control plane marks the device gone the moment its connection closes (the heartbeat
+        // still covers a connection that died without closing).
+        if !held {
+            match d.ctl.hold(&key).await {
+                Ok(()) => {
+                    held = true;
+                    tracing::debug!(%key, "device record held present while connected");
+                }
+                Err(e) => {
+                    // A control plane that cannot track presence will not learn to by retrying.
+                    held = matches!(e, np_control_client::ClientError::Protocol(_));
+                    tracing::warn!(error = %e, "could not hold the device record present; readers go by the heartbeat")
+                }
+            }
         }
     }
 }
