@@ -54,6 +54,21 @@ pub fn device_key(device: &str) -> String {
     format!("device/{device}")
 }
 
+/// Which relays a device joins sessions at (record `trust/NAME`, readable by whoever may
+/// read its info), so that `np relays` can say which of a user's devices trust which relay. A
+/// record apart from [`DeviceInfo`], so that readers of older device records still decode them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRelays {
+    pub device: String,
+    /// Its own `--relay` list; `None`: the control plane operator's list.
+    pub relays: Option<Vec<Name>>,
+}
+
+/// Record key of a device's [`DeviceRelays`].
+pub fn trust_key(device: &str) -> String {
+    format!("trust/{device}")
+}
+
 /// How the daemon runs.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -175,8 +190,10 @@ async fn heartbeat(d: Arc<Daemon>) {
     let value = postcard::to_stdvec(&info).unwrap_or_default();
     let readers = d.cfg.readers(d.ctl.me());
     let key = device_key(&d.cfg.device);
+    let trust = DeviceRelays { device: d.cfg.device.clone(), relays: d.cfg.relays.clone() };
+    let trust = postcard::to_stdvec(&trust).unwrap_or_default();
     let mut tick = tokio::time::interval(d.cfg.heartbeat);
-    let mut held = false;
+    let (mut held, mut trust_published) = (false, false);
     loop {
         tick.tick().await;
         match d.ctl.publish(&key, value.clone(), readers.clone()).await {
@@ -200,6 +217,13 @@ async fn heartbeat(d: Arc<Daemon>) {
                     held = matches!(e, np_control_client::ClientError::Protocol(_));
                     tracing::warn!(error = %e, "could not hold the device record present; readers go by the heartbeat")
                 }
+            }
+        }
+        // It changes only with npd's flags: published once per start.
+        if !trust_published {
+            match d.ctl.publish(&trust_key(&d.cfg.device), trust.clone(), readers.clone()).await {
+                Ok(()) => trust_published = true,
+                Err(e) => tracing::warn!(error = %e, "could not publish which relays this device trusts; will retry"),
             }
         }
     }
