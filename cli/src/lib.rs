@@ -9,6 +9,7 @@ pub mod dns;
 pub mod doctor;
 pub mod end_sessions;
 pub mod forward;
+pub mod relays;
 pub mod up;
 
 /// Parses the command line of `C` with its config file merged in (see `np_config`). The

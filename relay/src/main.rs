@@ -24,7 +24,7 @@ enum Forwarding {
 /// How long start-up waits for the control plane before serving without it.
 const STARTUP_WAIT: Duration = Duration::from_secs(5);
 /// How often the relay re-publishes its address record (it is also its sign of life).
-const REPUBLISH_EVERY: Duration = Duration::from_secs(60);
+const REPUBLISH_EVERY: Duration = np_relay::record::REFRESH;
 
 /// The np relay: the client and the device daemon each connect here (outbound), authenticate for
 /// a session with their identity keys, and are paired; the relay then forwards their end-to-end
@@ -51,7 +51,8 @@ struct Cli {
     /// the listening address.
     #[arg(long, value_name = "HOST:PORT", env = "NP_RELAY_ADVERTISE", value_delimiter = ',')]
     advertise: Vec<String>,
-    /// A region label published with the addresses (e.g. `eu`), for choosing among relays.
+    /// A region label published with the addresses (e.g. `eu`), for choosing among relays
+    /// (`np relays` shows it): letters, digits, `-`, `_` and `.`, at most 32.
     #[arg(long, value_name = "LABEL", env = "NP_RELAY_REGION")]
     region: Option<String>,
     /// Home directory holding the relay's keys and control-plane address [default: ~/.np].
@@ -116,6 +117,9 @@ async fn run(cli: Cli) -> Result<()> {
             anyhow::bail!("--advertise {a:?} is not HOST:PORT");
         }
     }
+    if let Some(r) = cli.region.as_deref().filter(|r| !np_relay::record::valid_region(r)) {
+        anyhow::bail!("--region {r:?} is not a region label (letters, digits, '-', '_' and '.', at most 32)");
+    }
     if cli.advertise.is_empty() && cli.listen.ip().is_unspecified() {
         anyhow::bail!(
             "listening on {} (every address): say where clients and devices reach this relay with --advertise HOST:PORT (e.g. --advertise relay.example:{})",
@@ -155,8 +159,10 @@ async fn run(cli: Cli) -> Result<()> {
     };
     // Published before the banner when the control plane answered, so that a relay that says
     // it is running can be found.
-    let published = reached && publish_once(&directory, &info, STARTUP_WAIT).await;
-    tokio::spawn(publish_record(directory, info.clone(), published));
+    // Whether the record is held present on the control connection yet.
+    let mut held = false;
+    let published = reached && publish_once(&directory, &info, STARTUP_WAIT, &mut held).await;
+    tokio::spawn(publish_record(directory, info.clone(), published, held));
     let metrics = match cli.metrics {
         Some(m) => Some(
             np_metrics::http::bind_and_serve(m, relay.metrics())
@@ -217,20 +223,33 @@ fn print_banner(config: &RelayConfig, addr: SocketAddr, control: &str, reached: 
 }
 
 /// Publishes the relay's address record, signed with its key and readable by every identity,
-/// and refreshes it: devices and clients dial the relay only at these addresses.
-async fn publish_record(directory: Arc<ControlDirectory>, info: RelayInfo, mut published: bool) {
+/// and refreshes it: devices and clients dial the relay only at these addresses, and its signed
+/// timestamp says the relay is up.
+async fn publish_record(directory: Arc<ControlDirectory>, info: RelayInfo, mut published: bool, mut held: bool) {
     loop {
         // Quick retries until the first success, then a refresh now and then.
         tokio::time::sleep(if published { REPUBLISH_EVERY } else { Duration::from_secs(2) }).await;
-        published = publish_once(&directory, &info, REPUBLISH_EVERY).await;
+        published = publish_once(&directory, &info, REPUBLISH_EVERY, &mut held).await;
     }
 }
 
-async fn publish_once(directory: &ControlDirectory, info: &RelayInfo, wait: Duration) -> bool {
+async fn publish_once(directory: &ControlDirectory, info: &RelayInfo, wait: Duration, held: &mut bool) -> bool {
     match directory.client_within(wait).await {
         Some(client) => match client.publish(RELAY_RECORD, info.encode(), Vec::new()).await {
             Ok(()) => {
-                tracing::info!(addresses = ?info.addresses, "relay record published");
+                tracing::info!(addresses = ?info.addresses, region = ?info.region, "relay record published");
+                // Held while the relay is connected (and again after every reconnection): when
+                // the relay stops, the control plane marks it gone at once, and `np relays`
+                // says so without waiting for the record to go stale.
+                if !*held {
+                    match client.hold(RELAY_RECORD).await {
+                        Ok(()) => *held = true,
+                        Err(e) => {
+                            *held = matches!(e, np_control_client::ClientError::Protocol(_));
+                            tracing::warn!(error = %e, "could not hold the relay record present; readers go by its age");
+                        }
+                    }
+                }
                 true
             }
             Err(e) => {

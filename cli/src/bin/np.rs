@@ -148,6 +148,27 @@ enum Cmd {
         #[arg(long = "as")]
         me: Option<Name>,
     },
+    /// List the relays the control plane's operator lists: whether each is up, its region, the
+    /// round trip to it from here, and which of your devices trust it.
+    ///
+    /// STATE is `up` while the relay is connected to the control plane and its signed record is
+    /// fresh (it republishes it every minute), `gone` once its connection closed or its record is
+    /// three minutes old. RTT is the time to complete the relay's authenticated join challenge
+    /// from here (the relay protocol has no ping): TCP connect, its challenge, our signed join
+    /// for a throwaway session, and its signed proof that it holds the relay's key, checked here;
+    /// so it is about two round trips plus the relay's check of our key. A relay that does not
+    /// answer within --timeout shows as `unreachable`, with the reason below the table. A relay
+    /// whose record does not verify against its key is `skipped`: never trusted, never dialled.
+    /// TRUSTED BY names the devices (of those that share their info with you) that would join a
+    /// session there.
+    Relays {
+        /// Your identity [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+        /// How long each relay has to answer the probe.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Check this setup piece by piece and say what to fix: keys, control plane (reachable,
     /// certificate pin, authentication), relay, and a device (live, permit-open).
     ///
@@ -279,6 +300,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Devices { me } => np_cli::devices::run(&home, me.as_ref()).await,
+        Cmd::Relays { me, timeout } => np_cli::relays::run(&home, me.as_ref(), timeout).await,
         Cmd::Doctor { me, relay, device } => {
             let opts = np_cli::doctor::DoctorOptions { me, relay, device };
             let report = np_cli::doctor::run(&home, &opts).await;

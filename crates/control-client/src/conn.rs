@@ -3,13 +3,13 @@
 use crate::{ClientError, Inner};
 use np_control_proto::{
     auth_transcript, enroll_transcript, ClientFrame, Delivery, EnrolCode, Reply, Request, ServerFrame, ServerHello,
-    MAX_FRAME, TLS_SERVER_NAME,
+    MAX_FRAME, PRESENCE_VERSION, TLS_SERVER_NAME,
 };
 use np_identity::home::ControlConfig;
 use np_identity::{Keys, Name};
 use np_wire::io::{read_msg, write_msg};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::io::{ReadHalf, WriteHalf};
@@ -36,9 +36,11 @@ pub(crate) struct Cmd {
 pub(crate) struct Conn {
     rd: ReadHalf<Tls>,
     wr: WriteHalf<Tls>,
+    /// The protocol version in the server's hello.
+    pub version: u16,
 }
 
-async fn dial(cfg: &ControlConfig) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, [u8; 32]), ClientError> {
+async fn dial(cfg: &ControlConfig) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, ServerHello), ClientError> {
     let address = cfg.address.clone();
     let tcp = TcpStream::connect(&cfg.address)
         .await
@@ -57,7 +59,7 @@ async fn dial(cfg: &ControlConfig) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, [u8
         .await
         .map_err(|e| ClientError::Protocol(e.to_string()))?
         .ok_or(ClientError::Disconnected)?;
-    Ok((rd, wr, hello.nonce))
+    Ok((rd, wr, hello))
 }
 
 async fn first(rd: &mut ReadHalf<Tls>, wr: &mut WriteHalf<Tls>, req: Request) -> Result<Reply, ClientError> {
@@ -77,10 +79,10 @@ impl Conn {
     /// Connects and authenticates as `me`.
     pub async fn open(cfg: &ControlConfig, me: &Name, keys: &Keys) -> Result<Conn, ClientError> {
         let fut = async {
-            let (mut rd, mut wr, nonce) = dial(cfg).await?;
-            let sig = keys.sign(&auth_transcript(&nonce, me)).to_vec();
+            let (mut rd, mut wr, hello) = dial(cfg).await?;
+            let sig = keys.sign(&auth_transcript(&hello.nonce, me)).to_vec();
             match first(&mut rd, &mut wr, Request::Auth { name: me.clone(), sig }).await? {
-                Reply::Authenticated { name } if &name == me => Ok(Conn { rd, wr }),
+                Reply::Authenticated { name } if &name == me => Ok(Conn { rd, wr, version: hello.version }),
                 other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             }
         };
@@ -90,9 +92,9 @@ impl Conn {
     /// Enrols `me` with `keys` using `code`.
     pub async fn enroll(cfg: &ControlConfig, me: &Name, keys: &Keys, code: &EnrolCode) -> Result<(), ClientError> {
         let fut = async {
-            let (mut rd, mut wr, nonce) = dial(cfg).await?;
+            let (mut rd, mut wr, hello) = dial(cfg).await?;
             let public = keys.public();
-            let sig = keys.sign(&enroll_transcript(&nonce, me, &public)).to_vec();
+            let sig = keys.sign(&enroll_transcript(&hello.nonce, me, &public)).to_vec();
             let req = Request::Enroll { secret: code.secret, name: me.clone(), keys: public, sig };
             match first(&mut rd, &mut wr, req).await? {
                 Reply::Enrolled { name } if &name == me => Ok(()),
@@ -114,6 +116,8 @@ pub(crate) struct Outlets {
     pub acks: mpsc::Sender<u64>,
     /// Whether a connection is up right now (a cached key is served without asking while not).
     pub connected: Arc<AtomicBool>,
+    /// The protocol version of the server of the current connection.
+    pub version: Arc<AtomicU16>,
 }
 
 /// Keeps a connection up until every client handle is dropped.
@@ -127,8 +131,15 @@ pub(crate) async fn run(
 ) {
     let mut seen: VecDeque<u64> = VecDeque::with_capacity(SEEN);
     loop {
+        out.version.store(conn.version, Ordering::Relaxed);
         out.connected.store(true, Ordering::Relaxed);
-        let reason = serve(conn, &mut cmds, &out, &mut seen).await;
+        // What this identity holds present is held again on every new connection (the server
+        // released it when the old one closed).
+        let holds = match inner.upgrade() {
+            Some(i) if conn.version >= PRESENCE_VERSION => i.holds.lock().map(|h| h.clone()).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let reason = serve(conn, &mut cmds, &out, &mut seen, holds).await;
         out.connected.store(false, Ordering::Relaxed);
         let Some(reason) = reason else { return };
         tracing::warn!(%me, address = %cfg.address, %reason, "control-plane connection lost; reconnecting");
@@ -162,8 +173,14 @@ pub(crate) async fn run(
 /// server sends no more unacknowledged). So a reply is always read and handed over however many
 /// pushes arrive; before, the loop waited for room in a full push queue while the code that
 /// empties it waited here for its key lookups and acks, and each queued push cost two timeouts.
-async fn serve(conn: Conn, cmds: &mut mpsc::Receiver<Cmd>, out: &Outlets, seen: &mut VecDeque<u64>) -> Option<String> {
-    let Conn { mut rd, mut wr } = conn;
+async fn serve(
+    conn: Conn,
+    cmds: &mut mpsc::Receiver<Cmd>,
+    out: &Outlets,
+    seen: &mut VecDeque<u64>,
+    holds: Vec<String>,
+) -> Option<String> {
+    let Conn { mut rd, mut wr, .. } = conn;
     let (frames_tx, mut frames) = mpsc::channel::<Result<ServerFrame, String>>(64);
     // read_msg is not cancel-safe, so reading lives in its own task.
     let reader = tokio::spawn(async move {
@@ -192,6 +209,23 @@ async fn serve(conn: Conn, cmds: &mut mpsc::Receiver<Cmd>, out: &Outlets, seen: 
     });
     let mut pending: HashMap<u32, oneshot::Sender<Result<Reply, ClientError>>> = HashMap::new();
     let mut next_id: u32 = 2;
+    // Holds first, before any request queued meanwhile (a publish, say): at most MAX_HOLDS.
+    for key in holds {
+        let id = next_id;
+        next_id += 1;
+        let (tx, rx) = oneshot::channel();
+        if out_tx.send(ClientFrame { id, req: Request::Hold { key: key.clone() } }).is_err() {
+            break;
+        }
+        pending.insert(id, tx);
+        tokio::spawn(async move {
+            match rx.await {
+                Ok(Ok(_)) => tracing::debug!(%key, "record held again after reconnecting"),
+                Ok(Err(e)) => tracing::warn!(%key, error = %e, "could not hold the record again after reconnecting"),
+                Err(_) => {}
+            }
+        });
+    }
     let reason = loop {
         tokio::select! {
             cmd = cmds.recv(), if pending.len() < MAX_OUTSTANDING => {

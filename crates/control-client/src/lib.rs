@@ -10,14 +10,14 @@ mod error;
 pub mod tls;
 
 pub use error::ClientError;
-pub use np_control_proto::{ErrorCode, Record};
+pub use np_control_proto::{ErrorCode, Presence, Record, RecordState};
 
 use conn::{Cmd, Conn, Outlets};
-use np_control_proto::{EnrolCode, Reply, Request, MAX_ACK_BATCH, PUSH_WINDOW};
+use np_control_proto::{EnrolCode, Reply, Request, MAX_ACK_BATCH, MAX_HOLDS, PRESENCE_VERSION, PUSH_WINDOW};
 use np_identity::home::{ControlConfig, Home};
 use np_identity::{Envelope, Keys, Name, PublicKeys};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -74,6 +74,10 @@ struct Inner {
     /// Keys looked up, with when the control plane last confirmed them.
     known: Mutex<HashMap<Name, (PublicKeys, Instant)>>,
     connected: Arc<AtomicBool>,
+    /// The protocol version of the server of the current connection.
+    version: Arc<AtomicU16>,
+    /// Record keys held present on every connection ([`ControlClient::hold`]).
+    holds: Mutex<Vec<String>>,
 }
 
 /// A connected, authenticated control-plane client. Cheap to clone.
@@ -116,6 +120,7 @@ impl ControlClient {
         let (ack_tx, ack_rx) = mpsc::channel(PUSH_QUEUE);
         let (msg_tx, msg_rx) = mpsc::channel(1024);
         let connected = Arc::new(AtomicBool::new(true));
+        let version = Arc::new(AtomicU16::new(conn.version));
         let inner = Arc::new(Inner {
             me: me.clone(),
             keys,
@@ -123,9 +128,11 @@ impl ControlClient {
             cmd: cmd_tx,
             known: Mutex::new(HashMap::new()),
             connected: connected.clone(),
+            version: version.clone(),
+            holds: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&inner);
-        let outlets = Outlets { pushes: push_tx, acks: ack_tx.clone(), connected };
+        let outlets = Outlets { pushes: push_tx, acks: ack_tx.clone(), connected, version };
         tokio::spawn(conn::run(conn, cfg, me.clone(), weak.clone(), cmd_rx, outlets));
         tokio::spawn(open_pushes(weak.clone(), push_rx, msg_tx, ack_tx));
         tokio::spawn(acknowledge(weak, ack_rx));
@@ -283,6 +290,71 @@ impl ControlClient {
         Ok(out)
     }
 
+    /// Whether the control plane of the current connection knows presence (`hold` and the
+    /// `*_with_presence` requests).
+    fn knows_presence(&self) -> bool {
+        self.inner.version.load(Ordering::Relaxed) >= PRESENCE_VERSION
+    }
+
+    /// Holds this identity's record `key` present for as long as this client is connected, on
+    /// this connection and every later one: when the client's last connection closes (the
+    /// process ends, or its host drops off the network and TCP notices), readers see the record
+    /// disconnected at once. A control plane too old to know presence is an error (readers then
+    /// judge by the record's timestamp alone).
+    pub async fn hold(&self, key: &str) -> Result<(), ClientError> {
+        if !self.knows_presence() {
+            return Err(ClientError::Protocol("the control plane is too old to track presence".into()));
+        }
+        {
+            let mut holds = self.inner.holds.lock().map_err(|_| ClientError::Closed)?;
+            if !holds.iter().any(|k| k == key) {
+                if holds.len() >= MAX_HOLDS {
+                    return Err(ClientError::Protocol(format!("at most {MAX_HOLDS} records can be held")));
+                }
+                holds.push(key.to_string());
+            }
+        }
+        match self.request(Request::Hold { key: key.to_string() }).await? {
+            Reply::Held => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Like [`ControlClient::list`], each record with its presence (`Unknown` from a control
+    /// plane too old to know it).
+    pub async fn list_with_presence(&self, prefix: &str) -> Result<Vec<RecordState>, ClientError> {
+        if !self.knows_presence() {
+            let records = self.list(prefix).await?;
+            return Ok(records.into_iter().map(|record| RecordState { record, presence: Presence::Unknown }).collect());
+        }
+        let states = match self.request(Request::ListWithPresence { key_prefix: prefix.to_string() }).await? {
+            Reply::RecordStates(r) => r,
+            other => return Err(unexpected(other)),
+        };
+        let mut out = Vec::with_capacity(states.len());
+        for s in states {
+            match self.verified(s.record).await {
+                Ok(record) => out.push(RecordState { record, presence: s.presence }),
+                Err(e) => tracing::warn!(error = %e, "dropping a record"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Like [`ControlClient::fetch`], with the record's presence.
+    pub async fn fetch_with_presence(&self, owner: &Name, key: &str) -> Result<RecordState, ClientError> {
+        if !self.knows_presence() {
+            let record = self.fetch(owner, key).await?;
+            return Ok(RecordState { record, presence: Presence::Unknown });
+        }
+        match self.request(Request::FetchWithPresence { owner: owner.clone(), key: key.to_string() }).await? {
+            Reply::RecordState(s) if &s.record.owner == owner && s.record.key == key => {
+                Ok(RecordState { record: self.verified(s.record).await?, presence: s.presence })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Seals `payload` to `to` and sends it; the server keeps it up to `ttl` for an absent
     /// recipient.
     pub async fn send(&self, to: &Name, payload: &[u8], ttl: Duration) -> Result<Sent, ClientError> {
@@ -310,6 +382,9 @@ fn request_name(r: &Request) -> &'static str {
         Request::AckMany { .. } => "acknowledging notifications",
         Request::Ping => "ping",
         Request::Relays => "listing relays",
+        Request::Hold { .. } => "holding a record present",
+        Request::ListWithPresence { .. } => "listing records",
+        Request::FetchWithPresence { .. } => "fetching a record",
     }
 }
 

@@ -67,6 +67,35 @@ pub enum Request {
     /// The relays this control plane's operator lists (`np-control relay add`): the relays a
     /// device trusts when it names none itself.
     Relays,
+    /// Mark the caller's record `key` present for as long as this connection lasts: when the
+    /// last connection of the caller holding it closes, readers see it [`Presence::Disconnected`]
+    /// at once (rather than when its heartbeat lapses). Only for servers of
+    /// [`crate::PRESENCE_VERSION`] or later; a connection holds at most [`crate::MAX_HOLDS`] keys.
+    Hold { key: String },
+    /// Like `List`, each record with its [`Presence`].
+    ListWithPresence { key_prefix: String },
+    /// Like `Fetch`, with the record's [`Presence`].
+    FetchWithPresence { owner: Name, key: String },
+}
+
+/// Whether a record's owner is connected and holding it (`Request::Hold`), as the server knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Presence {
+    /// A connection of the owner holds it, since `since_ms` (server clock, ms since the Unix
+    /// epoch).
+    Connected { since_ms: u64 },
+    /// It was held, and the last connection holding it closed at `at_ms` (server clock).
+    Disconnected { at_ms: u64 },
+    /// Not held since this server started (an owner that does not hold it, or a server restart):
+    /// judge by the record's own timestamp.
+    Unknown,
+}
+
+/// A record with its presence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordState {
+    pub record: Record,
+    pub presence: Presence,
 }
 
 /// A record an identity publishes, signed by it. Public unless `readers` names who may read it.
@@ -156,6 +185,12 @@ pub enum Reply {
     Pong,
     /// The operator's relay list.
     Relays(Vec<Name>),
+    /// The key is held for as long as this connection lasts.
+    Held,
+    /// Answer to `ListWithPresence`.
+    RecordStates(Vec<RecordState>),
+    /// Answer to `FetchWithPresence`.
+    RecordState(RecordState),
 }
 
 /// A refused request, with a machine-readable code and a message for humans.

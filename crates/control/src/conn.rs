@@ -4,8 +4,9 @@
 use crate::state::Shared;
 use crate::store::{Store, StoreError};
 use np_control_proto::{
-    auth_transcript, enroll_transcript, ClientFrame, Delivery, ErrorCode, ErrorReply, IdentityInfo, Reply, Request,
-    ServerFrame, ServerHello, MAX_ACK_BATCH, MAX_FRAME, MAX_PREAUTH_FRAME, PROTOCOL_VERSION, PUSH_WINDOW,
+    auth_transcript, enroll_transcript, ClientFrame, Delivery, ErrorCode, ErrorReply, IdentityInfo, Record,
+    RecordState, Reply, Request, ServerFrame, ServerHello, MAX_ACK_BATCH, MAX_FRAME, MAX_PREAUTH_FRAME,
+    PROTOCOL_VERSION, PUSH_WINDOW,
 };
 use np_identity::Name;
 use np_wire::io::{read_msg, write_msg};
@@ -121,6 +122,7 @@ pub(crate) async fn serve(
     // Registered before the queue is read, so a notification arriving in between is pushed (and
     // perhaps sent twice; the writer and the client drop duplicates) rather than missed.
     shared.hub.add(&me.name, conn, crate::hub::ConnHandle { tx: live_tx, kill: kill.clone(), resync: resync.clone() });
+    shared.presence.open(conn);
     // A notification pushed just before this registration missed it, and its commit may still be
     // on its way, so the queue read next could miss it too and it would reach this connection
     // never. Every such commit was submitted to the (ordered) write lane before now: wait for
@@ -132,11 +134,15 @@ pub(crate) async fn serve(
     let backlog = tokio::spawn(read_backlog(shared.clone(), me.name.clone(), pages_tx, resync));
     let mut writer = tokio::spawn(write_loop(reply_rx, live_rx, pages_rx, window.clone(), wr));
     let result = tokio::select! {
-        r = read_loop(&shared, &me, rd, reply_tx, &window) => r,
+        r = read_loop(&shared, &me, conn, rd, reply_tx, &window) => r,
         _ = kill.notified() => Err("closed by the operator (revoked)".into()),
         _ = &mut writer => Err("writing to it failed".into()),
     };
     shared.hub.remove(&me.name, conn);
+    // At once, before the writer drains: readers see the device gone within their next request.
+    for (_, key) in shared.presence.close(conn, crate::now_ms()) {
+        tracing::info!(name = %me.name, conn, %key, "no connection holds the record any more: disconnected");
+    }
     backlog.abort();
     // The writer ends once every reply of the requests still running is written.
     if !writer.is_finished() {
@@ -411,6 +417,7 @@ async fn enroll(
 async fn read_loop(
     shared: &Arc<Shared>,
     me: &IdentityInfo,
+    conn: u64,
     mut rd: ReadHalf<Tls>,
     replies: mpsc::Sender<(ServerFrame, OwnedSemaphorePermit)>,
     window: &Arc<Window>,
@@ -440,7 +447,7 @@ async fn read_loop(
         }
         let (shared, me, replies) = (shared.clone(), me.clone(), replies.clone());
         tokio::spawn(async move {
-            let result = handle(&shared, &me, frame.req).await;
+            let result = handle(&shared, &me, conn, frame.req).await;
             if let Err(e) = &result {
                 shared.metrics.refused(e.code);
             }
@@ -449,7 +456,7 @@ async fn read_loop(
     }
 }
 
-async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, req: Request) -> Result<Reply, ErrorReply> {
+async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, conn: u64, req: Request) -> Result<Reply, ErrorReply> {
     let store = &shared.store;
     match req {
         Request::Auth { .. } | Request::Enroll { .. } => Err(err(ErrorCode::BadRequest, "already authenticated")),
@@ -494,6 +501,37 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, req: Request) -> Result
         Request::List { key_prefix } => {
             let reader = me.name.clone();
             Ok(Reply::Records(db(store, move |s| s.records_for(&reader, &key_prefix, MAX_LIST)).await?))
+        }
+        Request::ListWithPresence { key_prefix } => {
+            let reader = me.name.clone();
+            let records = db(store, move |s| s.records_for(&reader, &key_prefix, MAX_LIST)).await?;
+            let with =
+                |record: Record| RecordState { presence: shared.presence.of(&record.owner, &record.key), record };
+            Ok(Reply::RecordStates(records.into_iter().map(with).collect()))
+        }
+        Request::FetchWithPresence { owner, key } => {
+            let reader = me.name.clone();
+            let (o, k) = (owner.clone(), key.clone());
+            match db(store, move |s| s.record(&o, &k)).await? {
+                Some(r) if r.readable_by(&reader) => {
+                    Ok(Reply::RecordState(RecordState { presence: shared.presence.of(&r.owner, &r.key), record: r }))
+                }
+                _ => Err(err(ErrorCode::NotFound, format!("no record {key} of {owner} that you may read"))),
+            }
+        }
+        Request::Hold { key } => {
+            if key.len() > MAX_RECORD_KEY {
+                return Err(err(ErrorCode::TooLarge, format!("record keys are limited to {MAX_RECORD_KEY} bytes")));
+            }
+            // Keyed by the authenticated name: a connection holds only its own identity's records.
+            match shared.presence.hold(conn, &me.name, &key, crate::now_ms()) {
+                Ok(()) => {
+                    tracing::debug!(name = %me.name, conn, %key, "record held while this connection lasts");
+                    Ok(Reply::Held)
+                }
+                Err(e @ crate::presence::HoldError::Closed) => Err(err(ErrorCode::BadRequest, e.to_string())),
+                Err(e) => Err(err(ErrorCode::TooLarge, e.to_string())),
+            }
         }
         Request::Notify { envelope, ttl_secs } => notify(shared, me, envelope, ttl_secs).await,
         Request::Relays => Ok(Reply::Relays(db(store, |s| s.relays()).await?)),

@@ -10,6 +10,7 @@ mod conn;
 mod hub;
 mod lane;
 mod metrics;
+mod presence;
 mod relays;
 mod server;
 mod state;

@@ -49,6 +49,7 @@ impl ControlServer {
             metrics,
             store,
             hub: Hub::default(),
+            presence: Default::default(),
             public_address,
             next_conn: AtomicU64::new(1),
             lane,

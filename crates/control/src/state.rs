@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     pub cfg: ServerConfig,
     pub store: Arc<Store>,
     pub hub: Hub,
+    /// Which records are held by a live connection of their owner.
+    pub presence: crate::presence::PresenceTable,
     pub public_address: String,
     pub next_conn: AtomicU64,
     /// Every database write goes through here, in order.

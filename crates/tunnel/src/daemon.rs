@@ -54,6 +54,21 @@ pub fn device_key(device: &str) -> String {
     format!("device/{device}")
 }
 
+/// Which relays a device joins sessions at (record `trust/NAME`, readable by whoever may
+/// read its info), so that `np relays` can say which of a user's devices trust which relay. A
+/// record apart from [`DeviceInfo`], so that readers of older device records still decode them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRelays {
+    pub device: String,
+    /// Its own `--relay` list; `None`: the control plane operator's list.
+    pub relays: Option<Vec<Name>>,
+}
+
+/// Record key of a device's [`DeviceRelays`].
+pub fn trust_key(device: &str) -> String {
+    format!("trust/{device}")
+}
+
 /// How the daemon runs.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -174,12 +189,42 @@ async fn heartbeat(d: Arc<Daemon>) {
     };
     let value = postcard::to_stdvec(&info).unwrap_or_default();
     let readers = d.cfg.readers(d.ctl.me());
+    let key = device_key(&d.cfg.device);
+    let trust = DeviceRelays { device: d.cfg.device.clone(), relays: d.cfg.relays.clone() };
+    let trust = postcard::to_stdvec(&trust).unwrap_or_default();
     let mut tick = tokio::time::interval(d.cfg.heartbeat);
+    let (mut held, mut trust_published) = (false, false);
     loop {
         tick.tick().await;
-        match d.ctl.publish(&device_key(&d.cfg.device), value.clone(), readers.clone()).await {
+        match d.ctl.publish(&key, value.clone(), readers.clone()).await {
             Ok(()) => tracing::trace!("heartbeat published"),
-            Err(e) => tracing::warn!(error = %e, "could not publish the heartbeat; will retry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish the heartbeat; will retry");
+                continue;
+            }
+        }
+        // Once the record exists: held present on this connection and every later one, so the
+        // control plane marks the device gone the moment its connection closes (the heartbeat
+        // still covers a connection that died without closing).
+        if !held {
+            match d.ctl.hold(&key).await {
+                Ok(()) => {
+                    held = true;
+                    tracing::debug!(%key, "device record held present while connected");
+                }
+                Err(e) => {
+                    // A control plane that cannot track presence will not learn to by retrying.
+                    held = matches!(e, np_control_client::ClientError::Protocol(_));
+                    tracing::warn!(error = %e, "could not hold the device record present; readers go by the heartbeat")
+                }
+            }
+        }
+        // It changes only with npd's flags: published once per start.
+        if !trust_published {
+            match d.ctl.publish(&trust_key(&d.cfg.device), trust.clone(), readers.clone()).await {
+                Ok(()) => trust_published = true,
+                Err(e) => tracing::warn!(error = %e, "could not publish which relays this device trusts; will retry"),
+            }
         }
     }
 }

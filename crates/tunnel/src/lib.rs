@@ -26,7 +26,7 @@ pub mod slot;
 
 pub use admission::Refusal;
 pub use client::{session_id, Connector, SetupError, Transport};
-pub use daemon::{DaemonConfig, DeviceInfo};
+pub use daemon::{trust_key, DaemonConfig, DeviceInfo, DeviceRelays};
 pub use permit::PermitOpen;
 pub use router::Router;
 pub use slot::{SessionSlot, SlotError};

@@ -79,8 +79,29 @@ pub async fn join_with_timeout(
     timeout: Duration,
 ) -> Result<TcpStream, JoinError> {
     let deadline = Instant::now() + timeout;
+    authenticate(&mut stream, keys, identity, role, session, peer, expected_relay, deadline, timeout).await?;
+    match next(&mut stream, deadline, timeout, "pair the session").await? {
+        RelayMsg::Paired => Ok(stream),
+        other => Err(unexpected(&other, "paired")),
+    }
+}
+
+/// The exchange up to `Waiting`: the relay's challenge, our Join, and its proof (checked
+/// against `expected_relay` if given). Afterwards the relay holds our place in the session.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn authenticate(
+    stream: &mut TcpStream,
+    keys: &Keys,
+    identity: &Name,
+    role: Role,
+    session: [u8; 16],
+    peer: &Name,
+    expected_relay: Option<ExpectedRelay<'_>>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), JoinError> {
     let _ = stream.set_nodelay(true);
-    let (relay, nonce) = match next(&mut stream, deadline, timeout, "send its challenge").await? {
+    let (relay, nonce) = match next(stream, deadline, timeout, "send its challenge").await? {
         RelayMsg::Challenge { relay, nonce } => (relay, nonce),
         other => return Err(unexpected(&other, "challenge")),
     };
@@ -99,22 +120,19 @@ pub async fn join_with_timeout(
         side_nonce,
         sig: keys.sign(&transcript).to_vec(),
     };
-    tokio::time::timeout_at(deadline, write_msg(&mut stream, &join))
+    tokio::time::timeout_at(deadline, write_msg(stream, &join))
         .await
         .map_err(|_| JoinError::Timeout(timeout, "accept the join"))?
         .map_err(|e| JoinError::Protocol(e.to_string()))?;
-    match next(&mut stream, deadline, timeout, "accept the join").await? {
+    match next(stream, deadline, timeout, "accept the join").await? {
         RelayMsg::Waiting { proof } => {
             if let Some(expected) = expected_relay {
                 np_identity::verify(expected.signing, &proof_transcript(&transcript, &side_nonce), &proof)
                     .map_err(|_| JoinError::NoProof(relay.clone()))?;
             }
+            Ok(())
         }
-        other => return Err(unexpected(&other, "waiting")),
-    }
-    match next(&mut stream, deadline, timeout, "pair the session").await? {
-        RelayMsg::Paired => Ok(stream),
-        other => Err(unexpected(&other, "paired")),
+        other => Err(unexpected(&other, "waiting")),
     }
 }
 

@@ -10,13 +10,23 @@ pub const RELAY_RECORD: &str = "relay";
 pub const MAX_ADDRESSES: usize = 8;
 /// Longest address, `HOST:PORT`, a reader accepts.
 pub const MAX_ADDRESS_LEN: usize = 261;
+/// Longest region label a reader shows.
+pub const MAX_REGION_LEN: usize = 32;
+/// How often a running relay publishes its record again. The record's signed timestamp
+/// (`updated_ms`) is then the relay's sign of life: one overdue by [`STALE_AFTER`] is from a
+/// relay that is gone, even if the control plane still believes its connection open.
+pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+/// A relay record older than this is from a relay that is gone: three refreshes, so one late or
+/// lost publication is not a relay gone.
+pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3 * 60);
 
 /// What a relay says about itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayInfo {
     /// Where sides connect, `HOST:PORT` each, in the relay's order of preference.
     pub addresses: Vec<String>,
-    /// A free-form region label (e.g. `eu`), for people choosing among relays.
+    /// A region label (e.g. `eu`), for people choosing among relays: letters, digits, `-`,
+    /// `_` and `.`, at most [`MAX_REGION_LEN`]; readers drop any other.
     pub region: Option<String>,
 }
 
@@ -38,9 +48,11 @@ impl RelayInfo {
     }
 
     /// Parses a record's value and keeps only well-formed addresses (`HOST:PORT`, non-zero port,
-    /// bounded length), at most [`MAX_ADDRESSES`].
+    /// bounded length), at most [`MAX_ADDRESSES`], and a well-formed region label (it is shown
+    /// on terminals: no control characters).
     pub fn decode(value: &[u8]) -> Result<RelayInfo, RecordError> {
         let mut info: RelayInfo = postcard::from_bytes(value).map_err(|_| RecordError::Malformed)?;
+        info.region = info.region.filter(|r| valid_region(r));
         info.addresses.retain(|a| valid_address(a));
         info.addresses.truncate(MAX_ADDRESSES);
         if info.addresses.is_empty() {
@@ -48,6 +60,11 @@ impl RelayInfo {
         }
         Ok(info)
     }
+}
+
+/// A region label: 1 to [`MAX_REGION_LEN`] letters, digits, `-`, `_` or `.`.
+pub fn valid_region(r: &str) -> bool {
+    !r.is_empty() && r.len() <= MAX_REGION_LEN && r.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// `HOST:PORT` (or `[V6]:PORT`) with a port from 1 to 65535 and a host of printable ASCII.
@@ -82,5 +99,18 @@ mod tests {
         let none = RelayInfo { addresses: vec!["x".into()], region: None };
         assert_eq!(RelayInfo::decode(&none.encode()), Err(RecordError::NoAddress));
         assert_eq!(RelayInfo::decode(&[0xff; 3]), Err(RecordError::Malformed));
+    }
+
+    #[test]
+    fn regions_are_checked() {
+        let with = |r: &str| RelayInfo { addresses: vec!["h:1".into()], region: Some(r.into()) };
+        assert_eq!(
+            RelayInfo::decode(&with("eu-west.1").encode()).expect("decodes").region.as_deref(),
+            Some("eu-west.1")
+        );
+        for bad in ["", "e u", "eu\x1b[31m", &"x".repeat(MAX_REGION_LEN + 1)] {
+            let back = RelayInfo::decode(&with(bad).encode()).expect("the addresses still count");
+            assert_eq!(back.region, None, "{bad:?}");
+        }
     }
 }
