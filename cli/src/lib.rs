@@ -51,26 +51,20 @@ pub async fn connect_control_retrying(home: &Home, who: Option<&Name>) -> anyhow
     }
 }
 
-/// Session settings for a keepalive interval: a ping after `keepalive` of silence, and the
-/// session declared dead after three intervals without hearing anything.
-/// The relay to use: the one named, else the first the control plane's operator lists.
-pub async fn pick_relay(ctl: &ControlClient, named: Option<Name>) -> anyhow::Result<Name> {
-    if let Some(r) = named {
-        return Ok(r);
-    }
-    let list = ctl.relays().await.map_err(|e| anyhow::anyhow!("asking the control plane for its relays: {e}"))?;
-    list.into_iter().next().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no relay: name one with --relay @NAME, or ask the control plane's operator to list one (`np-control relay add @NAME`)"
-        )
+/// Which relay sessions go through: `named` (`--relay @NAME`) always, or else the best one
+/// each device trusts among the operator's, by round trip ([`np_tunnel::choose`]).
+pub fn relay_choice(named: Option<Name>, verbose: bool) -> std::sync::Arc<np_tunnel::choose::RelayChooser> {
+    std::sync::Arc::new(match named {
+        Some(r) => np_tunnel::choose::RelayChooser::pinned(r),
+        None => np_tunnel::choose::RelayChooser::automatic(verbose),
     })
 }
 
 /// Where to find relays: their signed records, or for `relay`, the address the user gave.
-pub fn relay_book(relay: &Name, address: Option<String>) -> np_tunnel::relays::RelayBook {
-    match address {
-        Some(a) => np_tunnel::relays::RelayBook::with_override(relay.clone(), vec![a]),
-        None => np_tunnel::relays::RelayBook::default(),
+pub fn relay_book(relay: Option<&Name>, address: Option<String>) -> np_tunnel::relays::RelayBook {
+    match (relay, address) {
+        (Some(relay), Some(a)) => np_tunnel::relays::RelayBook::with_override(relay.clone(), vec![a]),
+        _ => np_tunnel::relays::RelayBook::default(),
     }
 }
 

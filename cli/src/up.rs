@@ -62,7 +62,6 @@ pub fn dns_name(d: &DeviceRef) -> String {
 /// Sets up each device's session for the netstack: the request, the relay join, the handshake.
 struct UpDialer {
     connector: Connector,
-    relay: np_identity::Name,
     /// Shared with the watcher that adds and removes devices while `np up` runs.
     devices: Devices,
     verbose: bool,
@@ -73,7 +72,6 @@ type Devices = Arc<RwLock<HashMap<String, DeviceRef>>>;
 impl Dialer for UpDialer {
     fn dial(&self, device: DeviceKey, first_target: String) -> BoxFuture<'static, Result<Dialed, SetupFailed>> {
         let connector = self.connector.clone();
-        let relay = self.relay.clone();
         let device_ref = self.devices.read().unwrap_or_else(|p| p.into_inner()).get(&device.0).cloned();
         let verbose = self.verbose;
         Box::pin(async move {
@@ -81,9 +79,9 @@ impl Dialer for UpDialer {
             let device_ref = device_ref.ok_or_else(|| unreachable(format!("no device {device}")))?;
             let t0 = Instant::now();
             let step = np_tunnel::slot::progress(verbose);
-            match connector.dial(&device_ref, &relay, &[first_target], &step).await {
-                Ok(t) => {
-                    tracing::info!(device = %device_ref, session = %t.session, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
+            match connector.dial_best(&device_ref, &[first_target], &step).await {
+                Ok((t, relay)) => {
+                    tracing::info!(device = %device_ref, session = %t.session, %relay, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
                     Ok(Dialed { stream: t.stream, keys: t.keys, session: t.session })
                 }
                 Err(e) => {
@@ -103,7 +101,6 @@ impl Dialer for UpDialer {
 
 /// What `np up` was asked for.
 pub struct UpOptions {
-    pub relay: np_identity::Name,
     pub devices: Vec<DeviceSpec>,
     pub routes: Vec<RouteSpec>,
     pub subnet: Prefix,
@@ -240,7 +237,7 @@ pub async fn run(
         let watch = Watch { connector: connector.clone(), handle: netstack.status(), devices: refs.clone(), table };
         tokio::spawn(watch.run());
     }
-    let dialer = UpDialer { connector, relay: opts.relay.clone(), devices: refs, verbose: opts.verbose };
+    let dialer = UpDialer { connector, devices: refs, verbose: opts.verbose };
     // On a runtime worker, not the thread blocked on `main`'s future: a worker drives the I/O
     // events itself, where the main thread would be woken by one for every readiness.
     let serving = tokio::spawn(netstack.serve(dialer, shutdown));

@@ -54,6 +54,7 @@ impl HostilePeer {
             timeout: Duration::from_secs(10),
             mux: MuxConfig::default(),
             relays: RelayBook::default(),
+            choice: std::sync::Arc::new(np_tunnel::choose::RelayChooser::pinned(relay.clone())),
         };
         let (stream, keys) = connector.open_transport(&device, &relay, targets, &|_| {}).await?;
         Ok(HostilePeer::new(stream, &keys, Box::new(connector)))

@@ -56,9 +56,12 @@ enum Cmd {
         /// The device, NAME@ID (e.g. pi4@alice_device).
         #[arg(long)]
         to: DeviceRef,
-        /// The relay both sides meet at, by identity (e.g. @relay); it is dialled at the address
-        /// it publishes itself, and the device must trust it [default: the first relay the
-        /// control plane lists].
+        /// Pins the relay both sides meet at, by identity (e.g. @relay); it is dialled at the
+        /// address it publishes itself, and the device must trust it [default: of the relays the
+        /// control plane's operator lists and the device trusts, the one with the shortest round
+        /// trip from here (an authenticated probe, 1 s deadline, remeasured every minute); one
+        /// that cannot be reached is skipped, and a session that fails at one moves to the next;
+        /// -v says which was chosen and why].
         #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
         relay: Option<Name>,
         /// Dial the relay at HOST:PORT instead of the address it publishes (e.g. through a port
@@ -83,9 +86,12 @@ enum Cmd {
         /// Your identity [default: the only one in the home directory].
         #[arg(long = "as")]
         me: Option<Name>,
-        /// The relay both sides meet at, by identity (e.g. @relay); it is dialled at the address
-        /// it publishes itself, and the devices must trust it [default: the first relay the
-        /// control plane lists].
+        /// Pins the relay both sides meet at, by identity (e.g. @relay); it is dialled at the
+        /// address it publishes itself, and the devices must trust it [default: of the relays the
+        /// control plane's operator lists and the device trusts, the one with the shortest round
+        /// trip from here (an authenticated probe, 1 s deadline, remeasured every minute); one
+        /// that cannot be reached is skipped, and a session that fails at one moves to the next;
+        /// -v says which was chosen and why].
         #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
         relay: Option<Name>,
         /// Dial the relay at HOST:PORT instead of the address it publishes (e.g. through a port
@@ -275,11 +281,11 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             let (router, _requests) = Router::start(incoming);
-            let relay = np_cli::pick_relay(&ctl, relay).await?;
-            let relays = np_cli::relay_book(&relay, relay_address);
-            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays };
+            let relays = np_cli::relay_book(relay.as_ref(), relay_address);
+            let choice = np_cli::relay_choice(relay, cli.verbose);
+            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays, choice };
             let targets = forwards.iter().map(|f| f.target.clone()).collect();
-            let slot = Arc::new(SessionSlot::new(connector, to, relay, targets, cli.verbose));
+            let slot = Arc::new(SessionSlot::new(connector, to, targets, cli.verbose));
             tokio::select! {
                 r = np_cli::forward::run(slot, forwards) => r,
                 _ = np_cli::shutdown_signal() => Ok(()),
@@ -288,10 +294,10 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Up { me, relay, relay_address, devices, routes, subnet, name, eager, accept_routes, timeout } => {
             let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
             let (router, _requests) = Router::start(incoming);
-            let relay = np_cli::pick_relay(&ctl, relay).await?;
-            let relays = np_cli::relay_book(&relay, relay_address);
-            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays };
-            let opts = UpOptions { relay, devices, routes, subnet, name, eager, accept_routes, verbose: cli.verbose };
+            let relays = np_cli::relay_book(relay.as_ref(), relay_address);
+            let choice = np_cli::relay_choice(relay, cli.verbose);
+            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays, choice };
+            let opts = UpOptions { devices, routes, subnet, name, eager, accept_routes, verbose: cli.verbose };
             np_cli::up::run(connector, opts, np_cli::shutdown_signal()).await
         }
         Cmd::EndSessions { me, to, of } => np_cli::end_sessions::run(&home, me.as_ref(), &to, &of).await,

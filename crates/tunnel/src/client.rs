@@ -38,6 +38,9 @@ pub enum SetupError {
     /// The relay could not be reached or refused.
     #[error(transparent)]
     Relay(#[from] RelayError),
+    /// No relay could be chosen.
+    #[error(transparent)]
+    Choose(#[from] crate::choose::ChooseError),
     /// The handshake failed (wrong keys, or tampering).
     #[error("handshake with {device} failed: {reason}")]
     Handshake { device: String, reason: String },
@@ -66,6 +69,8 @@ pub struct Connector {
     pub mux: MuxConfig,
     /// Relay records in use.
     pub relays: RelayBook,
+    /// Which relay each session goes through.
+    pub choice: std::sync::Arc<crate::choose::RelayChooser>,
 }
 
 fn now_ms() -> u64 {
@@ -92,6 +97,45 @@ impl Connector {
         let (stream, keys) = self.open_transport(device, relay, targets, step).await?;
         tracing::info!(device = %device, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
         Ok(client_session(stream, keys, self.mux.clone()))
+    }
+
+    /// [`Connector::dial`] through the best relay the device trusts ([`Connector::choice`]):
+    /// a relay that cannot be reached or refuses is left for the next, at once. Returns the
+    /// transport and the relay it went through.
+    pub async fn dial_best(
+        &self,
+        device: &DeviceRef,
+        targets: &[String],
+        step: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<(Transport, Name), SetupError> {
+        let relays = self.choice.candidates(&self.ctl, device).await?;
+        let mut last = None;
+        for relay in relays {
+            match self.dial(device, &relay, targets, step).await {
+                Ok(t) => return Ok((t, relay)),
+                Err(SetupError::Relay(e)) => {
+                    tracing::warn!(%relay, error = %e, "relay failed; trying the next");
+                    step(&format!("relay {relay} failed ({e}); trying the next"));
+                    self.choice.forget().await;
+                    last = Some(SetupError::Relay(e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(SetupError::Choose(crate::choose::ChooseError::NoneListed)))
+    }
+
+    /// [`Connector::open_session`] through the best relay ([`Connector::dial_best`]).
+    pub async fn open_session_best(
+        &self,
+        device: &DeviceRef,
+        targets: &[String],
+        step: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<(SessionHandle, Name), SetupError> {
+        let t0 = Instant::now();
+        let (t, relay) = self.dial_best(device, targets, step).await?;
+        tracing::info!(device = %device, %relay, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
+        Ok((client_session(t.stream, t.keys, self.mux.clone()), relay))
     }
 
     /// Everything of [`Connector::open_session`] up to the session itself: the request, the

@@ -8,11 +8,13 @@
 //! - [`permit`]: which targets a device dials;
 //! - [`replay`]: freshness and single use of requests;
 //! - [`client`]: the client's session setup;
+//! - [`choose`]: which relay a session goes through;
 //! - [`daemon`]: the device daemon's checks and service;
 //! - [`policy`]: delegating the decision to a policy identity;
 //! - [`routes`]: the LAN routes a device advertises.
 
 pub mod admission;
+pub mod choose;
 pub mod client;
 pub mod daemon;
 pub mod msg;

@@ -2,7 +2,7 @@
 //! client's session reuse, and its retry when a flow finds the session stale.
 
 use crate::client::{Connector, SetupError};
-use np_identity::{DeviceRef, Name};
+use np_identity::DeviceRef;
 use np_session::{FlowStream, OpenError, SessionError, SessionHandle};
 use std::time::Instant;
 
@@ -25,10 +25,11 @@ pub fn progress(verbose: bool) -> impl Fn(&str) + Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     /// No session could be set up.
-    #[error("setting up a session to {device} via relay {relay}")]
+    #[error("setting up a session to {device} via {relay}")]
     Setup {
         device: String,
-        relay: Name,
+        /// The relay named with --relay, or "the best relay it trusts".
+        relay: String,
         #[source]
         source: SetupError,
     },
@@ -48,17 +49,16 @@ pub enum SlotError {
 pub struct SessionSlot {
     connector: Connector,
     device: DeviceRef,
-    relay: Name,
     targets: Vec<String>,
     current: tokio::sync::Mutex<Option<SessionHandle>>,
     verbose: bool,
 }
 
 impl SessionSlot {
-    /// A slot for sessions to `device` through `relay`, whose requests name `targets` (or, if
+    /// A slot for sessions to `device` through the connector's relay choice, whose requests name `targets` (or, if
     /// empty, each new session's first flow's target).
-    pub fn new(connector: Connector, device: DeviceRef, relay: Name, targets: Vec<String>, verbose: bool) -> Self {
-        SessionSlot { connector, device, relay, targets, current: tokio::sync::Mutex::new(None), verbose }
+    pub fn new(connector: Connector, device: DeviceRef, targets: Vec<String>, verbose: bool) -> Self {
+        SessionSlot { connector, device, targets, current: tokio::sync::Mutex::new(None), verbose }
     }
 
     /// The device.
@@ -83,10 +83,14 @@ impl SessionSlot {
             (true, None) => vec![DEFAULT_TARGET.to_string()],
             (false, _) => self.targets.clone(),
         };
-        let h = self.connector.open_session(&self.device, &self.relay, &targets, &step).await.map_err(|source| {
-            SlotError::Setup { device: self.device.to_string(), relay: self.relay.clone(), source }
+        let (h, relay) = self.connector.open_session_best(&self.device, &targets, &step).await.map_err(|source| {
+            let relay = match self.connector.choice.pinned_relay() {
+                Some(r) => format!("relay {r}"),
+                None => "the best relay it trusts".to_string(),
+            };
+            SlotError::Setup { device: self.device.to_string(), relay, source }
         })?;
-        step("session ready");
+        step(&format!("session ready via {relay}"));
         *cur = Some(h.clone());
         Ok(h)
     }
