@@ -141,10 +141,26 @@ impl Stack {
         forwards: &[&str],
         extra: &[&str],
     ) -> Result<Forward, String> {
+        self.forward_via(home, me, to, Some("@relay"), forwards, extra)
+    }
+
+    /// [`Stack::forward_as`] through `relay`, or with none named: np forward chooses.
+    pub fn forward_via(
+        &self,
+        home: &Path,
+        me: &str,
+        to: &str,
+        relay: Option<&str>,
+        forwards: &[&str],
+        extra: &[&str],
+    ) -> Result<Forward, String> {
         let mut cmd = Command::new(bin("np"));
-        cmd.args(["forward", "--as", me, "--to", to, "--relay", "@relay", "--home"]).arg(home);
-        if self.relay_addr != self.published_relay_addr {
-            cmd.args(["--relay-address", &self.relay_addr.to_string()]);
+        cmd.args(["forward", "--as", me, "--to", to, "--home"]).arg(home);
+        if let Some(relay) = relay {
+            cmd.args(["--relay", relay]);
+            if self.relay_addr != self.published_relay_addr {
+                cmd.args(["--relay-address", &self.relay_addr.to_string()]);
+            }
         }
         for f in forwards {
             cmd.args(["-L", f]);

@@ -1,0 +1,124 @@
+//! Choosing a relay and failing over, with `np forward` and no `--relay`: two relays besides
+//! the stack's, one of them behind a delaying proxy; a device that trusts both, and one that
+//! trusts only the faster. (Real binaries on loopback; the delay is a real proxy.)
+#![allow(clippy::unwrap_used)]
+
+use np_tests::impair::DelayProxy;
+use np_tests::netns::echo_in;
+use np_tests::stack::{np, Stack};
+use np_tests::{bin, wait_until, Proc};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `np-relay` as `name`, listening on `port`, published at `advertise`; returns once its
+/// record is out.
+fn relay(s: &Stack, home: &Path, name: &str, port: u16, advertise: SocketAddr) -> Proc {
+    let log = s.dir().join(format!("relay-{}.log", name.trim_start_matches('@')));
+    let child = Command::new(bin("np-relay"))
+        .args(["--as", name, "--listen", &format!("127.0.0.1:{port}"), "--advertise", &advertise.to_string()])
+        .arg("--home")
+        .arg(home)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let published = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("relay record published"))
+    });
+    assert!(published, "{name} did not publish: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    Proc(child)
+}
+
+fn echo(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    c.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    c.read_exact(&mut back)?;
+    Ok(back)
+}
+
+#[test]
+fn the_faster_trusted_relay_is_chosen_and_a_dead_one_is_left_within_two_seconds() {
+    let s = Stack::start();
+    // @relay_a is slow (50 ms each way through a delaying proxy), @relay_b direct. By name
+    // alone @relay_a would come first.
+    let a_port = free_port();
+    let proxy = DelayProxy::start(
+        "",
+        "127.0.0.1:0".parse().unwrap(),
+        (Ipv4Addr::LOCALHOST, a_port).into(),
+        Duration::from_millis(50),
+    );
+    let a_home = s.ctl.identity("@relay_a");
+    let _a = relay(&s, &a_home, "@relay_a", a_port, proxy.addr);
+    s.ctl.list_relay("@relay_a");
+    let b_port = free_port();
+    let b_home = s.ctl.identity("@relay_b");
+    let mut b = relay(&s, &b_home, "@relay_b", b_port, (Ipv4Addr::LOCALHOST, b_port).into());
+    s.ctl.list_relay("@relay_b");
+
+    let port = echo_in("", Ipv4Addr::LOCALHOST);
+    let permit = format!("localhost:{port}");
+    // pi4 trusts both new relays (not the stack's @relay); nas trusts @relay_b alone.
+    let _pi4 =
+        s.npd("pi4", &["--manager", "@alice", "--relay", "@relay_a", "--relay", "@relay_b", "--permit-open", &permit]);
+    let _nas = s.npd("nas", &["--manager", "@alice", "--relay", "@relay_b", "--permit-open", &permit]);
+    // Their trust records are out once `np relays` shows them.
+    let mut out = String::new();
+    let trust_known = wait_until(Duration::from_secs(10), || {
+        let (_, o, _) = np(&["relays", "--as", "@alice", "--home", s.client_home.to_str().unwrap()]);
+        out = o;
+        out.lines()
+            .any(|l| l.starts_with("@relay_b ") && l.contains("pi4@alice_device") && l.contains("nas@alice_device"))
+    });
+    assert!(trust_known, "{out}");
+
+    // The faster one is chosen, and -v says so.
+    let target = format!("0:localhost:{port}");
+    let probed = proxy.conns.load(std::sync::atomic::Ordering::SeqCst);
+    let fwd = s.forward_via(&s.client_home, "@alice", "pi4@alice_device", None, &[&target], &["-v"]).unwrap();
+    assert_eq!(echo(fwd.addrs[0], b"first").unwrap(), b"first");
+    let log = std::fs::read_to_string(s.dir().join("forward.log")).unwrap();
+    assert!(log.contains("relay for pi4@alice_device: @relay_b"), "{log}");
+    assert_eq!(proxy.conns.load(std::sync::atomic::Ordering::SeqCst), probed + 1, "@relay_a was probed once, not used");
+
+    // @relay_b dies: the next connection goes through @relay_a, within 2 s, with no command.
+    let _ = b.0.kill();
+    let _ = b.0.wait();
+    let killed = Instant::now();
+    let mut last = None;
+    while killed.elapsed() < Duration::from_secs(5) {
+        match echo(fwd.addrs[0], b"after") {
+            Ok(back) if back == b"after" => break,
+            other => last = Some(format!("{other:?}")),
+        }
+    }
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(2), "failover took {took:?} (last: {last:?})");
+    eprintln!("first byte through the other relay {took:?} after the relay in use died");
+    assert!(
+        proxy.conns.load(std::sync::atomic::Ordering::SeqCst) >= probed + 2,
+        "the session now runs through @relay_a"
+    );
+
+    // nas trusts only @relay_b: it is never sent through @relay_a; its flows fail instead.
+    // forward.log is shared: only what this np forward adds counts.
+    let seen = std::fs::read_to_string(s.dir().join("forward.log")).unwrap_or_default().len();
+    if let Ok(nas) = s.forward_via(&s.client_home, "@alice", "nas@alice_device", None, &[&target], &["-v"]) {
+        assert!(echo(nas.addrs[0], b"nas").is_err(), "a flow to nas got through");
+    }
+    let log = std::fs::read_to_string(s.dir().join("forward.log")).unwrap_or_default();
+    let log = log.get(seen..).unwrap_or_default();
+    // Probed like every listed relay, but never asked for: no session through it.
+    assert!(log.contains("relay for nas@alice_device: @relay_b"), "{log}");
+    assert!(!log.contains("found relay @relay_a"), "{log}");
+}
