@@ -122,3 +122,68 @@ fn the_faster_trusted_relay_is_chosen_and_a_dead_one_is_left_within_two_seconds(
     assert!(log.contains("relay for nas@alice_device: @relay_b"), "{log}");
     assert!(!log.contains("found relay @relay_a"), "{log}");
 }
+
+/// Publishes `info` as `name`'s relay record, signed with its own keys, and lists it.
+fn publish_relay(s: &Stack, name: &str, info: np_relay::RelayInfo) {
+    let home = s.ctl.identity(name);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (c, _) =
+            np_control_client::ControlClient::connect(&np_identity::home::Home::new(&home), &name.parse().unwrap())
+                .await
+                .unwrap();
+        c.publish(np_relay::RELAY_RECORD, info.encode(), Vec::new()).await.unwrap();
+    });
+    s.ctl.list_relay(name);
+}
+
+#[test]
+fn relays_that_stall_answer_garbage_or_fail_their_signature_are_skipped_for_the_next() {
+    let mut s = Stack::start();
+    // Accepts and never speaks; accepts and answers garbage.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let garbage = TcpListener::bind("127.0.0.1:0").unwrap();
+    let garbage_addr = garbage.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for mut c in garbage.incoming().flatten() {
+            let _ = c.write_all(&[0xff; 512]);
+        }
+    });
+    let info = |addr: String| np_relay::RelayInfo { addresses: vec![addr], region: None };
+    publish_relay(&s, "@relay_stall", info(silent.local_addr().unwrap().to_string()));
+    publish_relay(&s, "@relay_garbage", info(garbage_addr));
+    // A record altered where it is stored (the signature kept): it no longer verifies.
+    let bait = TcpListener::bind("127.0.0.1:0").unwrap();
+    bait.set_nonblocking(true).unwrap();
+    publish_relay(&s, "@relay_forged", info("127.0.0.1:9".into()));
+    s.ctl.kill9();
+    {
+        let store = np_control::store::Store::open(&s.ctl.data().join("control.redb")).unwrap();
+        let owner = "@relay_forged".parse().unwrap();
+        let mut record = store.record(&owner, np_relay::RELAY_RECORD).unwrap().expect("stored");
+        record.value = info(bait.local_addr().unwrap().to_string()).encode();
+        store.put_record(&record).unwrap();
+    }
+    s.ctl.restart();
+
+    let port = echo_in("", Ipv4Addr::LOCALHOST);
+    let _pi4 = s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{port}")]);
+    let started = Instant::now();
+    let fwd =
+        s.forward_via(&s.client_home, "@alice", "pi4@alice_device", None, &[&format!("0:localhost:{port}")], &["-v"]);
+    let fwd = fwd.unwrap_or_else(|log| panic!("np forward failed: {log}"));
+    assert_eq!(echo(fwd.addrs[0], b"through the good one").unwrap(), b"through the good one");
+    let took = started.elapsed();
+    let log = std::fs::read_to_string(s.dir().join("forward.log")).unwrap();
+    assert!(log.contains("relay for pi4@alice_device: @relay "), "{log}");
+    for bad in ["@relay_stall", "@relay_garbage", "@relay_forged"] {
+        assert!(
+            log.lines().any(|l| l.contains("skipped") && l.contains(&format!("relay={bad}"))),
+            "no line says {bad} was skipped:\n{log}"
+        );
+    }
+    assert!(bait.accept().is_err(), "the forged record's address was dialled");
+    // The stalled relay's 1 s probe deadline is not waited for once the good one has answered.
+    assert!(took < Duration::from_millis(900), "the first byte took {took:?} with three bad relays listed");
+    eprintln!("first byte through the one good relay of four in {took:?}");
+}

@@ -18,6 +18,8 @@ use crate::daemon::{trust_key, DeviceRelays};
 
 /// How long a probe may take: a relay slower than this to prove itself is no good choice anyway.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Once a relay has answered, the others get at least this long more to answer faster.
+pub const GRACE: Duration = Duration::from_millis(50);
 /// How long a ranking is reused before the relays are measured again.
 pub const RANKING_TTL: Duration = Duration::from_secs(60);
 
@@ -113,6 +115,7 @@ impl RelayChooser {
         if listed.is_empty() {
             return Err(ChooseError::NoneListed);
         }
+        let listed_names = listed.clone();
         let mut probes = tokio::task::JoinSet::new();
         for relay in listed {
             let ctl = ctl.clone();
@@ -124,10 +127,31 @@ impl RelayChooser {
                 (relay, rtt.map(|(_, d)| d).unwrap_or(Duration::MAX))
             });
         }
+        // Not held up by a relay that stalls: once one has answered, the others get as long
+        // again as it took (at least GRACE) to show they are faster; whoever has not answered by
+        // then counts as not reached, and is measured again with the next ranking.
+        let started = tokio::time::Instant::now();
+        let mut cutoff: Option<tokio::time::Instant> = None;
         let mut ranking = Vec::new();
-        while let Some(r) = probes.join_next().await {
-            if let Ok(r) = r {
-                ranking.push(r);
+        loop {
+            let next = match cutoff {
+                Some(at) => match tokio::time::timeout_at(at, probes.join_next()).await {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+                None => probes.join_next().await,
+            };
+            let Some(r) = next else { break };
+            let Ok((relay, rtt)) = r else { continue };
+            if rtt != Duration::MAX && cutoff.is_none() {
+                cutoff = Some(tokio::time::Instant::now() + started.elapsed().max(GRACE));
+            }
+            ranking.push((relay, rtt));
+        }
+        for relay in listed_names {
+            if !ranking.iter().any(|(r, _)| *r == relay) {
+                tracing::info!(%relay, "relay did not answer as fast as another; skipped for now");
+                ranking.push((relay, Duration::MAX));
             }
         }
         ranking.sort_by_key(|(n, d)| (*d, n.to_string()));
