@@ -335,15 +335,16 @@ section_relay() {
 # at the address the running relay published), from the command's start to the first byte of
 # sshd's banner through it.
 cold_setup() {
-  ns pc python3 - "$BIN/np" "$WORK/home-bench_client" "$1" "$2" 2>>"$WORK/logs/bg.log" <<'PY'
+  ns pc python3 - "$BIN/np" "$WORK/home-bench_client" "$1" "$2" "${3:-@relay}" 2>>"$WORK/logs/bg.log" <<'PY'
 import socket, subprocess, sys, time, statistics
-np, home, base, label = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+np, home, base, label, relay = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+pin = ["--relay", relay] if relay != "choose" else []
 r = []
 for i in range(7):
     port = base + i
     t = time.perf_counter()
-    p = subprocess.Popen([np, "forward", "--as", "@bench_client", "--to", "bench@bench_device", "--relay", "@relay",
-                          "-L", "127.0.0.1:%d:localhost:22" % port, "--home", home], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen([np, "forward", "--as", "@bench_client", "--to", "bench@bench_device"] + pin +
+                         ["-L", "127.0.0.1:%d:localhost:22" % port, "--home", home], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -424,6 +425,58 @@ PY
   metric "RSS after the runs, np-relay" "$(rss "$relay")" kB
   metric "RSS after the runs, npd" "$(rss "$npd")" kB
   metric "RSS after the runs, np-control" "$(rss "$(pid_of "$BIN/np-control serve --listen 198.18")")" kB
+  stop_since "$m"
+}
+
+# --- relays as a fleet ---------------------------------------------------------------------------
+# Two relays in pr on the operator's list. Relay selection: cold setup (command start to the first
+# sshd byte) with no --relay, np forward probing both and choosing, beside the same with --relay
+# pinned. Failover: np forward with no --relay carrying flows to the banner server; the relay it
+# chose is killed, and the time to the first banner byte of a new flow (through the other) is
+# measured. Runs once, last by default: it leaves @relay2 on the operator's list.
+section_fleet() {
+  log "relays as a fleet"
+  local m; m=$(mark)
+  [ -d "$WORK/home-relay2" ] || enrol @relay2
+  "$BIN/np-control" relay add @relay2 --data "$WORK/control" >/dev/null || { log "np-control relay add @relay2 failed"; return; }
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7452 ${RELAY_FLAGS:-}
+  bg ns pr "$BIN/np-relay" --as @relay2 --home "$WORK/home-relay2" --listen 198.18.0.2:7453 ${RELAY_FLAGS:-}
+  wait_port pr 198.18.0.2 7452; wait_port pr 198.18.0.2 7453
+  bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
+    --permit-open localhost:22,localhost:$BANNER_PORT --home "$WORK/home-bench_device"
+  sleep 1
+  local pinned chosen
+  pinned=$(cold_setup 16200 "pinned" @relay | sed -n 's/.*: \([0-9.]*\) ms$/\1/p')
+  chosen=$(cold_setup 16300 "chosen" choose | sed -n 's/.*: \([0-9.]*\) ms$/\1/p')
+  metric "np forward cold setup, relay pinned with --relay (median of 7)" "$pinned" ms
+  metric "np forward cold setup, relay chosen among two by round trip (median of 7)" "$chosen" ms
+  metric "relay selection: cold setup chosen / pinned" "$(awk -v a="$chosen" -v b="$pinned" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b }')" "x"
+  ip netns exec pc "$BIN/np" forward --as @bench_client --to bench@bench_device -v -L 127.0.0.1:16400:localhost:$BANNER_PORT \
+    --home "$WORK/home-bench_client" >/dev/null 2>"$WORK/fleet-forward.log" &
+  echo $! >>"$WORK/pids"
+  wait_port pc 127.0.0.1 16400
+  local first used pid
+  first=$(ns pc python3 -c 'import socket; s = socket.create_connection(("127.0.0.1", 16400), timeout=10); print(s.recv(64).decode().strip())' 2>/dev/null)
+  used=$(sed -n 's/^relay for bench@bench_device: \(@[a-z0-9_]*\).*/\1/p' "$WORK/fleet-forward.log" | head -1)
+  [ -n "$first" ] && [ -n "$used" ] || { log "fleet: no first flow (${first:-none}) or no relay named (${used:-none})"; stop_since "$m"; return; }
+  case $used in @relay) pid=$(pid_of "$BIN/np-relay --as @relay .*7452") ;; *) pid=$(pid_of "$BIN/np-relay --as @relay2 .*7453") ;; esac
+  local failover
+  failover=$(ns pc python3 - "$pid" <<'PY'
+import os, signal, socket, sys, time
+pid = int(sys.argv[1])
+t = time.perf_counter()
+os.kill(pid, signal.SIGKILL)
+while time.perf_counter() - t < 10:
+    try:
+        s = socket.create_connection(("127.0.0.1", 16400), timeout=5)
+        if s.recv(1):
+            print("%.0f" % ((time.perf_counter() - t) * 1e3)); break
+    except OSError:
+        time.sleep(0.005)
+PY
+)
+  metric "failover: new flow's first byte after the relay in use ($used) is killed" "$failover" ms
+  metric "failover / cold setup pinned" "$(awk -v a="$failover" -v b="$pinned" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b }')" "x"
   stop_since "$m"
 }
 
@@ -637,12 +690,12 @@ start_rev_tunnel || log "no reverse SSH tunnel: warm connect-to-first-byte has n
 # Our paths in rounds (each round all of them, so a slow minute of the machine touches every path
 # once rather than one path three times), then the sections measured once.
 for ROUND in $(seq "$ROUNDS"); do
-  for sec in ${SECTIONS:-tunnel relay forward up idle backlog abuse}; do
+  for sec in ${SECTIONS:-tunnel relay forward up idle backlog abuse fleet}; do
     case " $ROUNDED " in *" $sec "*) log "round $ROUND of $ROUNDS: $sec"; "section_$sec" ;; esac
   done
 done
 ROUND=0
-for sec in ${SECTIONS:-tunnel relay forward up idle backlog abuse}; do
+for sec in ${SECTIONS:-tunnel relay forward up idle backlog abuse fleet}; do
   case " $ROUNDED " in *" $sec "*) ;; *) "section_$sec" ;; esac
 done
 teardown_hosts
