@@ -245,6 +245,27 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether to use advertised routes: `--accept-routes` once is remembered (a file in the home
+/// directory), as Tailscale remembers it, until `--no-accept-routes`.
+pub fn remember_accept_routes(home: &Path, accept: bool, refuse: bool) -> Result<bool> {
+    let marker = home.join("accept-routes");
+    if accept {
+        std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+        std::fs::write(&marker, "np up uses the routes its devices advertise (np up --no-accept-routes to stop)\n")
+            .with_context(|| format!("remembering --accept-routes in {}", marker.display()))?;
+        return Ok(true);
+    }
+    if refuse {
+        match std::fs::remove_file(&marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("forgetting --accept-routes ({})", marker.display())),
+        }
+        return Ok(false);
+    }
+    Ok(marker.exists())
+}
+
 /// The LAN prefixes each of our devices advertises (`routes/NAME` records), as published.
 async fn advertised_routes(connector: &Connector, ours: &HashMap<String, DeviceRef>) -> Vec<(DeviceRef, String)> {
     let records = match connector.ctl.list("routes/").await {

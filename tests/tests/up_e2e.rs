@@ -763,4 +763,13 @@ fn advertised_routes_are_used_only_once_accepted() {
     let log = up.log();
     assert!(log.contains("advertised route skipped"), "{}", tail(&log));
     assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
+
+    // Accepted once is remembered, until --no-accept-routes.
+    let mut up = d.up(&["--device", DEVICE]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(up.lines.iter().any(|l| l.contains(&lan) && l.contains("(advertised)")), "not remembered: {:?}", up.lines);
+    assert_eq!(echo_once(&pc, target, b"remembered").unwrap(), b"remembered");
+    assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
+    let mut up = d.up(&["--device", DEVICE, "--no-accept-routes"]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(up.lines.iter().any(|l| l.contains(&lan) && l.contains("not used")), "{:?}", up.lines);
+    assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
 }

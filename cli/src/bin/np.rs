@@ -120,9 +120,13 @@ enum Cmd {
         /// Without it they are listed, not used. Each is vetted first: none broader than a /8
         /// (IPv6: /16), none over loopback, multicast or the np subnet, and none over a prefix
         /// already routed (a --route, or another device's); those are skipped with a warning.
-        /// Put `accept_routes = true` under [up] in the config file to accept them once for all.
-        #[arg(long)]
+        /// The choice is remembered in the home directory: later runs accept them too, until
+        /// --no-accept-routes.
+        #[arg(long, conflicts_with = "no_accept_routes")]
         accept_routes: bool,
+        /// Stop using advertised routes (and forget an earlier --accept-routes).
+        #[arg(long)]
+        no_accept_routes: bool,
         /// How long to wait for a device to answer a session request.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -291,7 +295,20 @@ async fn run(cli: Cli) -> Result<()> {
                 _ = np_cli::shutdown_signal() => Ok(()),
             }
         }
-        Cmd::Up { me, relay, relay_address, devices, routes, subnet, name, eager, accept_routes, timeout } => {
+        Cmd::Up {
+            me,
+            relay,
+            relay_address,
+            devices,
+            routes,
+            subnet,
+            name,
+            eager,
+            accept_routes,
+            no_accept_routes,
+            timeout,
+        } => {
+            let accept_routes = np_cli::up::remember_accept_routes(home.dir(), accept_routes, no_accept_routes)?;
             let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
             let (router, _requests) = Router::start(incoming);
             let relays = np_cli::relay_book(relay.as_ref(), relay_address);
