@@ -483,6 +483,26 @@ pub struct Deployment {
 const CONTROL_PORT: u16 = 7443;
 const RELAY_PORT: u16 = 7444;
 
+/// Enrols `name` with the control plane at `control_addr` (its data in `dir`/control), from
+/// `ns`, with the real `np keys new`; returns its home (`dir`/home-NAME).
+fn enrol_in(dir: &Path, control_addr: SocketAddr, name: &str, ns: &str) -> PathBuf {
+    let out = Command::new(bin("np-control")).args(["enroll", name, "--data"]).arg(dir.join("control")).output();
+    let out = out.unwrap();
+    assert!(out.status.success(), "enroll {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let home = dir.join(format!("home-{}", name.trim_start_matches('@')));
+    let mut keys = Command::new(bin("np"));
+    keys.args(["keys", "new", name, "--control", &control_addr.to_string(), "--code", &code, "--home"]).arg(&home);
+    let out = output_in(ns, &keys, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "np keys new {name} in {ns}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    home
+}
+
 impl Deployment {
     pub fn start(opts: DeploymentOptions) -> Deployment {
         let t0 = Instant::now();
@@ -502,24 +522,7 @@ impl Deployment {
         procs.push(Proc(child));
 
         // Identities, each enrolled from the host it lives on.
-        let enrol = |name: &str, ns: &str| -> PathBuf {
-            let out = Command::new(bin("np-control")).args(["enroll", name, "--data"]).arg(d.join("control")).output();
-            let out = out.unwrap();
-            assert!(out.status.success(), "enroll {name}: {}", String::from_utf8_lossy(&out.stderr));
-            let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            let home = d.join(format!("home-{}", name.trim_start_matches('@')));
-            let mut keys = Command::new(bin("np"));
-            keys.args(["keys", "new", name, "--control", &control_addr.to_string(), "--code", &code, "--home"])
-                .arg(&home);
-            let out = output_in(ns, &keys, Duration::from_secs(30));
-            assert!(
-                out.status.success(),
-                "np keys new {name} in {ns}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            home
-        };
+        let enrol = |name: &str, ns: &str| enrol_in(&d, control_addr, name, ns);
         let relay_home = enrol("@relay", &hosts.pr);
         let client_home = enrol("@alice", &hosts.pc);
         let device_home = enrol("@alice_device", &hosts.pd);
@@ -600,6 +603,37 @@ impl Deployment {
         read(&self.dir.path().join(name))
     }
 
+    /// Another relay in pr, enrolled as `name`, on the operator's list, listening on `port`; with
+    /// `delay`, published at a delaying proxy in pr in front of it (every chunk held `delay`
+    /// each way), so it is the slower one to reach. Returns once its record is out.
+    pub fn add_relay(
+        &self,
+        name: &str,
+        port: u16,
+        delay: Option<Duration>,
+    ) -> (Proc, Option<crate::impair::DelayProxy>) {
+        let home = enrol_in(self.dir.path(), self.control_addr, name, &self.hosts.pr);
+        let listen = SocketAddr::from((self.hosts.pr_ip(), port));
+        let proxy =
+            delay.map(|d| crate::impair::DelayProxy::start(&self.hosts.pr, (self.hosts.pr_ip(), 0).into(), listen, d));
+        let advertise = proxy.as_ref().map_or(listen, |p| p.addr);
+        let log = self.dir.path().join(format!("relay-{}.log", name.trim_start_matches('@')));
+        let mut cmd = Command::new(bin("np-relay"));
+        cmd.args(["--as", name, "--listen", &listen.to_string(), "--advertise", &advertise.to_string(), "--home"])
+            .arg(&home)
+            .env("RUST_LOG", "debug");
+        let proc = spawn_in(&self.hosts.pr, &cmd, &log);
+        let published = wait_until(Duration::from_secs(10), || read(&log).contains("relay record published"));
+        assert!(published, "{name} did not publish its record: {}", read(&log));
+        let out = Command::new(bin("np-control"))
+            .args(["relay", "add", name, "--data"])
+            .arg(self.dir.path().join("control"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "np-control relay add {name}: {}", String::from_utf8_lossy(&out.stderr));
+        (proc, proxy)
+    }
+
     /// (Re)starts npd in pd as `pi4@alice_device` with `args`; waits until it is ready.
     pub fn start_npd(&mut self, args: &[&str]) {
         self.npd = None;
@@ -656,11 +690,17 @@ impl Deployment {
     /// Starts `np up --as @alice --relay R --home H ARGS` in pc; returns once it printed `ready`,
     /// or its output and log if it exited first or took longer than 30 s.
     pub fn up(&self, args: &[&str]) -> Result<Up, String> {
+        self.up_via(Some("@relay"), args)
+    }
+
+    /// [`Deployment::up`] through `relay`, or with none named: np up chooses.
+    pub fn up_via(&self, relay: Option<&str>, args: &[&str]) -> Result<Up, String> {
         let mut cmd = Command::new(bin("np"));
-        cmd.args(["up", "--as", "@alice", "--relay", "@relay", "--home"])
-            .arg(&self.client_home)
-            .args(args)
-            .env("RUST_LOG", "debug");
+        cmd.args(["up", "--as", "@alice"]);
+        if let Some(r) = relay {
+            cmd.args(["--relay", r]);
+        }
+        cmd.arg("--home").arg(&self.client_home).args(args).env("RUST_LOG", "debug");
         let log = self.dir.path().join("up.log");
         let mut child = ns_command(&self.hosts.pc, &cmd)
             .stdin(Stdio::null())

@@ -773,3 +773,40 @@ fn advertised_routes_are_used_only_once_accepted() {
     assert!(up.lines.iter().any(|l| l.contains(&lan) && l.contains("not used")), "{:?}", up.lines);
     assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
 }
+
+#[test]
+fn np_up_with_no_flags_uses_the_faster_relay_and_a_new_ssh_works_within_two_seconds_of_its_death() {
+    let mut d = Deployment::start(DeploymentOptions { lan: false, source_len: Some(1 << 20) });
+    // @relay0 behind a delaying proxy (and first by name), @relay9 direct; the device trusts
+    // these two only.
+    let (_slow, proxy) = d.add_relay("@relay0", 7450, Some(Duration::from_millis(5)));
+    let proxy = proxy.unwrap();
+    let (mut fast, _) = d.add_relay("@relay9", 7459, None);
+    let permit = d.permit();
+    d.start_npd(&["--manager", "@alice", "--permit-open", &permit, "--relay", "@relay0", "--relay", "@relay9"]);
+    let mut out = String::new();
+    let trust_known = np_tests::wait_until(Duration::from_secs(10), || {
+        out = d.np_in_pc(&["relays", "--as", "@alice"]).1;
+        out.lines().any(|l| l.starts_with("@relay9 ") && l.contains("pi4@alice_device"))
+    });
+    assert!(trust_known, "{out}");
+
+    let mut up = d.up_via(None, &["-v"]).unwrap_or_else(|e| panic!("{e}"));
+    let dev = up.device(DEVICE);
+    let out = d.ssh(&dev.to_string(), 22, "echo first");
+    assert_eq!(text(&out.stdout).trim(), "first", "{}", text(&out.stderr));
+    assert!(up.log().contains("relay for pi4@alice_device: @relay9"), "{}", tail(&up.log()));
+    let before = proxy.conns.load(std::sync::atomic::Ordering::SeqCst);
+
+    // The relay in use dies: the next ssh goes through @relay0, within 2 s, with no command.
+    fast.0.kill().unwrap();
+    let _ = fast.0.wait();
+    let t = Instant::now();
+    let out = d.ssh(&dev.to_string(), 22, "echo after");
+    let took = t.elapsed();
+    assert_eq!(text(&out.stdout).trim(), "after", "{}\n{}", text(&out.stderr), tail(&up.log()));
+    assert!(took < Duration::from_secs(2), "ssh after the relay died took {took:?}");
+    assert!(proxy.conns.load(std::sync::atomic::Ordering::SeqCst) > before, "not through @relay0");
+    eprintln!("ssh through the other relay done {took:?} after the relay in use died");
+    assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
+}

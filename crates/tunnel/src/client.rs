@@ -108,15 +108,20 @@ impl Connector {
         targets: &[String],
         step: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<(Transport, Name), SetupError> {
-        let relays = self.choice.candidates(&self.ctl, device).await?;
+        let mut tried: Vec<Name> = Vec::new();
         let mut last = None;
-        for relay in relays {
+        // A relay that fails makes the ranking stale: the next candidates come from a new one
+        // (a relay left out of the old one for being slow may be the one left).
+        while let Some(relay) =
+            self.choice.candidates(&self.ctl, device).await?.into_iter().find(|r| !tried.contains(r))
+        {
             match self.dial(device, &relay, targets, step).await {
                 Ok(t) => return Ok((t, relay)),
                 Err(SetupError::Relay(e)) => {
                     tracing::warn!(%relay, error = %e, "relay failed; trying the next");
                     step(&format!("relay {relay} failed ({e}); trying the next"));
                     self.choice.forget().await;
+                    tried.push(relay);
                     last = Some(SetupError::Relay(e));
                 }
                 Err(e) => return Err(e),
