@@ -603,6 +603,21 @@ impl Deployment {
         read(&self.dir.path().join(name))
     }
 
+    /// Enrols `name` from `ns` (the real `np keys new`); returns its home.
+    pub fn enrol(&self, name: &str, ns: &str) -> PathBuf {
+        enrol_in(self.dir.path(), self.control_addr, name, ns)
+    }
+
+    /// `np-control revoke NAME` on the running control plane.
+    pub fn revoke(&self, name: &str) {
+        let out = Command::new(bin("np-control"))
+            .args(["revoke", name, "--data"])
+            .arg(self.dir.path().join("control"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "np-control revoke {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Another relay in pr, enrolled as `name`, on the operator's list, listening on `port`; with
     /// `delay`, published at a delaying proxy in pr in front of it (every chunk held `delay`
     /// each way), so it is the slower one to reach. Returns once its record is out.
@@ -612,7 +627,7 @@ impl Deployment {
         port: u16,
         delay: Option<Duration>,
     ) -> (Proc, Option<crate::impair::DelayProxy>) {
-        let home = enrol_in(self.dir.path(), self.control_addr, name, &self.hosts.pr);
+        let home = self.enrol(name, &self.hosts.pr);
         let listen = SocketAddr::from((self.hosts.pr_ip(), port));
         let proxy =
             delay.map(|d| crate::impair::DelayProxy::start(&self.hosts.pr, (self.hosts.pr_ip(), 0).into(), listen, d));

@@ -775,7 +775,7 @@ fn advertised_routes_are_used_only_once_accepted() {
 }
 
 #[test]
-fn np_up_with_no_flags_uses_the_faster_relay_and_a_new_ssh_works_within_two_seconds_of_its_death() {
+fn np_up_with_no_flags_picks_the_faster_relay_fails_over_within_two_seconds_and_drops_a_revoked_device() {
     let mut d = Deployment::start(DeploymentOptions { lan: false, source_len: Some(1 << 20) });
     // @relay0 behind a delaying proxy (and first by name), @relay9 direct; the device trusts
     // these two only.
@@ -808,5 +808,25 @@ fn np_up_with_no_flags_uses_the_faster_relay_and_a_new_ssh_works_within_two_seco
     assert!(took < Duration::from_secs(2), "ssh after the relay died took {took:?}");
     assert!(proxy.conns.load(std::sync::atomic::Ordering::SeqCst) > before, "not through @relay0");
     eprintln!("ssh through the other relay done {took:?} after the relay in use died");
+
+    // A device of another identity appears, then its identity is revoked: np up drops it (its
+    // address, name and session) while it runs.
+    let lab_home = d.enrol("@lab_device", &d.hosts.pd);
+    let mut cmd = std::process::Command::new(np_tests::bin("npd"));
+    cmd.args(["--as", "@lab_device", "--device", "lab", "--manager", "@alice", "--relay", "@relay0", "--home"])
+        .arg(&lab_home)
+        .args(["--permit-open", &permit]);
+    let _lab = np_tests::netns::spawn_in(&d.hosts.pd, &cmd, &d.path().join("npd-lab.log"));
+    let listed = |d: &Deployment| d.np_in_pc(&["status"]).1.contains("lab@lab_device");
+    assert!(np_tests::wait_until(Duration::from_secs(5), || listed(&d)), "lab@lab_device never appeared");
+    d.revoke("@lab_device");
+    let t = Instant::now();
+    assert!(
+        np_tests::wait_until(Duration::from_secs(5), || !listed(&d)),
+        "a revoked device is still up:\n{}",
+        d.np_in_pc(&["status"]).1
+    );
+    eprintln!("a revoked device was dropped {:?} after the revocation", t.elapsed());
+    assert!(d.np_in_pc(&["status"]).1.contains("pi4@alice_device"), "the other device went too");
     assert!(up.signal_and_wait("TERM", Duration::from_secs(10)).unwrap().success());
 }
