@@ -17,24 +17,37 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// `np-relay` as `name`, listening on `port`, published at `advertise`; returns once its
-/// record is out.
-fn relay(s: &Stack, home: &Path, name: &str, port: u16, advertise: SocketAddr) -> Proc {
+/// `np-relay` as `name` on a free port; with `delay`, published at a delaying proxy in front
+/// of it. Returns once its record is out. A port found free can be taken by a test running
+/// beside this one before the relay binds it: then it tries another.
+fn relay(s: &Stack, home: &Path, name: &str, delay: Option<Duration>) -> (Proc, Option<DelayProxy>) {
     let log = s.dir().join(format!("relay-{}.log", name.trim_start_matches('@')));
-    let child = Command::new(bin("np-relay"))
-        .args(["--as", name, "--listen", &format!("127.0.0.1:{port}"), "--advertise", &advertise.to_string()])
-        .arg("--home")
-        .arg(home)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let published = wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("relay record published"))
-    });
-    assert!(published, "{name} did not publish: {}", std::fs::read_to_string(&log).unwrap_or_default());
-    Proc(child)
+    for _ in 0..5 {
+        let port = free_port();
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let proxy = delay.map(|d| DelayProxy::start("", "127.0.0.1:0".parse().unwrap(), listen, d));
+        let advertise = proxy.as_ref().map_or(listen, |p| p.addr);
+        let mut child = Command::new(bin("np-relay"))
+            .args(["--as", name, "--listen", &listen.to_string(), "--advertise", &advertise.to_string()])
+            .arg("--home")
+            .arg(home)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let text = || std::fs::read_to_string(&log).unwrap_or_default();
+        let published = wait_until(Duration::from_secs(10), || {
+            text().contains("relay record published") || text().contains("Address already in use")
+        });
+        if published && text().contains("relay record published") {
+            return (Proc(child), proxy);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(text().contains("Address already in use"), "{name} did not publish: {}", text());
+    }
+    panic!("{name}: no free port in five tries");
 }
 
 fn echo(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -51,19 +64,12 @@ fn the_faster_trusted_relay_is_chosen_and_a_dead_one_is_left_within_two_seconds(
     let s = Stack::start();
     // @relay_a is slow (50 ms each way through a delaying proxy), @relay_b direct. By name
     // alone @relay_a would come first.
-    let a_port = free_port();
-    let proxy = DelayProxy::start(
-        "",
-        "127.0.0.1:0".parse().unwrap(),
-        (Ipv4Addr::LOCALHOST, a_port).into(),
-        Duration::from_millis(50),
-    );
     let a_home = s.ctl.identity("@relay_a");
-    let _a = relay(&s, &a_home, "@relay_a", a_port, proxy.addr);
+    let (_a, proxy) = relay(&s, &a_home, "@relay_a", Some(Duration::from_millis(50)));
+    let proxy = proxy.unwrap();
     s.ctl.list_relay("@relay_a");
-    let b_port = free_port();
     let b_home = s.ctl.identity("@relay_b");
-    let mut b = relay(&s, &b_home, "@relay_b", b_port, (Ipv4Addr::LOCALHOST, b_port).into());
+    let (mut b, _) = relay(&s, &b_home, "@relay_b", None);
     s.ctl.list_relay("@relay_b");
 
     let port = echo_in("", Ipv4Addr::LOCALHOST);

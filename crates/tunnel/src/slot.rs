@@ -90,7 +90,8 @@ impl SessionSlot {
             };
             SlotError::Setup { device: self.device.to_string(), relay, source }
         })?;
-        step(&format!("session ready via {relay}"));
+        // "... session ready" last: scripts and tests read the setup time from that line.
+        step(&format!("via relay {relay}: session ready"));
         *cur = Some(h.clone());
         Ok(h)
     }
