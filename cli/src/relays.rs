@@ -13,7 +13,7 @@ use np_control_client::{ControlClient, Presence, RecordState};
 use np_identity::home::Home;
 use np_identity::Name;
 use np_relay_proto::record::STALE_AFTER;
-use np_relay_proto::{ExpectedRelay, RelayInfo, RELAY_RECORD};
+use np_relay_proto::{RelayInfo, RELAY_RECORD};
 use np_tunnel::DeviceRelays;
 use std::time::Duration;
 
@@ -90,25 +90,8 @@ async fn examine(ctl: ControlClient, relay: Name, timeout: Duration) -> RelaySta
         Err(e) => return RelayStatus::Skipped(e.to_string()),
     };
     let up = is_up(state.presence, now_ms().saturating_sub(state.record.updated_ms));
-    let keys = match ctl.lookup(&relay).await {
-        Ok(k) => k,
-        Err(e) => return RelayStatus::Skipped(format!("cannot look up its key: {e}")),
-    };
-    let expected = ExpectedRelay { name: &relay, signing: &keys.signing };
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut reasons = Vec::new();
-    for address in &info.addresses {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            reasons.push(format!("{address}: not tried, the {timeout:?} deadline passed"));
-            continue;
-        }
-        match np_relay_proto::probe(address, ctl.keys(), ctl.me(), expected, left).await {
-            Ok(rtt) => return RelayStatus::Listed { probe: Ok((address.clone(), rtt)), info, up },
-            Err(e) => reasons.push(e.to_string()),
-        }
-    }
-    RelayStatus::Listed { probe: Err(reasons.join("; ")), info, up }
+    let probe = np_tunnel::choose::probe_addresses(&ctl, &relay, &info, timeout).await;
+    RelayStatus::Listed { probe, info, up }
 }
 
 /// Runs `np relays`.

@@ -77,15 +77,20 @@ fn session_keys() -> (SessionKeys, SessionKeys) {
     (init.finish(&msg2).expect("finish"), dk)
 }
 
+/// Both ends of a loopback TCP connection: the "relay connection" of a session made in process.
+async fn loopback_pair() -> Result<(tokio::net::TcpStream, tokio::net::TcpStream), SetupFailed> {
+    let failed = |e: std::io::Error| SetupFailed { kind: RefuseKind::Unreachable, reason: e.to_string() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(failed)?;
+    let addr = listener.local_addr().map_err(failed)?;
+    let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    Ok((client.map_err(failed)?, accepted.map_err(failed)?.0))
+}
+
 impl Dialer for HostDialer {
     fn dial(&self, _device: DeviceKey, _first: String) -> BoxFuture<'static, Result<Dialed, SetupFailed>> {
         let dialer = self.dialer.clone();
         Box::pin(async move {
-            let failed = |e: std::io::Error| SetupFailed { kind: RefuseKind::Unreachable, reason: e.to_string() };
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(failed)?;
-            let addr = listener.local_addr().map_err(failed)?;
-            let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-            let (client, (server, _)) = (client.map_err(failed)?, accepted.map_err(failed)?);
+            let (client, server) = loopback_pair().await?;
             let (ck, dk) = session_keys();
             let mut device = device_session(server, dk, MuxConfig::default());
             tokio::spawn(async move {
@@ -431,11 +436,7 @@ fn shrink(fd: std::os::fd::RawFd, opt: libc::c_int) {
 impl Dialer for StallingDialer {
     fn dial(&self, _device: DeviceKey, _first: String) -> BoxFuture<'static, Result<Dialed, SetupFailed>> {
         Box::pin(async move {
-            let failed = |e: std::io::Error| SetupFailed { kind: RefuseKind::Unreachable, reason: e.to_string() };
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(failed)?;
-            let addr = listener.local_addr().map_err(failed)?;
-            let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-            let (client, (server, _)) = (client.map_err(failed)?, accepted.map_err(failed)?);
+            let (client, server) = loopback_pair().await?;
             shrink(client.as_raw_fd(), libc::SO_SNDBUF);
             shrink(server.as_raw_fd(), libc::SO_RCVBUF);
             let (ck, dk) = session_keys();
