@@ -50,13 +50,24 @@ pub fn run_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> E
 }
 
 /// Waits for SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+///
+/// The handlers are installed when this is called, not when the future is first polled: `np up`
+/// says "ready" before its loop polls it, and a SIGTERM in between used to find the default
+/// action (the process killed, its interface left to the kernel, a failed exit status; seen in
+/// CI under load). Must be called within a tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
     }
 }
