@@ -9,7 +9,10 @@ pub mod dns;
 pub mod doctor;
 pub mod end_sessions;
 pub mod forward;
+pub mod local_flows;
+pub mod nc;
 pub mod relays;
+pub mod ssh;
 pub mod up;
 
 /// Parses the command line of `C` with its config file merged in (see `np_config`). The

@@ -231,6 +231,9 @@ pub async fn run(
             let _ = s.write_all(text.as_bytes()).await;
         }
     });
+    // np nc's way onto these sessions (see local_flows).
+    let (flows, _flows_file) = crate::local_flows::listener(&opts.name)?;
+    tokio::spawn(crate::local_flows::serve(flows, netstack.status(), connector.timeout));
     println!("ready");
     let refs: Devices = Arc::new(RwLock::new(refs));
     if !discovered.is_empty() {
@@ -442,13 +445,18 @@ async fn bind_dns(iface: &str, addr: Ipv4Addr) -> std::io::Result<tokio::net::Ud
 /// socket's name first (to fake `np status`, or to stop `np up` from starting).
 pub const RUN_DIR: &str = "/run/np";
 
-/// The status socket of interface `iface` in this network namespace. The directory is shared by
-/// every namespace of the host while each may have its own `np0`, so the name carries the
-/// namespace's inode number.
+/// The status socket of interface `iface` in this network namespace.
 fn status_socket_path(iface: &str) -> Result<PathBuf> {
+    socket_path(iface, "status")
+}
+
+/// The socket of `kind` (`status`, `flows`) of interface `iface` in this network namespace. The
+/// directory is shared by every namespace of the host while each may have its own `np0`, so the
+/// name carries the namespace's inode number.
+pub(crate) fn socket_path(iface: &str, kind: &str) -> Result<PathBuf> {
     anyhow::ensure!(np_netstack::tun::valid_name(iface), "{iface:?} is not an interface name");
     let ns = std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino();
-    Ok(Path::new(RUN_DIR).join(format!("{iface}.{ns}.status")))
+    Ok(Path::new(RUN_DIR).join(format!("{iface}.{ns}.{kind}")))
 }
 
 /// Why a directory is not private enough to hold the status sockets, if it is not: it must be
@@ -481,7 +489,7 @@ fn private_dir(dir: &Path) -> Result<()> {
 }
 
 /// This process's effective user id (from /proc: libc's getter is an unsafe call).
-fn effective_uid() -> Result<u32> {
+pub(crate) fn effective_uid() -> Result<u32> {
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     parse_euid(&status).context("no effective uid in /proc/self/status")
 }
@@ -492,7 +500,7 @@ fn parse_euid(status: &str) -> Option<u32> {
 }
 
 /// The status socket file; removed when `np up` ends, if it is still ours.
-struct SocketFile {
+pub struct SocketFile {
     path: PathBuf,
     ino: u64,
 }
@@ -506,17 +514,22 @@ impl Drop for SocketFile {
 }
 
 fn status_listener(iface: &str) -> Result<(tokio::net::UnixListener, SocketFile)> {
+    private_listener(&status_socket_path(iface)?)
+}
+
+/// Binds the socket at `path` in the run directory (made private first), mode 0600.
+pub(crate) fn private_listener(path: &Path) -> Result<(tokio::net::UnixListener, SocketFile)> {
     use std::os::unix::fs::FileTypeExt;
     use std::os::unix::net::{UnixListener, UnixStream};
     private_dir(Path::new(RUN_DIR))?;
-    let path = status_socket_path(iface)?;
+    let path = path.to_path_buf();
     let l = match UnixListener::bind(&path) {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             // A live `np up` answers; a file left by one that died (killed, crashed) does not,
             // and is replaced. Only root can have put anything in this directory.
             if UnixStream::connect(&path).is_ok() {
-                anyhow::bail!("another `np up` already serves {iface} in this network namespace");
+                anyhow::bail!("another `np up` already serves {} in this network namespace", path.display());
             }
             let meta = std::fs::symlink_metadata(&path)?;
             anyhow::ensure!(meta.file_type().is_socket(), "{} exists and is not a socket", path.display());
@@ -526,6 +539,9 @@ fn status_listener(iface: &str) -> Result<(tokio::net::UnixListener, SocketFile)
         }
         Err(e) => return Err(e).with_context(|| format!("binding {}", path.display())),
     };
+    // Owner only, beside the private directory: what the sockets give (a device's flows) is root's.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", path.display()))?;
     let ino = std::fs::symlink_metadata(&path)?.ino();
     l.set_nonblocking(true)?;
     Ok((tokio::net::UnixListener::from_std(l)?, SocketFile { path, ino }))

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use np_cli::forward::LocalForward;
+use np_cli::nc::DeviceArg;
 use np_cli::up::{DeviceSpec, RouteSpec, UpOptions};
 use np_control_client::ControlClient;
 use np_control_proto::EnrolCode;
@@ -195,6 +196,71 @@ enum Cmd {
         #[arg(long)]
         device: Option<DeviceRef>,
     },
+    /// Carry one flow to a device's port over standard input and output: the ProxyCommand for
+    /// ssh (`np ssh-config` writes it). No root and no TUN needed.
+    ///
+    /// With a running `np up` (and as root, like np up), the flow goes over np up's session;
+    /// otherwise np nc sets up its own (ssh's ControlMaster then shares one np nc among many ssh
+    /// commands). Standard output carries only the flow's bytes; messages go to standard error.
+    /// Exit codes: 3 refused (with the device's reason), 4 unknown device, 5 device offline,
+    /// 6 relay (or control plane) unreachable, 1 anything else.
+    #[command(visible_alias = "connect")]
+    Nc {
+        /// The device: NAME@ID (pi4@alice_device), NAME.ID.np (pi4.alice_device.np), or an
+        /// address np up gave out (100.80.0.2; needs np up running, and root).
+        device: DeviceArg,
+        /// The port on the device (or on --to-host).
+        port: u16,
+        /// A host on the device's side to reach instead of the device itself (its permit-open
+        /// must allow HOST:PORT).
+        #[arg(long, value_name = "HOST")]
+        to_host: Option<String>,
+        /// Your identity [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+        /// Pins the relay both sides meet at, by identity (e.g. @relay) [default: the best one
+        /// the device trusts, as for np forward].
+        #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
+        relay: Option<Name>,
+        /// Dial the relay at HOST:PORT instead of the address it publishes. Needs --relay.
+        #[arg(long, value_name = "HOST:PORT", requires = "relay")]
+        relay_address: Option<String>,
+        /// How long to wait for the device to answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Run the system's ssh to a device through np: `np ssh pi@pi4@alice_device`, or
+    /// `np ssh pi4@alice_device -- uname -a`.
+    ///
+    /// Adds `-o ProxyCommand=np nc %h %p` and `-o HostKeyAlias=NAME.ID.np` (the device's key is
+    /// known under its name, not under an address); every argument after the destination
+    /// (`-L`, `-R`, `-A`, `-t`, a command) goes to ssh unchanged.
+    Ssh {
+        /// Your identity, passed on to np nc [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+        /// The relay, passed on to np nc.
+        #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
+        relay: Option<Name>,
+        /// The ssh program.
+        #[arg(long, env = "NP_SSH", default_value = "ssh")]
+        ssh: std::ffi::OsString,
+        /// [USER@]DEVICE, the device as np nc takes it (USER@NAME@ID, USER@NAME.ID.np, ...).
+        destination: String,
+        /// Arguments for ssh.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Print a `Host *.np` block for ~/.ssh/config: `np ssh-config >> ~/.ssh/config`, then
+    /// `ssh pi@pi4.alice_device.np`, scp, rsync and git just work.
+    SshConfig {
+        /// Your identity, passed on to np nc [default: the only one in the home directory].
+        #[arg(long = "as")]
+        me: Option<Name>,
+        /// The relay, passed on to np nc.
+        #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
+        relay: Option<Name>,
+    },
     /// Run a policy service that devices started with `npd --policy @P` ask.
     Policy {
         #[command(subcommand)]
@@ -243,7 +309,43 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     np_cli::init_logs(if cli.verbose { "info" } else { "warn" });
+    if let Cmd::Nc { .. } = cli.cmd {
+        return nc_main(cli);
+    }
     np_cli::run_main(run(cli))
+}
+
+/// `np nc`: its own exit code per kind of failure, with a one-line reason on stderr.
+fn nc_main(cli: Cli) -> ExitCode {
+    let Cmd::Nc { device, port, to_host, me, relay, relay_address, timeout } = cli.cmd else {
+        return ExitCode::FAILURE;
+    };
+    let opts = np_cli::nc::NcOptions {
+        home: Home::resolve(cli.home.as_deref()),
+        me,
+        relay,
+        relay_address,
+        timeout,
+        keepalive: cli.keepalive,
+        verbose: cli.verbose,
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("np nc: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(np_cli::nc::run(device, port, to_host, opts));
+    // A read of a terminal left in the blocking pool must not hold the exit.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("np nc: {e}");
+            e.exit_code()
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -320,6 +422,18 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::EndSessions { me, to, of } => np_cli::end_sessions::run(&home, me.as_ref(), &to, &of).await,
         Cmd::Status { name } => {
             print!("{}", np_cli::up::status(&name).await?);
+            Ok(())
+        }
+        Cmd::Nc { .. } => anyhow::bail!("np nc runs from main"),
+        Cmd::Ssh { me, relay, ssh, destination, args } => {
+            let flags = np_cli::ssh::NcFlags { home: cli.home, me, relay };
+            let args = np_cli::ssh::ssh_args(&np_cli::ssh::this_np()?, &flags, &destination, &args)
+                .map_err(anyhow::Error::msg)?;
+            np_cli::ssh::exec_ssh(&ssh, args)
+        }
+        Cmd::SshConfig { me, relay } => {
+            let flags = np_cli::ssh::NcFlags { home: cli.home, me, relay };
+            print!("{}", np_cli::ssh::config_block(&np_cli::ssh::this_np()?, &flags));
             Ok(())
         }
         Cmd::Devices { me } => np_cli::devices::run(&home, me.as_ref()).await,
