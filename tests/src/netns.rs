@@ -418,6 +418,8 @@ impl NsSshd {
             .arg(format!("ListenAddress={}", addr.ip()))
             .args(["-o", "PidFile=none", "-o", "StrictModes=no"])
             .args(["-o", "PermitRootLogin=prohibit-password", "-o", "PasswordAuthentication=no"])
+            // scp (SFTP by default since OpenSSH 9.0) and sftp need the subsystem.
+            .args(["-o", "Subsystem=sftp internal-sftp"])
             .arg("-o")
             .arg(format!("HostKey={}", d.join("host").display()))
             .arg("-o")
