@@ -200,24 +200,35 @@ pub async fn run(device: DeviceArg, port: u16, to_host: Option<String>, opts: Nc
         r = slot.open(&target) => r.map_err(classify_slot)?,
         e = gone => return Err(e),
     };
-    let stdio = stdio().map_err(NcError::Other)?;
-    flow.carry(stdio).await.map(|_| ()).map_err(|e| NcError::Other(anyhow::Error::new(e).context("carrying the flow")))
+    let (stdio, ended) = stdio().map_err(NcError::Other)?;
+    tokio::select! {
+        r = flow.carry(stdio) => r.map(|_| ()).map_err(|e| NcError::Other(anyhow::Error::new(e).context("carrying the flow"))),
+        () = ended.notified() => Ok(()),
+    }
 }
 
 /// Carries the flow np up opened for us.
 async fn carry_local(mut stream: tokio::net::UnixStream) -> Result<(), NcError> {
-    let mut stdio = stdio().map_err(NcError::Other)?;
-    tokio::io::copy_bidirectional(&mut stdio, &mut stream)
-        .await
-        .map(|_| ())
-        .map_err(|e| NcError::Other(anyhow::Error::new(e).context("carrying the flow through np up")))
+    let (mut stdio, ended) = stdio().map_err(NcError::Other)?;
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut stdio, &mut stream) => r
+            .map(|_| ())
+            .map_err(|e| NcError::Other(anyhow::Error::new(e).context("carrying the flow through np up"))),
+        () = ended.notified() => Ok(()),
+    }
 }
 
 /// Standard input and output as one stream. Pipes (what ssh gives a ProxyCommand) are read and
 /// written as non-blocking fds on the runtime's reactor; anything else (a file, a terminal)
-/// through the blocking pool. Shutting the stream down closes standard output, so whoever reads
-/// it sees the end of the flow even while standard input stays open.
-pub fn stdio() -> anyhow::Result<tokio::io::Join<Box<dyn AsyncRead + Unpin + Send>, StdoutWriter>> {
+/// through the blocking pool.
+///
+/// Shutting the stream down (the device ended the flow, and all of it is written) closes
+/// standard output and fires the returned `Notify`: np nc then exits, as nc does when the
+/// network side closes, whether or not its standard input has ended. The end of standard input
+/// is passed on as a half-close, and np nc waits for the device's end.
+pub type Stdio = tokio::io::Join<Box<dyn AsyncRead + Unpin + Send>, StdoutWriter>;
+
+pub fn stdio() -> anyhow::Result<(Stdio, std::sync::Arc<tokio::sync::Notify>)> {
     use anyhow::Context;
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: fds 0 and 1 belong to the process, and are taken exactly once, here: nothing else
@@ -232,7 +243,8 @@ pub fn stdio() -> anyhow::Result<tokio::io::Join<Box<dyn AsyncRead + Unpin + Sen
         true => Box::new(tokio::net::unix::pipe::Sender::from_owned_fd(fd1).context("standard output")?),
         false => Box::new(tokio::fs::File::from_std(std::fs::File::from(fd1))),
     };
-    Ok(tokio::io::join(input, StdoutWriter(Some(output))))
+    let ended = std::sync::Arc::new(tokio::sync::Notify::new());
+    Ok((tokio::io::join(input, StdoutWriter { out: Some(output), ended: ended.clone() }), ended))
 }
 
 /// Whether fd `n` of this process is a pipe (through /proc, which follows it to the pipe).
@@ -241,8 +253,11 @@ fn is_fifo(n: u8) -> bool {
     std::fs::metadata(format!("/proc/self/fd/{n}")).is_ok_and(|m| m.file_type().is_fifo())
 }
 
-/// Standard output, closed (dropped) on shutdown.
-pub struct StdoutWriter(Option<Box<dyn AsyncWrite + Unpin + Send>>);
+/// Standard output, closed (dropped) on shutdown, which `ended` is told of.
+pub struct StdoutWriter {
+    out: Option<Box<dyn AsyncWrite + Unpin + Send>>,
+    ended: std::sync::Arc<tokio::sync::Notify>,
+}
 
 impl AsyncWrite for StdoutWriter {
     fn poll_write(
@@ -250,7 +265,7 @@ impl AsyncWrite for StdoutWriter {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.0.as_mut() {
+        match self.out.as_mut() {
             Some(w) => std::pin::Pin::new(w).poll_write(cx, buf),
             None => std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
         }
@@ -259,7 +274,7 @@ impl AsyncWrite for StdoutWriter {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.0.as_mut() {
+        match self.out.as_mut() {
             Some(w) => std::pin::Pin::new(w).poll_flush(cx),
             None => std::task::Poll::Ready(Ok(())),
         }
@@ -268,10 +283,12 @@ impl AsyncWrite for StdoutWriter {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if let Some(w) = self.0.as_mut() {
+        if let Some(w) = self.out.as_mut() {
             std::task::ready!(std::pin::Pin::new(w).poll_shutdown(cx))?;
         }
-        self.0 = None;
+        self.out = None;
+        // A stored permit: whoever waits later still sees it.
+        self.ended.notify_one();
         std::task::Poll::Ready(Ok(()))
     }
 }

@@ -420,6 +420,9 @@ impl NsSshd {
             .args(["-o", "PermitRootLogin=prohibit-password", "-o", "PasswordAuthentication=no"])
             // scp (SFTP by default since OpenSSH 9.0) and sftp need the subsystem.
             .args(["-o", "Subsystem=sftp internal-sftp"])
+            // sshd's default (10:30:100) drops a random share of more than ten connections
+            // still in key exchange: tests that start many ssh at once mean to test np, not that.
+            .args(["-o", "MaxStartups=100"])
             .arg("-o")
             .arg(format!("HostKey={}", d.join("host").display()))
             .arg("-o")
