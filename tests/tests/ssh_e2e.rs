@@ -331,7 +331,14 @@ fn np_nc_rides_np_ups_session_and_its_socket_is_roots() {
     );
     let out = np_tests::netns::output_in(
         &d.hosts.pc,
-        Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", &probe]),
+        Command::new("setpriv").args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &probe,
+        ]),
         long,
     );
     assert!(
