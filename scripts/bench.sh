@@ -428,6 +428,77 @@ PY
   stop_since "$m"
 }
 
+# --- ssh through np nc ----------------------------------------------------------------------------
+# The real OpenSSH client in pc with the `Host *.np` block `np ssh-config` prints (ProxyCommand
+# `np nc %h %p`, a session of its own per ssh: no np up here), beside `ssh -J` through the relay
+# host (pd's sshd reached from pr: the device has an open port) and the reverse SSH tunnel (pd
+# dials out to pr, pr's 17022 is pd's 22). Connect time: command start to the remote `true`
+# exiting, median of 11, the three paths alternating. scp: 256 MiB up (to pd's /dev/null) and
+# down (from pd, to /dev/null), through np nc and through the reverse tunnel; MB/s and ratios.
+section_ssh() {
+  log "ssh through np nc"
+  local m; m=$(mark)
+  local k=$WORK/ssh_key cfg=$WORK/ssh_config out
+  [ -f "$k" ] || { log "no ssh key (the reverse tunnel did not start): skipping ssh"; return; }
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7450 ${RELAY_FLAGS:-}
+  wait_port pr 198.18.0.2 7450
+  bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client \
+    --permit-open localhost:22 --home "$WORK/home-bench_device"
+  sleep 1
+  { "$BIN/np" --home "$WORK/home-bench_client" ssh-config --as @bench_client --relay @relay
+    printf 'Host *\n  User root\n  IdentityFile %s\n  IdentitiesOnly yes\n  BatchMode yes\n' "$k"
+    printf '  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n'
+  } >"$cfg"
+  note "ssh: np nc's ProxyCommand is $(grep -m1 ProxyCommand "$cfg" | sed 's/^ *//')"
+  out=$(ns pc python3 - "$cfg" 2>>"$WORK/logs/bg.log" <<'PY'
+import statistics, subprocess, sys, time
+cfg = sys.argv[1]
+paths = [
+    ["ssh", "-F", cfg, "bench.bench_device.np", "true"],
+    ["ssh", "-F", cfg, "-J", "root@198.18.0.2", "root@198.18.0.3", "true"],
+    ["ssh", "-F", cfg, "-p", "17022", "root@198.18.0.2", "true"],
+]
+r = [[] for _ in paths]
+for _ in range(11):
+    for j, cmd in enumerate(paths):
+        t = time.perf_counter()
+        if subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=30).returncode == 0:
+            r[j].append((time.perf_counter() - t) * 1e3)
+print(" ".join("%.1f" % statistics.median(x) if x else "FAIL" for x in r))
+PY
+)
+  set -- $out
+  local via_np=${1:-} via_j=${2:-} via_rev=${3:-}
+  metric "ssh connect (command start to remote true exit, median of 11), np nc" "$via_np" ms
+  metric "ssh connect (same), ssh -J via the relay host" "$via_j" ms
+  metric "ssh connect (same), reverse SSH tunnel" "$via_rev" ms
+  metric "ssh connect, np nc / ssh -J" "$(ratio "$via_np" "$via_j")" ""
+  metric "ssh connect, np nc / reverse SSH tunnel" "$(ratio "$via_np" "$via_rev")" ""
+  # scp: 256 MiB of random bytes (incompressible), each way, each path.
+  local f=$WORK/scp.bin
+  [ -f "$f" ] || head -c 256M /dev/urandom >"$f"
+  scp_mbps() { local t0 t1; t0=$(date +%s.%N)
+    ns pc scp -q -F "$cfg" "$@" </dev/null >/dev/null 2>>"$WORK/logs/bg.log" || { echo FAIL; return; }
+    t1=$(date +%s.%N); python3 -c "print('%.1f' % (256 * 1.048576 / ($t1 - $t0)))"; }
+  local np_up np_down rev_up rev_down
+  np_up=$(scp_mbps "$f" bench.bench_device.np:/dev/null)
+  rev_up=$(scp_mbps -P 17022 "$f" root@198.18.0.2:/dev/null)
+  np_down=$(scp_mbps bench.bench_device.np:"$f" /dev/null)
+  rev_down=$(scp_mbps -P 17022 root@198.18.0.2:"$f" /dev/null)
+  metric "scp 256 MiB up, np nc" "$np_up" MB/s
+  metric "scp 256 MiB up, reverse SSH tunnel" "$rev_up" MB/s
+  metric "scp 256 MiB down, np nc" "$np_down" MB/s
+  metric "scp 256 MiB down, reverse SSH tunnel" "$rev_down" MB/s
+  metric "scp 256 MiB up, np nc / reverse SSH tunnel" "$(ratio "$np_up" "$rev_up")" ""
+  metric "scp 256 MiB down, np nc / reverse SSH tunnel" "$(ratio "$np_down" "$rev_down")" ""
+  rm -f "$f"
+  stop_since "$m"
+}
+# ratio A B: A/B to two decimals, or empty (FAIL) when either is missing.
+ratio() { python3 -c 'import sys
+try: print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))
+except (ValueError, ZeroDivisionError): pass' "$1" "$2"; }
+
 # --- relays as a fleet ---------------------------------------------------------------------------
 # Two relays in pr on the operator's list. Relay selection: cold setup (command start to the first
 # sshd byte) with no --relay, np forward probing both and choosing, beside the same with --relay
@@ -690,12 +761,12 @@ start_rev_tunnel || log "no reverse SSH tunnel: warm connect-to-first-byte has n
 # Our paths in rounds (each round all of them, so a slow minute of the machine touches every path
 # once rather than one path three times), then the sections measured once.
 for ROUND in $(seq "$ROUNDS"); do
-  for sec in ${SECTIONS:-tunnel relay forward up idle backlog abuse fleet}; do
+  for sec in ${SECTIONS:-tunnel relay forward up ssh idle backlog abuse fleet}; do
     case " $ROUNDED " in *" $sec "*) log "round $ROUND of $ROUNDS: $sec"; "section_$sec" ;; esac
   done
 done
 ROUND=0
-for sec in ${SECTIONS:-tunnel relay forward up idle backlog abuse fleet}; do
+for sec in ${SECTIONS:-tunnel relay forward up ssh idle backlog abuse fleet}; do
   case " $ROUNDED " in *" $sec "*) ;; *) "section_$sec" ;; esac
 done
 teardown_hosts
