@@ -117,7 +117,6 @@ pub struct NcOptions {
     pub home: np_identity::home::Home,
     pub me: Option<Name>,
     pub relay: Option<Name>,
-    pub relay_address: Option<String>,
     pub timeout: Duration,
     pub keepalive: Duration,
     pub verbose: bool,
@@ -171,7 +170,7 @@ pub async fn run(device: DeviceArg, port: u16, to_host: Option<String>, opts: Nc
             _ => NcError::Other(e),
         })?;
     let (router, _requests) = Router::start(incoming);
-    let relays = crate::relay_book(opts.relay.as_ref(), opts.relay_address);
+    let relays = crate::relay_book(opts.relay.as_ref(), None);
     let choice = crate::relay_choice(opts.relay, opts.verbose);
     let connector = Connector {
         ctl: ctl.clone(),

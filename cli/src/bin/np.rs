@@ -215,16 +215,8 @@ enum Cmd {
         /// must allow HOST:PORT).
         #[arg(long, value_name = "HOST")]
         to_host: Option<String>,
-        /// Your identity [default: the only one in the home directory].
-        #[arg(long = "as")]
-        me: Option<Name>,
-        /// Pins the relay both sides meet at, by identity (e.g. @relay) [default: the best one
-        /// the device trusts, as for np forward].
-        #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
-        relay: Option<Name>,
-        /// Dial the relay at HOST:PORT instead of the address it publishes. Needs --relay.
-        #[arg(long, value_name = "HOST:PORT", requires = "relay")]
-        relay_address: Option<String>,
+        #[command(flatten)]
+        who: NcIdentity,
         /// How long to wait for the device to answer.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -236,12 +228,8 @@ enum Cmd {
     /// known under its name, not under an address); every argument after the destination
     /// (`-L`, `-R`, `-A`, `-t`, a command) goes to ssh unchanged.
     Ssh {
-        /// Your identity, passed on to np nc [default: the only one in the home directory].
-        #[arg(long = "as")]
-        me: Option<Name>,
-        /// The relay, passed on to np nc.
-        #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
-        relay: Option<Name>,
+        #[command(flatten)]
+        who: NcIdentity,
         /// The ssh program.
         #[arg(long, env = "NP_SSH", default_value = "ssh")]
         ssh: std::ffi::OsString,
@@ -254,18 +242,27 @@ enum Cmd {
     /// Print a `Host *.np` block for ~/.ssh/config: `np ssh-config >> ~/.ssh/config`, then
     /// `ssh pi@pi4.alice_device.np`, scp, rsync and git just work.
     SshConfig {
-        /// Your identity, passed on to np nc [default: the only one in the home directory].
-        #[arg(long = "as")]
-        me: Option<Name>,
-        /// The relay, passed on to np nc.
-        #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
-        relay: Option<Name>,
+        #[command(flatten)]
+        who: NcIdentity,
     },
     /// Run a policy service that devices started with `npd --policy @P` ask.
     Policy {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+}
+
+/// Who `np nc` connects as and through which relay; `np ssh` and `np ssh-config` write them
+/// into the ProxyCommand.
+#[derive(clap::Args)]
+struct NcIdentity {
+    /// Your identity [default: the only one in the home directory].
+    #[arg(long = "as")]
+    me: Option<Name>,
+    /// Pins the relay both sides meet at, by identity (e.g. @relay) [default: the best one the
+    /// device trusts, as for np forward].
+    #[arg(long, env = "NP_RELAY", value_name = "@NAME")]
+    relay: Option<Name>,
 }
 
 #[derive(Subcommand)]
@@ -317,14 +314,13 @@ fn main() -> ExitCode {
 
 /// `np nc`: its own exit code per kind of failure, with a one-line reason on stderr.
 fn nc_main(cli: Cli) -> ExitCode {
-    let Cmd::Nc { device, port, to_host, me, relay, relay_address, timeout } = cli.cmd else {
+    let Cmd::Nc { device, port, to_host, who, timeout } = cli.cmd else {
         return ExitCode::FAILURE;
     };
     let opts = np_cli::nc::NcOptions {
         home: Home::resolve(cli.home.as_deref()),
-        me,
-        relay,
-        relay_address,
+        me: who.me,
+        relay: who.relay,
         timeout,
         keepalive: cli.keepalive,
         verbose: cli.verbose,
@@ -425,14 +421,14 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Nc { .. } => anyhow::bail!("np nc runs from main"),
-        Cmd::Ssh { me, relay, ssh, destination, args } => {
-            let flags = np_cli::ssh::NcFlags { home: cli.home, me, relay };
+        Cmd::Ssh { who, ssh, destination, args } => {
+            let flags = np_cli::ssh::NcFlags { home: cli.home, me: who.me, relay: who.relay };
             let args = np_cli::ssh::ssh_args(&np_cli::ssh::this_np()?, &flags, &destination, &args)
                 .map_err(anyhow::Error::msg)?;
             np_cli::ssh::exec_ssh(&ssh, args)
         }
-        Cmd::SshConfig { me, relay } => {
-            let flags = np_cli::ssh::NcFlags { home: cli.home, me, relay };
+        Cmd::SshConfig { who } => {
+            let flags = np_cli::ssh::NcFlags { home: cli.home, me: who.me, relay: who.relay };
             print!("{}", np_cli::ssh::config_block(&np_cli::ssh::this_np()?, &flags));
             Ok(())
         }
