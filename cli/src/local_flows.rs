@@ -13,11 +13,14 @@
 //! one gives way, `np-limits`) and must finish within [`REQUEST_TIMEOUT`]; carried flows are
 //! capped at [`MAX_FLOWS`].
 //!
-//! The protocol is one line each way, then the flow's bytes: `DEVICE PORT\n`, answered by `ok`,
-//! `refused REASON`, `failed REASON`, `unknown` or `busy`.
+//! The protocol is one line each way, then the flow's bytes: `DEVICE PORT [@IDENTITY]\n`,
+//! answered by `ok`, `refused REASON`, `failed REASON`, `unknown` or `busy`. A request that names
+//! an identity other than np up's is `unknown`: np nc then sets up its own session as that
+//! identity rather than borrow another's.
 
 use crate::nc::DeviceArg;
 use crate::up::{private_listener, socket_path, trusted_server, SocketFile};
+use np_identity::Name;
 use np_netstack::StatusHandle;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -56,8 +59,8 @@ pub fn listener(iface: &str) -> anyhow::Result<(tokio::net::UnixListener, Socket
 
 /// Serves flow requests until the netstack stops. `connect_timeout` bounds the wait for the
 /// device to accept (np up's --timeout: the session may have to be set up first).
-pub async fn serve(listener: tokio::net::UnixListener, status: StatusHandle, connect_timeout: Duration) {
-    let me = crate::up::effective_uid().unwrap_or(0);
+pub async fn serve(listener: tokio::net::UnixListener, status: StatusHandle, me: Name, connect_timeout: Duration) {
+    let my_uid = crate::up::effective_uid().unwrap_or(0);
     let waiting = np_limits::PreAuth::new(MAX_WAITING);
     let flows = Arc::new(tokio::sync::Semaphore::new(MAX_FLOWS));
     let mut conn = 0u64;
@@ -72,7 +75,7 @@ pub async fn serve(listener: tokio::net::UnixListener, status: StatusHandle, con
             }
         };
         match stream.peer_cred() {
-            Ok(c) if trusted_server(c.uid(), me) => {}
+            Ok(c) if trusted_server(c.uid(), my_uid) => {}
             Ok(c) => {
                 tracing::warn!(uid = c.uid(), "flow socket: refused a client that is neither root nor np up's user");
                 continue;
@@ -84,11 +87,15 @@ pub async fn serve(listener: tokio::net::UnixListener, status: StatusHandle, con
         }
         conn += 1;
         let (permit, _) = waiting.admit(conn, false);
-        let (status, flows) = (status.clone(), flows.clone());
+        let (status, flows, me) = (status.clone(), flows.clone(), me.clone());
         tokio::spawn(async move {
             let req = permit.unless_evicted(tokio::time::timeout(REQUEST_TIMEOUT, read_request(stream))).await;
             drop(permit);
-            let Ok(Ok(Ok(Some((stream, device, port))))) = req else { return };
+            let Ok(Ok(Ok(Some(Request { stream, device, port, identity })))) = req else { return };
+            if identity.is_some_and(|i| i != me) {
+                let _ = answer(stream, "unknown").await;
+                return;
+            }
             let Ok(slot) = flows.try_acquire_owned() else {
                 let _ = answer(stream, "busy").await;
                 return;
@@ -99,8 +106,17 @@ pub async fn serve(listener: tokio::net::UnixListener, status: StatusHandle, con
     }
 }
 
-/// Reads `DEVICE PORT\n`; `None` for anything else.
-async fn read_request(stream: UnixStream) -> std::io::Result<Option<(UnixStream, String, u16)>> {
+/// A flow request.
+struct Request {
+    stream: UnixStream,
+    device: String,
+    port: u16,
+    /// Whose session the client wants, if it said.
+    identity: Option<Name>,
+}
+
+/// Reads `DEVICE PORT [@IDENTITY]\n`; `None` for anything else.
+async fn read_request(stream: UnixStream) -> std::io::Result<Option<Request>> {
     let mut r = BufReader::with_capacity(MAX_LINE, stream);
     let mut line = Vec::new();
     let n = (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut line).await?;
@@ -109,10 +125,15 @@ async fn read_request(stream: UnixStream) -> std::io::Result<Option<(UnixStream,
     }
     let text = String::from_utf8_lossy(&line);
     let mut words = text.split_whitespace();
-    let (Some(device), Some(port), None) = (words.next(), words.next(), words.next()) else { return Ok(None) };
+    let (Some(device), Some(port)) = (words.next(), words.next()) else { return Ok(None) };
     let Ok(port) = port.parse::<u16>() else { return Ok(None) };
+    let identity = match (words.next().map(str::parse::<Name>), words.next()) {
+        (None, None) => None,
+        (Some(Ok(n)), None) => Some(n),
+        _ => return Ok(None),
+    };
     // The client writes nothing more before our answer, so nothing is left in the buffer.
-    Ok(Some((r.into_inner(), device.to_string(), port)))
+    Ok(Some(Request { stream: r.into_inner(), device: device.to_string(), port, identity }))
 }
 
 async fn answer(mut stream: UnixStream, line: &str) -> std::io::Result<UnixStream> {
@@ -168,17 +189,20 @@ async fn serve_one(stream: UnixStream, status: &StatusHandle, device: &str, port
 /// Asks a running np up (of this network namespace) for a flow to `device`'s `port`. `None` when
 /// none runs, none can be asked (not root), or none answers sensibly: then np nc sets up a
 /// session of its own.
-pub async fn open(device: &DeviceArg, port: u16, timeout: Duration) -> Option<Answer> {
-    let me = crate::up::effective_uid().ok()?;
+pub async fn open(device: &DeviceArg, port: u16, me: Option<&Name>, timeout: Duration) -> Option<Answer> {
+    let my_uid = crate::up::effective_uid().ok()?;
     let mut unknown = false;
     for path in sockets().await {
         let Ok(mut s) = UnixStream::connect(&path).await else { continue };
         // Whoever serves it must be root (or us), whatever the directory says.
         match s.peer_cred() {
-            Ok(c) if trusted_server(c.uid(), me) => {}
+            Ok(c) if trusted_server(c.uid(), my_uid) => {}
             _ => continue,
         }
-        let req = format!("{} {port}\n", request_name(device));
+        let req = match me {
+            Some(n) => format!("{} {port} {n}\n", request_name(device)),
+            None => format!("{} {port}\n", request_name(device)),
+        };
         if s.write_all(req.as_bytes()).await.is_err() {
             continue;
         }
@@ -242,6 +266,32 @@ mod tests {
     use super::*;
     use crate::up::dns_name;
     use np_netstack::DeviceKey;
+
+    async fn request(line: &[u8]) -> Option<(String, u16, Option<Name>)> {
+        let (mut a, b) = UnixStream::pair().expect("pair");
+        a.write_all(line).await.expect("write");
+        drop(a);
+        read_request(b).await.expect("read").map(|r| (r.device, r.port, r.identity))
+    }
+
+    #[tokio::test]
+    async fn requests_are_one_short_line() {
+        assert_eq!(request(b"pi4@alice_device 22\n").await, Some(("pi4@alice_device".into(), 22, None)));
+        let alice: Name = "@alice".parse().expect("name");
+        assert_eq!(request(b"100.80.0.2 8080 @alice\n").await, Some(("100.80.0.2".into(), 8080, Some(alice))));
+        let long = [b"x".repeat(MAX_LINE * 2), b" 22\n".to_vec()].concat();
+        for bad in [
+            &b""[..],
+            b"pi4@alice_device 22",
+            b"pi4 99999\n",
+            b"pi4\n",
+            b"pi4 22 @alice extra\n",
+            b"pi4 22 @Not!\n",
+            &long,
+        ] {
+            assert_eq!(request(bad).await, None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn only_devices_np_up_serves_are_looked_up() {

@@ -138,7 +138,9 @@ pub async fn run(device: DeviceArg, port: u16, to_host: Option<String>, opts: Nc
     // np up can only reach the device's own ports (its TUN flows dial the device's localhost);
     // a --to-host flow needs a session that names that target.
     if to_host.is_none() {
-        match local_flows::open(&device, port, opts.timeout).await {
+        // Our identity, if the home directory says which: np up lends only its own sessions.
+        let me = opts.home.pick_identity(opts.me.as_ref()).ok();
+        match local_flows::open(&device, port, me.as_ref(), opts.timeout).await {
             Some(Answer::Open(stream)) => {
                 tracing::info!(%device, port, "through np up's session");
                 return carry_local(stream).await;

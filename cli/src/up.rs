@@ -233,7 +233,7 @@ pub async fn run(
     });
     // np nc's way onto these sessions (see local_flows).
     let (flows, _flows_file) = crate::local_flows::listener(&opts.name)?;
-    tokio::spawn(crate::local_flows::serve(flows, netstack.status(), connector.timeout));
+    tokio::spawn(crate::local_flows::serve(flows, netstack.status(), connector.ctl.me().clone(), connector.timeout));
     println!("ready");
     let refs: Devices = Arc::new(RwLock::new(refs));
     if !discovered.is_empty() {

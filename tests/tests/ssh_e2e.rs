@@ -314,6 +314,15 @@ fn np_nc_rides_np_ups_session_and_its_socket_is_roots() {
     }
     assert_eq!(sessions_accepted(&d), before, "np nc made new sessions:\n{}", d.log("npd.log"));
 
+    // Another identity's np nc does not borrow np up's session: it asks the device as itself
+    // (and @bob, no manager of it, is refused).
+    let bob = d.enrol("@bob", &d.hosts.pc);
+    let script =
+        format!("{} --home {} nc pi4@alice_device {} </dev/null", bin("np").display(), bob.display(), d.echo_port);
+    let (out, _, e) = sh(&d, &script, long);
+    assert_eq!(out.status.code(), Some(3), "@bob's np nc: {e}");
+    assert!(e.contains("not permitted"), "{e}");
+
     // A refusal through np up still brings the device's reason.
     let (out, _, e) = sh(&d, &format!("{np} nc pi4@alice_device 2 </dev/null"), long);
     assert_eq!(out.status.code(), Some(3), "{e}");
