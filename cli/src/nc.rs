@@ -240,7 +240,9 @@ pub fn stdio() -> anyhow::Result<(Stdio, std::sync::Arc<tokio::sync::Notify>)> {
         true => Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(fd0).context("standard input")?),
         false => Box::new(tokio::fs::File::from_std(std::fs::File::from(fd0))),
     };
-    let output: Box<dyn AsyncWrite + Unpin + Send> = match is_fifo(1) {
+    // Non-blocking mode belongs to the open pipe, not to our fd: when standard error is the
+    // same pipe (`2>&1 | ...`), it would turn non-blocking too, and a message could be lost.
+    let output: Box<dyn AsyncWrite + Unpin + Send> = match is_fifo(1) && fd_ino(1) != fd_ino(2) {
         true => Box::new(tokio::net::unix::pipe::Sender::from_owned_fd(fd1).context("standard output")?),
         false => Box::new(tokio::fs::File::from_std(std::fs::File::from(fd1))),
     };
@@ -252,6 +254,12 @@ pub fn stdio() -> anyhow::Result<(Stdio, std::sync::Arc<tokio::sync::Notify>)> {
 fn is_fifo(n: u8) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(format!("/proc/self/fd/{n}")).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// The inode behind fd `n` (its pipe, for a pipe).
+fn fd_ino(n: u8) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/self/fd/{n}")).ok().map(|m| m.ino())
 }
 
 /// Standard output, closed (dropped) on shutdown, which `ended` is told of.
