@@ -517,6 +517,20 @@ impl Bridge {
                 self.route(id, &target.device);
             }
             Event::Readable(id) | Event::Writable(id) => self.pump(id),
+            Event::Finished(id) => {
+                // The application's FIN, told once the flow is already gone from the stack: pass
+                // it on as the flow's Fin, so the `Closed` that follows finds both sides done.
+                let Some(f) = self.flows.get_mut(&id) else { return };
+                if f.phase != Phase::Open || f.up_done {
+                    return;
+                }
+                f.up_done = true;
+                if let Some(LinkState::Up { conn, .. }) = self.links.get_mut(&f.link).map(|l| &mut l.state) {
+                    if conn.finish(f.mux).is_err() {
+                        f.span.in_scope(|| tracing::debug!("finishing the flow failed"));
+                    }
+                }
+            }
             Event::Closed(id) => {
                 let Some(f) = self.flows.remove(&id) else { return };
                 f.span.in_scope(|| tracing::debug!("flow closed"));

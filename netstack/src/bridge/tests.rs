@@ -422,6 +422,52 @@ fn the_device_finishes_first_then_the_applications_last_bytes_and_fin_arrive_who
 }
 
 #[test]
+fn the_device_finishes_first_and_the_applications_fin_comes_after_its_last_byte_was_read() {
+    // The same, with the application's FIN arriving only once every byte before it has been
+    // read: smoltcp goes straight to TIME-WAIT with nothing left to read, and the flow ends in
+    // that very step. Its FIN must still reach the device as the flow's Fin, not as a reset.
+    let mut w = World::new(MuxConfig::default());
+    let h = w.app.connect("100.80.0.2:22", 40000);
+    w.settle();
+    w.establish();
+    w.settle();
+    let flow = w.device_flow();
+    w.devices[0].conn.finish(flow).expect("device finishes");
+    w.settle();
+    assert!(!w.app.socket(h).may_recv(), "the device's Fin arrived as a FIN");
+    let tail = pattern(1000, 3);
+    assert_eq!(w.socket(h).send_slice(&tail).expect("send"), tail.len());
+    let (mut got, mut fin) = (Vec::new(), false);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut read = |w: &mut World, got: &mut Vec<u8>, fin: &mut bool| loop {
+        match w.devices[0].conn.recv(flow, &mut buf) {
+            Ok(Recv::Data(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Recv::Fin) => *fin = true,
+            _ => break,
+        }
+    };
+    for _ in 0..100 {
+        read(&mut w, &mut got, &mut fin);
+        if got.len() == tail.len() {
+            break;
+        }
+        w.round();
+    }
+    assert_eq!(got, tail, "the last bytes, before any FIN");
+    w.socket(h).close();
+    for _ in 0..100 {
+        w.round();
+        read(&mut w, &mut got, &mut fin);
+        if fin {
+            break;
+        }
+    }
+    let reset = w.devices[0].events.iter().any(|e| matches!(e, ConnEvent::FlowReset { .. }));
+    assert!(!reset, "no reset: {:?}", w.devices[0].events);
+    assert!(fin, "the application's FIN as the flow's Fin");
+}
+
+#[test]
 fn a_device_added_while_up_is_served_and_a_removed_one_is_cut_off() {
     let mut w = World::new(MuxConfig::default());
     let nas = DeviceKey("nas@bob".into());

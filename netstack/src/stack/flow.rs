@@ -76,6 +76,19 @@ impl OpenFlow {
         let state = socket.state();
         let fin_received =
             matches!(state, tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait);
+        // Done when smoltcp is closed, or waiting out TIME-WAIT with nothing left to read
+        // (a late retransmission then gets a reset from us, which the application ignores).
+        // A reset in SYN-RECEIVED sends a smoltcp socket back to LISTEN (RFC 793), where it
+        // would take the next SYN to this address and port from anyone: the flow is over.
+        let time_waiting = state == tcp::State::TimeWait && !socket.can_recv();
+        if time_waiting && self.read != ReadState::Finished {
+            // We had closed first, and the application's FIN came after its last byte had
+            // been read: the flow ends in this same step, so no read can learn of the FIN any
+            // more. Say it here, or the reader would take the end for a reset.
+            self.read = ReadState::Finished;
+            events.push_back(Event::Finished(id));
+            return true;
+        }
         if self.read == ReadState::Quiet && (socket.can_recv() || fin_received) {
             self.read = ReadState::Reported;
             events.push_back(Event::Readable(id));
@@ -84,12 +97,7 @@ impl OpenFlow {
             self.write = WriteState::Open;
             events.push_back(Event::Writable(id));
         }
-        // Done when smoltcp is closed, or waiting out TIME-WAIT with nothing left to read
-        // (a late retransmission then gets a reset from us, which the application ignores).
-        // A reset in SYN-RECEIVED sends a smoltcp socket back to LISTEN (RFC 793), where it
-        // would take the next SYN to this address and port from anyone: the flow is over.
-        matches!(state, tcp::State::Closed | tcp::State::Listen)
-            || (state == tcp::State::TimeWait && !socket.can_recv())
+        matches!(state, tcp::State::Closed | tcp::State::Listen) || time_waiting
     }
 }
 

@@ -130,6 +130,10 @@ pub enum Event {
     Readable(FlowId),
     /// [`Stack::send`] accepted less than offered earlier, and there is room now.
     Writable(FlowId),
+    /// The application closed its sending side after its last byte had been read, and the flow
+    /// is over in the same step (a `Closed` follows at once): what [`Stack::recv`] would have
+    /// answered with [`FlowError::Finished`], had the flow lasted until the next read.
+    Finished(FlowId),
     /// The flow is over (closed both ways, reset, aborted, or its handshake was cancelled); the
     /// id is no longer valid.
     Closed(FlowId),
