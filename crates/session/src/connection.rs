@@ -215,12 +215,7 @@ impl Connection {
         if self.ended.is_some() {
             return;
         }
-        let own = self.opener.recv_buffer();
-        if own.is_empty() {
-            *own = buf;
-        } else {
-            own.extend_from_slice(&buf);
-        }
+        self.opener.give_back_buffer(buf);
         self.process_input(now);
     }
 
@@ -324,6 +319,8 @@ impl Connection {
         }
         self.mux.handle_timeout(now);
         self.drain_mux();
+        // Timers fire when the session is quiet; reads are rare then.
+        self.opener.shed_spares();
     }
 
     /// Should the shell read more from the peer? Not once ended, and not while so many answers

@@ -47,6 +47,8 @@ pub const WRITE_BATCH: usize = 8 * (MAX_RECORD_PLAINTEXT + HEADER_LEN + TAG_LEN)
 /// buffer is made only when the others are in flight.
 const CARRY_BUFFERS: usize = 8;
 const CARRY_BUFFER: usize = 128 * 1024;
+/// A flow's first read buffer: below the mmap threshold, so a short flow maps no memory.
+const CARRY_BUFFER_FIRST: usize = 16 * 1024;
 
 /// Why opening a flow failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -475,26 +477,32 @@ impl FlowStream {
             // np forward's CPU per GB went up a fifth), so a read goes into the first buffer
             // that can be reclaimed, and a new one is made only while fewer than cover the
             // flow's window (the most the session queues for it) exist.
+            //
+            // A flow starts with one small buffer (from the heap, not a fresh mapping: most flows
+            // are short or interactive) and moves to full-size ones once a read fills it.
             let mut pool: Vec<BytesMut> = Vec::new();
+            let mut size = CARRY_BUFFER_FIRST;
             let mut at = 0;
             loop {
-                if pool.get(at).is_none_or(|b| b.capacity() - b.len() < CARRY_BUFFER / 4) {
-                    at = match pool.iter_mut().position(|b| b.try_reclaim(CARRY_BUFFER)) {
+                if pool.get(at).is_none_or(|b| b.capacity() - b.len() < size / 4) {
+                    at = match pool.iter_mut().position(|b| b.try_reclaim(size)) {
                         Some(i) => i,
                         None if pool.len() < CARRY_BUFFERS => {
-                            pool.push(BytesMut::with_capacity(CARRY_BUFFER));
+                            pool.push(BytesMut::with_capacity(size));
                             pool.len() - 1
                         }
                         None => {
                             // All in flight (the writer is behind): a fresh one, for now.
                             let i = (at + 1) % pool.len();
-                            pool[i] = BytesMut::with_capacity(CARRY_BUFFER);
+                            pool[i] = BytesMut::with_capacity(size);
                             i
                         }
                     };
                 }
                 let buf = &mut pool[at];
-                if rd.read_buf(buf).await? == 0 {
+                let room = buf.capacity() - buf.len();
+                let n = rd.read_buf(buf).await?;
+                if n == 0 {
                     std::future::poll_fn(|cx| {
                         Pin::new(&mut **flow.lock().unwrap_or_else(|p| p.into_inner())).poll_shutdown(cx)
                     })
@@ -502,6 +510,13 @@ impl FlowStream {
                     return Ok::<u64, io::Error>(moved);
                 }
                 let mut chunk = buf.split().freeze();
+                if n == room && size < CARRY_BUFFER {
+                    // A bulk transfer: full-size buffers from now on (the small one is freed
+                    // once its chunk has been sent).
+                    size = CARRY_BUFFER;
+                    pool.clear();
+                    at = 0;
+                }
                 moved += chunk.len() as u64;
                 while !chunk.is_empty() {
                     std::future::poll_fn(|cx| {

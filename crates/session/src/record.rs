@@ -46,6 +46,11 @@ const REKEY_NONCE: u64 = u64::MAX;
 
 /// How much the opener's buffer grows at a time, so socket reads are large and allocations rare.
 const READ_RESERVE: usize = 256 * 1024;
+/// The capacity of an opener's receive buffers: a read's room behind an unfinished record.
+const RECV_BUFFER: usize = READ_RESERVE + HEADER_LEN + MAX_RECORD_CIPHERTEXT;
+/// Earlier receive buffers an opener keeps for reuse: enough to cover a flow's default window (1
+/// MiB of records may wait for a slow writer), and a little more.
+const SPARE_BUFFERS: usize = 8;
 
 fn key(bytes: &[u8; 32]) -> LessSafeKey {
     match UnboundKey::new(&AES_256_GCM, bytes) {
@@ -218,6 +223,11 @@ impl Sealer {
 pub struct Opener {
     keys: KeySchedule,
     buf: BytesMut,
+    /// Earlier receive buffers, kept to be read into again once every record opened in them
+    /// has been consumed (see [`Opener::recv_buffer`]).
+    spares: Vec<BytesMut>,
+    /// Receive buffers allocated so far (the rest were reused).
+    buffers_made: u64,
     failed: Option<SessionError>,
 }
 
@@ -240,7 +250,13 @@ impl Opener {
     /// An opener expecting nonce `counter` next under `key_bytes` (the key of the interval that
     /// `counter` lies in), rekeying every `records_per_key` records.
     pub fn with_counter(key_bytes: &[u8; 32], counter: u64, records_per_key: u64) -> Opener {
-        Opener { keys: KeySchedule::new(key_bytes, counter, records_per_key), buf: BytesMut::new(), failed: None }
+        Opener {
+            keys: KeySchedule::new(key_bytes, counter, records_per_key),
+            buf: BytesMut::new(),
+            spares: Vec::new(),
+            buffers_made: 0,
+            failed: None,
+        }
     }
 
     /// Records opened so far (the next nonce).
@@ -262,9 +278,64 @@ impl Opener {
     /// extra copy. Only append to it; spare capacity of at least 256 KiB is kept available.
     pub fn recv_buffer(&mut self) -> &mut BytesMut {
         if self.buf.capacity() - self.buf.len() < READ_RESERVE / 4 {
-            self.buf.reserve(READ_RESERVE);
+            self.make_room();
         }
         &mut self.buf
+    }
+
+    /// Finds room for the next read. Opened records are handed out as parts of this buffer, so
+    /// while any is still held (a flow's writer is behind) the buffer cannot be reused in place
+    /// and `reserve` would allocate afresh: with eight flows, npd spent a twentieth of its time
+    /// faulting in and zeroing new pages. A few earlier buffers are kept instead, and the first
+    /// whose records are all gone is read into again.
+    ///
+    /// Every buffer has the same capacity, room for a read of [`READ_RESERVE`] behind the
+    /// largest part of a record that can be left over, so any free one will do.
+    fn make_room(&mut self) {
+        let len = self.buf.len();
+        if len + READ_RESERVE > RECV_BUFFER {
+            // More than a record's start is buffered (pushed in by hand): just grow.
+            self.buf.reserve(READ_RESERVE);
+            return;
+        }
+        if self.buf.try_reclaim(RECV_BUFFER - len) {
+            return;
+        }
+        let mut next = match self.spares.iter_mut().position(|b| b.try_reclaim(RECV_BUFFER)) {
+            Some(i) => self.spares.swap_remove(i),
+            None => {
+                self.buffers_made += 1;
+                BytesMut::with_capacity(RECV_BUFFER)
+            }
+        };
+        // What is left is the start of a record not yet whole: it moves with the reading.
+        next.extend_from_slice(&self.buf);
+        let mut old = std::mem::replace(&mut self.buf, next);
+        old.clear();
+        if self.spares.len() < SPARE_BUFFERS {
+            self.spares.push(old);
+        }
+    }
+
+    /// Frees the spare buffers (an idle session keeps no memory for reads it is not doing).
+    pub fn shed_spares(&mut self) {
+        self.spares = Vec::new();
+    }
+
+    /// Takes back the receive buffer after it was taken out whole to read into without a lock.
+    /// Not through [`Opener::recv_buffer`]: that would first reserve spare room in the empty
+    /// buffer left behind (an mmap of 256 KiB, unmapped again at once, on every read).
+    pub fn give_back_buffer(&mut self, buf: BytesMut) {
+        if self.buf.is_empty() {
+            self.buf = buf;
+        } else {
+            self.buf.extend_from_slice(&buf);
+        }
+    }
+
+    /// Receive buffers allocated so far; the others were reused.
+    pub fn buffers_made(&self) -> u64 {
+        self.buffers_made
     }
 
     /// Bytes received but not yet returned as records.
@@ -303,7 +374,12 @@ impl Opener {
             return Err(SessionError::Crypto);
         }
         if self.buf.len() < HEADER_LEN + len {
-            self.buf.reserve(HEADER_LEN + len - self.buf.len());
+            if self.buf.capacity() < HEADER_LEN + len {
+                // Room for the whole record, in a buffer of the usual size: a `reserve` here
+                // made a fresh one of just this record's size, whose pages were faulted in anew
+                // and which no later read could reuse.
+                self.make_room();
+            }
             return Ok(None);
         }
         let nonce = self.keys.next_nonce()?;
@@ -358,6 +434,32 @@ mod tests {
         }
         o.finish()?;
         Ok(v)
+    }
+
+    #[test]
+    fn receive_buffers_are_reused_once_their_records_are_gone() {
+        let big = vec![0x5au8; MAX_RECORD_PLAINTEXT];
+        let msgs: Vec<&[u8]> = (0..200).map(|_| &big[..]).collect();
+        let s = stream(&msgs);
+        let mut o = Opener::new(&K);
+        let (mut at, mut opened) = (0, 0);
+        // Records are held a while (as a flow's inbox holds them), at most this many at once.
+        let mut held = std::collections::VecDeque::new();
+        while at < s.len() {
+            let buf = o.recv_buffer();
+            let n = (buf.capacity() - buf.len()).min(s.len() - at).min(READ_RESERVE);
+            buf.extend_from_slice(&s[at..at + n]);
+            at += n;
+            while let Some(r) = o.next().expect("open") {
+                opened += 1;
+                held.push_back(r.freeze());
+                if held.len() > 8 {
+                    held.pop_front();
+                }
+            }
+        }
+        assert_eq!(opened, 200);
+        assert!(o.buffers_made() <= 5, "{} buffers made for 200 records", o.buffers_made());
     }
 
     #[test]

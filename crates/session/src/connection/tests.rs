@@ -407,3 +407,41 @@ proptest! {
         run_interleaving(ops);
     }
 }
+
+#[test]
+fn a_bulk_flow_reads_into_reused_buffers() {
+    // A socket read's worth, at most.
+    const READ: usize = 200 * 1024;
+    let mut w = Wire::new(MuxConfig::default());
+    let flow = w.client.open("t:1").expect("open");
+    w.pump(4096);
+    w.accept_all();
+    let data = vec![9u8; 64 * 1024];
+    let mut received = 0usize;
+    for _ in 0..4096 {
+        while w.client.send(flow, &data).expect("send") > 0 {}
+        w.client.poll_transmit(w.now, &mut w.to_device, usize::MAX);
+        // As the driver reads: into the lent buffer, a socket read's worth at a time.
+        let wire = std::mem::take(&mut w.to_device);
+        let mut at = 0;
+        while at < wire.len() {
+            let mut buf = w.device.lend_input_buffer();
+            let n = (buf.capacity() - buf.len()).min(READ).min(wire.len() - at);
+            buf.extend_from_slice(&wire[at..at + n]);
+            at += n;
+            w.device.handle_input_buffer(buf, w.now);
+        }
+        while let Ok(Chunk::Data(b)) = w.device.recv_bytes(flow) {
+            received += b.len();
+        }
+        w.device.poll_transmit(w.now, &mut w.to_client, usize::MAX);
+        let back = std::mem::take(&mut w.to_client);
+        w.client.handle_input(&back, w.now);
+        w.events();
+        if received >= 64 << 20 {
+            break;
+        }
+    }
+    assert!(received >= 64 << 20, "{received}");
+    assert!(w.device.opener.buffers_made() <= 4, "{} receive buffers made", w.device.opener.buffers_made());
+}
