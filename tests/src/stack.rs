@@ -38,7 +38,11 @@ impl Stack {
 
     /// A stack whose relay runs with `relay_args` added (e.g. `--idle-timeout 2s`).
     pub fn start_with_relay(relay_args: &[&str]) -> Stack {
-        let ctl = Control::start(&[]);
+        Stack::start_on(Control::start(&[]), relay_args)
+    }
+
+    /// A stack around a control plane already running (e.g. on a shared PostgreSQL store).
+    pub fn start_on(ctl: Control, relay_args: &[&str]) -> Stack {
         let relay_home = ctl.identity("@relay");
         let client_home = ctl.identity("@alice");
         let device_home = ctl.identity("@alice_device");

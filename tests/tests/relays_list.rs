@@ -99,7 +99,7 @@ fn np_relays_shows_state_region_rtt_and_trust_and_skips_what_cannot_be_trusted()
     let bait_addr = bait.local_addr().unwrap().to_string();
     s.ctl.kill9();
     {
-        let store = np_control::store::Store::open(&s.ctl.data().join("control.redb")).unwrap();
+        let store = np_control::store::RedbStore::open(&s.ctl.data().join("control.redb")).unwrap();
         let owner = "@relay3".parse().unwrap();
         let mut record = store.record(&owner, RELAY_RECORD).unwrap().expect("the relay record is stored");
         let forged = RelayInfo { addresses: vec![bait_addr.clone()], region: Some("us".into()) };

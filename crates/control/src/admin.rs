@@ -2,7 +2,7 @@
 //! operator's account reaches it) through which `np-control enroll` asks the running server for a
 //! code. When no server runs, the tool opens the database itself.
 
-use crate::store::{Store, StoreError};
+use crate::store::{Location, Quota, Store, StoreError};
 use anyhow::{bail, Context, Result};
 use np_control_proto::{AdminReply, AdminRequest, EnrolCode};
 use np_identity::Name;
@@ -14,10 +14,10 @@ use tokio::net::UnixStream;
 pub(crate) const SOCKET: &str = "admin.sock";
 
 /// Creates a code: a random secret stored (hashed) in the database, with the certificate pin.
-pub(crate) fn new_code(store: &Store, cert_der: &[u8], name: &Name, ttl: Duration) -> Result<String, StoreError> {
+pub(crate) async fn new_code(store: &Store, cert_der: &[u8], name: &Name, ttl: Duration) -> Result<String, StoreError> {
     let mut secret = [0u8; 16];
     np_identity::random_bytes(&mut secret).map_err(|e| StoreError::Limit(e.to_string()))?;
-    store.issue_code(name, &secret, crate::now_ms().saturating_add(ttl.as_millis() as u64))?;
+    store.issue_code(name, secret, crate::now_ms().saturating_add(ttl.as_millis() as u64)).await?;
     let mut cert_sha256 = [0u8; 32];
     cert_sha256.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, cert_der).as_ref());
     Ok(EnrolCode { secret, cert_sha256 }.to_string())
@@ -34,7 +34,6 @@ pub(crate) async fn serve(
             return;
         };
         let (shared, cert) = (shared.clone(), cert_der.clone());
-        let store = shared.store.clone();
         tokio::spawn(async move {
             let req: AdminRequest = match np_wire::io::read_msg(&mut s, 4096).await {
                 Ok(Some(r)) => r,
@@ -42,37 +41,26 @@ pub(crate) async fn serve(
             };
             let reply = match req {
                 AdminRequest::IssueCode { name, ttl_secs } => {
-                    let r = tokio::task::spawn_blocking(move || {
-                        new_code(&store, &cert, &name, Duration::from_secs(ttl_secs))
-                    })
-                    .await;
-                    match r {
-                        Ok(Ok(code)) => {
+                    match new_code(&shared.store, &cert, &name, Duration::from_secs(ttl_secs)).await {
+                        Ok(code) => {
                             tracing::info!("issued an enrolment code");
                             AdminReply::Code(code)
                         }
-                        Ok(Err(e)) => AdminReply::Error(e.to_string()),
                         Err(e) => AdminReply::Error(e.to_string()),
                     }
                 }
-                AdminRequest::Revoke { name } => {
-                    let n = name.clone();
-                    match shared.lane.submit(move |s| revoke_in(s, &n)).await {
-                        Ok(Ok(true)) => {
-                            shared.hub.close_all(&name);
-                            tracing::warn!(%name, "identity revoked");
-                            AdminReply::Revoked
-                        }
-                        Ok(Ok(false)) => AdminReply::Error(format!("{name} is not enrolled")),
-                        Ok(Err(e)) => AdminReply::Error(e.to_string()),
-                        Err(e) => AdminReply::Error(e.to_string()),
+                AdminRequest::Revoke { name } => match shared.store.revoke(&name).await {
+                    Ok(true) => {
+                        shared.hub.close_all(&name);
+                        tracing::warn!(%name, "identity revoked");
+                        AdminReply::Revoked
                     }
-                }
+                    Ok(false) => AdminReply::Error(format!("{name} is not enrolled")),
+                    Err(e) => AdminReply::Error(e.to_string()),
+                },
                 AdminRequest::RelayAdd { .. } | AdminRequest::RelayRemove { .. } | AdminRequest::RelayList => {
-                    let r = shared.lane.submit(move |s| relay_op(s, &req)).await;
-                    match r {
-                        Ok(Ok(list)) => AdminReply::Relays(list),
-                        Ok(Err(e)) => AdminReply::Error(e.to_string()),
+                    match relay_op(&shared.store, &req).await {
+                        Ok(list) => AdminReply::Relays(list),
                         Err(e) => AdminReply::Error(e.to_string()),
                     }
                 }
@@ -97,7 +85,7 @@ async fn ask_running_server(data: &Path, req: &AdminRequest) -> Result<Option<Ad
 }
 
 /// The database of a stopped server, for the admin commands (an error if there is none yet).
-fn open_stopped(data: &Path) -> Result<Store> {
+async fn open_stopped(data: &Path) -> Result<Store> {
     if !data.join(crate::state::DB_FILE).exists() {
         bail!(
             "no control-plane data in {}: start the server first with `np-control serve --data {}`",
@@ -105,7 +93,7 @@ fn open_stopped(data: &Path) -> Result<Store> {
             data.display()
         );
     }
-    Ok(Store::open(&data.join(crate::state::DB_FILE))?)
+    Ok(Store::open(&Location::Embedded(data.join(crate::state::DB_FILE)), Quota::default()).await?)
 }
 
 /// Issues a code for `name`: through the running server's admin socket, or directly in the
@@ -117,9 +105,9 @@ pub async fn issue_code(data: &Path, name: &Name, ttl: Duration) -> Result<Strin
         Some(other) => bail!("unexpected answer from the running server: {other:?}"),
         None => {}
     }
-    let store = open_stopped(data)?;
+    let store = open_stopped(data).await?;
     let tls = crate::tls::TlsIdentity::load_or_create(data)?;
-    Ok(new_code(&store, &tls.cert_der, name, ttl)?)
+    Ok(new_code(&store, &tls.cert_der, name, ttl).await?)
 }
 
 /// Revokes `name`: through the running server (which also closes its connections), or directly
@@ -130,29 +118,22 @@ pub async fn revoke(data: &Path, name: &Name) -> Result<()> {
         Some(other) => bail!("unexpected answer from the running server: {other:?}"),
         None => {}
     }
-    if !revoke_in(&Store::open(&data.join(crate::state::DB_FILE))?, name)? {
+    if !open_stopped(data).await?.revoke(name).await? {
         bail!("{name} is not enrolled");
     }
     Ok(())
 }
 
-/// Revokes `name` and takes it off the relay list: a revoked relay is trusted by no device.
-fn revoke_in(store: &Store, name: &Name) -> Result<bool, StoreError> {
-    let existed = store.revoke(name)?;
-    store.relay_remove(name)?;
-    Ok(existed)
-}
-
 /// Applies a relay-list request; returns the list after it.
-fn relay_op(store: &Store, req: &AdminRequest) -> Result<Vec<Name>, StoreError> {
+async fn relay_op(store: &Store, req: &AdminRequest) -> Result<Vec<Name>, StoreError> {
     match req {
-        AdminRequest::RelayAdd { name } => store.relay_add(name, crate::now_ms())?,
-        AdminRequest::RelayRemove { name } if !store.relay_remove(name)? => {
+        AdminRequest::RelayAdd { name } => store.relay_add(name, crate::now_ms()).await?,
+        AdminRequest::RelayRemove { name } if !store.relay_remove(name).await? => {
             return Err(StoreError::Limit(format!("{name} is not on the relay list")));
         }
         _ => {}
     }
-    store.relays()
+    store.relays().await
 }
 
 /// Changes or reads the relay list (`req` is one of the relay requests): through the running
@@ -161,6 +142,6 @@ pub async fn relays(data: &Path, req: AdminRequest) -> Result<Vec<Name>> {
     match ask_running_server(data, &req).await? {
         Some(AdminReply::Relays(list)) => Ok(list),
         Some(other) => bail!("unexpected answer from the running server: {other:?}"),
-        None => Ok(relay_op(&open_stopped(data)?, &req)?),
+        None => Ok(relay_op(&open_stopped(data).await?, &req).await?),
     }
 }

@@ -2,7 +2,7 @@
 //! requests and pushes.
 
 use crate::state::Shared;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 use np_control_proto::{
     auth_transcript, enroll_transcript, ClientFrame, Delivery, ErrorCode, ErrorReply, IdentityInfo, Record,
     RecordState, Reply, Request, ServerFrame, ServerHello, MAX_ACK_BATCH, MAX_FRAME, MAX_PREAUTH_FRAME,
@@ -40,34 +40,20 @@ fn store_err(e: StoreError) -> ErrorReply {
         StoreError::NameTaken(_) => err(ErrorCode::NameTaken, e.to_string()),
         StoreError::Limit(_) => err(ErrorCode::TooLarge, e.to_string()),
         StoreError::Quota(_) => err(ErrorCode::Quota, e.to_string()),
-        StoreError::Db(_) | StoreError::InUse(_) | StoreError::Corrupt(_) => {
+        StoreError::Redb(_)
+        | StoreError::Postgres(_)
+        | StoreError::InUse(_)
+        | StoreError::Corrupt(_)
+        | StoreError::WriterGone => {
             tracing::error!(error = %e, "storage failure");
             err(ErrorCode::Internal, "the control plane could not complete this (storage failure); try again")
         }
     }
 }
 
-/// Runs a store operation off the async workers (redb commits wait for the disk).
-async fn db<T: Send + 'static>(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ErrorReply> {
-    let s = store.clone();
-    match tokio::task::spawn_blocking(move || f(&s)).await {
-        Ok(r) => r.map_err(store_err),
-        Err(_) => Err(err(ErrorCode::Internal, "storage task failed")),
-    }
-}
-
-/// Runs a write through the server's ordered write lane.
-async fn dbw<T: Send + 'static>(
-    shared: &Shared,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ErrorReply> {
-    match shared.lane.submit(f).await {
-        Ok(r) => r.map_err(store_err),
-        Err(_) => Err(err(ErrorCode::Internal, "storage writer failed")),
-    }
+/// A store operation's result as a reply.
+async fn db<T>(f: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, ErrorReply> {
+    f.await.map_err(store_err)
 }
 
 /// Serves one connection to its end.
@@ -127,7 +113,7 @@ pub(crate) async fn serve(
     // on its way, so the queue read next could miss it too and it would reach this connection
     // never. Every such commit was submitted to the (ordered) write lane before now: wait for
     // the lane to get past this point first.
-    if dbw(&shared, |_| Ok(())).await.is_err() {
+    if db(shared.store.barrier()).await.is_err() {
         tracing::error!(name = %me.name, "the database writer failed");
     }
     let (pages_tx, pages_rx) = mpsc::channel(1);
@@ -213,9 +199,7 @@ async fn read_backlog(
         let mut after = None;
         let mut total = 0usize;
         loop {
-            let n = name.clone();
-            let page = match db(&shared.store, move |s| s.pending_page(&n, after, crate::now_ms(), BACKLOG_PAGE)).await
-            {
+            let page = match db(shared.store.pending_page(&name, after, crate::now_ms(), BACKLOG_PAGE)).await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(%name, error = %e.message, "could not read queued notifications");
@@ -385,8 +369,7 @@ async fn auth(
     name: Name,
     sig: Vec<u8>,
 ) -> Result<(Reply, IdentityInfo), ErrorReply> {
-    let n = name.clone();
-    let info = db(&shared.store, move |s| s.identity(&n))
+    let info = db(shared.store.identity(&name))
         .await?
         .ok_or_else(|| err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane")))?;
     np_identity::verify(&info.keys.signing, &auth_transcript(nonce, &name), &sig).map_err(|_| {
@@ -408,8 +391,7 @@ async fn enroll(
 ) -> Result<(Reply, IdentityInfo), ErrorReply> {
     np_identity::verify(&keys.signing, &enroll_transcript(nonce, &name, &keys), &sig)
         .map_err(|_| err(ErrorCode::BadSignature, "enrolment signature does not verify"))?;
-    let n = name.clone();
-    let info = dbw(shared, move |s| s.enroll(&secret, &n, &keys, crate::now_ms())).await?;
+    let info = db(shared.store.enroll(secret, &name, keys, crate::now_ms())).await?;
     tracing::info!(%name, keys = %keys.fingerprint(), "enrolled");
     Ok((Reply::Enrolled { name }, info))
 }
@@ -461,20 +443,14 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, conn: u64, req: Request
     match req {
         Request::Auth { .. } | Request::Enroll { .. } => Err(err(ErrorCode::BadRequest, "already authenticated")),
         Request::Ping => Ok(Reply::Pong),
-        Request::Lookup { name } => {
-            let n = name.clone();
-            db(store, move |s| s.identity(&n))
-                .await?
-                .map(Reply::Identity)
-                .ok_or_else(|| err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane")))
-        }
-        Request::Resolve { name } => {
-            let n = name.clone();
-            match db(store, move |s| s.identity(&n)).await? {
-                Some(_) => Ok(Reply::Node { address: shared.public_address.clone() }),
-                None => Err(err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane"))),
-            }
-        }
+        Request::Lookup { name } => db(store.identity(&name))
+            .await?
+            .map(Reply::Identity)
+            .ok_or_else(|| err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane"))),
+        Request::Resolve { name } => match db(store.identity(&name)).await? {
+            Some(_) => Ok(Reply::Node { address: shared.public_address.clone() }),
+            None => Err(err(ErrorCode::UnknownIdentity, format!("{name} is not enrolled on this control plane"))),
+        },
         Request::Publish { record } => {
             if record.owner != me.name {
                 return Err(err(ErrorCode::Forbidden, "a record can only be published by its owner"));
@@ -487,33 +463,29 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, conn: u64, req: Request
             }
             np_identity::verify(&me.keys.signing, &record.signed_bytes(), &record.sig)
                 .map_err(|_| err(ErrorCode::BadSignature, "record signature does not verify"))?;
-            dbw(shared, move |s| s.put_record(&record)).await?;
+            db(store.put_record(record)).await?;
             Ok(Reply::Published)
         }
         Request::Fetch { owner, key } => {
-            let reader = me.name.clone();
-            let (o, k) = (owner.clone(), key.clone());
-            match db(store, move |s| s.record(&o, &k)).await? {
-                Some(r) if r.readable_by(&reader) => Ok(Reply::Record(r)),
+            let reader = &me.name;
+            match db(store.record(&owner, &key)).await? {
+                Some(r) if r.readable_by(reader) => Ok(Reply::Record(r)),
                 _ => Err(err(ErrorCode::NotFound, format!("no record {key} of {owner} that you may read"))),
             }
         }
         Request::List { key_prefix } => {
-            let reader = me.name.clone();
-            Ok(Reply::Records(db(store, move |s| s.records_for(&reader, &key_prefix, MAX_LIST)).await?))
+            Ok(Reply::Records(db(store.records_for(&me.name, &key_prefix, MAX_LIST)).await?))
         }
         Request::ListWithPresence { key_prefix } => {
-            let reader = me.name.clone();
-            let records = db(store, move |s| s.records_for(&reader, &key_prefix, MAX_LIST)).await?;
+            let records = db(store.records_for(&me.name, &key_prefix, MAX_LIST)).await?;
             let with =
                 |record: Record| RecordState { presence: shared.presence.of(&record.owner, &record.key), record };
             Ok(Reply::RecordStates(records.into_iter().map(with).collect()))
         }
         Request::FetchWithPresence { owner, key } => {
-            let reader = me.name.clone();
-            let (o, k) = (owner.clone(), key.clone());
-            match db(store, move |s| s.record(&o, &k)).await? {
-                Some(r) if r.readable_by(&reader) => {
+            let reader = &me.name;
+            match db(store.record(&owner, &key)).await? {
+                Some(r) if r.readable_by(reader) => {
                     Ok(Reply::RecordState(RecordState { presence: shared.presence.of(&r.owner, &r.key), record: r }))
                 }
                 _ => Err(err(ErrorCode::NotFound, format!("no record {key} of {owner} that you may read"))),
@@ -534,18 +506,16 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, conn: u64, req: Request
             }
         }
         Request::Notify { envelope, ttl_secs } => notify(shared, me, envelope, ttl_secs).await,
-        Request::Relays => Ok(Reply::Relays(db(store, |s| s.relays()).await?)),
+        Request::Relays => Ok(Reply::Relays(db(store.relays()).await?)),
         Request::Ack { seq } => {
-            let name = me.name.clone();
-            dbw(shared, move |s| s.ack(&name, seq)).await?;
+            db(store.ack_many(&me.name, vec![seq])).await?;
             Ok(Reply::Acked)
         }
         Request::AckMany { seqs } => {
             if seqs.len() > MAX_ACK_BATCH {
                 return Err(err(ErrorCode::TooLarge, format!("at most {MAX_ACK_BATCH} acknowledgements at once")));
             }
-            let name = me.name.clone();
-            dbw(shared, move |s| s.ack_many(&name, &seqs)).await?;
+            db(store.ack_many(&me.name, seqs)).await?;
             Ok(Reply::Acked)
         }
     }
@@ -567,18 +537,16 @@ async fn notify(
         .verify_sender(&me.keys.signing)
         .map_err(|_| err(ErrorCode::BadSignature, "envelope signature does not verify"))?;
     let to: Name = envelope.to.clone();
-    let t = to.clone();
-    if db(&shared.store, move |s| s.identity(&t)).await?.is_none() {
+    if db(shared.store.identity(&to)).await?.is_none() {
         return Err(err(ErrorCode::UnknownIdentity, format!("{to} is not enrolled on this control plane")));
     }
     // Over its share: refused before the recipient sees anything (checked again, under the
     // queue's lock, when it is stored).
-    shared.store.admit(&to, &me.name).map_err(store_err)?;
+    db(shared.store.admit(&to, &me.name)).await?;
     let ttl_ms = (u64::from(ttl_secs) * 1000).min(shared.cfg.max_ttl.as_millis() as u64);
     let expires = crate::now_ms().saturating_add(ttl_ms);
-    let env = envelope.clone();
     let seq = shared.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let stored = shared.lane.submit(move |s| s.enqueue_at(seq, &env, expires));
+    let stored = shared.store.enqueue_at(seq, envelope.clone(), expires);
     // Pushed before the commit completes (see `lane`); the sender's answer waits for it.
     let pushed = shared.hub.push(&to, &Delivery { seq, envelope });
     let stored = stored.await;
@@ -586,10 +554,7 @@ async fn notify(
         resync.notify_one();
     }
     let delivered = pushed.delivered;
-    match stored {
-        Ok(r) => r.map_err(store_err)?,
-        Err(_) => return Err(err(ErrorCode::Internal, "storage writer failed")),
-    }
+    stored.map_err(store_err)?;
     let m = &shared.metrics;
     m.notifications_accepted.inc();
     if delivered {

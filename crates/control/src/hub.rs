@@ -66,6 +66,25 @@ impl Hub {
     /// it to reread its queue from the database. So nothing is lost, no memory grows, and the
     /// connection stays up and keeps answering requests (closing it, as before, let any sender
     /// cut a recipient off by pushing faster than it reads).
+    /// Makes every local connection of `name` read its queue again (a notification for it was
+    /// stored by another node).
+    pub fn resync(&self, name: &Name) {
+        if let Ok(m) = self.conns.lock() {
+            for e in m.get(name).into_iter().flatten() {
+                e.h.resync.notify_one();
+            }
+        }
+    }
+
+    /// The same for every local connection (after wake-ups from other nodes may have been missed).
+    pub fn resync_all(&self) {
+        if let Ok(m) = self.conns.lock() {
+            for e in m.values().flatten() {
+                e.h.resync.notify_one();
+            }
+        }
+    }
+
     pub fn push(&self, to: &Name, d: &Delivery) -> Pushed {
         let mut pushed = Pushed { delivered: false, overflowed: Vec::new() };
         let Ok(m) = self.conns.lock() else {

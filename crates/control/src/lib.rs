@@ -11,7 +11,6 @@ mod hub;
 mod lane;
 mod metrics;
 mod presence;
-mod relays;
 mod server;
 mod state;
 pub mod store;

@@ -56,6 +56,12 @@ enum Cmd {
         /// is still accepted beyond it).
         #[arg(long, default_value_t = np_control::store::MAX_QUEUED_PER_RECIPIENT)]
         max_queued_per_recipient: u32,
+        /// Where identities, records and queued notifications live: `redb` (a file in the data
+        /// directory) or a PostgreSQL URL, `postgres://USER@HOST:PORT/DB`, that several nodes may
+        /// share. A password belongs in control.toml (`store = "…"`) or the environment, not
+        /// on the command line.
+        #[arg(long, env = "NP_CONTROL_STORE", default_value = "redb", value_name = "redb|URL")]
+        store: String,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9443); off if not given.
         #[arg(long, value_name = "ADDR", env = "NP_CONTROL_METRICS")]
         metrics: Option<SocketAddr>,
@@ -132,6 +138,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             sweep_interval,
             max_queued_per_sender,
             max_queued_per_recipient,
+            store,
             metrics,
         } => {
             let data = default_data(data);
@@ -141,6 +148,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             cfg.max_preauth = max_preauth;
             cfg.max_ttl = max_ttl;
             cfg.sweep_interval = sweep_interval;
+            cfg.store = Some(store);
             cfg.quota =
                 np_control::store::Quota { per_sender: max_queued_per_sender, per_recipient: max_queued_per_recipient };
             let server = ControlServer::start(cfg).await.context("starting the control plane")?;
@@ -157,6 +165,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             println!("np-control is running");
             println!("  listening on   {addr}");
             println!("  data           {}", data.display());
+            println!("  store          {}", server.store());
             println!("  certificate    sha256:{}", server.fingerprint());
             if let Some(m) = metrics {
                 println!("  metrics        http://{m}/metrics");

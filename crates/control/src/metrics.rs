@@ -119,9 +119,9 @@ impl ControlMetrics {
         r.add(
             "np_control_queue_depth",
             "Notifications stored for absent recipients (read from the database at scrape time).",
-            GaugeFn::new("", move || match store.queued_count() {
-                Ok(n) => vec![("", n as f64)],
-                Err(_) => Vec::new(),
+            GaugeFn::new("", move || match store.queued_gauge() {
+                Some(n) => vec![("", n as f64)],
+                None => Vec::new(),
             }),
         );
         ControlMetrics {

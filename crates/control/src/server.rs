@@ -2,7 +2,7 @@
 
 use crate::hub::Hub;
 use crate::state::{ServerConfig, Shared, DB_FILE};
-use crate::store::Store;
+use crate::store::{Location, Store};
 use crate::tls::TlsIdentity;
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
@@ -25,13 +25,25 @@ impl ControlServer {
     /// the listener and the admin socket.
     pub async fn start(cfg: ServerConfig) -> Result<Self> {
         let d = &cfg.data_dir;
+        // A shared store is reached before anything is created here, so a database that is down
+        // leaves no half-made data directory behind.
+        let at = Location::parse(cfg.store.as_deref(), d.join(DB_FILE))?;
+        let shared_store = match &at {
+            Location::Postgres(_) => Some(Store::open(&at, cfg.quota).await?),
+            Location::Embedded(_) => None,
+        };
         if !d.exists() {
             std::fs::create_dir_all(d).with_context(|| format!("creating data directory {}", d.display()))?;
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("securing {}", d.display()))?;
         }
         let tls = TlsIdentity::load_or_create(d)?;
-        let store = Arc::new(Store::open(&d.join(DB_FILE))?.with_quota(cfg.quota));
+        let store = match shared_store {
+            Some(s) => s,
+            None => Store::open(&at, cfg.quota).await?,
+        };
+        let store = Arc::new(store);
+        tracing::info!(store = %store.describe(), "store open");
         let listener = bind_listener(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
         let local = listener.local_addr()?;
         let sock = d.join(crate::admin::SOCKET);
@@ -41,8 +53,7 @@ impl ControlServer {
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
         let admin_cert = Arc::new(tls.cert_der.clone());
         let public_address = cfg.public_address.clone().unwrap_or_else(|| local.to_string());
-        let next_seq = AtomicU64::new(store.start_seq()?);
-        let lane = crate::lane::WriteLane::start(store.clone()).context("starting the database writer")?;
+        let next_seq = AtomicU64::new(store.start_seq().await?);
         let metrics = crate::metrics::ControlMetrics::new(store.clone());
         let shared = Arc::new(Shared {
             cfg,
@@ -52,7 +63,6 @@ impl ControlServer {
             presence: Default::default(),
             public_address,
             next_conn: AtomicU64::new(1),
-            lane,
             next_seq,
         });
         tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_cert));
@@ -70,6 +80,11 @@ impl ControlServer {
         self.shared.metrics.registry.clone()
     }
 
+    /// Which store holds the data ("redb PATH", "PostgreSQL HOST:PORT/DB").
+    pub fn store(&self) -> String {
+        self.shared.store.describe()
+    }
+
     /// SHA-256 of the certificate, as clients pin it.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
@@ -80,6 +95,17 @@ impl ControlServer {
         // At the limit the oldest silent connection gives way (see np-limits).
         let preauth = np_limits::PreAuth::new(self.shared.cfg.max_preauth);
         tokio::spawn(sweeper(self.shared.clone()));
+        if let Some(mut wakes) = self.shared.store.wakes() {
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                while let Some(w) = wakes.recv().await {
+                    match w {
+                        crate::store::Wake::One(name) => shared.hub.resync(&name),
+                        crate::store::Wake::All => shared.hub.resync_all(),
+                    }
+                }
+            });
+        }
         let mut refused: u64 = 0;
         loop {
             let (tcp, peer) = match self.listener.accept().await {
@@ -113,15 +139,13 @@ async fn sweeper(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(shared.cfg.sweep_interval);
     loop {
         tick.tick().await;
-        let store = shared.store.clone();
-        match tokio::task::spawn_blocking(move || store.sweep(crate::now_ms())).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => {
+        match shared.store.sweep(crate::now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => {
                 shared.metrics.notifications_expired.add(n as u64);
                 tracing::info!(expired = n, "deleted expired notifications")
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "sweeping expired notifications failed"),
-            Err(e) => tracing::error!(error = %e, "sweeper task failed"),
+            Err(e) => tracing::error!(error = %e, "sweeping expired notifications failed"),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! What the accept loop, every connection and the admin socket share: the server's config, the
-//! database and its write lane, the hub of live connections, the metrics. Its own module so the
+//! database, the hub of live connections, the metrics. Its own module so the
 //! parts that use it depend on it, and not on one another.
 
 use crate::hub::Hub;
@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub sweep_interval: Duration,
     /// How many notifications may wait for one recipient, from one sender and in all.
     pub quota: crate::store::Quota,
+    /// The store: `None` for the embedded one in the data directory, or a `postgres://` URL.
+    pub store: Option<String>,
 }
 
 impl ServerConfig {
@@ -46,6 +48,7 @@ impl ServerConfig {
             max_ttl: Duration::from_secs(7 * 24 * 3600),
             sweep_interval: Duration::from_secs(5),
             quota: crate::store::Quota::default(),
+            store: None,
         }
     }
 }
@@ -59,8 +62,6 @@ pub(crate) struct Shared {
     pub presence: crate::presence::PresenceTable,
     pub public_address: String,
     pub next_conn: AtomicU64,
-    /// Every database write goes through here, in order.
-    pub lane: crate::lane::WriteLane,
     /// Next notification sequence number.
     pub next_seq: AtomicU64,
     pub metrics: crate::metrics::ControlMetrics,

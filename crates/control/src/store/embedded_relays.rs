@@ -1,22 +1,20 @@
-//! The operator's relay list: the relays that devices trust when they name none themselves
+//! The operator's relay list in the embedded store: the relays that devices trust when they name none themselves
 //! (`np-control relay add @NAME`). A relay on the list must be an enrolled identity, because a
 //! device checks at every join that the relay proves it holds that identity's key.
 
-use crate::store::{Store, StoreError};
+use super::embedded::RedbStore;
+use super::{StoreError, MAX_RELAYS};
 use np_identity::Name;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
 
 /// Relay name → when it was added (ms since the Unix epoch).
 const RELAYS: TableDefinition<&str, u64> = TableDefinition::new("relays");
 
-/// Most relays on the list: it is sent whole to every device that asks.
-pub const MAX_RELAYS: usize = 64;
-
 fn db<T>(r: Result<T, impl Into<redb::Error>>) -> Result<T, StoreError> {
-    r.map_err(|e| StoreError::Db(e.into()))
+    r.map_err(|e| StoreError::Redb(e.into()))
 }
 
-impl Store {
+impl RedbStore {
     /// Adds an enrolled identity to the relay list; adding one already there changes nothing.
     pub fn relay_add(&self, name: &Name, now_ms: u64) -> Result<(), StoreError> {
         if self.identity(name)?.is_none() {
@@ -57,7 +55,7 @@ impl Store {
             Ok(t) => t,
             // Never written: no relay listed yet.
             Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(StoreError::Db(e.into())),
+            Err(e) => return Err(StoreError::Redb(e.into())),
         };
         let mut out = Vec::new();
         for e in db(t.iter())? {
@@ -68,32 +66,5 @@ impl Store {
             }
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use np_identity::Keys;
-
-    fn n(s: &str) -> Name {
-        s.parse().expect("name")
-    }
-
-    #[test]
-    fn add_list_remove_and_only_enrolled() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = Store::open(&dir.path().join("db")).expect("open");
-        assert_eq!(s.relays().expect("list"), Vec::<Name>::new());
-        assert!(matches!(s.relay_add(&n("@relay"), 1), Err(StoreError::Limit(_))), "not enrolled yet");
-        let secret = [7u8; 16];
-        s.issue_code(&n("@relay"), &secret, u64::MAX).expect("code");
-        s.enroll(&secret, &n("@relay"), &Keys::generate().expect("keys").public(), 1).expect("enrol");
-        s.relay_add(&n("@relay"), 2).expect("add");
-        s.relay_add(&n("@relay"), 3).expect("again");
-        assert_eq!(s.relays().expect("list"), vec![n("@relay")]);
-        assert!(s.relay_remove(&n("@relay")).expect("remove"));
-        assert!(!s.relay_remove(&n("@relay")).expect("remove again"));
-        assert!(s.relays().expect("list").is_empty());
     }
 }

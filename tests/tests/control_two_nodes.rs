@@ -1,0 +1,57 @@
+//! Two `np-control` nodes on one PostgreSQL database (a throwaway cluster the test starts):
+//! a device connected to node A and a client connected to node B set up a session and carry
+//! bytes. The session request is stored by B and reaches the device at once, because B's commit
+//! wakes A through LISTEN/NOTIFY.
+#![allow(clippy::unwrap_used)]
+
+use np_testpg::TempPostgres;
+use np_tests::servers::echo;
+use np_tests::stack::Stack;
+use np_tests::Control;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// Node B, on the database of node A and with A's certificate (one pin for the cluster).
+fn second_node(a: &Control, store: &[&str]) -> Control {
+    let mut b = Control::start(store);
+    b.kill9();
+    for f in ["cert.der", "key.der"] {
+        std::fs::copy(a.data().join(f), b.data().join(f)).unwrap();
+    }
+    b.restart();
+    b
+}
+
+fn round_trip(addr: std::net::SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    c.read_exact(&mut got).unwrap();
+    got
+}
+
+#[test]
+fn device_on_one_node_client_on_the_other() {
+    let Some(pg) = TempPostgres::start().unwrap() else { return };
+    let url = pg.url("postgres");
+    let store = ["--store", url.as_str()];
+    let s = Stack::start_on(Control::start(&store), &[]);
+    let b = second_node(&s.ctl, &store);
+    // @bob enrols through node B, so his home points there; the code B issues pins A's cert.
+    let bob = b.identity("@bob");
+    let port = echo();
+    let _npd = s.npd("pi4", &["--manager", "@bob", "--permit-open", &format!("localhost:{port}")]);
+
+    let started = Instant::now();
+    let fwd = s.forward_as(&bob, "@bob", "pi4@alice_device", &[&format!("0:localhost:{port}")], &[]).unwrap();
+    let msg = b"across two control-plane nodes".repeat(1000);
+    assert_eq!(round_trip(fwd.addrs[0], &msg), msg);
+    println!("session across two nodes: first bytes back after {} ms", started.elapsed().as_millis());
+
+    let log_b = std::fs::read_to_string(b.log()).unwrap();
+    assert!(log_b.contains("notification accepted"), "the request went through node B");
+    let log_a = std::fs::read_to_string(s.ctl.log()).unwrap();
+    assert!(log_a.contains("listening for wake-ups from other nodes"), "{log_a}");
+}
