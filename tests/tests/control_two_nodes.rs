@@ -42,13 +42,26 @@ fn device_on_one_node_client_on_the_other() {
     // @bob enrols through node B, so his home points there; the code B issues pins A's cert.
     let bob = b.identity("@bob");
     let port = echo();
-    let _npd = s.npd("pi4", &["--manager", "@bob", "--permit-open", &format!("localhost:{port}")]);
+    let permit = format!("localhost:{port}");
+    let _npd = s.npd("pi4", &["--manager", "@bob", "--manager", "@alice", "--permit-open", &permit]);
+    let msg = b"across two control-plane nodes".repeat(1000);
+    let forward = format!("0:localhost:{port}");
+
+    // The same on one node first (@alice enrolled through A, like the device), for comparison.
+    let started = Instant::now();
+    let fwd = s.forward("pi4@alice_device", &[&forward], &[]).unwrap();
+    assert_eq!(round_trip(fwd.addrs[0], &msg), msg);
+    let one = started.elapsed();
 
     let started = Instant::now();
-    let fwd = s.forward_as(&bob, "@bob", "pi4@alice_device", &[&format!("0:localhost:{port}")], &[]).unwrap();
-    let msg = b"across two control-plane nodes".repeat(1000);
+    let fwd = s.forward_as(&bob, "@bob", "pi4@alice_device", &[&forward], &[]).unwrap();
     assert_eq!(round_trip(fwd.addrs[0], &msg), msg);
-    println!("session across two nodes: first bytes back after {} ms", started.elapsed().as_millis());
+    let two = started.elapsed();
+    println!(
+        "np forward start to first bytes back: {} ms with client and device on one node, {} ms across two nodes",
+        one.as_millis(),
+        two.as_millis()
+    );
 
     let log_b = std::fs::read_to_string(b.log()).unwrap();
     assert!(log_b.contains("notification accepted"), "the request went through node B");

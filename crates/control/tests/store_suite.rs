@@ -292,6 +292,34 @@ async fn records_and_revocation(kind: &str) {
     assert!(s.pending(&n("@b"), 0).await.expect("p").is_empty(), "what it sent goes with it");
 }
 
+/// The database lost mid-run: every operation fails at once with an error naming the store
+/// (none hangs), and the same store serves again as soon as the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_a_database_lost_mid_run_refuses_then_serves_again() {
+    let Some(mut u) = Under::new("pg") else { return };
+    let s = u.open(Quota::default()).await;
+    s.issue_code(&n("@a"), [1; 16], u64::MAX).await.expect("issue");
+    let Backing::Pg(pg) = &mut u.backing else { unreachable!() };
+    pg.stop().expect("stop");
+    let e = s.identity(&n("@a")).await.expect_err("refused");
+    assert!(e.to_string().starts_with("PostgreSQL store at "), "{e}");
+    let k = Keys::generate().expect("k").public();
+    assert!(matches!(s.enroll([1; 16], &n("@a"), k, 1).await, Err(StoreError::Postgres(_))));
+    pg.start_again().expect("start");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let info = loop {
+        match s.enroll([1; 16], &n("@a"), k, 1).await {
+            Ok(info) => break info,
+            // A pooled connection from before the restart fails once, and is then replaced.
+            Err(StoreError::Postgres(_)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("not serving again: {e}"),
+        }
+    };
+    assert_eq!(info.name, n("@a"), "the code survived, unused, and serves now");
+}
+
 /// A PostgreSQL store that is down at start: an error naming the store, and the server leaves
 /// no data directory behind. Needs no PostgreSQL at all.
 #[tokio::test]

@@ -12,6 +12,8 @@ use std::str::FromStr;
 /// Connections one node holds open at most: the write lane uses one at a time, the rest serve
 /// reads (a backlog page, a lookup) of the connections this node holds.
 const POOL_SIZE: usize = 16;
+/// How long a new connection may take when the URL does not say (`connect_timeout`).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Most expired notifications one sweep deletes (the next sweep continues).
 const SWEEP_BATCH: i64 = 10_000;
 /// Sequence numbers of one run of one node: `run << RUN_SHIFT` upwards. Runs are numbered by the
@@ -90,8 +92,12 @@ impl PgStore {
     /// Connects, and brings the schema up to date. A database that cannot be reached is an
     /// error naming it, before anything is written.
     pub async fn connect(url: &str, quota: Quota) -> Result<Self, StoreError> {
-        let cfg = tokio_postgres::Config::from_str(url)
+        let mut cfg = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Postgres(format!("connection string does not parse: {e}")))?;
+        if cfg.get_connect_timeout().is_none() {
+            // An unreachable host must fail a request, not hold it (and the write lane) forever.
+            cfg.connect_timeout(CONNECT_TIMEOUT);
+        }
         let target = describe(&cfg);
         let mgr = Manager::from_config(
             cfg.clone(),
