@@ -6,10 +6,11 @@
 
 use np_testpg::TempPostgres;
 use np_tests::servers::echo;
-use np_tests::stack::Stack;
-use np_tests::Control;
+use np_tests::stack::{np, Stack};
+use np_tests::{wait_until, Control};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Node B, on the database of node A and with A's certificate (one pin for the cluster).
@@ -67,4 +68,43 @@ fn device_on_one_node_client_on_the_other() {
     assert!(log_b.contains("notification accepted"), "the request went through node B");
     let log_a = std::fs::read_to_string(s.ctl.log()).unwrap();
     assert!(log_a.contains("listening for wake-ups from other nodes"), "{log_a}");
+}
+
+/// The state column of `np devices` for `device`, as `me` (whose home points at one node).
+fn device_state(home: &Path, me: &str, device: &str) -> Option<String> {
+    let (ok, out, err) = np(&["devices", "--as", me, "--home", home.to_str().unwrap()]);
+    assert!(ok, "np devices failed: {err}");
+    let line = out.lines().find(|l| l.starts_with(device))?;
+    line.split_whitespace().nth(1).map(str::to_string)
+}
+
+/// Presence crosses nodes through the presence table: a device held on node A reads live on
+/// node B, and gone within a lease of node A dying (SIGKILL: nothing released).
+#[test]
+fn a_device_on_a_killed_node_reads_gone_on_the_other_within_seconds() {
+    let Some(pg) = TempPostgres::start().unwrap() else { return };
+    let url = pg.url("postgres");
+    let store = ["--store", url.as_str()];
+    let mut s = Stack::start_on(Control::start(&store), &[]);
+    let b = second_node(&s.ctl, &store);
+    let bob = b.identity("@bob");
+    let _npd = s.npd("pi4", &["--manager", "@bob"]);
+    let held = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(s.ctl.log()).unwrap_or_default().contains("record held while this connection lasts")
+    });
+    assert!(held, "npd never held its record on node A");
+    assert_eq!(device_state(&bob, "@bob", "pi4@alice_device").as_deref(), Some("live"), "seen from node B");
+
+    let killed = Instant::now();
+    s.ctl.kill9();
+    let mut last = None;
+    let gone = wait_until(Duration::from_secs(15), || {
+        last = device_state(&bob, "@bob", "pi4@alice_device");
+        last.as_deref() == Some("gone")
+    });
+    let took = killed.elapsed();
+    assert!(gone, "still {last:?} 15 s after node A was killed");
+    // The lease (6 s) from the last renewal (every 2 s) at most, and a poll.
+    assert!(took < Duration::from_secs(9), "gone only after {took:?}");
+    println!("device on a killed node read as gone on the other after {} ms", took.as_millis());
 }

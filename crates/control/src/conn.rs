@@ -126,8 +126,12 @@ pub(crate) async fn serve(
     };
     shared.hub.remove(&me.name, conn);
     // At once, before the writer drains: readers see the device gone within their next request.
-    for (_, key) in shared.presence.close(conn, crate::now_ms()) {
+    let now = crate::now_ms();
+    for (_, key) in shared.presence.close(conn, now) {
         tracing::info!(name = %me.name, conn, %key, "no connection holds the record any more: disconnected");
+        if let Err(e) = shared.store.presence_release(&me.name, &key, now).await {
+            tracing::warn!(name = %me.name, error = %e, "could not tell the other nodes of a released record");
+        }
     }
     backlog.abort();
     // The writer ends once every reply of the requests still running is written.
@@ -478,15 +482,14 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, conn: u64, req: Request
         }
         Request::ListWithPresence { key_prefix } => {
             let records = db(store.records_for(&me.name, &key_prefix, MAX_LIST)).await?;
-            let with =
-                |record: Record| RecordState { presence: shared.presence.of(&record.owner, &record.key), record };
-            Ok(Reply::RecordStates(records.into_iter().map(with).collect()))
+            Ok(Reply::RecordStates(with_presence(shared, records).await))
         }
         Request::FetchWithPresence { owner, key } => {
             let reader = &me.name;
             match db(store.record(&owner, &key)).await? {
                 Some(r) if r.readable_by(reader) => {
-                    Ok(Reply::RecordState(RecordState { presence: shared.presence.of(&r.owner, &r.key), record: r }))
+                    let mut states = with_presence(shared, vec![r]).await;
+                    states.pop().map(Reply::RecordState).ok_or_else(|| err(ErrorCode::Internal, "record lost"))
                 }
                 _ => Err(err(ErrorCode::NotFound, format!("no record {key} of {owner} that you may read"))),
             }
@@ -496,9 +499,14 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, conn: u64, req: Request
                 return Err(err(ErrorCode::TooLarge, format!("record keys are limited to {MAX_RECORD_KEY} bytes")));
             }
             // Keyed by the authenticated name: a connection holds only its own identity's records.
-            match shared.presence.hold(conn, &me.name, &key, crate::now_ms()) {
+            let now = crate::now_ms();
+            match shared.presence.hold(conn, &me.name, &key, now) {
                 Ok(()) => {
                     tracing::debug!(name = %me.name, conn, %key, "record held while this connection lasts");
+                    // For the other nodes sharing the store; this node's own answers need none of it.
+                    if let Err(e) = store.presence_hold(&me.name, &key, now).await {
+                        tracing::warn!(name = %me.name, error = %e, "could not tell the other nodes of a held record");
+                    }
                     Ok(Reply::Held)
                 }
                 Err(e @ crate::presence::HoldError::Closed) => Err(err(ErrorCode::BadRequest, e.to_string())),
@@ -519,6 +527,33 @@ async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, conn: u64, req: Request
             Ok(Reply::Acked)
         }
     }
+}
+
+/// Records with their presence: this node's own, merged with what the other nodes sharing the
+/// store say (a device may hold its record on any of them).
+async fn with_presence(shared: &Shared, records: Vec<Record>) -> Vec<RecordState> {
+    let keys: Vec<(Name, String)> = match shared.store.is_shared() {
+        true => records.iter().map(|r| (r.owner.clone(), r.key.clone())).collect(),
+        false => Vec::new(),
+    };
+    let elsewhere = match shared.store.presence_elsewhere(&keys, crate::now_ms()).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "presence on other nodes unknown");
+            Default::default()
+        }
+    };
+    records
+        .into_iter()
+        .map(|record| {
+            let here = shared.presence.of(&record.owner, &record.key);
+            let presence = match elsewhere.get(&(record.owner.clone(), record.key.clone())) {
+                Some(there) => crate::presence::either(here, *there),
+                None => here,
+            };
+            RecordState { presence, record }
+        })
+        .collect()
 }
 
 async fn notify(

@@ -126,6 +126,20 @@ impl PresenceTable {
     }
 }
 
+/// One presence from two sources (this node and the others, or two other nodes): held anywhere
+/// is held (since the earliest), else gone at the latest time any source saw it go; `Unknown`
+/// only when neither knows.
+pub fn either(a: Presence, b: Presence) -> Presence {
+    use Presence::*;
+    match (a, b) {
+        (Connected { since_ms: x }, Connected { since_ms: y }) => Connected { since_ms: x.min(y) },
+        (c @ Connected { .. }, _) | (_, c @ Connected { .. }) => c,
+        (Disconnected { at_ms: x }, Disconnected { at_ms: y }) => Disconnected { at_ms: x.max(y) },
+        (d @ Disconnected { .. }, Unknown) | (Unknown, d @ Disconnected { .. }) => d,
+        (Unknown, Unknown) => Unknown,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +203,18 @@ mod tests {
         // A request still in flight when its connection closed holds nothing.
         assert_eq!(p.hold(1, &dev, "late", 3), Err(HoldError::Closed));
         assert_eq!(p.of(&dev, "late"), Presence::Unknown);
+    }
+
+    #[test]
+    fn two_sources_of_presence() {
+        use Presence::*;
+        let (c1, c5) = (Connected { since_ms: 1 }, Connected { since_ms: 5 });
+        let (d2, d9) = (Disconnected { at_ms: 2 }, Disconnected { at_ms: 9 });
+        assert_eq!(either(c5, c1), c1, "held since the earliest");
+        assert_eq!(either(d9, c5), c5, "held anywhere is held");
+        assert_eq!(either(Unknown, c1), c1);
+        assert_eq!(either(d2, d9), d9, "gone at the latest");
+        assert_eq!(either(Unknown, d2), d2);
+        assert_eq!(either(Unknown, Unknown), Unknown);
     }
 }

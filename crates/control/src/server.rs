@@ -95,6 +95,9 @@ impl ControlServer {
         // At the limit the oldest silent connection gives way (see np-limits).
         let preauth = np_limits::PreAuth::new(self.shared.cfg.max_preauth);
         tokio::spawn(sweeper(self.shared.clone()));
+        if self.shared.store.is_shared() {
+            tokio::spawn(renew_presence(self.shared.clone()));
+        }
         if let Some(mut wakes) = self.shared.store.wakes() {
             let shared = self.shared.clone();
             tokio::spawn(async move {
@@ -131,6 +134,18 @@ impl ControlServer {
             let shared = self.shared.clone();
             let acceptor = self.acceptor.clone();
             tokio::spawn(crate::conn::serve(shared, acceptor, tcp, peer, conn, permit));
+        }
+    }
+}
+
+/// Keeps this node's presence leases alive, renewing three times per lease so that one late or
+/// failed renewal does not make live devices read as gone on the other nodes.
+async fn renew_presence(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(crate::store::PRESENCE_LEASE / 3);
+    loop {
+        tick.tick().await;
+        if let Err(e) = shared.store.presence_renew(crate::now_ms()).await {
+            tracing::warn!(error = %e, "renewing presence leases failed");
         }
     }
 }

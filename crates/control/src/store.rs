@@ -19,7 +19,7 @@ mod pg;
 mod pg_wake;
 
 pub use embedded::RedbStore;
-pub use pg::PgStore;
+pub use pg::{PgStore, PRESENCE_LEASE};
 pub use pg_wake::Wake;
 
 use crate::lane::{AsyncLane, WriteLane};
@@ -403,6 +403,49 @@ impl Store {
         match &self.kind {
             Kind::Pg { db, .. } if db.wakes => Some(pg_wake::listen(db.clone())),
             _ => None,
+        }
+    }
+
+    /// Records that this node holds `owner`'s record `key`, for the other nodes (nothing to do
+    /// when no other node shares the store).
+    pub async fn presence_hold(&self, owner: &Name, key: &str, now_ms: u64) -> Result<(), StoreError> {
+        match &self.kind {
+            Kind::Pg { db, .. } => db.presence_hold(owner, key, now_ms).await,
+            Kind::Embedded { .. } => Ok(()),
+        }
+    }
+
+    /// Records that no connection on this node holds it any more.
+    pub async fn presence_release(&self, owner: &Name, key: &str, now_ms: u64) -> Result<(), StoreError> {
+        match &self.kind {
+            Kind::Pg { db, .. } => db.presence_release(owner, key, now_ms).await,
+            Kind::Embedded { .. } => Ok(()),
+        }
+    }
+
+    /// Extends this node's presence leases (PostgreSQL; call more often than
+    /// [`PRESENCE_LEASE`]).
+    pub async fn presence_renew(&self, now_ms: u64) -> Result<(), StoreError> {
+        match &self.kind {
+            Kind::Pg { db, .. } => db.presence_renew(now_ms).await,
+            Kind::Embedded { .. } => Ok(()),
+        }
+    }
+
+    /// Whether other nodes may hold connections (and so presence) of this store's identities.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.kind, Kind::Pg { .. })
+    }
+
+    /// What the other nodes sharing the store say of these records' presence (none for redb).
+    pub async fn presence_elsewhere(
+        &self,
+        keys: &[(Name, String)],
+        now_ms: u64,
+    ) -> Result<std::collections::HashMap<(Name, String), np_control_proto::Presence>, StoreError> {
+        match &self.kind {
+            Kind::Pg { db, .. } => db.presence_elsewhere(keys, now_ms).await,
+            Kind::Embedded { .. } => Ok(Default::default()),
         }
     }
 

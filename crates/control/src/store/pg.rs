@@ -23,7 +23,8 @@ const RUN_SHIFT: u32 = 40;
 
 /// The schema, one migration per version, applied in order at start (each in its own
 /// transaction, recorded in `np_schema`). Never edit one that has shipped: add the next.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE np_identities (name TEXT PRIMARY KEY, info BYTEA NOT NULL);
 CREATE TABLE np_codes (hash BYTEA PRIMARY KEY, name TEXT NOT NULL, expires_ms BIGINT NOT NULL, used BOOLEAN NOT NULL);
 CREATE TABLE np_records (owner TEXT NOT NULL, key TEXT NOT NULL, rec BYTEA NOT NULL, PRIMARY KEY (owner, key));
@@ -39,7 +40,26 @@ CREATE INDEX np_queue_expiry ON np_queue (expires_ms);
 CREATE INDEX np_queue_sender ON np_queue (sender);
 CREATE TABLE np_relays (name TEXT PRIMARY KEY, added_ms BIGINT NOT NULL);
 CREATE TABLE np_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
-"];
+",
+    "
+CREATE TABLE np_presence (
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    node BIGINT NOT NULL,
+    since_ms BIGINT NOT NULL,
+    lease_ms BIGINT NOT NULL,
+    live BOOLEAN NOT NULL,
+    PRIMARY KEY (owner, key, node)
+);
+CREATE INDEX np_presence_node ON np_presence (node);
+",
+];
+
+/// How long a node's claim that it holds a record lasts unless renewed: a node that dies has its
+/// devices read as gone this long after its last renewal, at most.
+pub const PRESENCE_LEASE: std::time::Duration = std::time::Duration::from_secs(6);
+/// Presence rows older than this (their node gone or the record released) are deleted.
+const PRESENCE_KEEP_MS: i64 = 24 * 3600 * 1000;
 
 /// The channel on which a node that stores a notification wakes the node holding its recipient.
 /// The payload is `RUN RECIPIENT`; the notification itself stays in `np_queue`.
@@ -459,6 +479,93 @@ impl PgStore {
         let c = self.client().await?;
         let n: i64 = c.query_one("SELECT count(*) FROM np_queue", &[]).await.map_err(|e| self.pg(e))?.get(0);
         Ok(n as u64)
+    }
+
+    fn node(&self) -> i64 {
+        self.run.load(std::sync::atomic::Ordering::Relaxed) as i64
+    }
+
+    /// This node holds `owner`'s record `key` (a connection of the owner holds it here).
+    pub async fn presence_hold(&self, owner: &Name, key: &str, now_ms: u64) -> Result<(), StoreError> {
+        let lease = big(now_ms).saturating_add(PRESENCE_LEASE.as_millis() as i64);
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO np_presence (owner, key, node, since_ms, lease_ms, live) VALUES ($1, $2, $3, $4, $5, TRUE)
+             ON CONFLICT (owner, key, node) DO UPDATE SET since_ms = EXCLUDED.since_ms, lease_ms = EXCLUDED.lease_ms, live = TRUE",
+            &[&owner.as_str(), &key, &self.node(), &big(now_ms), &lease],
+        )
+        .await
+        .map_err(|e| self.pg(e))?;
+        Ok(())
+    }
+
+    /// No connection on this node holds the record any more: gone as of `now_ms`.
+    pub async fn presence_release(&self, owner: &Name, key: &str, now_ms: u64) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE np_presence SET live = FALSE, lease_ms = $4 WHERE owner = $1 AND key = $2 AND node = $3",
+            &[&owner.as_str(), &key, &self.node(), &big(now_ms)],
+        )
+        .await
+        .map_err(|e| self.pg(e))?;
+        Ok(())
+    }
+
+    /// Extends the lease of everything this node holds, and forgets presence long gone.
+    pub async fn presence_renew(&self, now_ms: u64) -> Result<(), StoreError> {
+        let lease = big(now_ms).saturating_add(PRESENCE_LEASE.as_millis() as i64);
+        let c = self.client().await?;
+        c.execute("UPDATE np_presence SET lease_ms = $2 WHERE node = $1 AND live", &[&self.node(), &lease])
+            .await
+            .map_err(|e| self.pg(e))?;
+        c.execute("DELETE FROM np_presence WHERE lease_ms < $1", &[&big(now_ms).saturating_sub(PRESENCE_KEEP_MS)])
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(())
+    }
+
+    /// What other nodes say of these records: live (a lease not expired) since when, or gone at
+    /// when (released, or the lease ran out).
+    pub async fn presence_elsewhere(
+        &self,
+        keys: &[(Name, String)],
+        now_ms: u64,
+    ) -> Result<std::collections::HashMap<(Name, String), np_control_proto::Presence>, StoreError> {
+        use np_control_proto::Presence;
+        let mut out: std::collections::HashMap<(Name, String), Presence> = Default::default();
+        if keys.is_empty() {
+            return Ok(out);
+        }
+        let owners: Vec<&str> = keys.iter().map(|(o, _)| o.as_str()).collect();
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT owner, key, since_ms, lease_ms, live FROM np_presence WHERE node <> $1 AND owner = ANY($2)",
+                &[&self.node(), &owners],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        for r in rows {
+            let (Ok(owner), key) = (r.get::<_, &str>(0).parse::<Name>(), r.get::<_, &str>(1).to_string()) else {
+                continue;
+            };
+            let k = (owner, key);
+            if !keys.contains(&k) {
+                continue;
+            }
+            let (since, lease, live): (i64, i64, bool) = (r.get(2), r.get(3), r.get(4));
+            let this = if live && lease >= big(now_ms) {
+                Presence::Connected { since_ms: since.max(0) as u64 }
+            } else {
+                Presence::Disconnected { at_ms: lease.max(0) as u64 }
+            };
+            let merged = match (out.remove(&k), this) {
+                (None, p) => p,
+                (Some(a), b) => crate::presence::either(a, b),
+            };
+            out.insert(k, merged);
+        }
+        Ok(out)
     }
 
     /// Adds an enrolled identity to the relay list.
