@@ -181,7 +181,17 @@ async fn check_control(r: &mut Report, home: &Home, me: &Name) -> Option<Control
         }
     };
     let addr = &cfg.address;
-    match tokio::time::timeout(CHECK_TIMEOUT, TcpStream::connect(addr)).await {
+    // Several nodes (`a:7443,b:7443`): reachable if one is (the last failure is shown if none).
+    let mut reached = None;
+    for node in np_control_client::control_addresses(addr) {
+        let r = tokio::time::timeout(CHECK_TIMEOUT, TcpStream::connect(node)).await;
+        let ok = matches!(r, Ok(Ok(_)));
+        reached = Some(r);
+        if ok {
+            break;
+        }
+    }
+    match reached.unwrap_or_else(|| Ok(Err(std::io::Error::other("no address in control.toml")))) {
         Ok(Ok(_)) => {
             r.ok(format!("control plane {addr} reachable"));
         }

@@ -38,13 +38,60 @@ pub(crate) struct Conn {
     wr: WriteHalf<Tls>,
     /// The protocol version in the server's hello.
     pub version: u16,
+    /// Which of the control plane's nodes it is connected to (see [`control_addresses`]).
+    pub node: usize,
 }
 
-async fn dial(cfg: &ControlConfig) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, ServerHello), ClientError> {
-    let address = cfg.address.clone();
-    let tcp = TcpStream::connect(&cfg.address)
-        .await
-        .map_err(|e| ClientError::Connect { address: address.clone(), reason: e.to_string() })?;
+/// The nodes of a control plane: `address` is one `HOST:PORT` or several, comma-separated (nodes
+/// sharing one database; a name with several addresses is tried address by address too).
+pub fn control_addresses(address: &str) -> Vec<&str> {
+    address.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
+}
+
+/// Time one node has to accept the TCP connection before the next is tried: a node that is
+/// down but not refusing (its host gone) must not use up the whole [`CONNECT_TIMEOUT`].
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A random number below `n` (0 if randomness fails: the first node, as with one).
+fn random_below(n: usize) -> usize {
+    let mut b = [0u8; 8];
+    match np_identity::random_bytes(&mut b) {
+        Ok(()) => (u64::from_le_bytes(b) % n.max(1) as u64) as usize,
+        Err(_) => 0,
+    }
+}
+
+/// `backoff` scaled by a random factor in [0.5, 1): thousands of devices that lost one node
+/// together do not all come back to the next at the same instant.
+pub(crate) fn jittered(backoff: Duration) -> Duration {
+    backoff / 2 + backoff.mul_f64(random_below(1000) as f64 / 2000.0)
+}
+
+/// Connects to the first node that answers, trying them in order from `start` (wrapping); returns
+/// the TCP stream and the index of the node it reached.
+async fn connect_any(address: &str, start: usize) -> Result<(TcpStream, usize), ClientError> {
+    let nodes = control_addresses(address);
+    if nodes.is_empty() {
+        return Err(ClientError::Connect { address: address.into(), reason: "no address given".into() });
+    }
+    let mut failures = Vec::new();
+    for i in 0..nodes.len() {
+        let at = (start + i) % nodes.len();
+        match tokio::time::timeout(NODE_CONNECT_TIMEOUT, TcpStream::connect(nodes[at])).await {
+            Ok(Ok(tcp)) => return Ok((tcp, at)),
+            Ok(Err(e)) => failures.push(format!("{}: {e}", nodes[at])),
+            Err(_) => failures.push(format!("{}: no answer within {}s", nodes[at], NODE_CONNECT_TIMEOUT.as_secs())),
+        }
+    }
+    Err(ClientError::Connect { address: address.into(), reason: failures.join("; ") })
+}
+
+async fn dial(
+    cfg: &ControlConfig,
+    start: usize,
+) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, ServerHello, usize), ClientError> {
+    let (tcp, node) = connect_any(&cfg.address, start).await?;
+    let address = control_addresses(&cfg.address).get(node).map_or_else(|| cfg.address.clone(), |a| a.to_string());
     let _ = tcp.set_nodelay(true);
     let connector = crate::tls::pinned_connector(&cfg.cert_sha256)
         .map_err(|e| ClientError::Tls { address: address.clone(), reason: e.to_string() })?;
@@ -59,7 +106,7 @@ async fn dial(cfg: &ControlConfig) -> Result<(ReadHalf<Tls>, WriteHalf<Tls>, Ser
         .await
         .map_err(|e| ClientError::Protocol(e.to_string()))?
         .ok_or(ClientError::Disconnected)?;
-    Ok((rd, wr, hello))
+    Ok((rd, wr, hello, node))
 }
 
 async fn first(rd: &mut ReadHalf<Tls>, wr: &mut WriteHalf<Tls>, req: Request) -> Result<Reply, ClientError> {
@@ -76,13 +123,15 @@ async fn first(rd: &mut ReadHalf<Tls>, wr: &mut WriteHalf<Tls>, req: Request) ->
 }
 
 impl Conn {
-    /// Connects and authenticates as `me`.
-    pub async fn open(cfg: &ControlConfig, me: &Name, keys: &Keys) -> Result<Conn, ClientError> {
+    /// Connects and authenticates as `me`, to one of the control plane's nodes: from a random
+    /// one (so clients spread over them) unless `start` says which to try first.
+    pub async fn open(cfg: &ControlConfig, me: &Name, keys: &Keys, start: Option<usize>) -> Result<Conn, ClientError> {
+        let start = start.unwrap_or_else(|| random_below(control_addresses(&cfg.address).len()));
         let fut = async {
-            let (mut rd, mut wr, hello) = dial(cfg).await?;
+            let (mut rd, mut wr, hello, node) = dial(cfg, start).await?;
             let sig = keys.sign(&auth_transcript(&hello.nonce, me)).to_vec();
             match first(&mut rd, &mut wr, Request::Auth { name: me.clone(), sig }).await? {
-                Reply::Authenticated { name } if &name == me => Ok(Conn { rd, wr, version: hello.version }),
+                Reply::Authenticated { name } if &name == me => Ok(Conn { rd, wr, version: hello.version, node }),
                 other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
             }
         };
@@ -92,7 +141,7 @@ impl Conn {
     /// Enrols `me` with `keys` using `code`.
     pub async fn enroll(cfg: &ControlConfig, me: &Name, keys: &Keys, code: &EnrolCode) -> Result<(), ClientError> {
         let fut = async {
-            let (mut rd, mut wr, hello) = dial(cfg).await?;
+            let (mut rd, mut wr, hello, _) = dial(cfg, 0).await?;
             let public = keys.public();
             let sig = keys.sign(&enroll_transcript(&hello.nonce, me, &public)).to_vec();
             let req = Request::Enroll { secret: code.secret, name: me.clone(), keys: public, sig };
@@ -139,22 +188,25 @@ pub(crate) async fn run(
             Some(i) if conn.version >= PRESENCE_VERSION => i.holds.lock().map(|h| h.clone()).unwrap_or_default(),
             _ => Vec::new(),
         };
+        // After losing a node, the next one is tried first: the lost one is likely down.
+        let next = conn.node + 1;
         let reason = serve(conn, &mut cmds, &out, &mut seen, holds).await;
         out.connected.store(false, Ordering::Relaxed);
         let Some(reason) = reason else { return };
         tracing::warn!(%me, address = %cfg.address, %reason, "control-plane connection lost; reconnecting");
         let mut backoff = BACKOFF_MIN;
         conn = loop {
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(jittered(backoff)).await;
             // Everyone is gone: stop instead of reconnecting for nobody.
             let Some(strong) = inner.upgrade() else {
                 return;
             };
-            let r = Conn::open(&cfg, &me, &strong.keys).await;
+            let r = Conn::open(&cfg, &me, &strong.keys, Some(next)).await;
             drop(strong);
             match r {
                 Ok(c) => {
-                    tracing::info!(%me, address = %cfg.address, "control-plane connection re-established");
+                    let node = control_addresses(&cfg.address).get(c.node).map(|a| a.to_string()).unwrap_or_default();
+                    tracing::info!(%me, %node, "control-plane connection re-established");
                     break c;
                 }
                 Err(e) => {

@@ -9,6 +9,7 @@ mod conn;
 mod error;
 pub mod tls;
 
+pub use conn::control_addresses;
 pub use error::ClientError;
 pub use np_control_proto::{ErrorCode, Presence, Record, RecordState};
 
@@ -114,7 +115,7 @@ impl ControlClient {
     pub async fn connect(home: &Home, me: &Name) -> Result<(ControlClient, Incoming), ClientError> {
         let keys = home.load_keys(me)?;
         let cfg = home.load_control(me)?;
-        let conn = Conn::open(&cfg, me, &keys).await?;
+        let conn = Conn::open(&cfg, me, &keys, None).await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let (ack_tx, ack_rx) = mpsc::channel(PUSH_QUEUE);
