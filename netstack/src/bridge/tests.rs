@@ -4,16 +4,11 @@
 use super::*;
 use crate::map::DEFAULT_SUBNET;
 use crate::testapp::App;
-use np_identity::Keys;
-use np_session::{Initiator, Responder};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 
 fn session_keys() -> (SessionKeys, SessionKeys) {
-    let (c, d) = (Keys::generate().expect("keys"), Keys::generate().expect("keys"));
-    let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"bridge").expect("start");
-    let (msg2, dk) = Responder::respond(d.x25519_private(), &c.public().x25519, b"bridge", &msg1).expect("respond");
-    (init.finish(&msg2).expect("finish"), dk)
+    np_session::in_memory_pair(b"bridge").expect("handshake")
 }
 
 fn pi() -> DeviceKey {
