@@ -332,6 +332,16 @@ pub fn connect_in(ns: &str, addr: SocketAddr, timeout: Duration) -> std::io::Res
     in_netns(ns, move || TcpStream::connect_timeout(&addr, timeout))
 }
 
+/// One echo round trip from `ns` to `addr`: `msg` sent, as many bytes read back.
+pub fn echo_once(ns: &str, addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = connect_in(ns, addr, Duration::from_secs(10))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    c.read_exact(&mut back)?;
+    Ok(back)
+}
+
 /// A UDP socket bound in `ns`.
 pub fn udp_in(ns: &str, addr: SocketAddr) -> UdpSocket {
     in_netns(ns, move || UdpSocket::bind(addr)).unwrap()
@@ -439,8 +449,14 @@ impl NsSshd {
 
     /// Runs `ssh root@HOST -p PORT COMMAND` from namespace `from` with the client key.
     pub fn ssh_from(&self, from: &str, host: &str, port: u16, command: &str) -> Output {
+        self.ssh_from_with(from, &[], host, port, command)
+    }
+
+    /// [`NsSshd::ssh_from`] with more ssh options first (e.g. `-6`).
+    pub fn ssh_from_with(&self, from: &str, options: &[&str], host: &str, port: u16, command: &str) -> Output {
         let mut cmd = Command::new("ssh");
-        cmd.arg("-i")
+        cmd.args(options)
+            .arg("-i")
             .arg(self.client_key())
             .args(["-p", &port.to_string(), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
             .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])
