@@ -17,7 +17,7 @@ use crate::servers::{echo_conn, hasher_conn, hex, pattern, serve_on, source_conn
 use crate::{bin, output_within, spawn_listening, wait_until, Proc};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -123,6 +123,23 @@ impl Hosts {
 
     pub fn pd_ip(&self) -> Ipv4Addr {
         self.bridge_ip(3)
+    }
+
+    /// Address `::host` of host's IPv6 subnet on the bridge, `fd00:198:18:N::/64` (a unique
+    /// local prefix spelled after the IPv4 benchmarking range, so never a real network's).
+    pub fn bridge_ip6(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x198, 0x18, u16::from(self.octet()), 0, 0, 0, u16::from(host))
+    }
+
+    /// Makes pc, pr and pd IPv6-only: each gets [`Hosts::bridge_ip6`] (`::1`, `::2`, `::3`) on
+    /// its bridge link, and loses its IPv4 address there (loopback keeps 127.0.0.1, as on a real
+    /// IPv6-only host). `nodad`: the addresses are usable at once, and no other host has them.
+    pub fn ipv6_only(&self) {
+        for (i, h) in [&self.pc, &self.pr, &self.pd].into_iter().enumerate() {
+            let addr = format!("{}/64", self.bridge_ip6(i as u8 + 1));
+            ip(&["-n", h, "addr", "add", &addr, "dev", "eth0", "nodad"]);
+            ip(&["-n", h, "-4", "addr", "flush", "dev", "eth0"]);
+        }
     }
 
     /// pd's address on the LAN.
@@ -526,14 +543,28 @@ fn enrol_in(dir: &Path, control_addr: SocketAddr, name: &str, ns: &str) -> PathB
 
 impl Deployment {
     pub fn start(opts: DeploymentOptions) -> Deployment {
+        Self::start_on(opts, false)
+    }
+
+    /// [`Deployment::start`] on hosts with IPv6 addresses only ([`Hosts::ipv6_only`]): the
+    /// control plane and the relay listen on pr's IPv6 address, and everyone reaches them there.
+    pub fn start_ipv6_only(opts: DeploymentOptions) -> Deployment {
+        Self::start_on(opts, true)
+    }
+
+    fn start_on(opts: DeploymentOptions, ipv6_only: bool) -> Deployment {
         let t0 = Instant::now();
         let hosts = Hosts::new(opts.lan);
+        if ipv6_only {
+            hosts.ipv6_only();
+        }
+        let pr_ip = if ipv6_only { IpAddr::V6(hosts.bridge_ip6(2)) } else { IpAddr::V4(hosts.pr_ip()) };
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
         let mut procs = Vec::new();
 
         // Control plane in pr.
-        let control_addr = SocketAddr::from((hosts.pr_ip(), CONTROL_PORT));
+        let control_addr = SocketAddr::new(pr_ip, CONTROL_PORT);
         let mut cmd = Command::new(bin("np-control"));
         cmd.args(["serve", "--listen", &control_addr.to_string(), "--data"])
             .arg(d.join("control"))
@@ -549,7 +580,7 @@ impl Deployment {
         let device_home = enrol("@alice_device", &hosts.pd);
 
         // Relay in pr.
-        let relay_addr = SocketAddr::from((hosts.pr_ip(), RELAY_PORT));
+        let relay_addr = SocketAddr::new(pr_ip, RELAY_PORT);
         let mut cmd = Command::new(bin("np-relay"));
         cmd.args(["--as", "@relay", "--listen", &relay_addr.to_string(), "--home"])
             .arg(&relay_home)

@@ -1,5 +1,6 @@
 //! IPv6 end to end in network namespaces (root required): each device's IPv6 address through
-//! `np up` (real ssh to it, and to its name over AAAA).
+//! `np up` (real ssh to it, and to its name over AAAA), and a deployment whose hosts have IPv6
+//! addresses only (control plane, relay, device and client all reached over IPv6).
 #![allow(clippy::unwrap_used)]
 
 use np_tests::netns::{connect_in, echo_once, sh_in, Deployment, DeploymentOptions};
@@ -58,4 +59,53 @@ fn ssh_to_the_devices_ipv6_address_and_to_its_name_over_aaaa() {
     assert!(ok, "np status: {err}");
     assert!(status.contains(&iface6.to_string()) && status.contains(&dev6.to_string()), "{status}");
     assert!(!up.log().contains("panicked"), "{}", up.log());
+}
+
+#[test]
+fn an_ipv6_only_deployment_sets_up_sessions() {
+    let t0 = Instant::now();
+    let d = Deployment::start_ipv6_only(DeploymentOptions { lan: false, source_len: Some(1 << 20) });
+    let pc = d.hosts.pc.clone();
+    assert!(d.control_addr.is_ipv6() && d.relay_addr.is_ipv6(), "{} {}", d.control_addr, d.relay_addr);
+    // No IPv4 left on the hosts' links: nothing below can have gone over IPv4.
+    for ns in [&d.hosts.pc, &d.hosts.pr, &d.hosts.pd] {
+        let (_, v4) = d.hosts.ip_in(ns, &["-4", "addr", "show", "dev", "eth0"]);
+        assert!(!v4.contains("inet "), "{ns} still has IPv4: {v4}");
+    }
+    // The relay published its IPv6 address, bracketed.
+    assert!(d.log("relay.log").contains(&format!("[{}]", d.hosts.bridge_ip6(2))), "{}", d.log("relay.log"));
+
+    // np forward: a session through the relay, a flow through it.
+    let fwd = d
+        .forward(&[&format!("0:localhost:{}", d.echo_port)], &[])
+        .unwrap_or_else(|log| panic!("np forward over IPv6 failed:\n{log}"));
+    assert_eq!(echo_once(&pc, fwd.addrs[0], b"over ipv6 only").unwrap(), b"over ipv6 only");
+    // A relay address given by hand takes the bracketed form too.
+    let relay = d.relay_addr.to_string();
+    let out = d.np_in_pc(&[
+        "forward",
+        "--as",
+        "@alice",
+        "--to",
+        DEVICE,
+        "--relay",
+        "@relay",
+        "--relay-address",
+        "fd00::1:7444",
+        "-L",
+        "0:localhost:22",
+    ]);
+    assert!(!out.0 && out.2.contains("HOST:PORT"), "an unbracketed IPv6 relay address was taken: {out:?}");
+    drop(fwd);
+    let fwd = d
+        .forward(&[&format!("0:localhost:{}", d.echo_port)], &["--relay-address", &relay])
+        .unwrap_or_else(|log| panic!("np forward --relay-address {relay} failed:\n{log}"));
+    assert_eq!(echo_once(&pc, fwd.addrs[0], b"by hand").unwrap(), b"by hand");
+
+    // np up, and real ssh through it.
+    let up = d.up(&["--device", DEVICE]).unwrap_or_else(|e| panic!("{e}"));
+    let out = d.ssh(&default_v6(up.device(DEVICE)).to_string(), 22, "echo ok");
+    assert!(out.status.success(), "ssh over np up failed: {}\n{}", text(&out.stderr), up.log());
+    assert_eq!(text(&out.stdout).trim(), "ok");
+    eprintln!("an_ipv6_only_deployment_sets_up_sessions: {:?}", t0.elapsed());
 }

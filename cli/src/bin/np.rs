@@ -67,7 +67,7 @@ enum Cmd {
         relay: Option<Name>,
         /// Dial the relay at HOST:PORT instead of the address it publishes (e.g. through a port
         /// forward); it must still prove its identity there. Needs --relay.
-        #[arg(long, value_name = "HOST:PORT", requires = "relay")]
+        #[arg(long, value_name = "HOST:PORT", requires = "relay", value_parser = np_relay_proto::record::parse_address)]
         relay_address: Option<String>,
         /// A forward, [BIND:]PORT:HOST:PORT; HOST:PORT is dialled on the device's side. Repeatable.
         #[arg(short = 'L', required = true)]
@@ -97,7 +97,7 @@ enum Cmd {
         relay: Option<Name>,
         /// Dial the relay at HOST:PORT instead of the address it publishes (e.g. through a port
         /// forward); it must still prove its identity there. Needs --relay.
-        #[arg(long, value_name = "HOST:PORT", requires = "relay")]
+        #[arg(long, value_name = "HOST:PORT", requires = "relay", value_parser = np_relay_proto::record::parse_address)]
         relay_address: Option<String>,
         /// A device, NAME@ID, optionally with its address: pi4@alice_device=100.80.0.5. Repeatable.
         /// With none, every device that shares its info with you (as `np devices` lists them,
@@ -295,8 +295,8 @@ enum KeysCmd {
     New {
         /// The identity, e.g. @alice or @alice_device.
         name: Name,
-        /// The control plane, HOST:PORT.
-        #[arg(long, env = "NP_CONTROL")]
+        /// The control plane, HOST:PORT ([V6]:PORT for an IPv6 address).
+        #[arg(long, env = "NP_CONTROL", value_parser = np_relay_proto::record::parse_address)]
         control: String,
         /// The one-time enrolment code printed by `np-control enroll`.
         #[arg(long, env = "NP_ENROL_CODE", hide_env_values = true)]
