@@ -142,6 +142,15 @@ impl Hosts {
         }
     }
 
+    /// Gives the LAN IPv6 too: pd `fd00:198:19:N::1/64` on `lan0`, the LAN host `::2` on its
+    /// `eth0` (`nodad`: usable at once). Returns the LAN host's address; panics without a LAN.
+    pub fn lan_ipv6(&self) -> Ipv6Addr {
+        let host = |h: u16| Ipv6Addr::new(0xfd00, 0x198, 0x19, u16::from(self.octet()), 0, 0, 0, h);
+        ip(&["-n", &self.pd, "addr", "add", &format!("{}/64", host(1)), "dev", "lan0", "nodad"]);
+        ip(&["-n", self.lan(), "addr", "add", &format!("{}/64", host(2)), "dev", "eth0", "nodad"]);
+        host(2)
+    }
+
     /// pd's address on the LAN.
     pub fn lan_gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(198, 19, self.octet(), 1)

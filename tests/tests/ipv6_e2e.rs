@@ -1,10 +1,12 @@
 //! IPv6 end to end in network namespaces (root required): each device's IPv6 address through
-//! `np up` (real ssh to it, and to its name over AAAA), and a deployment whose hosts have IPv6
-//! addresses only (control plane, relay, device and client all reached over IPv6).
+//! `np up` (real ssh to it, and to its name over AAAA), `curl -6` to an IPv6 LAN host behind a
+//! device route, and a deployment whose hosts have IPv6 addresses only (control plane, relay,
+//! device and client all reached over IPv6).
 #![allow(clippy::unwrap_used)]
 
-use np_tests::netns::{connect_in, echo_once, sh_in, Deployment, DeploymentOptions};
-use std::io::ErrorKind;
+use np_tests::netns::{bind_in, connect_in, echo_once, sh_in, Deployment, DeploymentOptions};
+use np_tests::servers::serve_on;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -108,4 +110,34 @@ fn an_ipv6_only_deployment_sets_up_sessions() {
     assert!(out.status.success(), "ssh over np up failed: {}\n{}", text(&out.stderr), up.log());
     assert_eq!(text(&out.stdout).trim(), "ok");
     eprintln!("an_ipv6_only_deployment_sets_up_sessions: {:?}", t0.elapsed());
+}
+
+#[test]
+fn curl_6_reaches_an_ipv6_lan_host_behind_a_device_route() {
+    let mut d = Deployment::start(DeploymentOptions { lan: true, source_len: Some(1 << 20) });
+    let pc = d.hosts.pc.clone();
+    let lan = d.hosts.lan().to_string();
+    let lan6 = d.hosts.lan_ipv6();
+    // A small HTTP server on the LAN host's IPv6 address, and a second port npd does not permit.
+    let http = serve_on(bind_in(&lan, (lan6, 0).into()), |mut s| {
+        let mut line = String::new();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+            line.clear();
+        }
+        let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 11\r\n\r\nhello over6");
+    });
+    let other6 = serve_on(bind_in(&lan, (lan6, 0).into()), |_| {});
+    let permit = format!("{},[{lan6}]:{http}", d.permit());
+    d.start_npd(&["--manager", "@alice", "--permit-open", &permit]);
+    let prefix = format!("{}/64", Ipv6Addr::from(u128::from(lan6) & !0xffff_ffff_ffff_ffff));
+    let up = d.up(&["--device", DEVICE, "--route", &format!("{prefix}={DEVICE}")]).unwrap_or_else(|e| panic!("{e}"));
+    let (_, routes) = d.hosts.ip_in(&pc, &["-6", "route", "show"]);
+    assert!(routes.lines().any(|l| l.starts_with(&prefix) && l.contains("np0")), "{routes}");
+
+    let out = sh_in(&pc, &format!("curl -6 -sS -m 10 http://[{lan6}]:{http}/"), Duration::from_secs(15));
+    assert_eq!(text(&out.stdout), "hello over6", "curl -6: {}\n{}", text(&out.stderr), up.log());
+    // Another port of the same IPv6 host is not in permit-open: refused at once.
+    let e = connect_in(&pc, (lan6, other6).into(), Duration::from_secs(15)).expect_err("unpermitted port accepted");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
 }
