@@ -433,8 +433,8 @@ PY
 # `np nc %h %p`, a session of its own per ssh: no np up here), beside `ssh -J` through the relay
 # host (pd's sshd reached from pr: the device has an open port) and the reverse SSH tunnel (pd
 # dials out to pr, pr's 17022 is pd's 22). Connect time: command start to the remote `true`
-# exiting, median of 11, the three paths alternating. scp: 256 MiB up (to pd's /dev/null) and
-# down (from pd, to /dev/null), through np nc and through the reverse tunnel; MB/s and ratios.
+# exiting, median of 11, the three paths alternating. scp: 256 MiB up (to a file on pd) and
+# down (from pd, to a file), through np nc and through the reverse tunnel; MB/s and ratios.
 section_ssh() {
   log "ssh through np nc"
   local m; m=$(mark)
@@ -481,10 +481,12 @@ PY
     ns pc scp -q -F "$cfg" "$@" </dev/null >/dev/null 2>>"$WORK/logs/bg.log" || { echo FAIL; return; }
     t1=$(date +%s.%N); python3 -c "print('%.1f' % (256 * 1.048576 / ($t1 - $t0)))"; }
   local np_up np_down rev_up rev_down
-  np_up=$(scp_mbps "$f" bench.bench_device.np:/dev/null)
-  rev_up=$(scp_mbps -P 17022 "$f" root@198.18.0.2:/dev/null)
-  np_down=$(scp_mbps bench.bench_device.np:"$f" /dev/null)
-  rev_down=$(scp_mbps -P 17022 root@198.18.0.2:"$f" /dev/null)
+  # Into files, not /dev/null: scp speaks SFTP since OpenSSH 9, which cannot truncate a device.
+  local g=$WORK/scp.out
+  np_up=$(scp_mbps "$f" bench.bench_device.np:"$g"); rm -f "$g"
+  rev_up=$(scp_mbps -P 17022 "$f" root@198.18.0.2:"$g"); rm -f "$g"
+  np_down=$(scp_mbps bench.bench_device.np:"$f" "$g"); rm -f "$g"
+  rev_down=$(scp_mbps -P 17022 root@198.18.0.2:"$f" "$g"); rm -f "$g"
   metric "scp 256 MiB up, np nc" "$np_up" MB/s
   metric "scp 256 MiB up, reverse SSH tunnel" "$rev_up" MB/s
   metric "scp 256 MiB down, np nc" "$np_down" MB/s

@@ -1,11 +1,12 @@
 //! The resolver `np up` runs on its interface address: `NAME.ID.np` → the device's virtual
-//! address. Only what that needs: one question, A answers, NXDOMAIN for unknown names under
-//! `.np`, REFUSED for anything else (it is no general resolver).
+//! addresses. Only what that needs: one question, A and AAAA answers, NXDOMAIN for unknown names
+//! under `.np`, REFUSED for anything else (it is no general resolver).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 const HEADER: usize = 12;
 const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
 const TYPE_ANY: u16 = 255;
 const CLASS_IN: u16 = 1;
 const RCODE_NXDOMAIN: u8 = 3;
@@ -14,33 +15,48 @@ const RCODE_FORMERR: u8 = 1;
 /// Seconds resolvers may cache an answer: addresses are stable while `np up` runs.
 const TTL: u32 = 60;
 
+/// A device's addresses, as the resolver answers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addrs {
+    pub v4: Ipv4Addr,
+    /// None where the interface has no IPv6 (a host with IPv6 turned off).
+    pub v6: Option<Ipv6Addr>,
+}
+
 /// The answer to one DNS query datagram, or `None` if it is not worth answering (too short to
 /// even echo an id, or itself a response).
-pub fn answer(query: &[u8], lookup: impl Fn(&str) -> Option<Ipv4Addr>) -> Option<Vec<u8>> {
+pub fn answer(query: &[u8], lookup: impl Fn(&str) -> Option<Addrs>) -> Option<Vec<u8>> {
     if query.len() < HEADER || query[2] & 0x80 != 0 {
         return None;
     }
     let qdcount = u16::from_be_bytes([query[4], query[5]]);
     let opcode = (query[2] >> 3) & 0x0f;
     let Some((name, end)) = (if qdcount == 1 && opcode == 0 { parse_name(query, HEADER) } else { None }) else {
-        return Some(reply(query, HEADER, RCODE_FORMERR, None));
+        return Some(reply(query, HEADER, RCODE_FORMERR, &[]));
     };
     if query.len() < end + 4 {
-        return Some(reply(query, HEADER, RCODE_FORMERR, None));
+        return Some(reply(query, HEADER, RCODE_FORMERR, &[]));
     }
     let qtype = u16::from_be_bytes([query[end], query[end + 1]]);
     let qclass = u16::from_be_bytes([query[end + 2], query[end + 3]]);
     let qend = end + 4;
     let lower = name.to_ascii_lowercase();
     if !(lower == "np" || lower.ends_with(".np")) || qclass != CLASS_IN {
-        return Some(reply(query, qend, RCODE_REFUSED, None));
+        return Some(reply(query, qend, RCODE_REFUSED, &[]));
     }
-    match lookup(&lower) {
-        None => Some(reply(query, qend, RCODE_NXDOMAIN, None)),
-        Some(addr) if qtype == TYPE_A || qtype == TYPE_ANY => Some(reply(query, qend, 0, Some(addr))),
-        // The name exists but has no record of that type (e.g. AAAA): NOERROR, no answer.
-        Some(_) => Some(reply(query, qend, 0, None)),
-    }
+    let Some(addrs) = lookup(&lower) else {
+        return Some(reply(query, qend, RCODE_NXDOMAIN, &[]));
+    };
+    let v4 = IpAddr::V4(addrs.v4);
+    let v6 = addrs.v6.map(IpAddr::V6);
+    // A name with no record of the type asked (MX, or AAAA without IPv6): NOERROR, no answer.
+    let answers: Vec<IpAddr> = match qtype {
+        TYPE_A => vec![v4],
+        TYPE_AAAA => v6.into_iter().collect(),
+        TYPE_ANY => std::iter::once(v4).chain(v6).collect(),
+        _ => Vec::new(),
+    };
+    Some(reply(query, qend, 0, &answers))
 }
 
 fn parse_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
@@ -65,24 +81,28 @@ fn parse_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
     Some((labels.join("."), at))
 }
 
-fn reply(query: &[u8], question_end: usize, rcode: u8, a: Option<Ipv4Addr>) -> Vec<u8> {
-    let mut r = Vec::with_capacity(question_end + 16);
+fn reply(query: &[u8], question_end: usize, rcode: u8, answers: &[IpAddr]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(question_end + 28 * answers.len());
     r.extend_from_slice(&query[..2]);
     // QR=1, opcode copied, AA=1, RD copied; RA=0.
     r.push(0x80 | (query[2] & 0x79) | 0x04);
     r.push(rcode & 0x0f);
     let has_q = question_end > HEADER;
     r.extend_from_slice(&(has_q as u16).to_be_bytes());
-    r.extend_from_slice(&(a.is_some() as u16).to_be_bytes());
+    r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
     r.extend_from_slice(&[0, 0, 0, 0]);
     r.extend_from_slice(&query[HEADER..question_end]);
-    if let Some(addr) = a {
+    for addr in answers {
+        let (kind, data) = match addr {
+            IpAddr::V4(a) => (TYPE_A, a.octets().to_vec()),
+            IpAddr::V6(a) => (TYPE_AAAA, a.octets().to_vec()),
+        };
         r.extend_from_slice(&[0xc0, HEADER as u8]); // pointer to the question's name
-        r.extend_from_slice(&TYPE_A.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
         r.extend_from_slice(&CLASS_IN.to_be_bytes());
         r.extend_from_slice(&TTL.to_be_bytes());
-        r.extend_from_slice(&4u16.to_be_bytes());
-        r.extend_from_slice(&addr.octets());
+        r.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        r.extend_from_slice(&data);
     }
     r
 }
@@ -102,7 +122,7 @@ pub fn is_local_query(from: SocketAddr, iface: Ipv4Addr) -> bool {
 pub async fn serve(
     sock: tokio::net::UdpSocket,
     iface: Ipv4Addr,
-    lookup: impl Fn(&str) -> Option<Ipv4Addr> + Send + 'static,
+    lookup: impl Fn(&str) -> Option<Addrs> + Send + 'static,
 ) {
     let mut buf = vec![0u8; 1500];
     loop {
@@ -133,8 +153,10 @@ mod tests {
         q
     }
 
-    fn lookup(n: &str) -> Option<Ipv4Addr> {
-        (n == "pi4.alice_device.np").then_some(Ipv4Addr::new(100, 80, 0, 2))
+    const V6: Ipv6Addr = Ipv6Addr::new(0xfd6e, 0x7000, 0, 0, 0, 0, 0x6450, 2);
+
+    fn lookup(n: &str) -> Option<Addrs> {
+        (n == "pi4.alice_device.np").then_some(Addrs { v4: Ipv4Addr::new(100, 80, 0, 2), v6: Some(V6) })
     }
 
     #[test]
@@ -144,7 +166,17 @@ mod tests {
         assert_eq!(r[3] & 0x0f, 0);
         assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1);
         assert_eq!(&r[r.len() - 4..], &[100, 80, 0, 2]);
-        let r = answer(&query("pi4.alice_device.np", 28), lookup).expect("reply");
+        let r = answer(&query("pi4.alice_device.np", TYPE_AAAA), lookup).expect("reply");
+        assert_eq!((r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])), (0, 1));
+        assert_eq!(&r[r.len() - 16..], &V6.octets());
+        assert_eq!(u16::from_be_bytes([r[r.len() - 26], r[r.len() - 25]]), TYPE_AAAA);
+        let r = answer(&query("pi4.alice_device.np", TYPE_ANY), lookup).expect("reply");
+        assert_eq!(u16::from_be_bytes([r[6], r[7]]), 2);
+        // MX, and AAAA where the interface has no IPv6: the name is there, the record is not.
+        let r = answer(&query("pi4.alice_device.np", 15), lookup).expect("reply");
+        assert_eq!((r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])), (0, 0));
+        let v4_only = |n: &str| lookup(n).map(|a| Addrs { v6: None, ..a });
+        let r = answer(&query("pi4.alice_device.np", TYPE_AAAA), v4_only).expect("reply");
         assert_eq!((r[3] & 0x0f, u16::from_be_bytes([r[6], r[7]])), (0, 0));
         let r = answer(&query("pi5.alice_device.np", TYPE_A), lookup).expect("reply");
         assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);

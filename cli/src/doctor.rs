@@ -10,7 +10,7 @@ use np_control_client::{ClientError, ControlClient};
 use np_control_proto::ErrorCode;
 use np_identity::home::Home;
 use np_identity::{DeviceRef, Name};
-use np_relay_proto::{join_transcript, proof_transcript, Join, RelayMsg, Role, MAX_PREAUTH_FRAME};
+use np_relay_proto::ProbeError;
 use np_tunnel::DeviceInfo;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -278,55 +278,20 @@ async fn check_relay(r: &mut Report, ctl: &ControlClient, relay: &Name) -> bool 
         Ok(k) => k,
         Err(e) => return r.fail(format!("relay {relay}: cannot look up its keys: {e}"), "check the relay's enrolment"),
     };
-    let probe = async {
-        let mut s = TcpStream::connect(address.as_str()).await.map_err(|e| (true, e.to_string()))?;
-        let (name, nonce) = match np_wire::io::read_msg::<RelayMsg, _>(&mut s, MAX_PREAUTH_FRAME).await {
-            Ok(Some(RelayMsg::Challenge { relay, nonce })) => (relay, nonce),
-            Ok(Some(RelayMsg::Refused { reason })) => return Err((false, format!("it refused at once: {reason}"))),
-            Ok(Some(other)) => return Err((false, format!("it sent {other:?} instead of a Challenge"))),
-            Ok(None) => return Err((false, "it closed the connection without a word".to_string())),
-            Err(e) => return Err((false, format!("it does not speak the np relay protocol: {e}"))),
-        };
-        if &name != relay {
-            return Err((false, format!("it introduces itself as {name}")));
-        }
-        // A join of a throwaway session with ourselves: enough for the relay to sign its proof.
-        let mut session = [0u8; 16];
-        np_identity::random_bytes(&mut session).map_err(|e| (false, e.to_string()))?;
-        let side_nonce = np_identity::random32().map_err(|e| (false, e.to_string()))?;
-        let me = ctl.me();
-        let transcript = join_transcript(relay, &nonce, me, Role::Client, &session, me);
-        let join = Join {
-            identity: me.clone(),
-            role: Role::Client,
-            session,
-            peer: me.clone(),
-            side_nonce,
-            sig: ctl.keys().sign(&transcript).to_vec(),
-        };
-        np_wire::io::write_msg(&mut s, &join).await.map_err(|e| (false, e.to_string()))?;
-        match np_wire::io::read_msg::<RelayMsg, _>(&mut s, MAX_PREAUTH_FRAME).await {
-            Ok(Some(RelayMsg::Waiting { proof })) => {
-                np_identity::verify(&keys.signing, &proof_transcript(&transcript, &side_nonce), &proof)
-                    .map_err(|_| (false, format!("it does not prove that it is {relay}")))
-            }
-            Ok(Some(RelayMsg::Refused { reason })) => Err((false, format!("it refused our join: {reason}"))),
-            Ok(Some(other)) => Err((false, format!("it answered the join with {other:?}"))),
-            Ok(None) => Err((false, "it closed the connection after the join".to_string())),
-            Err(e) => Err((false, e.to_string())),
-        }
-    };
-    match tokio::time::timeout(CHECK_TIMEOUT, probe).await {
-        Ok(Ok(())) => r.ok(format!("relay {relay} reachable at {address} and proves its identity")),
-        Ok(Err((true, e))) => r.fail(
-            format!("relay {relay} unreachable at {address}: {e}"),
+    // The same authenticated probe the client ranks relays with: a join of a throwaway session
+    // with ourselves, enough for the relay to sign its proof.
+    let expected = np_relay_proto::ExpectedRelay { name: relay, signing: &keys.signing };
+    match np_relay_proto::probe(&address, ctl.keys(), ctl.me(), expected, CHECK_TIMEOUT).await {
+        Ok(_) => r.ok(format!("relay {relay} reachable at {address} and proves its identity")),
+        Err(ProbeError::Connect { reason, .. }) => r.fail(
+            format!("relay {relay} unreachable at {address}: {reason}"),
             "check that np-relay is running there (`systemctl status np-relay`), its --advertise address, and any firewall",
         ),
-        Ok(Err((false, e))) => r.fail(
-            format!("relay {relay} at {address} answered, but {e}"),
+        Err(ProbeError::Join { source, .. }) => r.fail(
+            format!("relay {relay} at {address} answered, but {source}"),
             "check that the address the relay advertises is its own, and look at its log",
         ),
-        Err(_) => r.fail(
+        Err(ProbeError::Timeout { .. }) => r.fail(
             format!("relay {relay} at {address} did not answer within {}s", CHECK_TIMEOUT.as_secs()),
             "check the address, any firewall, and whether the relay is overloaded (its --max-preauth)",
         ),

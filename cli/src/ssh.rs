@@ -32,13 +32,15 @@ pub fn proxy_command(np: &Path, flags: &NcFlags) -> String {
         let abs = std::path::absolute(h).unwrap_or_else(|_| h.clone());
         cmd.extend(["--home".to_string(), sh_quote(&abs.to_string_lossy())]);
     }
+    // `--as` and `--relay` are nc's own options: after the subcommand, not before it.
+    cmd.push("nc".into());
     if let Some(me) = &flags.me {
         cmd.extend(["--as".to_string(), sh_quote(&me.to_string())]);
     }
     if let Some(r) = &flags.relay {
         cmd.extend(["--relay".to_string(), sh_quote(&r.to_string())]);
     }
-    cmd.extend(["nc".into(), "%h".into(), "%p".into()]);
+    cmd.extend(["%h".into(), "%p".into()]);
     cmd.join(" ")
 }
 
@@ -138,7 +140,7 @@ mod tests {
             me: Some("@alice".parse().expect("name")),
             relay: Some("@relay".parse().expect("name")),
         };
-        assert_eq!(proxy_command(Path::new("/np"), &flags), "/np --home /h/.np --as @alice --relay @relay nc %h %p");
+        assert_eq!(proxy_command(Path::new("/np"), &flags), "/np --home /h/.np nc --as @alice --relay @relay %h %p");
     }
 
     #[test]

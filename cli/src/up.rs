@@ -104,6 +104,8 @@ pub struct UpOptions {
     pub devices: Vec<DeviceSpec>,
     pub routes: Vec<RouteSpec>,
     pub subnet: Prefix,
+    /// Where the devices' IPv6 addresses are (`--subnet6`).
+    pub subnet6: Prefix,
     pub name: String,
     pub eager: bool,
     /// Route what the devices advertise (vetted, see [`vet_route`]).
@@ -119,7 +121,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let started = Instant::now();
-    let mut map = AddressMap::new(opts.subnet).map_err(|e| anyhow::anyhow!("--subnet {}: {e}", opts.subnet))?;
+    let map = AddressMap::new(opts.subnet).map_err(|e| anyhow::anyhow!("--subnet {}: {e}", opts.subnet))?;
+    let mut map = map.with_subnet6(opts.subnet6).map_err(|e| anyhow::anyhow!("--subnet6 {}: {e}", opts.subnet6))?;
     // Given addresses first, so automatic ones never take them.
     let mut devices = opts.devices.clone();
     devices.sort_by_key(|d| d.addr.is_none());
@@ -189,9 +192,23 @@ pub async fn run(
         None => "on (nftables: packets forwarded into the interface are dropped)".to_string(),
         Some(why) => format!("off ({why})"),
     };
-    println!("up {} {}/{}", opts.name, iface_addr, opts.subnet.prefix_len());
+    // With its IPv6 address (and each device's) where the interface has IPv6.
+    let has_v6 = netstack.addr_v6().is_some();
+    let v6_of = {
+        let map = map.clone();
+        move |a: Ipv4Addr| has_v6.then(|| map.v6_of(a))
+    };
+    match netstack.addr_v6() {
+        Some(v6) => {
+            println!("up {} {}/{} {v6}/{}", opts.name, iface_addr, opts.subnet.prefix_len(), opts.subnet6.prefix_len())
+        }
+        None => println!("up {} {}/{}", opts.name, iface_addr, opts.subnet.prefix_len()),
+    }
     for (dns, addr, d) in &names {
-        println!("  {addr:<15} {d}  ({dns})");
+        match v6_of(*addr) {
+            Some(v6) => println!("  {addr:<15} {d}  ({dns}, {v6})"),
+            None => println!("  {addr:<15} {d}  ({dns})"),
+        }
     }
     for r in &opts.routes {
         println!("  {:<15} via {}", r.prefix.to_string(), r.device);
@@ -210,8 +227,10 @@ pub async fn run(
     match bind_dns(&opts.name, iface_addr).await {
         Ok(sock) => {
             let table = table.clone();
+            let v6_of = v6_of.clone();
             tokio::spawn(crate::dns::serve(sock, iface_addr, move |n| {
-                table.read().unwrap_or_else(|p| p.into_inner()).get(n).copied()
+                let v4 = table.read().unwrap_or_else(|p| p.into_inner()).get(n).copied()?;
+                Some(crate::dns::Addrs { v4, v6: v6_of(v4) })
             }));
             wire_resolved(&opts.name, iface_addr).await;
         }
@@ -588,11 +607,18 @@ fn render_status(iface: &str, st: &np_netstack::Status, started: Instant, guard:
         st.subnet.prefix_len(),
         started.elapsed().as_secs()
     );
-    let _ = writeln!(o, "{:<15} {:<32} {:<24} FLOWS", "ADDRESS", "DEVICE", "SESSION");
+    if let Some(v6) = st.interface_addr_v6 {
+        let _ = writeln!(o, "ipv6 {v6}");
+    }
+    let _ = writeln!(o, "{:<15} {:<24} {:<32} {:<24} FLOWS", "ADDRESS", "ADDRESS6", "DEVICE", "SESSION");
     for (key, addr) in &st.devices {
         let session = st.sessions.iter().find(|(d, _)| d == key).map_or_else(|| "-".into(), |(_, s)| s.clone());
         let flows = st.flows.get(key).copied().unwrap_or(0);
-        let _ = writeln!(o, "{:<15} {:<32} {:<24} {flows}", addr.to_string(), key.0, session);
+        let v6 = match (st.interface_addr_v6, st.devices_v6.get(key)) {
+            (Some(_), Some(a)) => a.to_string(),
+            _ => "-".into(),
+        };
+        let _ = writeln!(o, "{:<15} {v6:<24} {:<32} {:<24} {flows}", addr.to_string(), key.0, session);
     }
     for (p, d) in &st.routes {
         let _ = writeln!(o, "route {p} via {d}");

@@ -4,7 +4,10 @@
 //! IPv4 or IPv6, its source is set to the interface's own address (the stack drops every other
 //! source first of all), and where it carries TCP its checksums are fixed up (unless the options
 //! say not to do either), so the fuzzer explores the stack's flow handling and not only its
-//! source and checksum checks. The driver's
+//! source and checksum checks. An IPv6 packet whose destination's first byte is odd goes to the
+//! device's own IPv6 address (the same device as its IPv4 one); others reach the routed
+//! `fd00::/64` or nothing. Extension headers, fragments and multicast are the fuzzer's to find
+//! (the stack drops and counts them). The driver's
 //! answers are played too: new flows accepted or refused, data read and written, timers run.
 #![no_main]
 
@@ -22,11 +25,18 @@ fn map() -> AddressMap {
 }
 
 /// Writes the interface's own address (IPv4 or IPv6) as the packet's source, where the header
-/// is long enough to hold one.
+/// is long enough to hold one; and an odd IPv6 destination becomes the device's IPv6 address.
 fn own_source(p: &mut [u8], map: &AddressMap) {
     match p.first().map(|b| b >> 4) {
         Some(4) if p.len() >= 20 => p[12..16].copy_from_slice(&map.interface_addr().octets()),
-        Some(6) if p.len() >= 40 => p[8..24].copy_from_slice(&map.interface_addr_v6().octets()),
+        Some(6) if p.len() >= 40 => {
+            p[8..24].copy_from_slice(&map.interface_addr_v6().octets());
+            if p[24] & 1 == 1 {
+                if let Some(dev) = map.device_addr_v6(&"pi".into()) {
+                    p[24..40].copy_from_slice(&dev.octets());
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -123,7 +133,7 @@ fuzz_target!(|data: &[u8]| {
                     Event::Writable(id) => {
                         let _ = stack.send(id, b"device says hello");
                     }
-                    Event::Closed(_) => {}
+                    Event::Finished(_) | Event::Closed(_) => {}
                 }
             }
             while stack.poll_transmit().is_some() {

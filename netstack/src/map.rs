@@ -13,10 +13,15 @@ use std::str::FromStr;
 /// The default subnet of the interface: a /16 out of the shared address space 100.64.0.0/10.
 pub const DEFAULT_SUBNET: Prefix = Prefix { addr: IpAddr::V4(Ipv4Addr::new(100, 80, 0, 0)), len: 16 };
 
-/// The /96 in which the interface gets its IPv6 address: the IPv4 interface address embedded in
-/// its last 32 bits (`fd6e:7000::100.80.0.1` for the default subnet). A unique local address
-/// ("6e70" is "np"), so it never leaves the host and is distinct per subnet.
-pub const INTERFACE_V6_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd6e, 0x7000, 0, 0, 0, 0, 0, 0);
+/// The default IPv6 prefix of the interface (`--subnet6`): each device's IPv6 address is this
+/// prefix with the device's IPv4 address in its last 32 bits (`fd6e:7000::100.80.0.2`), and the
+/// interface's is the interface's IPv4 address there (`fd6e:7000::100.80.0.1`). A unique local
+/// prefix (RFC 4193: never routed beyond a site; "6e70" is "np"), fixed rather than random so
+/// that a device has the same IPv6 address on every host and every start (`known_hosts` stays
+/// valid), and a /96 so that the IPv4 address fits whole: one address per device, one
+/// derivation, and the two addresses of a device can never point at different devices.
+pub const DEFAULT_SUBNET6: Prefix =
+    Prefix { addr: IpAddr::V6(Ipv6Addr::new(0xfd6e, 0x7000, 0, 0, 0, 0, 0, 0)), len: 96 };
 
 /// An opaque name for a device (for example `pi4@alice_device`); the opener knows what it means.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -179,7 +184,10 @@ pub enum MapError {
     /// Every address of the subnet is in use.
     #[error("no free address left in {0}")]
     SubnetFull(Prefix),
-    /// A routed prefix overlaps the interface subnet.
+    /// The IPv6 prefix must be IPv6 and leave the last 32 bits for the device's IPv4 address.
+    #[error("the interface's IPv6 prefix must be an IPv6 prefix of /96 or shorter, not {0}")]
+    BadSubnet6(Prefix),
+    /// A routed prefix overlaps the interface subnet (or its IPv6 prefix).
     #[error("routed prefix {0} overlaps the interface subnet")]
     RouteInSubnet(Prefix),
     /// The same prefix is already routed to another device.
@@ -196,13 +204,20 @@ pub enum MapError {
 #[derive(Debug, Clone)]
 pub struct AddressMap {
     subnet: Prefix,
+    /// Where the devices' IPv6 addresses are (see [`DEFAULT_SUBNET6`]).
+    subnet6: Prefix,
     devices: BTreeMap<Ipv4Addr, DeviceKey>,
     routes: BTreeMap<Prefix, DeviceKey>,
 }
 
 impl Default for AddressMap {
     fn default() -> Self {
-        AddressMap { subnet: DEFAULT_SUBNET, devices: BTreeMap::new(), routes: BTreeMap::new() }
+        AddressMap {
+            subnet: DEFAULT_SUBNET,
+            subnet6: DEFAULT_SUBNET6,
+            devices: BTreeMap::new(),
+            routes: BTreeMap::new(),
+        }
     }
 }
 
@@ -212,7 +227,20 @@ impl AddressMap {
         if !subnet.addr.is_ipv4() || subnet.len > 30 {
             return Err(MapError::BadSubnet(subnet));
         }
-        Ok(AddressMap { subnet, devices: BTreeMap::new(), routes: BTreeMap::new() })
+        Ok(AddressMap { subnet, ..AddressMap::default() })
+    }
+
+    /// This map with its devices' IPv6 addresses in `subnet6` (IPv6, /96 or shorter) instead of
+    /// [`DEFAULT_SUBNET6`].
+    pub fn with_subnet6(mut self, subnet6: Prefix) -> Result<Self, MapError> {
+        if subnet6.addr.is_ipv4() || subnet6.len > 96 {
+            return Err(MapError::BadSubnet6(subnet6));
+        }
+        if let Some((p, _)) = self.routes.iter().find(|(p, _)| p.overlaps(&subnet6)) {
+            return Err(MapError::RouteInSubnet(*p));
+        }
+        self.subnet6 = subnet6;
+        Ok(self)
     }
 
     /// A map holding `devices` (with their requested addresses, if any) and `routes`.
@@ -247,13 +275,36 @@ impl AddressMap {
         self.subnet.nth_v4(1).unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
-    /// The interface's own IPv6 address: [`INTERFACE_V6_PREFIX`] with
-    /// [`AddressMap::interface_addr`] in its last 32 bits. The interface carries it when an IPv6
-    /// prefix is routed to a device ([`AddressMap::has_ipv6_routes`]), so that flows to those
-    /// prefixes have a source of the interface's own.
+    /// The interface's IPv6 prefix (`--subnet6`).
+    pub fn subnet6(&self) -> Prefix {
+        self.subnet6
+    }
+
+    /// The interface's own IPv6 address: [`AddressMap::interface_addr`] in the last 32 bits of
+    /// the IPv6 prefix. It is the source of every flow to a device's IPv6 address or to a routed
+    /// IPv6 prefix.
     pub fn interface_addr_v6(&self) -> Ipv6Addr {
-        let prefix = u128::from(INTERFACE_V6_PREFIX);
-        Ipv6Addr::from(prefix | u128::from(u32::from(self.interface_addr())))
+        self.v6_of(self.interface_addr())
+    }
+
+    /// The IPv6 address that goes with IPv4 address `v4` of the subnet: `v4` in the last 32
+    /// bits of the IPv6 prefix.
+    pub fn v6_of(&self, v4: Ipv4Addr) -> Ipv6Addr {
+        let IpAddr::V6(prefix) = self.subnet6.addr else { return Ipv6Addr::UNSPECIFIED };
+        Ipv6Addr::from(u128::from(prefix) | u128::from(u32::from(v4)))
+    }
+
+    /// The IPv4 address of the subnet that `v6` goes with, if `v6` is one of the IPv6 prefix's
+    /// (exactly as [`AddressMap::v6_of`] makes them: the bits between prefix and IPv4 address
+    /// are zero, so every IPv4 address has one IPv6 spelling, never two).
+    fn v4_of(&self, v6: Ipv6Addr) -> Option<Ipv4Addr> {
+        let v4 = Ipv4Addr::from((u128::from(v6) & 0xffff_ffff) as u32);
+        (self.subnet.contains(IpAddr::V4(v4)) && self.v6_of(v4) == v6).then_some(v4)
+    }
+
+    /// The IPv6 address of `device`, if it has an address.
+    pub fn device_addr_v6(&self, device: &DeviceKey) -> Option<Ipv6Addr> {
+        self.device_addr(device).map(|a| self.v6_of(a))
     }
 
     /// Whether any routed prefix is IPv6.
@@ -329,7 +380,7 @@ impl AddressMap {
 
     /// Route `prefix` to `device`. The prefix must not overlap the interface subnet.
     pub fn add_route(&mut self, prefix: Prefix, device: DeviceKey) -> Result<(), MapError> {
-        if prefix.overlaps(&self.subnet) {
+        if prefix.overlaps(&self.subnet) || prefix.overlaps(&self.subnet6) {
             return Err(MapError::RouteInSubnet(prefix));
         }
         match self.routes.get(&prefix) {
@@ -356,10 +407,15 @@ impl AddressMap {
         self.routes.iter().map(|(p, d)| (*p, d))
     }
 
-    /// The device that owns `dst`, and what it should dial for `dst:port`. Device addresses win
-    /// over routed prefixes; among prefixes the longest match wins.
+    /// The device that owns `dst`, and what it should dial for `dst:port`. Device addresses
+    /// (IPv4 or IPv6: both go to the same device, to the same `localhost:PORT`) win over routed
+    /// prefixes; among prefixes the longest match wins.
     pub fn lookup(&self, dst: IpAddr, port: u16) -> Option<FlowTarget> {
-        if let IpAddr::V4(v4) = dst {
+        let own = match dst {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => self.v4_of(v6),
+        };
+        if let Some(v4) = own {
             if let Some(device) = self.devices.get(&v4) {
                 return Some(FlowTarget { device: device.clone(), target: format!("localhost:{port}") });
             }
@@ -471,6 +527,32 @@ mod tests {
         }
         let other = AddressMap::new(p("100.81.0.0/24")).expect("map");
         assert_eq!(other.interface_addr_v6(), "fd6e:7000::100.81.0.1".parse::<Ipv6Addr>().expect("ip"));
+    }
+
+    #[test]
+    fn each_device_has_an_ipv6_address_that_reaches_it_too() {
+        let mut map = AddressMap::default();
+        let a = map.add_device("pi".into(), None).expect("add");
+        let a6 = map.device_addr_v6(&"pi".into()).expect("v6");
+        assert_eq!(a6, "fd6e:7000::100.80.0.2".parse::<Ipv6Addr>().expect("ip"));
+        assert_eq!(map.lookup(a6.into(), 22), map.lookup(a.into(), 22));
+        assert_eq!(map.lookup(a6.into(), 22).map(|t| t.target), Some("localhost:22".into()));
+        for none in ["fd6e:7000::6450:1", "fd6e:7000::6450:3", "fd6e:7000::1:6450:2", "fd6e:7001::6450:2", "::6450:2"] {
+            assert_eq!(map.lookup(none.parse().expect("ip"), 22), None, "{none}");
+        }
+        // Another prefix: the same IPv4 address, the new prefix; routes may not overlap it.
+        let mut map = AddressMap::new(p("10.9.0.0/24")).expect("map").with_subnet6(p("fd00:198:18::/64")).expect("v6");
+        map.add_device("pi".into(), None).expect("add");
+        assert_eq!(map.device_addr_v6(&"pi".into()), Some("fd00:198:18::a09:2".parse().expect("ip")));
+        assert_eq!(map.interface_addr_v6(), "fd00:198:18::10.9.0.1".parse::<Ipv6Addr>().expect("ip"));
+        assert!(map.is_interface_addr("fd00:198:18::10.9.0.1".parse().expect("ip")));
+        assert!(matches!(map.add_route(p("fd00:198:18::/48"), "pi".into()), Err(MapError::RouteInSubnet(_))));
+        assert!(matches!(map.add_route(p("fd00:198:18:0:1::/80"), "pi".into()), Err(MapError::RouteInSubnet(_))));
+        map.add_route(p("fd00:198:19::/64"), "pi".into()).expect("beside it");
+        for bad in ["fd00::/97", "fd00::/128", "10.0.0.0/8"] {
+            assert!(matches!(AddressMap::default().with_subnet6(p(bad)), Err(MapError::BadSubnet6(_))), "{bad}");
+        }
+        assert!(map.clone().with_subnet6(p("fd00:198:19::/96")).is_err(), "over a route already there");
     }
 
     #[test]

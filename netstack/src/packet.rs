@@ -56,10 +56,37 @@ impl Segment {
 /// Why a packet was not a TCP segment we can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Unusable {
-    /// Truncated, bad lengths, bad checksum, bad version, fragment.
+    /// Truncated, bad lengths, bad checksum, bad version.
     Malformed,
-    /// A well-formed packet of another protocol (UDP, ICMP, IPv6 extension headers).
+    /// A fragment (IPv4 with more-fragments or an offset, IPv6 with a fragment header): never
+    /// reassembled, since the TUN MTU is large and the kernel does not fragment the TCP it sends.
+    Fragment,
+    /// IPv6 with extension headers before its payload: the kernel puts none on the TCP it sends
+    /// here, and walking a chain a sender controls is work (and parser surface) for nothing.
+    Ipv6Extension,
+    /// A well-formed packet of another protocol (UDP, ICMP).
     NotTcp,
+}
+
+/// Whether an IPv6 next-header value is an extension header (RFC 8200 4, RFC 7045's list)
+/// rather than an upper-layer protocol.
+fn is_ipv6_extension(p: IpProtocol) -> bool {
+    match p {
+        IpProtocol::HopByHop
+        | IpProtocol::Ipv6Route
+        | IpProtocol::Ipv6Opts
+        | IpProtocol::IpSecAh
+        | IpProtocol::IpSecEsp => true,
+        // Mobility, HIP, Shim6 and the two experimental values.
+        IpProtocol::Unknown(n) => matches!(n, 135 | 139 | 140 | 253 | 254),
+        _ => false,
+    }
+}
+
+/// Whether `packet` is IPv6 to a multicast address (the kernel's own neighbour and listener
+/// messages on the interface): never a flow, so dropped before anything else looks at it.
+pub(crate) fn is_ipv6_multicast(packet: &[u8]) -> bool {
+    packet.len() >= 40 && packet[0] >> 4 == 6 && packet[24] == 0xff
 }
 
 fn checksums() -> ChecksumCapabilities {
@@ -90,8 +117,10 @@ pub(crate) fn parse_tcp(packet: &[u8]) -> Result<Segment, Unusable> {
     let (ip, payload, src, dst): (IpHeader, &[u8], IpAddr, IpAddr) = match version {
         4 => {
             let pkt = Ipv4Packet::new_checked(packet).map_err(|_| Unusable::Malformed)?;
-            // Rejects bad checksums and fragments (we never reassemble: the TUN MTU is large
-            // and the kernel does not fragment locally generated TCP).
+            if pkt.more_frags() || pkt.frag_offset() != 0 {
+                return Err(Unusable::Fragment);
+            }
+            // Rejects bad checksums.
             let repr = Ipv4Repr::parse(&pkt, &caps).map_err(|_| Unusable::Malformed)?;
             if repr.next_header != IpProtocol::Tcp {
                 return Err(Unusable::NotTcp);
@@ -103,8 +132,11 @@ pub(crate) fn parse_tcp(packet: &[u8]) -> Result<Segment, Unusable> {
         6 => {
             let pkt = Ipv6Packet::new_checked(packet).map_err(|_| Unusable::Malformed)?;
             let repr = Ipv6Repr::parse(&pkt).map_err(|_| Unusable::Malformed)?;
-            if repr.next_header != IpProtocol::Tcp {
-                return Err(Unusable::NotTcp);
+            match repr.next_header {
+                IpProtocol::Tcp => {}
+                IpProtocol::Ipv6Frag => return Err(Unusable::Fragment),
+                p if is_ipv6_extension(p) => return Err(Unusable::Ipv6Extension),
+                _ => return Err(Unusable::NotTcp),
             }
             let payload = packet.get(40..40 + repr.payload_len).ok_or(Unusable::Malformed)?;
             (IpHeader::V6(repr), payload, repr.src_addr.into(), repr.dst_addr.into())
@@ -211,6 +243,19 @@ pub(crate) fn ip_packet(
     }
 }
 
+/// `good` (an IPv6 TCP packet) with an extension header of type `ext` (8 bytes: next header,
+/// length 0, six bytes of zero options or fragment fields) before its TCP segment.
+#[cfg(test)]
+pub(crate) fn with_ipv6_extension(good: &[u8], ext: u8) -> Vec<u8> {
+    let mut p = good[..40].to_vec();
+    let payload_len = u16::from_be_bytes([p[4], p[5]]) + 8;
+    p[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    p[6] = ext;
+    p.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]);
+    p.extend_from_slice(&good[40..]);
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,5 +354,53 @@ mod tests {
         for n in 0..good6.len() {
             assert_eq!(parse_tcp(&good6[..n]), Err(Unusable::Malformed), "v6 truncated to {n}");
         }
+        for i in 0..good6.len() {
+            let mut bad = good6.clone();
+            bad[i] ^= 0x10;
+            // The version, a length, the next header, or the TCP checksum (which covers the
+            // addresses) breaks; the flow label and traffic class are not checked by anyone.
+            if (1..4).contains(&i) || i == 7 {
+                continue;
+            }
+            assert!(parse_tcp(&bad).is_err(), "v6 bit flipped in byte {i}");
+        }
+        // A payload length beyond the packet.
+        let mut long = good6.clone();
+        long[5] = long[5].wrapping_add(1);
+        assert_eq!(parse_tcp(&long), Err(Unusable::Malformed));
+    }
+
+    #[test]
+    fn fragments_and_ipv6_extension_headers_are_told_apart_and_dropped() {
+        let good6 = syn("[fd00::1]:40000", "[fd00::2]:22");
+        assert_eq!(parse_tcp(&with_ipv6_extension(&good6, 44)).err(), Some(Unusable::Fragment));
+        for ext in [0u8, 43, 60, 51, 135, 253] {
+            assert_eq!(parse_tcp(&with_ipv6_extension(&good6, ext)).err(), Some(Unusable::Ipv6Extension), "{ext}");
+        }
+        // An extension header cut short, and a chain of them: still only dropped.
+        let cut = with_ipv6_extension(&good6, 0);
+        for n in 0..cut.len() {
+            assert!(parse_tcp(&cut[..n]).is_err());
+        }
+        let chain = with_ipv6_extension(&with_ipv6_extension(&good6, 60), 0);
+        assert_eq!(parse_tcp(&chain).err(), Some(Unusable::Ipv6Extension));
+        // UDP, ICMPv6, "no next header": not TCP.
+        for proto in [17u8, 58, 59] {
+            let mut p = good6.clone();
+            p[6] = proto;
+            assert_eq!(parse_tcp(&p).err(), Some(Unusable::NotTcp), "{proto}");
+        }
+        // IPv4 fragments: the first (more fragments) and a later one (an offset).
+        let good4 = syn("100.80.0.1:40000", "100.80.0.2:22");
+        for (flags, offset) in [(0x20u8, 0u8), (0x00, 0x10), (0x20, 0x01)] {
+            let mut p = good4.clone();
+            p[6] = flags;
+            p[7] = offset;
+            let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+            ip.fill_checksum();
+            assert_eq!(parse_tcp(&p).err(), Some(Unusable::Fragment), "{flags:x} {offset:x}");
+        }
+        assert!(is_ipv6_multicast(&[&[0x60; 24][..], &[0xff; 16]].concat()));
+        assert!(!is_ipv6_multicast(&good6) && !is_ipv6_multicast(&good4) && !is_ipv6_multicast(&good6[..39]));
     }
 }

@@ -99,6 +99,10 @@ pub struct Status {
     pub subnet: Prefix,
     /// Devices and their addresses.
     pub devices: Vec<(DeviceKey, Ipv4Addr)>,
+    /// The interface's IPv6 address (none on a host with IPv6 turned off).
+    pub interface_addr_v6: Option<std::net::Ipv6Addr>,
+    /// Each device's IPv6 address (the same device as its IPv4 one).
+    pub devices_v6: HashMap<DeviceKey, std::net::Ipv6Addr>,
     /// Routed prefixes.
     pub routes: Vec<(Prefix, DeviceKey)>,
     /// Flows per device (pending and open).
@@ -208,6 +212,11 @@ impl Netstack {
     /// (see [`Tun::create`]).
     pub fn forward_guard_missing(&self) -> Option<&str> {
         self.tun.forward_guard_missing()
+    }
+
+    /// The interface's IPv6 address, if it has one (not on a host with IPv6 turned off).
+    pub fn addr_v6(&self) -> Option<std::net::Ipv6Addr> {
+        self.tun.addr_v6()
     }
 
     /// Serve flows until `shutdown` resolves, then remove the interface.
@@ -496,6 +505,8 @@ impl<D: Dialer> Shell<D> {
             interface_addr: map.interface_addr(),
             subnet: map.subnet(),
             devices: map.devices().map(|(a, d)| (d.clone(), a)).collect(),
+            interface_addr_v6: self.tun.addr_v6(),
+            devices_v6: map.devices().map(|(a, d)| (d.clone(), map.v6_of(a))).collect(),
             routes: map.routes().map(|(p, d)| (p, d.clone())).collect(),
             flows: stack.flows_per_device(),
             stats: stack.stats().clone(),

@@ -93,13 +93,20 @@ impl Tun {
             v6: None,
             guard: Err("not installed yet".into()),
         };
-        if map.has_ipv6_routes() {
-            // Flows to a routed IPv6 prefix need a source of the interface's own: the stack
-            // drops every packet from any other address (see `Stack::handle_packet`). `nodad`:
-            // nothing else is on this link to collide with.
-            let v6 = map.interface_addr_v6();
-            ip(&["-6", "addr", "add", &format!("{v6}/128"), "dev", name, "nodad"])?;
-            tun.v6 = Some(v6);
+        // The interface's IPv6 address, with the prefix the devices' IPv6 addresses are in (so the
+        // kernel routes them here, and picks this address as the source of flows to them and to
+        // routed IPv6 prefixes: the stack drops every packet from any other address, see
+        // `Stack::handle_packet`). `nodad`: nothing else is on this link to collide with.
+        let v6 = map.interface_addr_v6();
+        let with_len = format!("{v6}/{}", map.subnet6().prefix_len());
+        match ip(&["-6", "addr", "add", &with_len, "dev", name, "nodad"]) {
+            Ok(()) => tun.v6 = Some(v6),
+            // A host with IPv6 turned off still gets its IPv4 addresses; a routed IPv6 prefix
+            // cannot work without it, so that is an error.
+            Err(e) if !map.has_ipv6_routes() => {
+                tracing::warn!(interface = name, error = %e, "no IPv6 on the interface: devices are reachable over IPv4 only")
+            }
+            Err(e) => return Err(e),
         }
         for (prefix, _) in map.routes() {
             tun.add_route(prefix)?;
@@ -110,6 +117,11 @@ impl Tun {
         }
         tracing::info!(interface = name, subnet = %map.subnet(), mtu, "TUN interface up");
         Ok(tun)
+    }
+
+    /// The interface's IPv6 address, if it has one (not on a host with IPv6 turned off).
+    pub fn addr_v6(&self) -> Option<Ipv6Addr> {
+        self.v6
     }
 
     /// The interface name.

@@ -12,12 +12,11 @@ use std::process::Command;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use np_identity::Keys;
 use np_netstack::{
     AddressMap, BoxFuture, DeviceKey, Dialed, Dialer, Netstack, NetstackConfig, Prefix, RefuseKind, SetupFailed,
     DEFAULT_SUBNET,
 };
-use np_session::{device_session, ConnEvent, Connection, IncomingFlow, Initiator, MuxConfig, Responder, SessionKeys};
+use np_session::{device_session, ConnEvent, Connection, IncomingFlow, MuxConfig, SessionKeys};
 use ring::digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -71,10 +70,7 @@ struct HostDialer {
 }
 
 fn session_keys() -> (SessionKeys, SessionKeys) {
-    let (c, d) = (Keys::generate().expect("keys"), Keys::generate().expect("keys"));
-    let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"tun").expect("start");
-    let (msg2, dk) = Responder::respond(d.x25519_private(), &c.public().x25519, b"tun", &msg1).expect("respond");
-    (init.finish(&msg2).expect("finish"), dk)
+    np_session::in_memory_pair(b"tun").expect("handshake")
 }
 
 /// Both ends of a loopback TCP connection: the "relay connection" of a session made in process.

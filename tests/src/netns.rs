@@ -17,7 +17,7 @@ use crate::servers::{echo_conn, hasher_conn, hex, pattern, serve_on, source_conn
 use crate::{bin, output_within, spawn_listening, wait_until, Proc};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -123,6 +123,32 @@ impl Hosts {
 
     pub fn pd_ip(&self) -> Ipv4Addr {
         self.bridge_ip(3)
+    }
+
+    /// Address `::host` of host's IPv6 subnet on the bridge, `fd00:198:18:N::/64` (a unique
+    /// local prefix spelled after the IPv4 benchmarking range, so never a real network's).
+    pub fn bridge_ip6(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x198, 0x18, u16::from(self.octet()), 0, 0, 0, u16::from(host))
+    }
+
+    /// Makes pc, pr and pd IPv6-only: each gets [`Hosts::bridge_ip6`] (`::1`, `::2`, `::3`) on
+    /// its bridge link, and loses its IPv4 address there (loopback keeps 127.0.0.1, as on a real
+    /// IPv6-only host). `nodad`: the addresses are usable at once, and no other host has them.
+    pub fn ipv6_only(&self) {
+        for (i, h) in [&self.pc, &self.pr, &self.pd].into_iter().enumerate() {
+            let addr = format!("{}/64", self.bridge_ip6(i as u8 + 1));
+            ip(&["-n", h, "addr", "add", &addr, "dev", "eth0", "nodad"]);
+            ip(&["-n", h, "-4", "addr", "flush", "dev", "eth0"]);
+        }
+    }
+
+    /// Gives the LAN IPv6 too: pd `fd00:198:19:N::1/64` on `lan0`, the LAN host `::2` on its
+    /// `eth0` (`nodad`: usable at once). Returns the LAN host's address; panics without a LAN.
+    pub fn lan_ipv6(&self) -> Ipv6Addr {
+        let host = |h: u16| Ipv6Addr::new(0xfd00, 0x198, 0x19, u16::from(self.octet()), 0, 0, 0, h);
+        ip(&["-n", &self.pd, "addr", "add", &format!("{}/64", host(1)), "dev", "lan0", "nodad"]);
+        ip(&["-n", self.lan(), "addr", "add", &format!("{}/64", host(2)), "dev", "eth0", "nodad"]);
+        host(2)
     }
 
     /// pd's address on the LAN.
@@ -332,6 +358,16 @@ pub fn connect_in(ns: &str, addr: SocketAddr, timeout: Duration) -> std::io::Res
     in_netns(ns, move || TcpStream::connect_timeout(&addr, timeout))
 }
 
+/// One echo round trip from `ns` to `addr`: `msg` sent, as many bytes read back.
+pub fn echo_once(ns: &str, addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = connect_in(ns, addr, Duration::from_secs(10))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    c.read_exact(&mut back)?;
+    Ok(back)
+}
+
 /// A UDP socket bound in `ns`.
 pub fn udp_in(ns: &str, addr: SocketAddr) -> UdpSocket {
     in_netns(ns, move || UdpSocket::bind(addr)).unwrap()
@@ -439,8 +475,14 @@ impl NsSshd {
 
     /// Runs `ssh root@HOST -p PORT COMMAND` from namespace `from` with the client key.
     pub fn ssh_from(&self, from: &str, host: &str, port: u16, command: &str) -> Output {
+        self.ssh_from_with(from, &[], host, port, command)
+    }
+
+    /// [`NsSshd::ssh_from`] with more ssh options first (e.g. `-6`).
+    pub fn ssh_from_with(&self, from: &str, options: &[&str], host: &str, port: u16, command: &str) -> Output {
         let mut cmd = Command::new("ssh");
-        cmd.arg("-i")
+        cmd.args(options)
+            .arg("-i")
             .arg(self.client_key())
             .args(["-p", &port.to_string(), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
             .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])
@@ -510,14 +552,28 @@ fn enrol_in(dir: &Path, control_addr: SocketAddr, name: &str, ns: &str) -> PathB
 
 impl Deployment {
     pub fn start(opts: DeploymentOptions) -> Deployment {
+        Self::start_on(opts, false)
+    }
+
+    /// [`Deployment::start`] on hosts with IPv6 addresses only ([`Hosts::ipv6_only`]): the
+    /// control plane and the relay listen on pr's IPv6 address, and everyone reaches them there.
+    pub fn start_ipv6_only(opts: DeploymentOptions) -> Deployment {
+        Self::start_on(opts, true)
+    }
+
+    fn start_on(opts: DeploymentOptions, ipv6_only: bool) -> Deployment {
         let t0 = Instant::now();
         let hosts = Hosts::new(opts.lan);
+        if ipv6_only {
+            hosts.ipv6_only();
+        }
+        let pr_ip = if ipv6_only { IpAddr::V6(hosts.bridge_ip6(2)) } else { IpAddr::V4(hosts.pr_ip()) };
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
         let mut procs = Vec::new();
 
         // Control plane in pr.
-        let control_addr = SocketAddr::from((hosts.pr_ip(), CONTROL_PORT));
+        let control_addr = SocketAddr::new(pr_ip, CONTROL_PORT);
         let mut cmd = Command::new(bin("np-control"));
         cmd.args(["serve", "--listen", &control_addr.to_string(), "--data"])
             .arg(d.join("control"))
@@ -533,7 +589,7 @@ impl Deployment {
         let device_home = enrol("@alice_device", &hosts.pd);
 
         // Relay in pr.
-        let relay_addr = SocketAddr::from((hosts.pr_ip(), RELAY_PORT));
+        let relay_addr = SocketAddr::new(pr_ip, RELAY_PORT);
         let mut cmd = Command::new(bin("np-relay"));
         cmd.args(["--as", "@relay", "--listen", &relay_addr.to_string(), "--home"])
             .arg(&relay_home)

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use np_tests::netns::{
-    connect_in, dns_a, python_in, read_all_hash, send_pattern, sh_in, Deployment, DeploymentOptions, Up,
+    connect_in, dns_a, echo_once, python_in, read_all_hash, send_pattern, sh_in, Deployment, DeploymentOptions, Up,
 };
 use np_tests::servers::{pattern, pattern_sha256};
 use std::io::{ErrorKind, Read, Write};
@@ -25,16 +25,6 @@ fn up_with_lan(source_len: u64) -> (Deployment, Up) {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// One echo round trip from pc to `addr`.
-fn echo_once(pc: &str, addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut c = connect_in(pc, addr, Duration::from_secs(10))?;
-    c.set_read_timeout(Some(Duration::from_secs(10)))?;
-    c.write_all(msg)?;
-    let mut back = vec![0u8; msg.len()];
-    c.read_exact(&mut back)?;
-    Ok(back)
 }
 
 /// Asserts that `np up` is still running, its log has no panic, and ssh through it still works.

@@ -67,7 +67,7 @@ enum Cmd {
         relay: Option<Name>,
         /// Dial the relay at HOST:PORT instead of the address it publishes (e.g. through a port
         /// forward); it must still prove its identity there. Needs --relay.
-        #[arg(long, value_name = "HOST:PORT", requires = "relay")]
+        #[arg(long, value_name = "HOST:PORT", requires = "relay", value_parser = np_relay_proto::record::parse_address)]
         relay_address: Option<String>,
         /// A forward, [BIND:]PORT:HOST:PORT; HOST:PORT is dialled on the device's side. Repeatable.
         #[arg(short = 'L', required = true)]
@@ -97,7 +97,7 @@ enum Cmd {
         relay: Option<Name>,
         /// Dial the relay at HOST:PORT instead of the address it publishes (e.g. through a port
         /// forward); it must still prove its identity there. Needs --relay.
-        #[arg(long, value_name = "HOST:PORT", requires = "relay")]
+        #[arg(long, value_name = "HOST:PORT", requires = "relay", value_parser = np_relay_proto::record::parse_address)]
         relay_address: Option<String>,
         /// A device, NAME@ID, optionally with its address: pi4@alice_device=100.80.0.5. Repeatable.
         /// With none, every device that shares its info with you (as `np devices` lists them,
@@ -111,6 +111,13 @@ enum Cmd {
         /// The subnet device addresses come from; the interface takes its first address.
         #[arg(long, default_value = "100.80.0.0/16")]
         subnet: np_netstack::Prefix,
+        /// The IPv6 prefix (/96 or shorter) of the devices' IPv6 addresses: each device's is the
+        /// prefix with its IPv4 address in the last 32 bits (fd6e:7000::100.80.0.2), so the two
+        /// always name the same device and both stay the same on every start. The default is a
+        /// unique local prefix (RFC 4193, never routed beyond a site) fixed for every host, so a
+        /// device's IPv6 address is the same everywhere; choose another if your network uses it.
+        #[arg(long, default_value = "fd6e:7000::/96")]
+        subnet6: np_netstack::Prefix,
         /// Interface name.
         #[arg(long, default_value = "np0")]
         name: String,
@@ -288,8 +295,8 @@ enum KeysCmd {
     New {
         /// The identity, e.g. @alice or @alice_device.
         name: Name,
-        /// The control plane, HOST:PORT.
-        #[arg(long, env = "NP_CONTROL")]
+        /// The control plane, HOST:PORT ([V6]:PORT for an IPv6 address).
+        #[arg(long, env = "NP_CONTROL", value_parser = np_relay_proto::record::parse_address)]
         control: String,
         /// The one-time enrolment code printed by `np-control enroll`.
         #[arg(long, env = "NP_ENROL_CODE", hide_env_values = true)]
@@ -400,6 +407,7 @@ async fn run(cli: Cli) -> Result<()> {
             devices,
             routes,
             subnet,
+            subnet6,
             name,
             eager,
             accept_routes,
@@ -412,7 +420,7 @@ async fn run(cli: Cli) -> Result<()> {
             let relays = np_cli::relay_book(relay.as_ref(), relay_address);
             let choice = np_cli::relay_choice(relay, cli.verbose);
             let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays, choice };
-            let opts = UpOptions { devices, routes, subnet, name, eager, accept_routes, verbose: cli.verbose };
+            let opts = UpOptions { devices, routes, subnet, subnet6, name, eager, accept_routes, verbose: cli.verbose };
             np_cli::up::run(connector, opts, np_cli::shutdown_signal()).await
         }
         Cmd::EndSessions { me, to, of } => np_cli::end_sessions::run(&home, me.as_ref(), &to, &of).await,

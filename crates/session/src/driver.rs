@@ -46,6 +46,9 @@ pub const WRITE_BATCH: usize = 8 * (MAX_RECORD_PLAINTEXT + HEADER_LEN + TAG_LEN)
 /// (its queue's buffer grew to that much before). A flow that moved little holds little: a
 /// buffer is made only when the others are in flight.
 const CARRY_BUFFERS: usize = 8;
+/// The most [`FlowStream::carry`] takes from a flow for one write to the local stream. Taking
+/// returns credit, so this is also how far beyond its window a flow's bytes may be held here.
+const DOWN_BATCH: usize = 256 * 1024;
 const CARRY_BUFFER: usize = 128 * 1024;
 /// A flow's first read buffer: below the mmap threshold, so a short flow maps no memory.
 const CARRY_BUFFER_FIRST: usize = 16 * 1024;
@@ -441,6 +444,45 @@ impl FlowStream {
         }
     }
 
+    /// Takes the received chunks waiting, up to about `max` bytes, into `into` (whole chunks,
+    /// uncopied); `Ready(Ok(true))` once the peer's Fin is behind them. `Pending` only while
+    /// nothing at all waits.
+    fn poll_recv_batch(&mut self, cx: &mut Context<'_>, into: &mut Vec<Bytes>, max: usize) -> Poll<io::Result<bool>> {
+        let mut guard = self.inner.lock();
+        let st = &mut *guard;
+        let slot = match live_slot(&mut st.slots, self.flow) {
+            Ok(slot) => slot,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        let mut taken = 0;
+        let fin = loop {
+            if slot.fin {
+                break true;
+            }
+            if taken >= max {
+                break false;
+            }
+            match st.conn.recv_bytes(self.flow) {
+                Ok(Chunk::Data(bytes)) => {
+                    taken += bytes.len();
+                    into.push(bytes);
+                }
+                Ok(Chunk::Fin) => slot.fin = true,
+                Ok(Chunk::Empty) if taken == 0 => {
+                    slot.read_waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                Ok(Chunk::Empty) => break false,
+                Err(e) => return Poll::Ready(Err(session_io_error(&e))),
+            }
+        };
+        if taken > 0 && st.conn.wants_transmit() {
+            // What was taken returned credit: the peer may send on.
+            self.inner.transmit.notify_one();
+        }
+        Poll::Ready(Ok(fin))
+    }
+
     /// Carries bytes both ways between this flow and `stream` (a local TCP connection) until
     /// both directions have ended, passing each half-close on. What `copy_bidirectional` does,
     /// without its buffers: bytes read from `stream` are queued in the session as they are
@@ -455,18 +497,18 @@ impl FlowStream {
         let flow = Mutex::new(&mut self);
         let down = async {
             let mut moved = 0u64;
+            // Every chunk waiting goes out in one vectored write: a write per chunk cost npd a
+            // system call, and often a preemption by the woken reader, per record.
+            let mut chunks: Vec<Bytes> = Vec::new();
             loop {
-                let next =
-                    std::future::poll_fn(|cx| flow.lock().unwrap_or_else(|p| p.into_inner()).poll_recv_bytes(cx));
-                match next.await? {
-                    Some(bytes) => {
-                        wr.write_all(&bytes).await?;
-                        moved += bytes.len() as u64;
-                    }
-                    None => {
-                        wr.shutdown().await?;
-                        return Ok::<u64, io::Error>(moved);
-                    }
+                let fin = std::future::poll_fn(|cx| {
+                    flow.lock().unwrap_or_else(|p| p.into_inner()).poll_recv_batch(cx, &mut chunks, DOWN_BATCH)
+                })
+                .await?;
+                moved += write_chunks(&mut wr, &mut chunks).await?;
+                if fin {
+                    wr.shutdown().await?;
+                    return Ok::<u64, io::Error>(moved);
                 }
             }
         };
@@ -528,6 +570,34 @@ impl FlowStream {
         };
         tokio::try_join!(down, up)
     }
+}
+
+/// Writes `chunks` whole (vectored, resuming after short writes) and empties the list; returns
+/// the bytes written.
+async fn write_chunks<W: AsyncWrite + Unpin>(wr: &mut W, chunks: &mut Vec<Bytes>) -> io::Result<u64> {
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let (mut first, mut written) = (0, 0);
+    while first < chunks.len() {
+        let slices: Vec<io::IoSlice<'_>> = chunks[first..].iter().map(|b| io::IoSlice::new(b)).collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        written += n;
+        while n > 0 {
+            let len = chunks[first].len();
+            if n >= len {
+                n -= len;
+                first += 1;
+            } else {
+                bytes::Buf::advance(&mut chunks[first], n);
+                n = 0;
+            }
+        }
+    }
+    chunks.clear();
+    debug_assert_eq!(written, total);
+    Ok(total as u64)
 }
 
 impl AsyncRead for FlowStream {

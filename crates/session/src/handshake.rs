@@ -154,6 +154,28 @@ impl Initiator {
     }
 }
 
+/// Both ends of a whole handshake between two throwaway static keys, run in memory: the
+/// (initiator, responder) session keys. For tests and fuzzing, which need a session but no
+/// identities; real sessions always run [`Initiator`] and [`Responder`] on separate hosts.
+pub fn in_memory_pair(prologue: &[u8]) -> Result<(SessionKeys, SessionKeys), SessionError> {
+    let params: snow::params::NoiseParams =
+        NOISE_PARAMS.parse().map_err(|_| SessionError::Handshake("unsupported noise parameters"))?;
+    let keypair = || {
+        let k = snow::Builder::new(params.clone())
+            .generate_keypair()
+            .map_err(|_| SessionError::Handshake("cannot generate a key pair"))?;
+        let private: [u8; 32] =
+            k.private.as_slice().try_into().map_err(|_| SessionError::Handshake("bad handshake key material"))?;
+        let public: [u8; 32] =
+            k.public.as_slice().try_into().map_err(|_| SessionError::Handshake("bad handshake key material"))?;
+        Ok::<_, SessionError>((private, public))
+    };
+    let ((c_private, c_public), (d_private, d_public)) = (keypair()?, keypair()?);
+    let (init, msg1) = Initiator::start(&c_private, &d_public, prologue)?;
+    let (msg2, device) = Responder::respond(&d_private, &c_public, prologue, &msg1)?;
+    Ok((init.finish(&msg2)?, device))
+}
+
 /// The device's side of the handshake: one call, as `KK` needs only one message each way.
 #[derive(Debug)]
 pub struct Responder;

@@ -21,7 +21,7 @@ pub mod mux;
 pub mod record;
 
 pub use error::SessionError;
-pub use handshake::{Initiator, Responder, Role, SessionKeys};
+pub use handshake::{in_memory_pair, Initiator, Responder, Role, SessionKeys};
 
 pub use connection::{Chunk, ConnEvent, ConnStats, Connection, Recv};
 pub use driver::{client_session, device_session, DeviceSession, FlowStream, IncomingFlow, OpenError, SessionHandle};

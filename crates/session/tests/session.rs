@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use np_identity::Keys;
 use np_session::frame::Frame;
 use np_session::record::{Sealer, DEFAULT_RECORDS_PER_KEY};
 use np_session::{
-    client_session, device_session, DeviceSession, FlowStream, Initiator, MuxConfig, OpenError, Responder,
-    SessionError, SessionHandle, SessionKeys,
+    client_session, device_session, DeviceSession, FlowStream, MuxConfig, OpenError, SessionError, SessionHandle,
+    SessionKeys,
 };
 use ring::digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,12 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn keys() -> (SessionKeys, SessionKeys) {
-    let c = Keys::generate().expect("keys");
-    let d = Keys::generate().expect("keys");
-    let prologue = b"np test session";
-    let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, prologue).expect("start");
-    let (msg2, dk) = Responder::respond(d.x25519_private(), &c.public().x25519, prologue, &msg1).expect("respond");
-    (init.finish(&msg2).expect("finish"), dk)
+    np_session::in_memory_pair(b"np test session").expect("handshake")
 }
 
 async fn echo_server() -> String {

@@ -513,3 +513,19 @@ async fn dial_target(host: &str, port: u16) -> std::io::Result<TcpStream> {
     }
     TcpStream::connect((host, port)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::dial_target;
+
+    #[tokio::test]
+    async fn ipv6_targets_are_dialled_as_addresses() {
+        let v6 = tokio::net::TcpListener::bind("[::1]:0").await.expect("bind [::1]");
+        let port = v6.local_addr().expect("addr").port();
+        // The permitted target's host, as `PermitOpen::check` hands it over: without brackets.
+        let s = dial_target("::1", port).await.expect("dial ::1");
+        assert!(s.peer_addr().expect("peer").is_ipv6());
+        // `localhost` falls back to IPv6 loopback for a service that listens there only.
+        assert!(dial_target("localhost", port).await.is_ok());
+    }
+}

@@ -5,6 +5,13 @@
 //! to: permitting `localhost:22` permits exactly `localhost:22`, not `0.0.0.0:22`, `[::]:22`,
 //! `127.0.0.2:22`, `127.1:22` or any other way to reach the same machine. The daemon then dials
 //! the normalised target it matched, so what is checked is what is dialled.
+//!
+//! IPv6 literals are written in brackets (`[fd00::1]:443`) and only there, and are compared as
+//! addresses in their one canonical spelling (RFC 5952: `[FD00:0::1]` is `[fd00::1]`), so the
+//! pattern and the request cannot disagree on which address is meant. The loopback `[::1]`, the
+//! unspecified `[::]` and IPv4-mapped forms such as `[::ffff:127.0.0.1]` are addresses like any
+//! other: permitted only where a pattern names them, never by `localhost`. Zone indexes
+//! (`[fe80::1%eth0]`) are refused: they pick an interface, which the peer has no business doing.
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,24 +29,32 @@ pub struct Target {
 #[error("{0:?} is not HOST:PORT")]
 pub struct BadTarget(pub String);
 
-fn split_host_port(s: &str) -> Option<(&str, &str)> {
+/// The host and the port of `HOST:PORT` or `[V6]:PORT`, the host canonical (see [`normal_host`]);
+/// `allow_any` lets the host be `*`.
+fn split_host_port(s: &str, allow_any: bool) -> Option<(Option<String>, &str)> {
     if let Some(rest) = s.strip_prefix('[') {
         let (h, p) = rest.split_once("]:")?;
-        return Some((h, p));
+        // Brackets hold an IPv6 address and nothing else (not `[localhost]`, not `[*]`).
+        let v6: std::net::Ipv6Addr = h.parse().ok()?;
+        return Some((Some(v6.to_string()), p));
     }
     let (h, p) = s.rsplit_once(':')?;
     // An unbracketed IPv6 address is ambiguous.
     if h.contains(':') {
         return None;
     }
-    Some((h, p))
+    if allow_any && h == "*" {
+        return Some((None, p));
+    }
+    Some((Some(normal_host(h)?), p))
 }
 
+/// A host name or IPv4 address, lower case, without a trailing dot.
 fn normal_host(h: &str) -> Option<String> {
     let h = h.trim_end_matches('.').to_ascii_lowercase();
     let ok = !h.is_empty()
         && h.len() <= 253
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     ok.then_some(h)
 }
 
@@ -47,8 +62,8 @@ impl FromStr for Target {
     type Err = BadTarget;
     fn from_str(s: &str) -> Result<Self, BadTarget> {
         let bad = || BadTarget(s.to_string());
-        let (h, p) = split_host_port(s.trim()).ok_or_else(bad)?;
-        let host = normal_host(h).ok_or_else(bad)?;
+        let (host, p) = split_host_port(s.trim(), false).ok_or_else(bad)?;
+        let host = host.ok_or_else(bad)?;
         let port: u16 = p.parse().map_err(|_| bad())?;
         if port == 0 {
             return Err(bad());
@@ -78,8 +93,7 @@ impl FromStr for Pattern {
     type Err = BadTarget;
     fn from_str(s: &str) -> Result<Self, BadTarget> {
         let bad = || BadTarget(s.to_string());
-        let (h, p) = split_host_port(s.trim()).ok_or_else(bad)?;
-        let host = if h == "*" { None } else { Some(normal_host(h).ok_or_else(bad)?) };
+        let (host, p) = split_host_port(s.trim(), true).ok_or_else(bad)?;
         let port = if p == "*" { None } else { Some(p.parse::<u16>().map_err(|_| bad())?) };
         Ok(Pattern { host, port })
     }
@@ -183,6 +197,43 @@ mod tests {
         assert!(PermitOpen::parse_list("*:*").expect("any").check("10.1.2.3:9").is_ok());
         assert!(PermitOpen::parse_list("nope").is_err());
         assert_eq!(p.to_string(), "*:80,db.lan:*,[fd00::1]:443");
+    }
+
+    #[test]
+    fn ipv6_literals_are_bracketed_canonical_and_never_loopback_by_name() {
+        let p = PermitOpen::parse_list("localhost:22,[FD00:0:0::1]:443,[fe80::1]:*").expect("list");
+        assert_eq!(p.to_string(), "localhost:22,[fd00::1]:443,[fe80::1]:*");
+        for same in ["[fd00::1]:443", "[fd00:0000::0001]:443", "[FD00::1]:443"] {
+            assert_eq!(p.check(same).map(|t| t.to_string()), Ok("[fd00::1]:443".into()), "{same}");
+        }
+        assert!(p.check("[fe80::1]:9").is_ok());
+        for refused in [
+            "[::1]:22",
+            "[::]:22",
+            "[0:0:0:0:0:0:0:1]:22",
+            "[::ffff:127.0.0.1]:22",
+            "[::127.0.0.1]:22",
+            "[fd00::2]:443",
+            "[fd00::1]:444",
+            "[fe80::1%eth0]:9",
+            "[localhost]:22",
+            "fd00::1:443",
+            "[fd00::1]443",
+            "[fd00::1]:",
+            "[]:22",
+            "[fd00::1:22",
+        ] {
+            assert!(p.check(refused).is_err(), "{refused} permitted");
+        }
+        // Permitted when named, in any spelling.
+        let lo = PermitOpen::parse_list("[::1]:22").expect("list");
+        assert!(lo.check("[0::1]:22").is_ok());
+        assert!(lo.check("localhost:22").is_err() && lo.check("127.0.0.1:22").is_err());
+        for bad in ["[*]:22", "[localhost]:22", "[fe80::1%lo]:22", "::1:22", "[::1]"] {
+            assert!(PermitOpen::parse_list(bad).is_err(), "{bad}");
+        }
+        // What is dialled is an address, without brackets.
+        assert_eq!(p.check("[FD00::1]:443").map(|t| t.host), Ok("fd00::1".into()));
     }
 
     proptest::proptest! {

@@ -4,16 +4,11 @@
 use super::*;
 use crate::map::DEFAULT_SUBNET;
 use crate::testapp::App;
-use np_identity::Keys;
-use np_session::{Initiator, Responder};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 
 fn session_keys() -> (SessionKeys, SessionKeys) {
-    let (c, d) = (Keys::generate().expect("keys"), Keys::generate().expect("keys"));
-    let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"bridge").expect("start");
-    let (msg2, dk) = Responder::respond(d.x25519_private(), &c.public().x25519, b"bridge", &msg1).expect("respond");
-    (init.finish(&msg2).expect("finish"), dk)
+    np_session::in_memory_pair(b"bridge").expect("handshake")
 }
 
 fn pi() -> DeviceKey {
@@ -375,11 +370,8 @@ fn a_device_cannot_open_flows_toward_the_client() {
     assert_eq!(w.socket(h).state(), tcp::State::Established);
 }
 
-#[test]
-fn the_device_finishes_first_then_the_applications_last_bytes_and_fin_arrive_whole() {
-    // An ssh server often closes first: the device's Fin, then the client's last bytes and FIN.
-    // Those bytes wait in smoltcp's buffer until a record pulls them; the FIN must follow them
-    // as the flow's Fin, not turn into a reset.
+/// One flow, established, and the device's Fin already delivered to the application.
+fn device_finished_first() -> (World, SocketHandle, u32) {
     let mut w = World::new(MuxConfig::default());
     let h = w.app.connect("100.80.0.2:22", 40000);
     w.settle();
@@ -389,6 +381,15 @@ fn the_device_finishes_first_then_the_applications_last_bytes_and_fin_arrive_who
     w.devices[0].conn.finish(flow).expect("device finishes");
     w.settle();
     assert!(!w.app.socket(h).may_recv(), "the device's Fin arrived as a FIN");
+    (w, h, flow)
+}
+
+#[test]
+fn the_device_finishes_first_then_the_applications_last_bytes_and_fin_arrive_whole() {
+    // An ssh server often closes first: the device's Fin, then the client's last bytes and FIN.
+    // Those bytes wait in smoltcp's buffer until a record pulls them; the FIN must follow them
+    // as the flow's Fin, not turn into a reset.
+    let (mut w, h, flow) = device_finished_first();
     let tail = pattern(300 * 1024, 9);
     let mut sent = 0;
     let (mut got, mut fin) = (Vec::new(), false);
@@ -426,15 +427,7 @@ fn the_device_finishes_first_and_the_applications_fin_comes_after_its_last_byte_
     // The same, with the application's FIN arriving only once every byte before it has been
     // read: smoltcp goes straight to TIME-WAIT with nothing left to read, and the flow ends in
     // that very step. Its FIN must still reach the device as the flow's Fin, not as a reset.
-    let mut w = World::new(MuxConfig::default());
-    let h = w.app.connect("100.80.0.2:22", 40000);
-    w.settle();
-    w.establish();
-    w.settle();
-    let flow = w.device_flow();
-    w.devices[0].conn.finish(flow).expect("device finishes");
-    w.settle();
-    assert!(!w.app.socket(h).may_recv(), "the device's Fin arrived as a FIN");
+    let (mut w, h, flow) = device_finished_first();
     let tail = pattern(1000, 3);
     assert_eq!(w.socket(h).send_slice(&tail).expect("send"), tail.len());
     let (mut got, mut fin) = (Vec::new(), false);

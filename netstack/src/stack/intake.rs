@@ -48,6 +48,11 @@ impl Stack {
     fn intake(&mut self, packet: &[u8], now: Instant) -> bool {
         self.advance(now);
         self.stats.packets_in += 1;
+        if packet::is_ipv6_multicast(packet) {
+            // The kernel's own listener reports and solicitations, from a link-local source.
+            self.stats.multicast += 1;
+            return false;
+        }
         // First of all, whose packet it is: only this host's own (its source address is the
         // interface's). Anything else was forwarded in from another host and gets no flow, no
         // reset, no ICMP: nothing that would tell it a device is there.
@@ -67,6 +72,14 @@ impl Stack {
             Ok(seg) => seg,
             Err(Unusable::Malformed) => {
                 self.stats.malformed += 1;
+                return false;
+            }
+            Err(Unusable::Fragment) => {
+                self.stats.fragments += 1;
+                return false;
+            }
+            Err(Unusable::Ipv6Extension) => {
+                self.stats.ipv6_extension_headers += 1;
                 return false;
             }
             Err(Unusable::NotTcp) => {

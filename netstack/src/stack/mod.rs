@@ -166,8 +166,14 @@ pub struct Stats {
     pub packets_in: u64,
     /// Packets written out by `poll_transmit`.
     pub packets_out: u64,
-    /// Dropped: truncated, bad length, bad checksum, bad version, fragment.
+    /// Dropped: truncated, bad length, bad checksum, bad version.
     pub malformed: u64,
+    /// Dropped: IPv4 or IPv6 fragments (never reassembled).
+    pub fragments: u64,
+    /// Dropped: IPv6 with extension headers (the kernel's TCP carries none).
+    pub ipv6_extension_headers: u64,
+    /// Dropped: IPv6 to a multicast address (the kernel's own neighbour and listener messages).
+    pub multicast: u64,
     /// Dropped before anything else looked at them: the source is not the interface's own
     /// address, so another host routed the packet in (this host forwards IP). `np up` serves
     /// its own host only; a neighbour must never reach a device as this host's identity.

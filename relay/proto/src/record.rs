@@ -67,15 +67,29 @@ pub fn valid_region(r: &str) -> bool {
     !r.is_empty() && r.len() <= MAX_REGION_LEN && r.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-/// `HOST:PORT` (or `[V6]:PORT`) with a port from 1 to 65535 and a host of printable ASCII.
+/// `HOST:PORT` or `[V6]:PORT`, with a port from 1 to 65535: a host name or IPv4 address of
+/// letters, digits, `-`, `.` and `_`, or an IPv6 address in brackets (and an IPv6 address only
+/// in brackets: `fd00::1:7444` could be port 7444 of `fd00::1` or an address without a port).
 pub fn valid_address(a: &str) -> bool {
     if a.is_empty() || a.len() > MAX_ADDRESS_LEN {
         return false;
     }
     let Some((host, port)) = a.rsplit_once(':') else { return false };
     let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    port_ok && !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+    let host_ok = match host.strip_prefix('[') {
+        Some(h) => h.strip_suffix(']').is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
+    };
+    port_ok && host_ok
+}
+
+/// [`valid_address`] as a command-line value parser (`--control`, `--relay-address`).
+pub fn parse_address(a: &str) -> Result<String, String> {
+    if valid_address(a) {
+        Ok(a.to_string())
+    } else {
+        Err(format!("{a:?} is not HOST:PORT (an IPv6 address in brackets: [fd00::1]:7443)"))
+    }
 }
 
 #[cfg(test)]
@@ -87,7 +101,23 @@ mod tests {
         assert!(valid_address("relay.example:7444"));
         assert!(valid_address("198.18.0.1:7444"));
         assert!(valid_address("[2001:db8::1]:7444"));
-        for bad in ["", "relay", "relay:", "relay:0", "relay:70000", ":7444", "re lay:1", "a/b:1"] {
+        assert!(valid_address("[fd00:198:18::2]:7444"));
+        for bad in [
+            "",
+            "relay",
+            "relay:",
+            "relay:0",
+            "relay:70000",
+            ":7444",
+            "re lay:1",
+            "a/b:1",
+            "fd00::1:7444",
+            "[relay]:7444",
+            "[fd00::1]7444",
+            "[fd00::1%eth0]:7444",
+            "[]:7444",
+            "[fd00::1:7444",
+        ] {
             assert!(!valid_address(bad), "{bad:?}");
         }
         let mut many: Vec<String> = (1..20).map(|i| format!("h{i}:1")).collect();

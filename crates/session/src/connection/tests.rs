@@ -2,16 +2,11 @@
 //! byte buffers the test moves by hand, in whatever pieces it likes.
 
 use super::*;
-use crate::handshake::{Initiator, Responder};
-use np_identity::Keys;
 use proptest::prelude::*;
 use std::time::Duration;
 
 fn keys() -> (SessionKeys, SessionKeys) {
-    let (c, d) = (Keys::generate().expect("keys"), Keys::generate().expect("keys"));
-    let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"test").expect("start");
-    let (msg2, dk) = Responder::respond(d.x25519_private(), &c.public().x25519, b"test", &msg1).expect("respond");
-    (init.finish(&msg2).expect("finish"), dk)
+    crate::in_memory_pair(b"test").expect("handshake")
 }
 
 /// A client and a device connection, the bytes in flight each way, and the clock.

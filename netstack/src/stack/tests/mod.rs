@@ -183,16 +183,44 @@ fn new_flow_reports_the_target() {
     h.input(&syn("100.80.0.1:40000", "100.80.0.2:22"));
     h.input(&syn("100.80.0.1:40001", "192.168.1.10:80"));
     h.input(&syn("[fd6e:7000::6450:1]:40002", "[fd00::10]:443"));
+    // The device's IPv6 address: the same device, the same target as its IPv4 one.
+    h.input(&syn("[fd6e:7000::6450:1]:40003", "[fd6e:7000::100.80.0.2]:22"));
     h.output();
     let targets: Vec<_> = h
         .events
         .iter()
         .filter_map(|e| match e {
-            Event::NewFlow { target, .. } => Some(target.target.clone()),
+            Event::NewFlow { target, .. } => Some((target.device.0.as_str(), target.target.clone())),
             _ => None,
         })
         .collect();
-    assert_eq!(targets, ["localhost:22", "192.168.1.10:80", "[fd00::10]:443"]);
+    assert_eq!(
+        targets,
+        [
+            ("pi", "localhost:22".into()),
+            ("pi", "192.168.1.10:80".into()),
+            ("pi", "[fd00::10]:443".into()),
+            ("pi", "localhost:22".into())
+        ]
+    );
+}
+
+#[test]
+fn an_unassigned_ipv6_address_is_unreachable() {
+    let mut h = Harness::new();
+    // Unassigned in the prefix; the interface's own; another spelling of the device's address
+    // (bits between the prefix and the IPv4 address set), which is no device's.
+    for dst in ["[fd6e:7000::6450:99]:22", "[fd6e:7000::6450:1]:22", "[fd6e:7000::1:6450:2]:22"] {
+        h.input(&syn("[fd6e:7000::6450:1]:40000", dst));
+        let out = h.output();
+        assert_eq!(out.len(), 1, "{dst}");
+        assert_eq!(
+            smoltcp::wire::Ipv6Packet::new_checked(&out[0][..]).expect("ipv6").next_header(),
+            IpProtocol::Icmpv6
+        );
+    }
+    assert!(h.new_flows().is_empty());
+    assert_eq!(h.stack.stats().unreachables_sent, 3);
 }
 
 #[test]
@@ -411,6 +439,19 @@ fn garbage_is_counted_and_dropped() {
     bad_ihl[0] = 0x4f;
     let mut fragment = good.clone();
     fragment[6] = 0x20; // more fragments
+    let mut ip = Ipv4Packet::new_unchecked(&mut fragment[..]);
+    ip.fill_checksum();
+    // IPv6 with a fragment header, and with a hop-by-hop options header, before the segment.
+    let ext = |kind: u8| packet::with_ipv6_extension(&good6, kind);
+    // The kernel's own listener report: to a multicast group, from a link-local source.
+    let mut mld = packet::ip_packet(
+        "fe80::1".parse().expect("ip"),
+        "ff02::16".parse().expect("ip"),
+        IpProtocol::Icmpv6,
+        8,
+        |b| b.fill(0),
+    );
+    mld[6] = 58;
     let mut bad_v6_len = good6.clone();
     bad_v6_len[4..6].copy_from_slice(&9000u16.to_be_bytes());
     let mut v6_tcp_checksum = good6.clone();
@@ -435,7 +476,6 @@ fn garbage_is_counted_and_dropped() {
         bad_total_len,
         short_total_len,
         bad_ihl,
-        fragment,
         bad_v6_len,
         v6_tcp_checksum,
     ];
@@ -444,10 +484,18 @@ fn garbage_is_counted_and_dropped() {
     }
     h.input(&udp);
     h.input(&icmp);
+    h.input(&fragment);
+    h.input(&ext(44));
+    h.input(&ext(0));
+    h.input(&ext(60));
+    h.input(&mld);
     assert!(h.output().is_empty());
     assert!(h.events.is_empty());
-    assert_eq!(h.stack.stats().malformed, malformed.len() as u64);
-    assert_eq!(h.stack.stats().not_tcp, 2);
+    let st = h.stack.stats();
+    assert_eq!(st.malformed, malformed.len() as u64);
+    assert_eq!(st.not_tcp, 2);
+    assert_eq!((st.fragments, st.ipv6_extension_headers, st.multicast), (2, 2, 1));
+    assert_eq!(st.foreign_source, 0);
 }
 
 proptest! {
