@@ -295,8 +295,9 @@ enum KeysCmd {
     New {
         /// The identity, e.g. @alice or @alice_device.
         name: Name,
-        /// The control plane, HOST:PORT ([V6]:PORT for an IPv6 address).
-        #[arg(long, env = "NP_CONTROL", value_parser = np_relay_proto::record::parse_address)]
+        /// The control plane, HOST:PORT ([V6]:PORT for an IPv6 address), or its nodes
+        /// comma-separated (a:7443,b:7443): one is picked at random, the next on losing it.
+        #[arg(long, env = "NP_CONTROL", value_parser = np_relay_proto::record::parse_address_list)]
         control: String,
         /// The one-time enrolment code printed by `np-control enroll`.
         #[arg(long, env = "NP_ENROL_CODE", hide_env_values = true)]

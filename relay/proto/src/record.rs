@@ -92,9 +92,33 @@ pub fn parse_address(a: &str) -> Result<String, String> {
     }
 }
 
+/// Most nodes one `--control` may list.
+pub const MAX_CONTROL_NODES: usize = 16;
+
+/// `--control`: one [`valid_address`] or several, comma-separated (the nodes of one control
+/// plane, sharing a database).
+pub fn parse_address_list(a: &str) -> Result<String, String> {
+    let nodes: Vec<&str> = a.split(',').map(str::trim).collect();
+    if nodes.len() > MAX_CONTROL_NODES {
+        return Err(format!("at most {MAX_CONTROL_NODES} control-plane nodes"));
+    }
+    for n in &nodes {
+        parse_address(n)?;
+    }
+    Ok(nodes.join(","))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_node_lists() {
+        assert_eq!(parse_address_list("a:1, [fd00::1]:2").as_deref(), Ok("a:1,[fd00::1]:2"));
+        assert!(parse_address_list("a:1,").is_err(), "an empty node");
+        assert!(parse_address_list("a:1,b").is_err());
+        assert!(parse_address_list(&vec!["a:1"; MAX_CONTROL_NODES + 1].join(",")).is_err());
+    }
 
     #[test]
     fn addresses_are_checked_and_bounded() {
