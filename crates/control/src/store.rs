@@ -19,7 +19,7 @@ mod pg;
 mod pg_wake;
 
 pub use embedded::RedbStore;
-pub use pg::{PgStore, PRESENCE_LEASE};
+pub use pg::{PgStore, MAX_RELEASED_PER_OWNER, PRESENCE_LEASE};
 pub use pg_wake::Wake;
 
 use crate::lane::{AsyncLane, WriteLane};

@@ -340,3 +340,27 @@ async fn a_database_down_at_start_is_a_clear_error_and_leaves_nothing() {
         Err(StoreError::Limit(m)) if m.contains("postgres://")
     ));
 }
+
+/// A hostile identity holding and releasing ever new keys (each connection holds a few, then
+/// leaves) does not grow the presence table: only its newest released keys are kept. PostgreSQL
+/// only; the embedded store keeps presence in memory, bounded in `presence.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_released_presence_is_bounded_per_identity() {
+    let Some(u) = Under::new("pg") else { return };
+    let (a, b) = (u.open(Quota::default()).await, u.open(Quota::default()).await);
+    // Each node takes its run number (which names it in the presence table) as it starts.
+    a.start_seq().await.expect("node a starts");
+    b.start_seq().await.expect("node b starts");
+    let m = n("@mallory");
+    let keys: Vec<(Name, String)> = (0..200).map(|i| (m.clone(), format!("junk/{i:03}"))).collect();
+    for (i, (_, key)) in keys.iter().enumerate() {
+        let t = 1_000_000 + 10 * i as u64;
+        a.presence_hold(&m, key, t).await.expect("hold");
+        a.presence_release(&m, key, t + 1).await.expect("release");
+    }
+    let seen = b.presence_elsewhere(&keys, 1_000_000 + 10 * 200).await.expect("elsewhere");
+    let kept = np_control::store::MAX_RELEASED_PER_OWNER as usize;
+    assert!(seen.len() <= kept, "{} released keys kept, at most {kept} allowed", seen.len());
+    assert!(seen.contains_key(&keys[199]), "the newest release is kept");
+    assert!(!seen.contains_key(&keys[0]), "the oldest is gone");
+}

@@ -60,6 +60,8 @@ CREATE INDEX np_presence_node ON np_presence (node);
 pub const PRESENCE_LEASE: std::time::Duration = std::time::Duration::from_secs(6);
 /// Presence rows older than this (their node gone or the record released) are deleted.
 const PRESENCE_KEEP_MS: i64 = 24 * 3600 * 1000;
+/// Released keys kept per identity and node (a connection holds at most `MAX_HOLDS` at once).
+pub const MAX_RELEASED_PER_OWNER: i64 = 64;
 
 /// The channel on which a node that stores a notification wakes the node holding its recipient.
 /// The payload is `RUN RECIPIENT`; the notification itself stays in `np_queue`.
@@ -505,6 +507,16 @@ impl PgStore {
         c.execute(
             "UPDATE np_presence SET live = FALSE, lease_ms = $4 WHERE owner = $1 AND key = $2 AND node = $3",
             &[&owner.as_str(), &key, &self.node(), &big(now_ms)],
+        )
+        .await
+        .map_err(|e| self.pg(e))?;
+        // Only the newest released keys of an identity are kept: one holding and releasing ever
+        // new keys would otherwise grow the table for as long as released rows are kept.
+        c.execute(
+            "DELETE FROM np_presence WHERE owner = $1 AND node = $2 AND NOT live AND (lease_ms, key) < (
+                 SELECT lease_ms, key FROM np_presence WHERE owner = $1 AND node = $2 AND NOT live
+                 ORDER BY lease_ms DESC, key DESC LIMIT 1 OFFSET $3)",
+            &[&owner.as_str(), &self.node(), &(MAX_RELEASED_PER_OWNER - 1)],
         )
         .await
         .map_err(|e| self.pg(e))?;
