@@ -414,36 +414,6 @@ impl FlowStream {
         }
     }
 
-    /// The next received chunk, whole and uncopied; `None` at the peer's Fin.
-    pub fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        let mut guard = self.inner.lock();
-        let st = &mut *guard;
-        let slot = match live_slot(&mut st.slots, self.flow) {
-            Ok(slot) => slot,
-            Err(e) => return Poll::Ready(Err(e)),
-        };
-        if slot.fin {
-            return Poll::Ready(Ok(None));
-        }
-        match st.conn.recv_bytes(self.flow) {
-            Ok(Chunk::Data(bytes)) => {
-                if st.conn.wants_transmit() {
-                    self.inner.transmit.notify_one();
-                }
-                Poll::Ready(Ok(Some(bytes)))
-            }
-            Ok(Chunk::Fin) => {
-                slot.fin = true;
-                Poll::Ready(Ok(None))
-            }
-            Ok(Chunk::Empty) => {
-                slot.read_waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            Err(e) => Poll::Ready(Err(session_io_error(&e))),
-        }
-    }
-
     /// Takes the received chunks waiting, up to about `max` bytes, into `into` (whole chunks,
     /// uncopied); `Ready(Ok(true))` once the peer's Fin is behind them. `Pending` only while
     /// nothing at all waits.
