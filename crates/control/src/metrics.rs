@@ -116,14 +116,18 @@ impl ControlMetrics {
         );
         let refusals =
             r.labelled("np_control_refusals_total", "Error replies sent to clients, by error code.", "code", CODES);
+        let gauge_store = store.clone();
         r.add(
             "np_control_queue_depth",
             "Notifications stored for absent recipients (read from the database at scrape time).",
-            GaugeFn::new("", move || match store.queued_gauge() {
+            GaugeFn::new("", move || match gauge_store.queued_gauge() {
                 Some(n) => vec![("", n as f64)],
                 None => Vec::new(),
             }),
         );
+        if let Some(pg) = store.pg() {
+            register_pg(&mut r, pg, store.clone());
+        }
         ControlMetrics {
             registry: Arc::new(r),
             preauth,
@@ -144,4 +148,33 @@ impl ControlMetrics {
     pub(crate) fn refused(&self, code: ErrorCode) {
         self.refusals.inc(code_name(code));
     }
+}
+
+/// The PostgreSQL store's metrics: its pool, how long its operations take, and how late
+/// wake-ups from other nodes arrive.
+fn register_pg(r: &mut Registry, pg: &crate::store::PgStore, store: Arc<Store>) {
+    r.add(
+        "np_control_store_connections",
+        "PostgreSQL pool connections, by state (max: the pool's size; open; in_use: lent to an operation; \
+         waiting: operations waiting for one).",
+        GaugeFn::new("state", move || match store.pg().map(|p| p.pool_use()) {
+            Some(u) => vec![
+                ("max", u.max as f64),
+                ("open", u.open as f64),
+                ("in_use", u.in_use as f64),
+                ("waiting", u.waiting as f64),
+            ],
+            None => Vec::new(),
+        }),
+    );
+    r.register(
+        "np_control_store_operation_seconds",
+        "PostgreSQL store operations, from asking for a connection to the answer (a write: its commit).",
+        pg.stats.operation.clone(),
+    );
+    r.register(
+        "np_control_store_wake_lag_seconds",
+        "From another node's NOTIFY (its clock) to this node reading the wake-up (LISTEN lag).",
+        pg.stats.wake_lag.clone(),
+    );
 }

@@ -19,7 +19,7 @@ mod pg;
 mod pg_wake;
 
 pub use embedded::RedbStore;
-pub use pg::{PgStore, MAX_RELEASED_PER_OWNER, PRESENCE_LEASE};
+pub use pg::{PgStats, PgStore, PoolUse, MAX_RELEASED_PER_OWNER, PRESENCE_LEASE, STORE_BUCKETS};
 pub use pg_wake::Wake;
 
 use crate::lane::{AsyncLane, WriteLane};
@@ -197,7 +197,7 @@ macro_rules! read {
             }
             Kind::Pg { db, .. } => {
                 let $s = &**db;
-                $body.await
+                $s.bounded($body).await
             }
         }
     };
@@ -212,7 +212,7 @@ macro_rules! write {
                 let $s = db.clone();
                 Write(lane.submit(async move {
                     let $s = &*$s;
-                    $body.await
+                    $s.bounded($body).await
                 }))
             }
         }
@@ -250,6 +250,32 @@ impl Store {
         match &self.kind {
             Kind::Embedded { db, .. } => format!("redb {}", db.path().display()),
             Kind::Pg { db, .. } => format!("PostgreSQL {}", db.target()),
+        }
+    }
+
+    /// The store's kind, for anyone who asks (`np doctor`): `redb` or `PostgreSQL`, never
+    /// where it is.
+    pub fn kind(&self) -> &'static str {
+        match &self.kind {
+            Kind::Embedded { .. } => "redb",
+            Kind::Pg { .. } => "PostgreSQL",
+        }
+    }
+
+    /// Whether the store answers now (a shared database within `limit`; the embedded file
+    /// whenever it can be read).
+    pub async fn answers(&self, limit: std::time::Duration) -> bool {
+        match &self.kind {
+            Kind::Embedded { db, .. } => db.queued_count().is_ok(),
+            Kind::Pg { db, .. } => db.answers(limit).await,
+        }
+    }
+
+    /// The PostgreSQL store's measurements and pool (`None` for redb).
+    pub fn pg(&self) -> Option<&PgStore> {
+        match &self.kind {
+            Kind::Pg { db, .. } => Some(db),
+            Kind::Embedded { .. } => None,
         }
     }
 
@@ -307,7 +333,7 @@ impl Store {
     pub async fn queued_for(&self, to: &Name, from: &Name) -> Result<(u32, u32), StoreError> {
         match &self.kind {
             Kind::Embedded { db, .. } => Ok(db.queued_for(to, from)),
-            Kind::Pg { db, .. } => db.queued_for(to, from).await,
+            Kind::Pg { db, .. } => db.bounded(db.queued_for(to, from)).await,
         }
     }
 
@@ -317,7 +343,7 @@ impl Store {
     pub async fn admit(&self, to: &Name, from: &Name) -> Result<(), StoreError> {
         match &self.kind {
             Kind::Embedded { db, .. } => db.admit(to, from),
-            Kind::Pg { db, .. } => db.admit(to, from).await,
+            Kind::Pg { db, .. } => db.bounded(db.admit(to, from)).await,
         }
     }
 
@@ -392,7 +418,7 @@ impl Store {
     pub async fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {
         let n = write!(self, |s| s.sweep(now_ms)).await?;
         if let Kind::Pg { db, queued, .. } = &self.kind {
-            queued.store(db.queued_count().await?, Ordering::Relaxed);
+            queued.store(db.bounded(db.queued_count()).await?, Ordering::Relaxed);
         }
         Ok(n)
     }
@@ -410,7 +436,7 @@ impl Store {
     /// when no other node shares the store).
     pub async fn presence_hold(&self, owner: &Name, key: &str, now_ms: u64) -> Result<(), StoreError> {
         match &self.kind {
-            Kind::Pg { db, .. } => db.presence_hold(owner, key, now_ms).await,
+            Kind::Pg { db, .. } => db.bounded(db.presence_hold(owner, key, now_ms)).await,
             Kind::Embedded { .. } => Ok(()),
         }
     }
@@ -418,7 +444,7 @@ impl Store {
     /// Records that no connection on this node holds it any more.
     pub async fn presence_release(&self, owner: &Name, key: &str, now_ms: u64) -> Result<(), StoreError> {
         match &self.kind {
-            Kind::Pg { db, .. } => db.presence_release(owner, key, now_ms).await,
+            Kind::Pg { db, .. } => db.bounded(db.presence_release(owner, key, now_ms)).await,
             Kind::Embedded { .. } => Ok(()),
         }
     }
@@ -427,7 +453,7 @@ impl Store {
     /// [`PRESENCE_LEASE`]).
     pub async fn presence_renew(&self, now_ms: u64) -> Result<(), StoreError> {
         match &self.kind {
-            Kind::Pg { db, .. } => db.presence_renew(now_ms).await,
+            Kind::Pg { db, .. } => db.bounded(db.presence_renew(now_ms)).await,
             Kind::Embedded { .. } => Ok(()),
         }
     }
@@ -444,7 +470,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<std::collections::HashMap<(Name, String), np_control_proto::Presence>, StoreError> {
         match &self.kind {
-            Kind::Pg { db, .. } => db.presence_elsewhere(keys, now_ms).await,
+            Kind::Pg { db, .. } => db.bounded(db.presence_elsewhere(keys, now_ms)).await,
             Kind::Embedded { .. } => Ok(Default::default()),
         }
     }

@@ -24,15 +24,19 @@ pub struct TempPostgres {
     running: bool,
 }
 
-/// Where PostgreSQL's server binaries are, if anywhere.
+/// Where PostgreSQL's server binaries are, if anywhere: the directory `pg_ctl` really lives in
+/// (a symlink on PATH is followed), so `pg_basebackup` beside it is found too.
 pub fn find_bin() -> Option<PathBuf> {
     let has = |d: &Path| d.join("pg_ctl").is_file() && d.join("initdb").is_file();
+    let real = |d: PathBuf| {
+        std::fs::canonicalize(d.join("pg_ctl")).ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or(d)
+    };
     if let Some(d) = std::env::var_os("NP_PG_BIN").map(PathBuf::from) {
-        return has(&d).then_some(d);
+        return has(&d).then(|| real(d));
     }
     if let Some(path) = std::env::var_os("PATH") {
         if let Some(d) = std::env::split_paths(&path).find(|d| has(d)) {
-            return Some(d);
+            return Some(real(d));
         }
     }
     let mut debian: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -72,20 +76,77 @@ impl TempPostgres {
             );
             return Ok(None);
         };
-        let dir = tempfile::Builder::new().prefix("np-pg").tempdir().map_err(|e| format!("temp dir: {e}"))?;
-        let owner = unprivileged();
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(|e| format!("chown: {e}"))?;
-        }
-        let mut pg = TempPostgres { dir, bin, owner, running: false };
-        std::fs::create_dir(pg.socket_dir()).map_err(|e| format!("socket dir: {e}"))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(pg.socket_dir(), Some(uid), Some(gid)).map_err(|e| format!("chown: {e}"))?;
-        }
+        let mut pg = Self::stopped(bin)?;
         let data = pg.data_dir();
         pg.run("initdb", &["-D", path(&data), "-U", USER, "-A", "trust", "-E", "UTF8", "--no-sync"])?;
         pg.start_again()?;
         Ok(Some(pg))
+    }
+
+    /// A new temporary directory with its socket directory, owned by the user PostgreSQL runs
+    /// as; no cluster in it yet.
+    fn stopped(bin: PathBuf) -> Result<Self, String> {
+        let dir = tempfile::Builder::new().prefix("np-pg").tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let owner = unprivileged();
+        let pg = TempPostgres { dir, bin, owner, running: false };
+        std::fs::create_dir(pg.socket_dir()).map_err(|e| format!("socket dir: {e}"))?;
+        if let Some((uid, gid)) = owner {
+            for d in [pg.dir.path(), &pg.socket_dir()] {
+                std::os::unix::fs::chown(d, Some(uid), Some(gid)).map_err(|e| format!("chown: {e}"))?;
+            }
+        }
+        Ok(pg)
+    }
+
+    /// A streaming-replication standby of this cluster (`pg_basebackup -R`), in a temporary
+    /// directory and on a socket of its own, running and read-only until
+    /// [`TempPostgres::promote`]. Replication is asynchronous, so a write committed on the
+    /// primary just before it dies may be missing on the standby: wait for
+    /// [`TempPostgres::caught_up`] first where that matters.
+    pub fn standby(&self) -> Result<Self, String> {
+        let mut sb = Self::stopped(self.bin.clone())?;
+        let data = sb.data_dir();
+        let from = self.socket_dir();
+        let port = PORT.to_string();
+        sb.run(
+            "pg_basebackup",
+            &["-D", path(&data), "-R", "-h", path(&from), "-p", &port, "-U", USER, "-c", "fast", "--no-sync"],
+        )?;
+        sb.start_again()?;
+        Ok(sb)
+    }
+
+    /// Makes a standby the primary (`pg_ctl promote`); returns once it accepts writes.
+    pub fn promote(&mut self) -> Result<(), String> {
+        let data = self.data_dir();
+        self.run("pg_ctl", &["-D", path(&data), "-w", "-t", "60", "promote"])
+    }
+
+    /// Whether this standby has replayed everything its primary had written when `lsn` (from
+    /// [`TempPostgres::current_lsn`] on the primary) was read.
+    pub fn caught_up(&self, lsn: &str) -> Result<bool, String> {
+        let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+        Ok(self.psql(&sql)? == "t")
+    }
+
+    /// The primary's current write-ahead log position.
+    pub fn current_lsn(&self) -> Result<String, String> {
+        self.psql("SELECT pg_current_wal_lsn()")
+    }
+
+    /// One value from one query, through `psql`.
+    fn psql(&self, sql: &str) -> Result<String, String> {
+        let sock = self.socket_dir();
+        let port = PORT.to_string();
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-A", "-t", "-h", path(&sock), "-p", &port, "-U", USER, "-d", "postgres", "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running psql: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("psql {sql}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -134,6 +195,19 @@ impl TempPostgres {
 
     /// A connection URL for database `db` (`postgres` always exists).
     pub fn url(&self, db: &str) -> String {
+        format!("postgres://{USER}@{}/{db}", self.host())
+    }
+
+    /// A URL naming several clusters for database `db`, which connects to whichever of them
+    /// takes writes (`target_session_attrs=read-write`), as a client of a primary and its
+    /// standbys does.
+    pub fn url_of_any(clusters: &[&TempPostgres], db: &str) -> String {
+        let hosts: Vec<String> = clusters.iter().map(|c| c.host()).collect();
+        format!("postgres://{USER}@{}/{db}?target_session_attrs=read-write", hosts.join(","))
+    }
+
+    /// `SOCKETDIR:PORT`, the directory percent-encoded, for a URL.
+    fn host(&self) -> String {
         let sock: String = path(&self.socket_dir())
             .bytes()
             .map(|b| {
@@ -144,7 +218,7 @@ impl TempPostgres {
                 }
             })
             .collect();
-        format!("postgres://{USER}@{sock}:{PORT}/{db}")
+        format!("{sock}:{PORT}")
     }
 }
 

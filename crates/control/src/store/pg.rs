@@ -12,8 +12,24 @@ use std::str::FromStr;
 /// Connections one node holds open at most: the write lane uses one at a time, the rest serve
 /// reads (a backlog page, a lookup) of the connections this node holds.
 const POOL_SIZE: usize = 16;
-/// How long a new connection may take when the URL does not say (`connect_timeout`).
+/// How long a new connection may take when the URL does not say (`connect_timeout`); with
+/// several hosts, each one is given this long.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The server's bound on one statement (`statement_timeout`) unless the URL's `options` set
+/// one: a statement stuck behind a lock must not hold the node's write lane for ever.
+const STATEMENT_TIMEOUT_MS: u64 = 10_000;
+/// The client's bound on one store operation (waiting for a connection, its statements and
+/// commit): a primary that vanished without closing its sockets (a dead host, a partition)
+/// fails requests after this long instead of holding them. Above [`STATEMENT_TIMEOUT_MS`], so
+/// a slow statement is the server's to cancel first.
+pub(crate) const OP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// TCP keepalive idle time unless the URL sets one, so a wake-up connection to a host that
+/// died silently is noticed in seconds (idle, then 3 probes 2 s apart), not after the
+/// kernel's two hours.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long sent data may stay unacknowledged on a TCP connection to PostgreSQL before the
+/// kernel drops the connection (`tcp_user_timeout`), unless the URL sets it.
+const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most expired notifications one sweep deletes (the next sweep continues).
 const SWEEP_BATCH: i64 = 10_000;
 /// Sequence numbers of one run of one node: `run << RUN_SHIFT` upwards. Runs are numbered by the
@@ -64,11 +80,40 @@ const PRESENCE_KEEP_MS: i64 = 24 * 3600 * 1000;
 pub const MAX_RELEASED_PER_OWNER: i64 = 64;
 
 /// The channel on which a node that stores a notification wakes the node holding its recipient.
-/// The payload is `RUN RECIPIENT`; the notification itself stays in `np_queue`.
+/// The payload is `RUN RECIPIENT SENT_MS` (the sender's clock, for the wake-up lag metric); the
+/// notification itself stays in `np_queue`.
 pub(crate) const WAKE_CHANNEL: &str = "np_queue";
+
+/// Buckets for store operations and wake-ups, which on a local database take well under a
+/// millisecond: 100 µs to 10 s.
+pub const STORE_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// What the PostgreSQL store measures, for the node's metrics.
+pub struct PgStats {
+    /// One store operation, from asking for a connection to its answer (a write: its commit).
+    pub operation: std::sync::Arc<np_metrics::Histogram>,
+    /// From a node's NOTIFY (the sender's clock, in the payload) to this node reading it.
+    pub wake_lag: std::sync::Arc<np_metrics::Histogram>,
+}
+
+/// Connections of the pool, now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolUse {
+    /// The most it opens.
+    pub max: usize,
+    /// Open now.
+    pub open: usize,
+    /// Open and lent out to an operation.
+    pub in_use: usize,
+    /// Operations waiting for a connection.
+    pub waiting: usize,
+}
 
 /// The PostgreSQL store.
 pub struct PgStore {
+    /// What it measures.
+    pub stats: PgStats,
     pool: Pool,
     pub(crate) cfg: tokio_postgres::Config,
     quota: Quota,
@@ -110,17 +155,71 @@ fn describe(cfg: &tokio_postgres::Config) -> String {
     format!("{}/{}", hosts.join(","), cfg.get_dbname().unwrap_or(cfg.get_user().unwrap_or("")))
 }
 
+/// Bounds every wait on the database that the URL leaves unbounded: connecting, a statement,
+/// and a TCP connection whose peer vanished. A URL that sets one keeps its own.
+fn bound(cfg: &mut tokio_postgres::Config) {
+    if cfg.get_connect_timeout().is_none() {
+        // An unreachable host must fail a request, not hold it (and the write lane) forever.
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let options = cfg.get_options().unwrap_or_default();
+    if !options.contains("statement_timeout") {
+        let joined = format!("{options} -c statement_timeout={STATEMENT_TIMEOUT_MS}");
+        cfg.options(joined.trim_start());
+    }
+    if cfg.get_tcp_user_timeout().is_none() {
+        cfg.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if cfg.get_keepalives() && cfg.get_keepalives_idle() == tokio_postgres::Config::new().get_keepalives_idle() {
+        cfg.keepalives_idle(KEEPALIVE_IDLE);
+        if cfg.get_keepalives_interval().is_none() {
+            cfg.keepalives_interval(std::time::Duration::from_secs(2));
+        }
+        if cfg.get_keepalives_retries().is_none() {
+            cfg.keepalives_retries(3);
+        }
+    }
+}
+
 impl PgStore {
+    /// Runs one store operation within [`OP_TIMEOUT`]; past it the operation is abandoned (a
+    /// write's outcome is then unknown, as when a connection breaks at its commit) and the
+    /// request fails with an error naming the store.
+    pub(crate) async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let r = match tokio::time::timeout(OP_TIMEOUT, op).await {
+            Ok(r) => r,
+            Err(_) => Err(self.err(format_args!("no answer within {} s", OP_TIMEOUT.as_secs()))),
+        };
+        self.stats.operation.observe(started.elapsed());
+        r
+    }
+
+    /// The pool's connections now.
+    pub fn pool_use(&self) -> PoolUse {
+        let s = self.pool.status();
+        PoolUse { max: s.max_size, open: s.size, in_use: s.size.saturating_sub(s.available), waiting: s.waiting }
+    }
+
+    /// Whether the database answers a query now, within `limit`.
+    pub async fn answers(&self, limit: std::time::Duration) -> bool {
+        let probe = async { self.client().await?.simple_query("SELECT 1").await.map_err(|e| self.pg(e)) };
+        matches!(tokio::time::timeout(limit, probe).await, Ok(Ok(_)))
+    }
+
     /// Connects, and brings the schema up to date. A database that cannot be reached is an
     /// error naming it, before anything is written.
     pub async fn connect(url: &str, quota: Quota) -> Result<Self, StoreError> {
         let mut cfg = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Postgres(format!("connection string does not parse: {e}")))?;
-        if cfg.get_connect_timeout().is_none() {
-            // An unreachable host must fail a request, not hold it (and the write lane) forever.
-            cfg.connect_timeout(CONNECT_TIMEOUT);
-        }
+        bound(&mut cfg);
         let target = describe(&cfg);
+        // Fast recycling: a pooled connection whose socket closed (its server died, or failed
+        // over) is dropped when next taken, and a new one is made to whichever host now takes
+        // writes (`target_session_attrs=read-write` with several hosts).
         let mgr = Manager::from_config(
             cfg.clone(),
             tokio_postgres::NoTls,
@@ -128,9 +227,17 @@ impl PgStore {
         );
         let pool = Pool::builder(mgr)
             .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(OP_TIMEOUT))
+            .create_timeout(Some(OP_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Postgres(format!("at {target}: {e}")))?;
-        let mut store = PgStore { pool, cfg, quota, target, wakes: true, run: Default::default() };
+        let stats = PgStats {
+            operation: std::sync::Arc::new(np_metrics::Histogram::new(STORE_BUCKETS)),
+            wake_lag: std::sync::Arc::new(np_metrics::Histogram::new(STORE_BUCKETS)),
+        };
+        let mut store = PgStore { stats, pool, cfg, quota, target, wakes: true, run: Default::default() };
         store.migrate().await?;
         let version: String =
             store.client().await?.query_one("SELECT version()", &[]).await.map_err(|e| store.pg(e))?.get(0);
@@ -405,7 +512,7 @@ impl PgStore {
         if self.wakes {
             // Sent at the commit, and only if it commits: the node that holds the recipient
             // reads the queue as soon as the notification is there to read.
-            let wake = format!("{} {to}", self.run.load(std::sync::atomic::Ordering::Relaxed));
+            let wake = format!("{} {to} {}", self.run.load(std::sync::atomic::Ordering::Relaxed), crate::now_ms());
             tx.execute("SELECT pg_notify($1, $2)", &[&WAKE_CHANNEL, &wake]).await.map_err(|e| self.pg(e))?;
         }
         tx.commit().await.map_err(|e| self.pg(e))
@@ -622,5 +729,40 @@ impl PgStore {
         let c = self.client().await?;
         let rows = c.query("SELECT name FROM np_relays ORDER BY name", &[]).await.map_err(|e| self.pg(e))?;
         rows.iter().map(|r| r.get::<_, &str>(0).parse().map_err(|_| StoreError::Corrupt("relays".into()))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn bounded(url: &str) -> tokio_postgres::Config {
+        let mut cfg = tokio_postgres::Config::from_str(url).expect("parses");
+        bound(&mut cfg);
+        cfg
+    }
+
+    #[test]
+    fn every_wait_is_bounded_unless_the_url_says() {
+        let cfg = bounded("postgres://np@a:5432,b:5433/np?target_session_attrs=read-write");
+        assert_eq!(cfg.get_hosts().len(), 2);
+        assert_eq!(cfg.get_target_session_attrs(), tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        assert_eq!(cfg.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(cfg.get_options(), Some("-c statement_timeout=10000"));
+        assert_eq!(cfg.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert_eq!(cfg.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(describe(&cfg), "a:5432,b:5433/np");
+
+        let cfg = bounded(
+            "postgres://np@a/np?connect_timeout=2&options=-c%20search_path%3Dnp&tcp_user_timeout=3&keepalives_idle=60",
+        );
+        assert_eq!(cfg.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(cfg.get_options(), Some("-c search_path=np -c statement_timeout=10000"));
+        assert_eq!(cfg.get_tcp_user_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(60));
+
+        let cfg = bounded("postgres://np@a/np?options=-c%20statement_timeout%3D500");
+        assert_eq!(cfg.get_options(), Some("-c statement_timeout=500"), "the URL's own is kept");
     }
 }

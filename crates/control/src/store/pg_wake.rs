@@ -27,14 +27,20 @@ const WAKE_QUEUE: usize = 4096;
 /// Longest wait between attempts to listen again.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Parses a payload; `None` for one this node sent itself, or one that does not parse (another
-/// program on the channel: ignored rather than trusted).
-fn parse(payload: &str, own_run: u64) -> Option<Name> {
-    let (run, to) = payload.split_once(' ')?;
-    if run.parse::<u64>().ok()? == own_run {
+/// Parses a payload (`RUN RECIPIENT SENT_MS`; a node of an earlier version sends no time):
+/// the recipient and when it was sent. `None` for one this node sent itself, or one that does
+/// not parse (another program on the channel: ignored rather than trusted).
+fn parse(payload: &str, own_run: u64) -> Option<(Name, Option<u64>)> {
+    let mut fields = payload.split(' ');
+    let (run, to, sent) = (fields.next()?, fields.next()?, fields.next());
+    if run.parse::<u64>().ok()? == own_run || fields.next().is_some() {
         return None;
     }
-    to.parse().ok()
+    let sent = match sent {
+        Some(ms) => Some(ms.parse().ok()?),
+        None => None,
+    };
+    Some((to.parse().ok()?, sent))
 }
 
 /// Listens for the life of the returned receiver, reconnecting with backoff.
@@ -73,7 +79,12 @@ pub(crate) fn listen(store: Arc<PgStore>) -> mpsc::Receiver<Wake> {
                         listened = true;
                         tracing::info!(target = %store.target(), "listening for wake-ups from other nodes");
                         while let Some(p) = msgs.recv().await {
-                            let Some(name) = parse(&p, store.run.load(Ordering::Relaxed)) else { continue };
+                            let Some((name, sent)) = parse(&p, store.run.load(Ordering::Relaxed)) else { continue };
+                            if let Some(sent) = sent {
+                                // Another node's clock: skew shows here too (a clock ahead reads as 0).
+                                let lag = crate::now_ms().saturating_sub(sent);
+                                store.stats.wake_lag.observe(Duration::from_millis(lag));
+                            }
                             match tx.try_send(Wake::One(name)) {
                                 Ok(()) => {}
                                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -102,9 +113,13 @@ mod tests {
 
     #[test]
     fn payloads() {
-        assert_eq!(parse("7 @dev", 3), Some("@dev".parse().expect("name")));
-        assert_eq!(parse("3 @dev", 3), None, "our own");
+        let dev: Name = "@dev".parse().expect("name");
+        assert_eq!(parse("7 @dev 1700000000000", 3), Some((dev.clone(), Some(1_700_000_000_000))));
+        assert_eq!(parse("7 @dev", 3), Some((dev, None)), "from a node that sends no time");
+        assert_eq!(parse("3 @dev 5", 3), None, "our own");
         assert_eq!(parse("x @dev", 3), None);
+        assert_eq!(parse("7 @dev soon", 3), None);
+        assert_eq!(parse("7 @dev 5 more", 3), None);
         assert_eq!(parse("7 not a name", 3), None);
         assert_eq!(parse("", 3), None);
     }
