@@ -86,7 +86,13 @@ pub async fn run(home: &Home, opts: &DoctorOptions) -> Report {
     let mut r = Report::default();
     let me = check_keys(&mut r, home, opts.me.as_ref());
     let ctl = match &me {
-        Some(me) => check_control(&mut r, home, me).await,
+        Some(me) => match check_control(&mut r, home, me).await {
+            Some(ctl) => {
+                check_store(&mut r, &ctl).await;
+                Some(ctl)
+            }
+            None => None,
+        },
         None => {
             r.skip("control plane (needs the identity's keys)");
             None
@@ -238,6 +244,7 @@ async fn check_control(r: &mut Report, home: &Home, me: &Name) -> Option<Control
                 ErrorCode::BadSignature => format!(
                     "the keys here are not the ones enrolled for {me}: restore the right key files, or have {me} revoked and enrolled again"
                 ),
+                ErrorCode::Internal => "the control plane could not read its store (a database down, or its disk): tell its operator; np-control's log names the cause".to_string(),
                 _ => "read the message above; it says what the control plane refused".to_string(),
             };
             r.fail(format!("authentication as {me} refused: {message}"), fix);
@@ -256,6 +263,35 @@ async fn check_control(r: &mut Report, home: &Home, me: &Name) -> Option<Control
                 "see the message; fix it and run np doctor again",
             );
             None
+        }
+    }
+}
+
+/// The control plane's store, as the node says (nothing from a node too old to say). Its
+/// database down is a failure: the node then refuses everything that reads or writes.
+async fn check_store(r: &mut Report, ctl: &ControlClient) {
+    match tokio::time::timeout(CHECK_TIMEOUT, ctl.status()).await {
+        Ok(Ok(Some(s))) if s.store_answers => {
+            r.ok(format!("control-plane store ({}) answers", s.store));
+        }
+        Ok(Ok(Some(s))) => {
+            r.fail(
+                format!("control-plane store ({}) does not answer: the node refuses most requests", s.store),
+                "tell the control plane's operator: its database is down or unreachable (np-control's log names it)",
+            );
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            r.fail(
+                format!("asking the control plane how it is: {e}"),
+                "see the message; fix it and run np doctor again",
+            );
+        }
+        Err(_) => {
+            r.fail(
+                format!("the control plane did not say how its store is within {}s", CHECK_TIMEOUT.as_secs()),
+                "tell the control plane's operator: it may be overloaded, or its database slow",
+            );
         }
     }
 }

@@ -46,6 +46,34 @@ fn control_toml_starts_np_control_with_flags_winning() {
     assert!(get(metrics).contains("np_control_queue_depth 0"), "--metrics overrides the file's address");
 }
 
+/// `deploy/cluster/control-node.toml` starts a node on a primary and its standby: the file's
+/// store URL with the test's two clusters in place of its hosts, and its own parameters kept.
+#[test]
+fn cluster_control_toml_starts_a_node_on_a_primary_and_standby() {
+    let Some(primary) = np_testpg::TempPostgres::start().unwrap() else { return };
+    let standby = primary.standby().unwrap();
+    let text = std::fs::read_to_string(deploy("cluster/control-node.toml")).unwrap();
+    let example = text.lines().find_map(|l| l.strip_prefix("store = \"")?.strip_suffix('"')).unwrap();
+    let (_, params) = example.split_once('?').unwrap();
+    assert!(params.contains("target_session_attrs=read-write"), "{example}");
+    let ours = np_testpg::TempPostgres::url_of_any(&[&primary, &standby], "postgres");
+    let url = format!("{}?{params}", ours.split_once('?').unwrap().0);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("control.toml");
+    std::fs::write(&file, text.replace(example, &url)).unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(bin("np-control"));
+    cmd.args(["serve", "--config"])
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:0", "--metrics", &metrics.to_string(), "--data"])
+        .arg(dir.path().join("data"));
+    let log = dir.path().join("control.log");
+    let (child, _) = spawn_listening(cmd, &log)
+        .unwrap_or_else(|| panic!("np-control did not start: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    let _p = Proc(child);
+    assert!(get(metrics).contains("np_control_store_connections{state=\"max\"} 16"));
+}
+
 #[test]
 fn relay_npd_and_np_configs_run_a_session() {
     let mut s = Stack::start();
@@ -151,9 +179,22 @@ fn systemd_units_verify() {
     // The units name /usr/local/bin; point them at the built binaries so verify finds them.
     let dir = tempfile::tempdir().unwrap();
     let mut units = Vec::new();
-    for name in ["np-control.service", "np-relay.service", "npd.service", "np-up@.service"] {
-        let text = std::fs::read_to_string(deploy(&format!("systemd/{name}"))).unwrap();
-        let text = text.replace("/usr/local/bin/", &format!("{}/", bin_dir().display()));
+    let mut names: Vec<String> = ["np-control.service", "np-relay.service", "npd.service", "np-up@.service"]
+        .iter()
+        .map(|n| format!("systemd/{n}"))
+        .collect();
+    // The cluster's PostgreSQL units name Debian's binaries of one version; point them at ours.
+    let pg = np_testpg::find_bin();
+    if pg.is_some() {
+        names.extend(["cluster/np-postgres.service", "cluster/np-postgres-standby-init.service"].map(String::from));
+    }
+    for path in &names {
+        let name = path.rsplit('/').next().unwrap();
+        let text = std::fs::read_to_string(deploy(path)).unwrap();
+        let mut text = text.replace("/usr/local/bin/", &format!("{}/", bin_dir().display()));
+        if let Some(pg) = &pg {
+            text = text.replace("/usr/lib/postgresql/15/bin/", &format!("{}/", pg.display()));
+        }
         for (key, want) in [
             ("NoNewPrivileges=", "yes"),
             ("ProtectSystem=", "strict"),

@@ -61,6 +61,7 @@ fn healthy(s: &Stack) {
         "control plane 127.0.0.1",
         "certificate matches the pin",
         "authenticated as @alice",
+        "control-plane store (redb) answers",
         "relay @relay reachable at 127.0.0.1:",
         "and proves its identity",
         "device pi4@alice_device live",
@@ -196,4 +197,28 @@ fn relay_down_and_not_a_relay() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().any(|l| l.starts_with("FAIL") && l.contains("answered, but")), "{text}");
+}
+
+/// On PostgreSQL, doctor names the store and says it answers; with the database down, the
+/// control plane cannot authenticate anyone, and doctor says that its store is the cause.
+#[test]
+fn the_control_planes_store_on_postgresql() {
+    let Some(mut pg) = np_testpg::TempPostgres::start().unwrap() else { return };
+    let url = pg.url("postgres");
+    let s = Stack::start_on(np_tests::Control::start(&["--store", &url]), &[]);
+    let _npd = s.npd("pi4", &["--manager", "@alice"]);
+    let seen = wait_until(Duration::from_secs(10), || doctor(&s, &s.client_home, "pi4@alice_device").ok);
+    let o = doctor(&s, &s.client_home, "pi4@alice_device");
+    assert!(seen, "{}\n{}", o.out, o.err);
+    assert!(o.lines("ok").iter().any(|l| l.contains("control-plane store (PostgreSQL) answers")), "{}", o.out);
+
+    pg.stop().unwrap();
+    let o = doctor(&s, &s.client_home, "pi4@alice_device");
+    o.assert_failed();
+    let (line, fix) = o.fail("authentication as @alice refused");
+    assert!(line.contains("storage failure") && fix.contains("store"), "{line}\n{fix}");
+
+    pg.start_again().unwrap();
+    let back = wait_until(Duration::from_secs(10), || doctor(&s, &s.client_home, "pi4@alice_device").ok);
+    assert!(back, "doctor still fails once the database is back");
 }

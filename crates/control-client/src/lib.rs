@@ -14,7 +14,9 @@ pub use error::ClientError;
 pub use np_control_proto::{ErrorCode, Presence, Record, RecordState};
 
 use conn::{Cmd, Conn, Outlets};
-use np_control_proto::{EnrolCode, Reply, Request, MAX_ACK_BATCH, MAX_HOLDS, PRESENCE_VERSION, PUSH_WINDOW};
+use np_control_proto::{
+    EnrolCode, NodeStatus, Reply, Request, MAX_ACK_BATCH, MAX_HOLDS, PRESENCE_VERSION, PUSH_WINDOW, STATUS_VERSION,
+};
 use np_identity::home::{ControlConfig, Home};
 use np_identity::{Envelope, Keys, Name, PublicKeys};
 use std::collections::HashMap;
@@ -356,6 +358,18 @@ impl ControlClient {
         }
     }
 
+    /// How the node this client is connected to is (its store's kind and whether the store
+    /// answers); `None` from a node too old to say.
+    pub async fn status(&self) -> Result<Option<NodeStatus>, ClientError> {
+        if self.inner.version.load(Ordering::Relaxed) < STATUS_VERSION {
+            return Ok(None);
+        }
+        match self.request(Request::Status).await? {
+            Reply::Status(s) => Ok(Some(s)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Seals `payload` to `to` and sends it; the server keeps it up to `ttl` for an absent
     /// recipient.
     pub async fn send(&self, to: &Name, payload: &[u8], ttl: Duration) -> Result<Sent, ClientError> {
@@ -386,6 +400,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::Hold { .. } => "holding a record present",
         Request::ListWithPresence { .. } => "listing records",
         Request::FetchWithPresence { .. } => "fetching a record",
+        Request::Status => "asking how the node is",
     }
 }
 

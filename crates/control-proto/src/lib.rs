@@ -20,11 +20,13 @@ pub use msg::*;
 pub use transcript::{auth_transcript, enroll_transcript};
 
 /// Protocol version carried in the hello.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The first version that knows `Hold`, `ListWithPresence` and `FetchWithPresence`. A server
 /// closes a connection on a request it cannot decode, so clients send these only to servers
 /// whose hello says this version or later.
 pub const PRESENCE_VERSION: u16 = 2;
+/// The first version that knows `Status`.
+pub const STATUS_VERSION: u16 = 3;
 /// Most keys one connection may hold present (a device daemon holds one).
 pub const MAX_HOLDS: usize = 16;
 /// Largest frame either side accepts after authentication.

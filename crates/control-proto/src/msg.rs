@@ -76,6 +76,9 @@ pub enum Request {
     ListWithPresence { key_prefix: String },
     /// Like `Fetch`, with the record's [`Presence`].
     FetchWithPresence { owner: Name, key: String },
+    /// How the node is: its store's kind and whether it answers (`np doctor`). Only for
+    /// servers of [`crate::STATUS_VERSION`] or later.
+    Status,
 }
 
 /// Whether a record's owner is connected and holding it (`Request::Hold`), as the server knows.
@@ -191,6 +194,18 @@ pub enum Reply {
     RecordStates(Vec<RecordState>),
     /// Answer to `FetchWithPresence`.
     RecordState(RecordState),
+    /// Answer to `Status`.
+    Status(NodeStatus),
+}
+
+/// How a control-plane node is, as any authenticated client may see it: nothing of where its
+/// store is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// `redb` (one node's file) or `PostgreSQL` (shared by several nodes).
+    pub store: String,
+    /// Whether the store answered a query just now.
+    pub store_answers: bool,
 }
 
 /// A refused request, with a machine-readable code and a message for humans.

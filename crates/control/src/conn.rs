@@ -442,11 +442,20 @@ async fn read_loop(
     }
 }
 
+/// How long a `Status` request waits for the store to answer before saying it does not.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn handle(shared: &Arc<Shared>, me: &IdentityInfo, conn: u64, req: Request) -> Result<Reply, ErrorReply> {
     let store = &shared.store;
     match req {
         Request::Auth { .. } | Request::Enroll { .. } => Err(err(ErrorCode::BadRequest, "already authenticated")),
         Request::Ping => Ok(Reply::Pong),
+        // The kind only, never the database's address; a check costs one round trip to it, as a
+        // lookup does.
+        Request::Status => Ok(Reply::Status(np_control_proto::NodeStatus {
+            store: store.kind().to_string(),
+            store_answers: store.answers(STATUS_TIMEOUT).await,
+        })),
         Request::Lookup { name } => db(store.identity(&name))
             .await?
             .map(Reply::Identity)
