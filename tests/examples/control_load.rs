@@ -125,6 +125,13 @@ impl Node {
         }
     }
 
+    /// How often the node closed unauthenticated connections beyond its `--max-preauth` (its
+    /// log says so each time).
+    fn shed(&self) -> usize {
+        let log = std::fs::read_to_string(self.data.join("control.log")).unwrap_or_default();
+        log.matches("too many unauthenticated connections").count()
+    }
+
     fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -435,11 +442,13 @@ async fn run_setup(
     for (k, n) in nodes.iter_mut().enumerate() {
         let up = n.alive();
         println!(
-            "  {}: node {k} after the storm: {}, {} connections, {} failed handshakes, RSS {} MiB",
+            "  {}: node {k} after the storm: {}, {} connections, {} failed handshakes, {} times shed \
+             unauthenticated connections over its limit, RSS {} MiB",
             setup.label(),
             if up { "up" } else { "DOWN" },
             n.metric(AUTHENTICATED).unwrap_or(f64::NAN),
             n.metric("np_control_handshake_failures_total").unwrap_or(f64::NAN),
+            n.shed(),
             np_tests::rss_kib(n.child.id()) / 1024,
         );
     }
