@@ -6,6 +6,7 @@
 #   RELAY_FLAGS="--forward-buffer 1048576" NP_PEERS=/bin/true scripts/bench.sh   # tune, no peers
 #   SECTIONS="forward" scripts/bench.sh        # only some of our paths (default: all, backlog last)
 #   ROUNDS=1 scripts/bench.sh                  # rounds of our paths (default 3; the median is reported)
+#   CONTROL_N=1000 SECTIONS=control scripts/bench.sh   # the control plane under load, fewer devices
 #
 # Hosts (bridge pbr0, 198.18.0.0/24, same as peers.sh): pc client 198.18.0.1, pr relay 198.18.0.2,
 # pd device 198.18.0.3. np-control and np-relay run in pr; identities are enrolled with the real
@@ -255,7 +256,7 @@ build() {
     log "workspace build failed; building only what the bench needs"
     (cd "$REPO" && cargo build --release -q -p np-control -p np-cli -p np-relay -p np-control-client -p np-tests --bins --examples) || exit 1
   }
-  for b in np-control np npd np-relay examples/relay_pipe examples/notify_bench examples/ping_flood examples/relay_idle; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
+  for b in np-control np npd np-relay examples/relay_pipe examples/notify_bench examples/ping_flood examples/relay_idle examples/control_load; do [ -x "$BIN/$b" ] || { log "missing $BIN/$b"; exit 1; }; done
 }
 
 # start_control: np-control in pr, data under $WORK.
@@ -651,6 +652,23 @@ section_backlog() {
   note "$line"
 }
 
+# --- control plane under load -------------------------------------------------------------------
+# CONTROL_N simulated devices (default 10,000; real keys, TLS and authentication) against one
+# node on redb, one on PostgreSQL and two on one PostgreSQL (tests/examples/control_load,
+# on loopback outside the hosts): RSS per connected device, connect storm after a node's
+# SIGKILL, notification latency p50/p99 across nodes, session-request rate, and the PostgreSQL
+# set-ups as ratios to redb. Each device holds a socket in the tool and one in a node, so the
+# open-file limit is raised first.
+section_control() {
+  local n=${CONTROL_N:-10000} line
+  log "control plane under load: $n devices"
+  # As far as the hard limit allows; the tool says so if that is too few for $n.
+  ( ulimit -n $((2 * n + 4096)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    "$BIN/examples/control_load" -n "$n" --bin "$BIN" ) 2>>"$WORK/logs/bg.log" \
+    | while IFS= read -r line; do note "$line"; done
+  [ "${PIPESTATUS[0]}" = 0 ] || note "control plane under load ($n devices): FAIL (see $WORK/logs/bg.log)"
+}
+
 # --- report ------------------------------------------------------------------------------------
 # Our paths: the median over the rounds of each figure, ratios to the peers from those medians,
 # and each round's figure beside it; then the other figures the same way, and the notes.
@@ -763,12 +781,12 @@ start_rev_tunnel || log "no reverse SSH tunnel: warm connect-to-first-byte has n
 # Our paths in rounds (each round all of them, so a slow minute of the machine touches every path
 # once rather than one path three times), then the sections measured once.
 for ROUND in $(seq "$ROUNDS"); do
-  for sec in ${SECTIONS:-tunnel relay forward up ssh idle backlog abuse fleet}; do
+  for sec in ${SECTIONS:-tunnel relay forward up ssh idle backlog abuse fleet control}; do
     case " $ROUNDED " in *" $sec "*) log "round $ROUND of $ROUNDS: $sec"; "section_$sec" ;; esac
   done
 done
 ROUND=0
-for sec in ${SECTIONS:-tunnel relay forward up ssh idle backlog abuse fleet}; do
+for sec in ${SECTIONS:-tunnel relay forward up ssh idle backlog abuse fleet control}; do
   case " $ROUNDED " in *" $sec "*) ;; *) "section_$sec" ;; esac
 done
 teardown_hosts

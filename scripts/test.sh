@@ -23,6 +23,12 @@ cargo build --workspace --all-targets --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the binaries built above (target/debug).
 cargo test --workspace --locked --no-fail-fast
+# The control-plane tests once more with every node on PostgreSQL (NP_TEST_STORE: a fresh
+# database per node, in one throwaway cluster per test binary; tests/src/pgstore.rs), so both
+# stores are held to the same behaviour.
+CONTROL_TESTS=(control_bad_input control_enrol_auth control_notify control_quota presence revocation
+  relays_list relay_choice relay_e2e)
+NP_TEST_STORE=postgres cargo test -p np-tests --locked --no-fail-fast "${CONTROL_TESTS[@]/#/--test=}"
 
 # Every parser that takes bytes from a network or the TUN, fuzzed briefly (cargo-fuzz, its own
 # build under fuzz/target: about 2 minutes cold, plus installing cargo-fuzz the first time).

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use np_session::{ConnEvent, Connection, MuxConfig, Recv, SessionError, SessionKeys};
 
 use crate::map::{AddressMap, DeviceKey};
-use crate::stack::{Event, FlowError, FlowId, RefuseKind, Stack, StackConfig};
+use crate::stack::{Event, FlowError, FlowId, RefuseKind, RxChecksum, Stack, StackConfig};
 
 /// A session of a device, for the life of the bridge (a new one after an old one ended gets a new
 /// id), so the shell can tell a dead session's socket from its successor's.
@@ -212,9 +212,19 @@ impl Bridge {
         self.stack.handle_packet(packet, now);
     }
 
+    /// [`Bridge::handle_packet`] with what the TUN said of the packet's TCP checksum.
+    pub fn handle_packet_with(&mut self, packet: &[u8], checksum: RxChecksum, now: Instant) {
+        self.stack.handle_packet_with(packet, checksum, now);
+    }
+
     /// [`Stack::handle_packet_owned`].
     pub fn handle_packet_owned(&mut self, packet: Vec<u8>, now: Instant) {
         self.stack.handle_packet_owned(packet, now);
+    }
+
+    /// [`Bridge::handle_packet_owned`] with what the TUN said of the packet's TCP checksum.
+    pub fn handle_packet_owned_with(&mut self, packet: Vec<u8>, checksum: RxChecksum, now: Instant) {
+        self.stack.handle_packet_owned_with(packet, checksum, now);
     }
 
     /// [`Stack::packet_buffer`].

@@ -15,8 +15,9 @@ pub mod stack;
 #[cfg(test)]
 mod testapp;
 pub mod tun;
+mod vnet;
 
 pub use bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed};
 pub use map::{AddressMap, DeviceKey, FlowTarget, MapError, Prefix, DEFAULT_SUBNET};
 pub use shell::{BoxFuture, Dialed, Dialer, Netstack, NetstackConfig, NetstackError, Status, StatusHandle};
-pub use stack::{Event, FlowError, FlowId, RefuseKind, Stack, StackConfig, Stats};
+pub use stack::{Event, FlowError, FlowId, RefuseKind, RxChecksum, Stack, StackConfig, Stats};

@@ -6,11 +6,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::phy::{Checksum, ChecksumCapabilities};
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpAddress,
     IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
+
+use crate::stack::RxChecksum;
 
 /// Hop limit of the packets we write.
 const HOP_LIMIT: u8 = 64;
@@ -111,8 +113,18 @@ pub(crate) fn source(packet: &[u8]) -> Option<IpAddr> {
 }
 
 /// Parse an IPv4 or IPv6 packet carrying TCP, checking lengths and checksums.
+#[cfg(test)]
 pub(crate) fn parse_tcp(packet: &[u8]) -> Result<Segment, Unusable> {
-    let caps = checksums();
+    parse_tcp_with(packet, RxChecksum::Complete)
+}
+
+/// [`parse_tcp`], with the TCP checksum left unchecked if `checksum` says the kernel left it to
+/// be finished (the IPv4 header's checksum is checked either way: the kernel always fills it).
+pub(crate) fn parse_tcp_with(packet: &[u8], checksum: RxChecksum) -> Result<Segment, Unusable> {
+    let mut caps = checksums();
+    if checksum == RxChecksum::Partial {
+        caps.tcp = Checksum::Tx;
+    }
     let version = packet.first().ok_or(Unusable::Malformed)? >> 4;
     let (ip, payload, src, dst): (IpHeader, &[u8], IpAddr, IpAddr) = match version {
         4 => {
@@ -146,7 +158,12 @@ pub(crate) fn parse_tcp(packet: &[u8]) -> Result<Segment, Unusable> {
     let tcp = TcpPacket::new_checked(payload).map_err(|_| Unusable::Malformed)?;
     let tcp_repr =
         TcpRepr::parse(&tcp, &IpAddress::from(src), &IpAddress::from(dst), &caps).map_err(|_| Unusable::Malformed)?;
-    let quote = payload[..payload.len().min(MAX_QUOTE)].to_vec();
+    // Only a SYN is ever answered with an ICMP error; a data segment's copy would be an
+    // allocation per packet for nothing.
+    let quote = match tcp_repr.control {
+        TcpControl::Syn => payload[..payload.len().min(MAX_QUOTE)].to_vec(),
+        _ => Vec::new(),
+    };
     Ok(Segment {
         src: SocketAddr::new(src, tcp_repr.src_port),
         dst: SocketAddr::new(dst, tcp_repr.dst_port),

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,8 +23,11 @@ use tokio::task::AbortHandle;
 
 use crate::bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed};
 use crate::map::{AddressMap, DeviceKey, MapError, Prefix};
+use crate::stack::RxChecksum;
 use crate::stack::{StackConfig, Stats};
-use crate::tun::{Tun, TunError};
+use crate::tun::{Tun, TunError, VNET_HDR_LEN};
+use crate::vnet;
+use tun_rs::AsyncDevice;
 
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -224,6 +227,8 @@ impl Netstack {
         let Netstack { tun, config, status_tx, status_rx } = self;
         drop(status_tx);
         let mut stack_config = config.stack.clone();
+        let offload = tun.checksum_offload();
+        stack_config.tcp_checksum_offload = offload;
         if stack_config.seed == 0 {
             stack_config.seed = random_seed();
         }
@@ -241,6 +246,7 @@ impl Netstack {
             dials: HashMap::new(),
             dialed_tx,
             stall: config.mux.idle_timeout,
+            offload,
         };
         let result = shell.run(dialed_rx, status_rx, shutdown).await;
         for dial in shell.dials.values() {
@@ -274,6 +280,8 @@ struct Shell<D: Dialer> {
     dialed_tx: mpsc::UnboundedSender<(LinkId, Result<Dialed, SetupFailed>)>,
     /// A relay connection that takes nothing for this long ends its session.
     stall: Duration,
+    /// Packets on the TUN carry a virtio-net header (checksum offload; see `vnet`).
+    offload: bool,
 }
 
 impl<D: Dialer> Shell<D> {
@@ -287,6 +295,7 @@ impl<D: Dialer> Shell<D> {
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut packet = vec![0u8; MAX_PACKET];
+        let mut hdr = [0u8; VNET_HDR_LEN];
         loop {
             self.flush().await;
             let now = Instant::now();
@@ -298,28 +307,31 @@ impl<D: Dialer> Shell<D> {
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
-                read = self.tun.device().recv(&mut packet) => {
-                    let n = read?;
+                read = read_packet(self.tun.device(), self.offload, &mut hdr, &mut packet) => {
+                    let mut n = read?;
                     let now = Instant::now();
                     // Read straight into a buffer the stack keeps (no copy for a data segment).
                     for i in 0..RX_BATCH {
-                        let n = if i == 0 {
-                            n
-                        } else {
-                            match self.tun.device().try_recv(&mut packet) {
+                        if i > 0 {
+                            n = match try_read_packet(self.tun.device(), self.offload, &mut hdr, &mut packet) {
                                 Ok(n) => n,
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                                 Err(e) => return Err(e.into()),
-                            }
+                            };
+                        }
+                        let checksum = if self.offload { vnet::rx(&hdr) } else { Some(RxChecksum::Complete) };
+                        let Some(checksum) = checksum else {
+                            tracing::debug!(len = n, "dropped a segment run from the TUN (segmentation offload is off)");
+                            continue;
                         };
                         if n >= OWNED_MIN {
                             let next = self.bridge.packet_buffer(MAX_PACKET);
                             let mut full = std::mem::replace(&mut packet, next);
                             full.truncate(n);
-                            self.bridge.handle_packet_owned(full, now);
+                            self.bridge.handle_packet_owned_with(full, checksum, now);
                         } else {
                             // Small (an ACK, a SYN): a copy is cheaper than another buffer.
-                            self.bridge.handle_packet(&packet[..n.min(packet.len())], now);
+                            self.bridge.handle_packet_with(&packet[..n.min(packet.len())], checksum, now);
                         }
                     }
                 }
@@ -429,8 +441,14 @@ impl<D: Dialer> Shell<D> {
                     }
                 }
             }
-            while let Some(packet) = self.bridge.poll_packet() {
-                if let Err(e) = self.tun.device().send(&packet).await {
+            while let Some(mut packet) = self.bridge.poll_packet() {
+                let sent = if self.offload {
+                    let hdr = vnet::tx(&mut packet);
+                    self.tun.device().send_vectored(&[IoSlice::new(&hdr), IoSlice::new(&packet)]).await
+                } else {
+                    self.tun.device().send(&packet).await
+                };
+                if let Err(e) = sent {
                     tracing::debug!(error = %e, "writing to the TUN failed; packet dropped");
                 }
                 self.bridge.recycle(packet);
@@ -514,6 +532,35 @@ impl<D: Dialer> Shell<D> {
             bridge: self.bridge.stats(),
         }
     }
+}
+
+/// Reads a packet into `packet` (its virtio-net header, if the interface has them, into `hdr`);
+/// returns the packet's length.
+async fn read_packet(
+    tun: &AsyncDevice,
+    vnet: bool,
+    hdr: &mut [u8; VNET_HDR_LEN],
+    packet: &mut [u8],
+) -> io::Result<usize> {
+    if !vnet {
+        return tun.recv(packet).await;
+    }
+    let n = tun.recv_vectored(&mut [IoSliceMut::new(hdr), IoSliceMut::new(packet)]).await?;
+    Ok(n.saturating_sub(VNET_HDR_LEN))
+}
+
+/// [`read_packet`] if one is waiting, else `WouldBlock`.
+fn try_read_packet(
+    tun: &AsyncDevice,
+    vnet: bool,
+    hdr: &mut [u8; VNET_HDR_LEN],
+    packet: &mut [u8],
+) -> io::Result<usize> {
+    if !vnet {
+        return tun.try_recv(packet);
+    }
+    let n = tun.try_recv_vectored(&mut [IoSliceMut::new(hdr), IoSliceMut::new(packet)])?;
+    Ok(n.saturating_sub(VNET_HDR_LEN))
 }
 
 /// A seed for smoltcp's initial sequence numbers: not secret, only different per run.

@@ -24,7 +24,7 @@ pub(crate) struct App {
 
 impl App {
     pub(crate) fn new(now: Instant) -> Self {
-        let mut queues = Queues::new(4096, 65535);
+        let mut queues = Queues::new(4096, 65535, false);
         let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut queues, smoltcp::time::Instant::ZERO);
         iface.update_ip_addrs(|a| {
             a.push(IpCidr::new(IpAddress::v4(100, 80, 0, 1), 16)).expect("addr");

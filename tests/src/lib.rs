@@ -37,9 +37,14 @@ pub struct Control {
 
 impl Control {
     /// Starts on 127.0.0.1 with a random port and fresh data; `extra` flags are added to `serve`.
+    /// With `NP_TEST_STORE=postgres` and no `--store` in `extra`, the node gets a fresh
+    /// PostgreSQL database of its own (see [`pgstore`]).
     pub fn start(extra: &[&str]) -> Control {
         let dir = tempfile::tempdir().unwrap();
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if pgstore::wanted() && !extra.iter().any(|a| a == "--store") {
+            extra.extend(["--store".to_string(), pgstore::fresh_database()]);
+        }
         let (child, addr) = spawn_control(dir.path(), "127.0.0.1:0", &extra);
         Control { child, addr, dir, extra }
     }
@@ -50,6 +55,35 @@ impl Control {
 
     pub fn log(&self) -> PathBuf {
         self.dir.path().join("control.log")
+    }
+
+    /// The `--store` this node was started with, if any.
+    fn store_url(&self) -> Option<&str> {
+        self.extra.windows(2).find(|w| w[0] == "--store").map(|w| w[1].as_str())
+    }
+
+    /// Where this node's store is, to open it while the node is stopped.
+    pub fn store_location(&self) -> np_control::store::Location {
+        np_control::store::Location::parse(self.store_url(), self.data().join("control.redb")).unwrap()
+    }
+
+    /// Whether `needle` is anywhere the node stores data: its data directory and, on this
+    /// process's PostgreSQL cluster, the cluster's files (WAL included, written at each commit).
+    pub fn find_stored(&self, needle: &[u8]) -> Option<PathBuf> {
+        let cluster = self.store_url().and(pgstore::cluster_dir());
+        std::iter::once(self.data()).chain(cluster).find_map(|d| bytes_in_tree(&d, needle))
+    }
+
+    /// Changes a stored record in place (its signature kept), as someone who rewrote the
+    /// storage would; call it while the node is stopped and outside any runtime.
+    pub fn tamper_record(&self, owner: &str, key: &str, f: impl FnOnce(&mut np_control_proto::Record)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = np_control::store::Store::open(&self.store_location(), Default::default()).await.unwrap();
+            let mut record = store.record(&owner.parse().unwrap(), key).await.unwrap().expect("the record is stored");
+            f(&mut record);
+            store.put_record(record).await.unwrap();
+        });
     }
 
     /// Kills with SIGKILL (no chance to flush anything) and waits for the exit.
@@ -78,12 +112,7 @@ impl Control {
 
     /// `np-control enroll NAME`: returns (exit ok, stdout, stderr).
     pub fn enroll_code(&self, name: &str, extra: &[&str]) -> (bool, String, String) {
-        let out = Command::new(bin("np-control"))
-            .args(["enroll", name, "--data"])
-            .arg(self.data())
-            .args(extra)
-            .output()
-            .unwrap();
+        let out = self.admin_cmd().args(["enroll", name, "--data"]).arg(self.data()).args(extra).output().unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).trim().to_string(),
@@ -107,14 +136,23 @@ impl Control {
         home
     }
 
+    /// `np-control` for an admin subcommand, told this node's store (which it opens itself
+    /// when the node is stopped).
+    pub fn admin_cmd(&self) -> Command {
+        let mut cmd = Command::new(bin("np-control"));
+        if let Some(url) = self.store_url() {
+            cmd.env("NP_CONTROL_STORE", url);
+        }
+        cmd
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// `np-control relay ARGS --data DATA`: (exit ok, stdout, stderr).
     pub fn relay_cmd(&self, args: &[&str]) -> (bool, String, String) {
-        let out =
-            Command::new(bin("np-control")).arg("relay").args(args).arg("--data").arg(self.data()).output().unwrap();
+        let out = self.admin_cmd().arg("relay").args(args).arg("--data").arg(self.data()).output().unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).to_string(),
@@ -298,6 +336,7 @@ pub fn bytes_in_tree(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
 pub mod hostile;
 pub mod impair;
 pub mod netns;
+pub mod pgstore;
 pub mod raw;
 pub mod servers;
 pub mod sshd;

@@ -91,8 +91,8 @@ fn private_keys_are_private_and_only_public_halves_reach_the_server() {
         assert_eq!(m, 0o600, "{f}");
         let secret = std::fs::read_to_string(home.join("alice").join(f)).unwrap();
         let raw = hex_decode(secret.trim());
-        assert!(np_tests::bytes_in_tree(&ctl.data(), &raw).is_none(), "{f} found in the server's data");
-        assert!(np_tests::bytes_in_tree(&ctl.data(), secret.trim().as_bytes()).is_none());
+        assert!(ctl.find_stored(&raw).is_none(), "{f} found in the server's data");
+        assert!(ctl.find_stored(secret.trim().as_bytes()).is_none());
     }
 }
 

@@ -101,9 +101,8 @@ async fn the_server_never_holds_a_payloads_plaintext() {
     }
     ctl.kill9();
     // The queued envelope is in the database, so the search below looks at real data.
-    let db = std::fs::read(ctl.data().join("control.redb")).unwrap();
-    assert!(db.windows(4).any(|w| w == b"@bob"), "database holds no notification at all");
-    assert!(np_tests::bytes_in_tree(&ctl.data(), marker).is_none(), "marker in the database");
+    assert!(ctl.find_stored(b"@bob").is_some(), "database holds no notification at all");
+    assert!(ctl.find_stored(marker).is_none(), "marker in the database");
     let log = std::fs::read(ctl.log()).unwrap();
     assert!(!log.is_empty());
     assert!(!log.windows(marker.len()).any(|w| w == marker), "marker in the server log");

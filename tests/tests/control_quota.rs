@@ -293,7 +293,7 @@ fn queue_depth(addr: SocketAddr) -> f64 {
 fn notifications_to_a_relay_are_acknowledged_and_do_not_pile_up() {
     let mut s = Stack::start();
     let m: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    s.ctl.extra = vec!["--metrics".into(), m.to_string()];
+    s.ctl.extra.extend(["--metrics".into(), m.to_string()]);
     s.ctl.restart();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let n = 300;

@@ -70,7 +70,7 @@ fn counters_after_real_activity_and_garbage() {
     let mut s = Stack::start();
     let control_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let relay_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    s.ctl.extra = vec!["--metrics".into(), control_metrics.to_string()];
+    s.ctl.extra.extend(["--metrics".into(), control_metrics.to_string()]);
     s.ctl.restart();
 
     // The relay again, on the same port, with metrics.

@@ -163,13 +163,9 @@ fn relays_that_stall_answer_garbage_or_fail_their_signature_are_skipped_for_the_
     bait.set_nonblocking(true).unwrap();
     publish_relay(&s, "@relay_forged", info("127.0.0.1:9".into()));
     s.ctl.kill9();
-    {
-        let store = np_control::store::RedbStore::open(&s.ctl.data().join("control.redb")).unwrap();
-        let owner = "@relay_forged".parse().unwrap();
-        let mut record = store.record(&owner, np_relay::RELAY_RECORD).unwrap().expect("stored");
+    s.ctl.tamper_record("@relay_forged", np_relay::RELAY_RECORD, |record| {
         record.value = info(bait.local_addr().unwrap().to_string()).encode();
-        store.put_record(&record).unwrap();
-    }
+    });
     s.ctl.restart();
 
     let port = echo_in("", Ipv4Addr::LOCALHOST);

@@ -98,14 +98,9 @@ fn np_relays_shows_state_region_rtt_and_trust_and_skips_what_cannot_be_trusted()
     bait.set_nonblocking(true).unwrap();
     let bait_addr = bait.local_addr().unwrap().to_string();
     s.ctl.kill9();
-    {
-        let store = np_control::store::RedbStore::open(&s.ctl.data().join("control.redb")).unwrap();
-        let owner = "@relay3".parse().unwrap();
-        let mut record = store.record(&owner, RELAY_RECORD).unwrap().expect("the relay record is stored");
-        let forged = RelayInfo { addresses: vec![bait_addr.clone()], region: Some("us".into()) };
-        record.value = forged.encode();
-        store.put_record(&record).unwrap();
-    }
+    s.ctl.tamper_record("@relay3", RELAY_RECORD, |record| {
+        record.value = RelayInfo { addresses: vec![bait_addr.clone()], region: Some("us".into()) }.encode();
+    });
     s.ctl.restart();
     let mut out = String::new();
     let skipped = wait_until(Duration::from_secs(10), || {

@@ -5,7 +5,6 @@ use np_tests::servers::echo;
 use np_tests::stack::{np, Stack};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Duration;
 
 #[test]
@@ -23,11 +22,7 @@ fn revoked_identities_start_nothing_and_their_live_sessions_can_be_ended() {
     let mut b = [0u8; 3];
     live.read_exact(&mut b).unwrap();
 
-    let out = Command::new(np_tests::bin("np-control"))
-        .args(["revoke", "@bob", "--data"])
-        .arg(s.ctl.data())
-        .output()
-        .unwrap();
+    let out = s.ctl.admin_cmd().args(["revoke", "@bob", "--data"]).arg(s.ctl.data()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // No new session for @bob: it cannot even authenticate.
@@ -110,11 +105,7 @@ fn a_revoked_identity_is_refused_at_a_running_relay_within_seconds_and_others_st
         other => panic!("before revocation, bob's join should be accepted and wait for a peer: {other:?}"),
     }
 
-    let out = Command::new(np_tests::bin("np-control"))
-        .args(["revoke", "@bob", "--data"])
-        .arg(s.ctl.data())
-        .output()
-        .unwrap();
+    let out = s.ctl.admin_cmd().args(["revoke", "@bob", "--data"]).arg(s.ctl.data()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let revoked = std::time::Instant::now();
     let refused = loop {

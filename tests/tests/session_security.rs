@@ -116,8 +116,8 @@ fn the_relay_and_the_control_plane_never_see_plaintext_or_targets() {
         assert!(!log.windows(marker.len()).any(|w| w == marker), "marker in the {what}");
         assert!(!log.windows(target.len()).any(|w| w == target.as_bytes()), "target in the {what}");
     }
-    assert!(np_tests::bytes_in_tree(&s.ctl.data(), marker).is_none());
-    assert!(np_tests::bytes_in_tree(&s.ctl.data(), target.as_bytes()).is_none());
+    assert!(s.ctl.find_stored(marker).is_none());
+    assert!(s.ctl.find_stored(target.as_bytes()).is_none());
 }
 
 /// A TCP proxy in front of the relay that flips one byte at `offset` of every connection's

@@ -1,6 +1,7 @@
 //! The operator's local channel: a Unix socket in the data directory (mode 0600, so only the
 //! operator's account reaches it) through which `np-control enroll` asks the running server for a
-//! code. When no server runs, the tool opens the database itself.
+//! code. When no server runs, the tool opens the database itself: the redb file in the data
+//! directory, or the PostgreSQL database its `--store` names.
 
 use crate::store::{Location, Quota, Store, StoreError};
 use anyhow::{bail, Context, Result};
@@ -84,41 +85,48 @@ async fn ask_running_server(data: &Path, req: &AdminRequest) -> Result<Option<Ad
     }
 }
 
-/// The database of a stopped server, for the admin commands (an error if there is none yet).
-async fn open_stopped(data: &Path) -> Result<Store> {
-    if !data.join(crate::state::DB_FILE).exists() {
+/// The database of a stopped server, for the admin commands: the redb file in `data`, or the
+/// PostgreSQL database `store` names (an error if the server never ran there). The certificate
+/// must exist too, since a code pins it.
+async fn open_stopped(data: &Path, store: Option<&str>) -> Result<Store> {
+    let at = Location::parse(store, data.join(crate::state::DB_FILE))?;
+    let never_ran = match &at {
+        Location::Embedded(file) => !file.exists(),
+        Location::Postgres(_) => !data.join("cert.der").exists(),
+    };
+    if never_ran {
         bail!(
             "no control-plane data in {}: start the server first with `np-control serve --data {}`",
             data.display(),
             data.display()
         );
     }
-    Ok(Store::open(&Location::Embedded(data.join(crate::state::DB_FILE)), Quota::default()).await?)
+    Ok(Store::open(&at, Quota::default()).await?)
 }
 
 /// Issues a code for `name`: through the running server's admin socket, or directly in the
-/// database when no server is running.
-pub async fn issue_code(data: &Path, name: &Name, ttl: Duration) -> Result<String> {
+/// database (`store`, as `serve --store` takes it) when no server is running.
+pub async fn issue_code(data: &Path, store: Option<&str>, name: &Name, ttl: Duration) -> Result<String> {
     let req = AdminRequest::IssueCode { name: name.clone(), ttl_secs: ttl.as_secs() };
     match ask_running_server(data, &req).await? {
         Some(AdminReply::Code(c)) => return Ok(c),
         Some(other) => bail!("unexpected answer from the running server: {other:?}"),
         None => {}
     }
-    let store = open_stopped(data).await?;
+    let store = open_stopped(data, store).await?;
     let tls = crate::tls::TlsIdentity::load_or_create(data)?;
     Ok(new_code(&store, &tls.cert_der, name, ttl).await?)
 }
 
 /// Revokes `name`: through the running server (which also closes its connections), or directly
-/// in the database when no server is running.
-pub async fn revoke(data: &Path, name: &Name) -> Result<()> {
+/// in the database (`store`) when no server is running.
+pub async fn revoke(data: &Path, store: Option<&str>, name: &Name) -> Result<()> {
     match ask_running_server(data, &AdminRequest::Revoke { name: name.clone() }).await? {
         Some(AdminReply::Revoked) => return Ok(()),
         Some(other) => bail!("unexpected answer from the running server: {other:?}"),
         None => {}
     }
-    if !open_stopped(data).await?.revoke(name).await? {
+    if !open_stopped(data, store).await?.revoke(name).await? {
         bail!("{name} is not enrolled");
     }
     Ok(())
@@ -137,11 +145,12 @@ async fn relay_op(store: &Store, req: &AdminRequest) -> Result<Vec<Name>, StoreE
 }
 
 /// Changes or reads the relay list (`req` is one of the relay requests): through the running
-/// server, or directly in the database when no server is running. Returns the list after it.
-pub async fn relays(data: &Path, req: AdminRequest) -> Result<Vec<Name>> {
+/// server, or directly in the database (`store`) when no server is running. Returns the list
+/// after it.
+pub async fn relays(data: &Path, store: Option<&str>, req: AdminRequest) -> Result<Vec<Name>> {
     match ask_running_server(data, &req).await? {
         Some(AdminReply::Relays(list)) => Ok(list),
         Some(other) => bail!("unexpected answer from the running server: {other:?}"),
-        None => Ok(relay_op(&open_stopped(data).await?, &req).await?),
+        None => Ok(relay_op(&open_stopped(data, store).await?, &req).await?),
     }
 }

@@ -78,6 +78,10 @@ enum Cmd {
         /// How long the code stays valid.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// The store, when the server is stopped and it is not the redb file in the data
+        /// directory: the server's `--store` URL.
+        #[arg(long, env = "NP_CONTROL_STORE", value_name = "redb|URL")]
+        store: Option<String>,
     },
     /// Revoke an identity: its key, records and queued messages are deleted, its connections
     /// closed, and it can no longer authenticate (so it starts no new session). Its live sessions
@@ -88,6 +92,10 @@ enum Cmd {
         /// The server's data directory [default: ~/.np-control].
         #[arg(long, env = "NP_CONTROL_DATA")]
         data: Option<PathBuf>,
+        /// The store, when the server is stopped and it is not the redb file in the data
+        /// directory: the server's `--store` URL.
+        #[arg(long, env = "NP_CONTROL_STORE", value_name = "redb|URL")]
+        store: Option<String>,
     },
     /// The relays devices trust by default: a device whose `npd` names no `--relay` accepts
     /// sessions only through relays on this list, dialled at the address each relay publishes
@@ -98,6 +106,10 @@ enum Cmd {
         /// The server's data directory [default: ~/.np-control].
         #[arg(long, env = "NP_CONTROL_DATA", global = true)]
         data: Option<PathBuf>,
+        /// The store, when the server is stopped and it is not the redb file in the data
+        /// directory: the server's `--store` URL.
+        #[arg(long, env = "NP_CONTROL_STORE", value_name = "redb|URL", global = true)]
+        store: Option<String>,
     },
 }
 
@@ -182,13 +194,13 @@ async fn run(cmd: Cmd) -> Result<()> {
                 }
             }
         }
-        Cmd::Revoke { name, data } => {
+        Cmd::Revoke { name, data, store } => {
             let data = default_data(data);
-            np_control::revoke(&data, &name).await.with_context(|| format!("revoking {name}"))?;
+            np_control::revoke(&data, store.as_deref(), &name).await.with_context(|| format!("revoking {name}"))?;
             eprintln!("revoked {name}");
             Ok(())
         }
-        Cmd::Relay { op, data } => {
+        Cmd::Relay { op, data, store } => {
             let data = default_data(data);
             let (req, what) = match op {
                 RelayOp::Add { name } => {
@@ -199,7 +211,7 @@ async fn run(cmd: Cmd) -> Result<()> {
                 }
                 RelayOp::List => (AdminRequest::RelayList, "listing relays".to_string()),
             };
-            let list = np_control::relays(&data, req).await.context(what)?;
+            let list = np_control::relays(&data, store.as_deref(), req).await.context(what)?;
             for r in &list {
                 println!("{r}");
             }
@@ -208,9 +220,9 @@ async fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Enroll { name, data, ttl } => {
+        Cmd::Enroll { name, data, ttl, store } => {
             let data = default_data(data);
-            let code = np_control::issue_code(&data, &name, ttl)
+            let code = np_control::issue_code(&data, store.as_deref(), &name, ttl)
                 .await
                 .with_context(|| format!("issuing a code for {name}"))?;
             println!("{code}");

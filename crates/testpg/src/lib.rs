@@ -158,8 +158,15 @@ impl TempPostgres {
         self.dir.path().join("s")
     }
 
+    /// Where `tool` is: beside `pg_ctl`, or beside what `pg_ctl` links to (a directory on
+    /// `PATH` may hold links to only the server's tools), else on `PATH`.
+    fn tool(&self, tool: &str) -> PathBuf {
+        let linked = std::fs::canonicalize(self.bin.join("pg_ctl")).ok().and_then(|p| Some(p.parent()?.join(tool)));
+        [Some(self.bin.join(tool)), linked].into_iter().flatten().find(|p| p.is_file()).unwrap_or_else(|| tool.into())
+    }
+
     fn run(&self, tool: &str, args: &[&str]) -> Result<(), String> {
-        let mut cmd = Command::new(self.bin.join(tool));
+        let mut cmd = Command::new(self.tool(tool));
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         if let Some((uid, gid)) = self.owner {
             cmd.uid(uid).gid(gid);
@@ -191,6 +198,20 @@ impl TempPostgres {
         self.run("pg_ctl", &["-D", path(&data), "-m", "immediate", "-w", "stop"])?;
         self.running = false;
         Ok(())
+    }
+
+    /// The cluster's directory (its data files and WAL are under it), e.g. to search what the
+    /// database wrote to disk.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates an empty database `db` (a name of letters, digits and `_`), e.g. one per node so
+    /// that the nodes of several tests share one cluster without seeing each other's data.
+    pub fn create_db(&self, db: &str) -> Result<(), String> {
+        let sock = self.socket_dir();
+        let port = PORT.to_string();
+        self.run("createdb", &["-h", path(&sock), "-p", &port, "-U", USER, db])
     }
 
     /// A connection URL for database `db` (`postgres` always exists).

@@ -14,6 +14,8 @@ pub(crate) struct Queues {
     /// smoltcp is told the device is busy while `tx` holds this many.
     pub(crate) max_tx: usize,
     pub(crate) mtu: usize,
+    /// smoltcp leaves TCP checksums to the kernel (see `StackConfig::tcp_checksum_offload`).
+    pub(crate) tcp_checksum_offload: bool,
     /// Spent packet buffers, reused for the next packets either way: a 64 KiB allocation and
     /// free per packet made the allocator grow and shrink the heap (page faults, TLB
     /// shootdowns) on every transfer.
@@ -33,8 +35,16 @@ pub(crate) fn recycle(pool: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
 
 impl Queues {
     /// Empty queues for packets of at most `mtu` bytes, `max_tx` of them waiting at most.
-    pub(crate) fn new(max_tx: usize, mtu: usize) -> Queues {
-        Queues { rx: VecDeque::new(), tx: VecDeque::new(), max_tx, mtu, rx_free: Vec::new(), tx_free: Vec::new() }
+    pub(crate) fn new(max_tx: usize, mtu: usize, tcp_checksum_offload: bool) -> Queues {
+        Queues {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            max_tx,
+            mtu,
+            tcp_checksum_offload,
+            rx_free: Vec::new(),
+            tx_free: Vec::new(),
+        }
     }
 
     /// A copy of `packet` for `rx`, in a reused buffer when there is one.
@@ -67,7 +77,7 @@ impl phy::Device for Queues {
         // checksums (`packet::parse_tcp`); checking them again is a second pass over every byte.
         // smoltcp still computes them on what it sends.
         caps.checksum.ipv4 = Checksum::Tx;
-        caps.checksum.tcp = Checksum::Tx;
+        caps.checksum.tcp = if self.tcp_checksum_offload { Checksum::None } else { Checksum::Tx };
         caps
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::flow::{Flow, FlowState, Tuple};
-use super::{Event, FlowId, Stack};
+use super::{Event, FlowId, RxChecksum, Stack};
 use crate::packet::{self, Segment, Unusable};
 
 impl Stack {
@@ -14,7 +14,12 @@ impl Stack {
     ///
     /// [`AddressMap::is_interface_addr`]: crate::map::AddressMap::is_interface_addr
     pub fn handle_packet(&mut self, packet: &[u8], now: Instant) {
-        if self.intake(packet, now) {
+        self.handle_packet_with(packet, RxChecksum::Complete, now);
+    }
+
+    /// [`Stack::handle_packet`] with what the TUN said of the packet's TCP checksum.
+    pub fn handle_packet_with(&mut self, packet: &[u8], checksum: RxChecksum, now: Instant) {
+        if self.intake(packet, checksum, now) {
             let copy = self.queues.rx_copy(packet);
             self.queues.rx.push_back(copy);
         }
@@ -23,7 +28,12 @@ impl Stack {
     /// [`Stack::handle_packet`] for a packet read into a buffer of [`Stack::packet_buffer`]: a
     /// segment of an open flow goes to smoltcp as it is, without a copy.
     pub fn handle_packet_owned(&mut self, packet: Vec<u8>, now: Instant) {
-        if self.intake(&packet, now) {
+        self.handle_packet_owned_with(packet, RxChecksum::Complete, now);
+    }
+
+    /// [`Stack::handle_packet_owned`] with what the TUN said of the packet's TCP checksum.
+    pub fn handle_packet_owned_with(&mut self, packet: Vec<u8>, checksum: RxChecksum, now: Instant) {
+        if self.intake(&packet, checksum, now) {
             self.queues.rx.push_back(packet);
         } else {
             super::device::recycle(&mut self.queues.rx_free, packet);
@@ -45,7 +55,7 @@ impl Stack {
 
     /// Everything about a packet but handing it to smoltcp: true if it should be (a segment of
     /// an open flow).
-    fn intake(&mut self, packet: &[u8], now: Instant) -> bool {
+    fn intake(&mut self, packet: &[u8], checksum: RxChecksum, now: Instant) -> bool {
         self.advance(now);
         self.stats.packets_in += 1;
         if packet::is_ipv6_multicast(packet) {
@@ -68,7 +78,7 @@ impl Stack {
             }
             Some(_) => {}
         }
-        let seg = match packet::parse_tcp(packet) {
+        let seg = match packet::parse_tcp_with(packet, checksum) {
             Ok(seg) => seg,
             Err(Unusable::Malformed) => {
                 self.stats.malformed += 1;

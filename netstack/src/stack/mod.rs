@@ -71,6 +71,9 @@ pub struct StackConfig {
     pub max_queued_packets: usize,
     /// Seed for smoltcp's initial sequence numbers.
     pub seed: u64,
+    /// smoltcp leaves TCP checksums out of what it sends: whoever writes the packets to the TUN
+    /// has the kernel finish them (checksum offload, see `Tun::checksum_offload`).
+    pub tcp_checksum_offload: bool,
 }
 
 impl Default for StackConfig {
@@ -87,8 +90,20 @@ impl Default for StackConfig {
             handshake_timeout: std::time::Duration::from_secs(10),
             max_queued_packets: 4096,
             seed: 0,
+            tcp_checksum_offload: false,
         }
     }
+}
+
+/// What is known of a packet's TCP checksum when it is handed to the stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxChecksum {
+    /// Complete: the stack checks it.
+    Complete,
+    /// Left to be finished (the TUN's checksum offload, `NEEDS_CSUM`): the field holds the
+    /// pseudo-header's sum only. The kernel marks only segments of this host's own sockets so;
+    /// they never crossed a wire, so there is nothing for a checksum to catch.
+    Partial,
 }
 
 /// Identifies a flow for the life of a [`Stack`].
@@ -231,7 +246,7 @@ pub struct Stack {
 impl Stack {
     /// A stack answering for the addresses of `map`, starting at `now`.
     pub fn new(config: StackConfig, map: AddressMap, now: Instant) -> Self {
-        let mut queues = Queues::new(config.max_queued_packets.max(1), config.mtu);
+        let mut queues = Queues::new(config.max_queued_packets.max(1), config.mtu, config.tcp_checksum_offload);
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = config.seed;
         let mut iface = Interface::new(iface_config, &mut queues, smoltcp::time::Instant::ZERO);
