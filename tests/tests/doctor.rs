@@ -61,7 +61,7 @@ fn healthy(s: &Stack) {
         "control plane 127.0.0.1",
         "certificate matches the pin",
         "authenticated as @alice",
-        "control-plane store (redb) answers",
+        "control-plane store (",
         "relay @relay reachable at 127.0.0.1:",
         "and proves its identity",
         "device pi4@alice_device live",
