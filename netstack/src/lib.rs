@@ -16,7 +16,7 @@ pub mod stack;
 mod testapp;
 pub mod tun;
 
-pub use bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed};
+pub use bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed, UdpStatus};
 pub use map::{AddressMap, DeviceKey, FlowTarget, MapError, Prefix, DEFAULT_SUBNET};
 pub use shell::{BoxFuture, Dialed, Dialer, Netstack, NetstackConfig, NetstackError, Status, StatusHandle};
 pub use stack::{Event, FlowError, FlowId, RefuseKind, Stack, StackConfig, Stats};

@@ -1,0 +1,80 @@
+//! The device's side of a UDP association: checked against the permits, then carried through a
+//! connected UDP socket of its own, so only the permitted target's answers come back (the
+//! kernel drops datagrams from any other source) and each association has its own port.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use np_session::UdpAssoc;
+use tokio::net::UdpSocket;
+
+use crate::admission::Permits;
+use crate::permit::Proto;
+
+/// Largest datagram read from the target: the largest a session carries.
+const RECV_BUFFER: usize = np_session::frame::MAX_DATAGRAM;
+
+/// Checks, connects and carries one association until either end ends it (the client closes
+/// it or it goes idle in the session: its `recv` returns `None`).
+pub async fn serve_assoc(mut a: UdpAssoc, permits: Arc<Permits>, dial_timeout: Duration) {
+    let target = match permits.check_proto(Proto::Udp, a.target()) {
+        Ok(t) => t,
+        Err(refusal) => {
+            tracing::debug!(%refusal, "UDP association refused");
+            a.close(&refusal.to_string());
+            return;
+        }
+    };
+    // Datagrams arriving meanwhile wait in the association's bounded queue.
+    let sock = match tokio::time::timeout(dial_timeout, connect(&target.host, target.port)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            a.close(&format!("sending to udp/{target}: {e}"));
+            return;
+        }
+        Err(_) => {
+            a.close(&format!("sending to udp/{target}: resolving timed out"));
+            return;
+        }
+    };
+    let mut buf = vec![0u8; RECV_BUFFER];
+    loop {
+        tokio::select! {
+            d = a.recv() => match d {
+                // A full socket buffer drops it, as the network would.
+                Some(d) => { let _ = sock.try_send(&d); }
+                None => return,
+            },
+            r = sock.recv(&mut buf) => match r {
+                Ok(n) => { a.send(Bytes::copy_from_slice(&buf[..n])); }
+                // The target's ICMP port unreachable: the client turns it into its own.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    a.close(&format!("udp/{target}: port unreachable"));
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "UDP receive failed"),
+            },
+        }
+    }
+}
+
+/// A UDP socket connected to a permitted target. `localhost` is the IPv4 loopback address (a
+/// datagram cannot find out, as a TCP connect does, which loopback is listening).
+async fn connect(host: &str, port: u16) -> io::Result<UdpSocket> {
+    let addr = if host.eq_ignore_ascii_case("localhost") {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    } else {
+        tokio::net::lookup_host((host, port))
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?
+    };
+    let local: SocketAddr =
+        if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let sock = UdpSocket::bind(local).await?;
+    sock.connect(addr).await?;
+    Ok(sock)
+}
