@@ -109,7 +109,8 @@ fn np_forward_u_carries_a_dns_query() {
     let local = fwd.addrs[0];
     assert!(local.ip().is_loopback(), "{local}");
     let (answer, out, _) = dig(&d.hosts.pc, local.ip(), local.port(), 5);
-    assert_eq!(answer, ANSWER, "{out}\n{}", d.log("forward.log"));
+    let npd: String = d.log("npd.log").lines().filter(|l| !l.contains("rustls")).collect::<Vec<_>>().join("\n");
+    assert_eq!(answer, ANSWER, "{out}\n{}\nnpd:\n{npd}", d.log("forward.log"));
     // A second query from another source port: an association of its own.
     let (answer, out, _) = dig(&d.hosts.pc, local.ip(), local.port(), 5);
     assert_eq!(answer, ANSWER, "{out}");
@@ -137,7 +138,9 @@ fn iperf3_udp_at_a_set_rate_then_overloaded_and_the_session_stays_healthy() {
     let port = free_udp_port(&pd, Ipv4Addr::LOCALHOST.into());
     let log = d.path().join("iperf3.log");
     let _server = spawn_in(&pd, Command::new("iperf3").args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()]), &log);
-    assert!(wait_until(Duration::from_secs(10), || np_tests::netns::read(&log).contains("listening")));
+    let listening =
+        || np_tests::netns::connect_in(&pd, (Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(1)).is_ok();
+    assert!(wait_until(Duration::from_secs(10), listening), "iperf3 -s: {}", np_tests::netns::read(&log));
     // iperf3's control connection is TCP, its data UDP, on the same port.
     let permit = format!("{},localhost:{port},udp/localhost:{port}", d.permit());
     d.start_npd(&["--manager", "@alice", "--permit-open", &permit]);

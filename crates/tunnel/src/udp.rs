@@ -40,12 +40,18 @@ pub async fn serve_assoc(mut a: UdpAssoc, permits: Arc<Permits>, dial_timeout: D
             return;
         }
     };
+    tracing::debug!(%target, local = ?sock.local_addr().ok(), "UDP association open");
     let mut buf = vec![0u8; RECV_BUFFER];
     loop {
         tokio::select! {
             d = a.recv() => match d {
-                // A full socket buffer drops it, as the network would.
-                Some(d) => { let _ = sock.try_send(&d); }
+                // Awaited, not `try_send`: tokio reports a fresh socket writable only once its
+                // reactor has seen it, so the first datagram (a DNS query) would be dropped. A
+                // full socket buffer waits here while the association's queue drops the excess.
+                Some(d) => {
+                    let sent = sock.send(&d).await;
+                    tracing::trace!(len = d.len(), ?sent, "datagram to the target");
+                }
                 None => return,
             },
             r = sock.recv(&mut buf) => match r {
