@@ -17,6 +17,22 @@ use crate::permit::Proto;
 /// Largest datagram read from the target: the largest a session carries.
 const RECV_BUFFER: usize = np_session::frame::MAX_DATAGRAM;
 
+thread_local! {
+    /// The buffer every association on this worker thread reads into, copying out only what
+    /// arrived: one per thread rather than 64 KiB per association (a session may hold hundreds).
+    static RECV: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; RECV_BUFFER]);
+}
+
+/// One datagram from the socket if one is waiting (never awaits, so the thread's buffer is
+/// not held across a task switch).
+fn try_recv(sock: &UdpSocket) -> io::Result<Bytes> {
+    RECV.with(|b| {
+        let mut b = b.borrow_mut();
+        let n = sock.try_recv(&mut b)?;
+        Ok(Bytes::copy_from_slice(&b[..n]))
+    })
+}
+
 /// Checks, connects and carries one association until either end ends it (the client closes
 /// it or it goes idle in the session: its `recv` returns `None`).
 pub async fn serve_assoc(mut a: UdpAssoc, permits: Arc<Permits>, dial_timeout: Duration) {
@@ -41,7 +57,6 @@ pub async fn serve_assoc(mut a: UdpAssoc, permits: Arc<Permits>, dial_timeout: D
         }
     };
     tracing::debug!(%target, local = ?sock.local_addr().ok(), "UDP association open");
-    let mut buf = vec![0u8; RECV_BUFFER];
     loop {
         tokio::select! {
             d = a.recv() => match d {
@@ -54,8 +69,10 @@ pub async fn serve_assoc(mut a: UdpAssoc, permits: Arc<Permits>, dial_timeout: D
                 }
                 None => return,
             },
-            r = sock.recv(&mut buf) => match r {
-                Ok(n) => { a.send(Bytes::copy_from_slice(&buf[..n])); }
+            r = sock.readable() => match r.and_then(|()| try_recv(&sock)) {
+                Ok(d) => { a.send(d); }
+                // Readiness was stale: wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // The target's ICMP port unreachable: the client turns it into its own.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     a.close(&format!("udp/{target}: port unreachable"));

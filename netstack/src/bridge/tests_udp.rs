@@ -129,3 +129,26 @@ fn datagrams_waiting_for_a_session_are_bounded() {
     assert_eq!(w.take_captured().len(), MAX_WAITING);
     assert_eq!(w.bridge.udp_counts(), (MAX_WAITING, 0));
 }
+
+#[test]
+fn a_session_without_udp_answers_datagrams_with_port_unreachable_and_keeps_its_flows() {
+    let mut w = udp_world();
+    let map = w.bridge.stack().map().clone();
+    let app = SocketAddr::new(map.interface_addr().into(), 40000);
+    let virt = SocketAddr::new(map.device_addr(&pi()).expect("v4").into(), 53);
+    w.send_udp(app, virt, b"q");
+    w.settle();
+    // An npd too old for UDP: its session says so at the handshake.
+    let Some(Action::Connect { link, .. }) = w.connects.pop() else { panic!("no connect") };
+    let (ck, dk) = session_keys();
+    w.devices.push(Device { link, conn: Connection::new(&dk, w.bridge.config.mux.clone(), w.now), events: Vec::new() });
+    w.bridge.connected(link, Ok(Established { keys: ck, session: "old".into(), udp: false }), w.now);
+    w.settle();
+    let got = w.take_captured();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let ip = smoltcp::wire::Ipv4Packet::new_checked(&got[0][..]).expect("ip");
+    assert_eq!((ip.next_header(), ip.payload()[0], ip.payload()[1]), (smoltcp::wire::IpProtocol::Icmp, 3, 3));
+    // No UDP frame ever reached the old device: its session is intact.
+    assert!(w.devices[0].events.iter().all(|e| !matches!(e, ConnEvent::Ended { .. })), "{:?}", w.devices[0].events);
+    assert!(w.bridge.describe(&pi()).starts_with("established"), "{}", w.bridge.describe(&pi()));
+}
