@@ -241,11 +241,11 @@ PY
 # --- setup ------------------------------------------------------------------------------------
 install_deps() {
   local need=0 c
-  for c in iperf3 socat sshd wireguard-go wg python3; do command -v $c >/dev/null || [ -x /usr/sbin/$c ] || need=1; done
+  for c in iperf3 socat sshd wireguard-go wg python3 dnsmasq; do command -v $c >/dev/null || [ -x /usr/sbin/$c ] || need=1; done
   [ $need = 0 ] && return
   log "installing missing packages"
   apt-get update -qq >/dev/null 2>&1
-  for p in iperf3 openssh-server socat wireguard-go wireguard-tools python3; do
+  for p in iperf3 openssh-server socat wireguard-go wireguard-tools python3 dnsmasq-base; do
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $p >/dev/null 2>&1 || log "package $p not available; carrying on"
   done
 }
@@ -387,6 +387,85 @@ section_forward() {
     "np forward=$fwd" "npd=$npd" "np-relay=$relay"
   warm_cfb "np forward" 127.0.0.1 15403
   stop_since "$m"
+}
+
+# --- UDP and IPv6 through np up ------------------------------------------------------------------
+# np up again, its device also reachable at its IPv6 address and a route to a resolver on the
+# device host: TCP over IPv6 against IPv4 (same run, same session), iperf3 -u at 1 Gbit/s offered
+# against wireguard-go's, and a DNS query's round trip through the device route against the same
+# resolver queried directly.
+UDP_DNS=198.19.77.1   # on pd's loopback: reached directly at 198.18.0.3, through np at this one
+# udp_run LABEL HOST: iperf3 -u from pc at 1 Gbit/s offered for T s; goodput (what arrived) and loss.
+udp_run() { local label=$1 host=$2 out
+  out=$(ns pc iperf3 -J -u -b 1G -l 1200 -t "$T" -c "$host" -p 5201 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)["end"]["sum"]
+print("%.3f %.2f" % (d["bits_per_second"] * (1 - d["lost_percent"] / 100) / 1e9, d["lost_percent"]))' 2>/dev/null)
+  metric "iperf3 -u 1 Gbit/s offered, goodput, $label" "${out%% *}" Gbit/s
+  metric "iperf3 -u 1 Gbit/s offered, loss, $label" "${out##* }" %
+  echo "${out%% *}"
+}
+# dns_rtt SERVER: median ms of 200 A queries from pc, one at a time (each its own source port, so
+# through np up each is an association of its own, as a resolver's queries are).
+dns_rtt() { ns pc python3 - "$1" <<'PY'
+import socket, statistics, struct, sys, time
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x05probe\x04test\x00" + struct.pack(">HH", 1, 1)
+rtts = []
+for i in range(200):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    t = time.perf_counter()
+    try:
+        s.sendto(q, (sys.argv[1], 53)); s.recv(512); rtts.append((time.perf_counter() - t) * 1e3)
+    except OSError:
+        pass
+    s.close()
+print("%.3f" % statistics.median(rtts) if len(rtts) > 150 else "")
+PY
+}
+section_udp() {
+  log "UDP and IPv6 through np up"
+  local m; m=$(mark)
+  ns pd ip addr add $UDP_DNS/32 dev lo 2>/dev/null
+  bg ns pd dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
+    --listen-address=198.18.0.3 --listen-address=$UDP_DNS --host-record=probe.test,198.18.200.7 \
+    --pid-file="$WORK/dnsmasq.pid" --user=root
+  bg ns pr "$BIN/np-relay" --as @relay --home "$WORK/home-relay" --listen 198.18.0.2:7448 ${RELAY_FLAGS:-}
+  wait_port pr 198.18.0.2 7448
+  bg ns pd "$BIN/npd" --as @bench_device --device bench --manager @bench_client --home "$WORK/home-bench_device" \
+    --permit-open "localhost:5201,localhost:22,udp/localhost:5201,udp/$UDP_DNS:53"
+  sleep 1
+  ip netns exec pc "$BIN/np" up --as @bench_client --relay @relay --device bench@bench_device=100.80.0.2 \
+    --route "$UDP_DNS/32=bench@bench_device" --home "$WORK/home-bench_client" >"$WORK/up-udp.out" 2>>"$WORK/logs/bg.log" &
+  echo $! >>"$WORK/pids"
+  local i; for i in $(seq 100); do grep -q '^ready' "$WORK/up-udp.out" 2>/dev/null && break; sleep 0.05; done
+  # 100.80.0.2's IPv6 address under the default --subnet6 (fd6e:7000::/96 + the IPv4 address).
+  local v6=fd6e:7000::6450:2 r4 r6 ours_udp wg_udp direct via
+  r4=$(ns pc iperf3 -J -t "$T" -c 100.80.0.2 -p 5201 2>/dev/null | gbps 2>/dev/null)
+  r6=$(ns pc iperf3 -J -t "$T" -c $v6 -p 5201 2>/dev/null | gbps 2>/dev/null)
+  metric "np up TCP one flow over IPv4 (this section)" "$r4" Gbit/s
+  metric "np up TCP one flow over IPv6 (same session)" "$r6" Gbit/s
+  note "np up TCP over IPv6 / over IPv4, same run: $(python3 -c "import sys; a, b = sys.argv[1:]; print('%.2f' % (float(b) / float(a)))" "${r4:-0}" "${r6:-0}" 2>/dev/null || echo FAIL)"
+  ours_udp=$(udp_run "np up" 100.80.0.2)
+  direct=$(dns_rtt 198.18.0.3); via=$(dns_rtt $UDP_DNS)
+  metric "DNS query round trip, direct to the resolver" "$direct" ms
+  metric "DNS query round trip, through np up's device route" "$via" ms
+  note "DNS round trip through np up / direct (medians of 200): $(python3 -c "import sys; a, b = sys.argv[1:]; print('%.2f' % (float(b) / float(a)))" "${direct:-0}" "${via:-0}" 2>/dev/null || echo FAIL)"
+  stop_since "$m"
+  # wireguard-go as peers.sh sets it up (userspace WG over TUN), for its UDP goodput.
+  local n peer
+  for n in pc pd; do wg genkey >"$WORK/wg_$n.key"; wg pubkey <"$WORK/wg_$n.key" >"$WORK/wg_$n.pub"; done
+  for n in pc pd; do
+    if [ $n = pc ]; then peer=pd; else peer=pc; fi
+    WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 WG_SUDO=1 ns $n wireguard-go wg$n >/dev/null 2>&1; sleep 0.7
+    ns $n wg set wg$n listen-port 51820 private-key "$WORK/wg_$n.key" peer "$(cat "$WORK/wg_$peer.pub")" \
+      endpoint 198.18.0.$([ $peer = pc ] && echo 1 || echo 3):51820 allowed-ips 100.64.0.$([ $peer = pc ] && echo 1 || echo 2)/32
+    ns $n ip addr add 100.64.0.$([ $n = pc ] && echo 1 || echo 2)/24 dev wg$n; ns $n ip link set wg$n up
+  done
+  sleep 1
+  wg_udp=$(udp_run "wireguard-go" 100.64.0.2)
+  for n in pc pd; do ns $n ip link del wg$n 2>/dev/null; done
+  note "iperf3 -u goodput at 1 Gbit/s offered, np up / wireguard-go: $(python3 -c "import sys; a, b = sys.argv[1:]; print('%.2f' % (float(a) / float(b)))" "${ours_udp:-0}" "${wg_udp:-0}" 2>/dev/null || echo FAIL)"
+  ns pd ip addr del $UDP_DNS/32 dev lo 2>/dev/null
 }
 
 # --- np up --------------------------------------------------------------------------------------
@@ -781,12 +860,12 @@ start_rev_tunnel || log "no reverse SSH tunnel: warm connect-to-first-byte has n
 # Our paths in rounds (each round all of them, so a slow minute of the machine touches every path
 # once rather than one path three times), then the sections measured once.
 for ROUND in $(seq "$ROUNDS"); do
-  for sec in ${SECTIONS:-tunnel relay forward up ssh idle backlog abuse fleet control}; do
+  for sec in ${SECTIONS:-tunnel relay forward up udp ssh idle backlog abuse fleet control}; do
     case " $ROUNDED " in *" $sec "*) log "round $ROUND of $ROUNDS: $sec"; "section_$sec" ;; esac
   done
 done
 ROUND=0
-for sec in ${SECTIONS:-tunnel relay forward up ssh idle backlog abuse fleet control}; do
+for sec in ${SECTIONS:-tunnel relay forward up udp ssh idle backlog abuse fleet control}; do
   case " $ROUNDED " in *" $sec "*) ;; *) "section_$sec" ;; esac
 done
 teardown_hosts

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the end-to-end tests use.
-PKGS=(iproute2 openssh-server openssh-client iperf3 nftables socat python3 rsync git curl postgresql)
+PKGS=(iproute2 openssh-server openssh-client iperf3 nftables socat python3 rsync git curl postgresql dnsmasq-base bind9-dnsutils mosh tmux)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod doctor;
 pub mod end_sessions;
 pub mod forward;
+pub mod forward_udp;
 pub mod local_flows;
 pub mod nc;
 pub mod relays;
@@ -71,8 +72,13 @@ pub fn relay_book(relay: Option<&Name>, address: Option<String>) -> np_tunnel::r
     }
 }
 
-pub fn mux_config(keepalive: std::time::Duration) -> np_session::MuxConfig {
-    np_session::MuxConfig { keepalive_interval: keepalive, idle_timeout: keepalive * 3, ..Default::default() }
+pub fn mux_config(keepalive: std::time::Duration, udp_idle: std::time::Duration) -> np_session::MuxConfig {
+    np_session::MuxConfig {
+        keepalive_interval: keepalive,
+        idle_timeout: keepalive * 3,
+        udp_idle_timeout: udp_idle,
+        ..Default::default()
+    }
 }
 
 /// Makes large allocations (TCP socket buffers of `np up`, 1 MiB each) always come straight

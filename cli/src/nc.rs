@@ -178,7 +178,7 @@ pub async fn run(device: DeviceArg, port: u16, to_host: Option<String>, opts: Nc
         ctl: ctl.clone(),
         router,
         timeout: opts.timeout,
-        mux: crate::mux_config(opts.keepalive),
+        mux: crate::mux_config(opts.keepalive, np_session::MuxConfig::default().udp_idle_timeout),
         relays,
         choice,
     };

@@ -82,7 +82,12 @@ impl Dialer for UpDialer {
             match connector.dial_best(&device_ref, &[first_target], &step).await {
                 Ok((t, relay)) => {
                     tracing::info!(device = %device_ref, session = %t.session, %relay, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
-                    Ok(Dialed { stream: t.stream, keys: t.keys, session: t.session })
+                    Ok(Dialed {
+                        stream: t.stream,
+                        keys: t.keys,
+                        session: t.session,
+                        udp: t.features.has(np_tunnel::msg::Features::UDP),
+                    })
                 }
                 Err(e) => {
                     tracing::warn!(device = %device_ref, error = %e, "setting up a session failed");
@@ -622,6 +627,15 @@ fn render_status(iface: &str, st: &np_netstack::Status, started: Instant, guard:
     }
     for (p, d) in &st.routes {
         let _ = writeln!(o, "route {p} via {d}");
+    }
+    // Beside the TCP flows above (a list, not a column: scripts read FLOWS as the last one).
+    let _ = writeln!(o, "udp associations: {}", st.udp.len());
+    for u in &st.udp {
+        let _ = writeln!(
+            o,
+            "udp {} -> {} via {} to {}  up {} datagrams {} bytes  down {} datagrams {} bytes",
+            u.src, u.dst, u.device.0, u.target, u.datagrams_up, u.bytes_up, u.datagrams_down, u.bytes_down
+        );
     }
     let _ = writeln!(
         o,

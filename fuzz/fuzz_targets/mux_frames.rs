@@ -5,6 +5,8 @@
 //! Input layout: one byte of role and options, then records as `len:u16` + bytes. With option
 //! bit 0x20 the peer never reads: nothing is transmitted until the mux says it is backlogged (the
 //! driver then stops reading), and what waits to be sent must stay bounded whatever the records.
+//! With option bit 0x10 the session carries UDP: the application refuses some associations and
+//! echoes datagrams on the others, and the UDP send queue stays bounded too.
 #![no_main]
 
 use bytes::Bytes;
@@ -17,7 +19,15 @@ use std::time::{Duration, Instant};
 fuzz_target!(|data: &[u8]| {
     let Some((&opts, mut rest)) = data.split_first() else { return };
     let role = if opts & 1 == 0 { Role::Initiator } else { Role::Responder };
-    let config = MuxConfig { initial_window: 4096, max_peer_flows: 8, max_control_backlog: 16, ..MuxConfig::default() };
+    let config = MuxConfig {
+        initial_window: 4096,
+        max_peer_flows: 8,
+        max_control_backlog: 16,
+        udp: opts & 0x10 != 0,
+        max_udp_assocs: 8,
+        max_udp_queued: 8192,
+        ..MuxConfig::default()
+    };
     let never_reads = opts & 0x20 != 0;
     let mut now = Instant::now();
     let mut mux = Mux::new(role, config, now);
@@ -25,6 +35,9 @@ fuzz_target!(|data: &[u8]| {
     if role == Role::Initiator {
         for _ in 0..(opts >> 1) % 4 {
             let _ = mux.open("localhost:22");
+            if let Ok(a) = mux.udp_open("localhost:53", now) {
+                mux.udp_send(a, Bytes::from_static(b"query"), now);
+            }
         }
     }
     drain(&mut mux, now, opts);
@@ -56,6 +69,9 @@ fuzz_target!(|data: &[u8]| {
             // The backlog before this record was under 16; one record adds at most an answer
             // per flow (8 of the peer's, 3 of ours), a grant per flow, one Pong and one Ping.
             assert!(mux.control_backlog() <= 16 + 11 + 11 + 2, "backlog {}", mux.control_backlog());
+            // Under the cap before the record; it adds at most a refusal per association
+            // opened in it (each shorter than its UdpOpen, doubled).
+            assert!(mux.udp_queued() <= 8192 + 2 * record.len(), "udp queue {}", mux.udp_queued());
             if mux.is_backlogged() {
                 drain(&mut mux, now, opts);
             }
@@ -90,6 +106,10 @@ fn react(mux: &mut Mux, ev: Event, opts: u8) {
             if opts & 0x80 != 0 {
                 let _ = mux.finish(flow);
             }
+        }
+        Event::UdpOpened { assoc, .. } if assoc % 3 == 0 => mux.udp_close(assoc, "no"),
+        Event::Datagram { assoc, bytes } => {
+            mux.udp_send(assoc, bytes, Instant::now());
         }
         _ => {}
     }

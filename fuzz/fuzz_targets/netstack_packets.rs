@@ -4,7 +4,8 @@
 //! IPv4 or IPv6, its source is set to the interface's own address (the stack drops every other
 //! source first of all), and where it carries TCP its checksums are fixed up (unless the options
 //! say not to do either), so the fuzzer explores the stack's flow handling and not only its
-//! source and checksum checks. An IPv6 packet whose destination's first byte is odd goes to the
+//! source and checksum checks; UDP datagrams get the same (so they reach the datagram path: the
+//! driver answers each, or refuses it with an ICMP port unreachable). An IPv6 packet whose destination's first byte is odd goes to the
 //! device's own IPv6 address (the same device as its IPv4 one); others reach the routed
 //! `fd00::/64` or nothing. Extension headers, fragments and multicast are the fuzzer's to find
 //! (the stack drops and counts them). The driver's
@@ -13,7 +14,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use np_netstack::{AddressMap, Event, Prefix, RefuseKind, Stack, StackConfig, DEFAULT_SUBNET};
-use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
+use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket};
 use std::time::{Duration, Instant};
 
 fn map() -> AddressMap {
@@ -41,36 +42,45 @@ fn own_source(p: &mut [u8], map: &AddressMap) {
     }
 }
 
-/// Recomputes the IPv4 header checksum and the TCP checksum where the packet's own lengths
-/// allow it; leaves anything else as it is.
+/// Recomputes the TCP or UDP checksum of `seg` between `src` and `dst`, where it parses.
+fn fill_transport(proto: IpProtocol, seg: &mut [u8], src: &IpAddress, dst: &IpAddress) {
+    match proto {
+        IpProtocol::Tcp => {
+            if let Ok(mut tcp) = TcpPacket::new_checked(seg) {
+                tcp.fill_checksum(src, dst);
+            }
+        }
+        IpProtocol::Udp => {
+            if let Ok(mut udp) = UdpPacket::new_checked(seg) {
+                udp.fill_checksum(src, dst);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Recomputes the IPv4 header checksum and the TCP or UDP checksum where the packet's own
+/// lengths allow it; leaves anything else as it is.
 fn fix_checksums(p: &mut [u8]) {
     match p.first().map(|b| b >> 4) {
         Some(4) => {
             let Ok(mut ip) = Ipv4Packet::new_checked(&mut *p) else { return };
             ip.fill_checksum();
-            if ip.next_header() != IpProtocol::Tcp {
-                return;
-            }
+            let proto = ip.next_header();
             let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
             let hl = usize::from(ip.header_len());
             let total = usize::from(ip.total_len()).min(p.len());
             if let Some(seg) = p.get_mut(hl..total) {
-                if let Ok(mut tcp) = TcpPacket::new_checked(seg) {
-                    tcp.fill_checksum(&src, &dst);
-                }
+                fill_transport(proto, seg, &src, &dst);
             }
         }
         Some(6) => {
             let Ok(ip) = Ipv6Packet::new_checked(&mut *p) else { return };
-            if ip.next_header() != IpProtocol::Tcp {
-                return;
-            }
+            let proto = ip.next_header();
             let (src, dst) = (IpAddress::Ipv6(ip.src_addr()), IpAddress::Ipv6(ip.dst_addr()));
             let end = (40 + usize::from(ip.payload_len())).min(p.len());
             if let Some(seg) = p.get_mut(40..end) {
-                if let Ok(mut tcp) = TcpPacket::new_checked(seg) {
-                    tcp.fill_checksum(&src, &dst);
-                }
+                fill_transport(proto, seg, &src, &dst);
             }
         }
         _ => {}
@@ -134,6 +144,14 @@ fuzz_target!(|data: &[u8]| {
                         let _ = stack.send(id, b"device says hello");
                     }
                     Event::Finished(_) | Event::Closed(_) => {}
+                    // Echoed back (as a device's answer would come), or refused.
+                    Event::Datagram { src, dst, payload, .. } => {
+                        if payload.first().is_some_and(|b| b % 2 == 0) {
+                            stack.send_datagram(dst, src, &payload);
+                        } else {
+                            stack.udp_unreachable(src, dst, &payload);
+                        }
+                    }
                 }
             }
             while stack.poll_transmit().is_some() {

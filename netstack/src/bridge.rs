@@ -62,6 +62,8 @@ pub struct Established {
     pub keys: SessionKeys,
     /// The session id (hex) that npd logs too.
     pub session: String,
+    /// Whether the session carries UDP (negotiated at its handshake).
+    pub udp: bool,
 }
 
 /// Why a session could not be set up.
@@ -178,6 +180,7 @@ pub struct Bridge {
     last_error: HashMap<DeviceKey, String>,
     actions: VecDeque<Action>,
     stats: BridgeStats,
+    udp: udp::Udp,
 }
 
 impl Bridge {
@@ -194,6 +197,7 @@ impl Bridge {
             last_error: HashMap::new(),
             actions: VecDeque::new(),
             stats: BridgeStats::default(),
+            udp: udp::Udp::default(),
         }
     }
 
@@ -265,7 +269,11 @@ impl Bridge {
                 self.stats.sessions += 1;
                 tracing::debug!(device = %device, session = %est.session, link = %link, "session up");
                 l.state = LinkState::Up {
-                    conn: Box::new(Connection::new(&est.keys, self.config.mux.clone(), now)),
+                    conn: Box::new(Connection::new(
+                        &est.keys,
+                        MuxConfig { udp: est.udp, ..self.config.mux.clone() },
+                        now,
+                    )),
                     by_mux: HashMap::new(),
                     session: est.session,
                 };
@@ -273,6 +281,7 @@ impl Bridge {
                 for id in waiting {
                     self.open_on(link, id);
                 }
+                self.udp_link_ready(link, true, now);
             }
             Err(failed) => {
                 tracing::debug!(device = %device, link = %link, reason = %failed.reason, "session setup failed");
@@ -282,6 +291,7 @@ impl Bridge {
                 for id in waiting {
                     self.fail_open(id, failed.kind);
                 }
+                self.udp_link_ready(link, false, now);
             }
         }
     }
@@ -541,6 +551,7 @@ impl Bridge {
                     }
                 }
             }
+            Event::Datagram { src, dst, target, payload } => self.udp_datagram(src, dst, target, payload, now),
             Event::Closed(id) => {
                 let Some(f) = self.flows.remove(&id) else { return };
                 f.span.in_scope(|| tracing::debug!("flow closed"));
@@ -681,6 +692,15 @@ impl Bridge {
                 f.span.in_scope(|| tracing::debug!(%reason, "flow reset by the device"));
                 let _ = self.stack.abort(id);
             }
+            ConnEvent::UdpOpened { assoc, .. } => {
+                // A device never opens associations (its mux refuses to, and ours ends a
+                // session whose device tries).
+                if let Some(conn) = self.conn_mut(link) {
+                    conn.udp_close(assoc, "clients accept no associations");
+                }
+            }
+            ConnEvent::Datagram { assoc, bytes } => self.udp_answer(link, assoc, &bytes),
+            ConnEvent::UdpClosed { assoc, reason } => self.udp_closed(link, assoc, &reason),
             ConnEvent::Ended { error } => self.link_ended(link, error),
         }
     }
@@ -710,6 +730,7 @@ impl Bridge {
         };
         tracing::info!(device = %device, session = %session, error = %error, "session ended");
         l.state = LinkState::Ending { conn };
+        self.udp_link_ended(link);
         if self.current.get(&device) == Some(&link) {
             self.current.remove(&device);
         }
@@ -801,3 +822,6 @@ impl Bridge {
 
 #[cfg(test)]
 mod tests;
+mod udp;
+
+pub use udp::{UdpStatus, MAX_WAITING};

@@ -17,7 +17,7 @@ mod testapp;
 pub mod tun;
 mod vnet;
 
-pub use bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed};
+pub use bridge::{Action, Bridge, BridgeConfig, BridgeStats, Established, LinkId, SetupFailed, UdpStatus};
 pub use map::{AddressMap, DeviceKey, FlowTarget, MapError, Prefix, DEFAULT_SUBNET};
 pub use shell::{BoxFuture, Dialed, Dialer, Netstack, NetstackConfig, NetstackError, Status, StatusHandle};
 pub use stack::{Event, FlowError, FlowId, RefuseKind, RxChecksum, Stack, StackConfig, Stats};

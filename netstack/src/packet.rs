@@ -1,5 +1,6 @@
 //! Reading the TCP segment out of a packet from the TUN, and writing the two replies the stack
-//! makes itself: a TCP reset ("connection refused") and an ICMP destination unreachable.
+//! makes itself: a TCP reset ("connection refused") and an ICMP destination unreachable. UDP
+//! datagrams, both ways, and their port unreachable are in `udp`.
 //!
 //! Everything here takes untrusted bytes and never panics on them: smoltcp's `new_checked` and
 //! `Repr::parse` check every length and checksum before a field is read.
@@ -21,6 +22,11 @@ const HOP_LIMIT: u8 = 64;
 /// as much as fits in 1280 bytes; the kernel itself only needs the first 8 bytes).
 const MAX_QUOTE: usize = 512;
 
+mod udp;
+#[cfg(test)]
+pub(crate) use udp::parse_udp;
+pub(crate) use udp::{parse_udp_with, port_unreachable, udp_packet};
+
 /// The fields of a TCP segment the stack decides on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Segment {
@@ -39,7 +45,7 @@ pub(crate) struct Segment {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IpHeader {
+pub(crate) enum IpHeader {
     V4(Ipv4Repr),
     V6(Ipv6Repr),
 }
@@ -66,7 +72,8 @@ pub(crate) enum Unusable {
     /// IPv6 with extension headers before its payload: the kernel puts none on the TCP it sends
     /// here, and walking a chain a sender controls is work (and parser surface) for nothing.
     Ipv6Extension,
-    /// A well-formed packet of another protocol (UDP, ICMP).
+    /// A well-formed packet of another protocol than the one asked for (ICMP; UDP to the
+    /// TCP parser and TCP to the UDP one).
     NotTcp,
 }
 
@@ -112,6 +119,55 @@ pub(crate) fn source(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// The IP layer of a packet carrying TCP or UDP: its header, its payload (exactly the
+/// payload length the header gives) and which of the two it carries. Lengths and the IPv4
+/// header checksum are checked; fragments, IPv6 extension headers and other protocols are told
+/// apart so each is counted.
+pub(crate) fn parse_ip(packet: &[u8]) -> Result<(IpHeader, &[u8], IpProtocol), Unusable> {
+    let caps = checksums();
+    let version = packet.first().ok_or(Unusable::Malformed)? >> 4;
+    let transport = |p: IpProtocol| matches!(p, IpProtocol::Tcp | IpProtocol::Udp);
+    match version {
+        4 => {
+            let pkt = Ipv4Packet::new_checked(packet).map_err(|_| Unusable::Malformed)?;
+            if pkt.more_frags() || pkt.frag_offset() != 0 {
+                return Err(Unusable::Fragment);
+            }
+            // Rejects bad checksums.
+            let repr = Ipv4Repr::parse(&pkt, &caps).map_err(|_| Unusable::Malformed)?;
+            if !transport(repr.next_header) {
+                return Err(Unusable::NotTcp);
+            }
+            let header_len = usize::from(pkt.header_len());
+            let payload = packet.get(header_len..header_len + repr.payload_len).ok_or(Unusable::Malformed)?;
+            Ok((IpHeader::V4(repr), payload, repr.next_header))
+        }
+        6 => {
+            let pkt = Ipv6Packet::new_checked(packet).map_err(|_| Unusable::Malformed)?;
+            let repr = Ipv6Repr::parse(&pkt).map_err(|_| Unusable::Malformed)?;
+            match repr.next_header {
+                p if transport(p) => {}
+                IpProtocol::Ipv6Frag => return Err(Unusable::Fragment),
+                p if is_ipv6_extension(p) => return Err(Unusable::Ipv6Extension),
+                _ => return Err(Unusable::NotTcp),
+            }
+            let payload = packet.get(40..40 + repr.payload_len).ok_or(Unusable::Malformed)?;
+            Ok((IpHeader::V6(repr), payload, repr.next_header))
+        }
+        _ => Err(Unusable::Malformed),
+    }
+}
+
+impl IpHeader {
+    /// Source and destination.
+    pub(crate) fn addrs(&self) -> (IpAddr, IpAddr) {
+        match self {
+            IpHeader::V4(r) => (r.src_addr.into(), r.dst_addr.into()),
+            IpHeader::V6(r) => (r.src_addr.into(), r.dst_addr.into()),
+        }
+    }
+}
+
 /// Parse an IPv4 or IPv6 packet carrying TCP, checking lengths and checksums.
 #[cfg(test)]
 pub(crate) fn parse_tcp(packet: &[u8]) -> Result<Segment, Unusable> {
@@ -125,36 +181,11 @@ pub(crate) fn parse_tcp_with(packet: &[u8], checksum: RxChecksum) -> Result<Segm
     if checksum == RxChecksum::Partial {
         caps.tcp = Checksum::Tx;
     }
-    let version = packet.first().ok_or(Unusable::Malformed)? >> 4;
-    let (ip, payload, src, dst): (IpHeader, &[u8], IpAddr, IpAddr) = match version {
-        4 => {
-            let pkt = Ipv4Packet::new_checked(packet).map_err(|_| Unusable::Malformed)?;
-            if pkt.more_frags() || pkt.frag_offset() != 0 {
-                return Err(Unusable::Fragment);
-            }
-            // Rejects bad checksums.
-            let repr = Ipv4Repr::parse(&pkt, &caps).map_err(|_| Unusable::Malformed)?;
-            if repr.next_header != IpProtocol::Tcp {
-                return Err(Unusable::NotTcp);
-            }
-            let header_len = usize::from(pkt.header_len());
-            let payload = packet.get(header_len..header_len + repr.payload_len).ok_or(Unusable::Malformed)?;
-            (IpHeader::V4(repr), payload, repr.src_addr.into(), repr.dst_addr.into())
-        }
-        6 => {
-            let pkt = Ipv6Packet::new_checked(packet).map_err(|_| Unusable::Malformed)?;
-            let repr = Ipv6Repr::parse(&pkt).map_err(|_| Unusable::Malformed)?;
-            match repr.next_header {
-                IpProtocol::Tcp => {}
-                IpProtocol::Ipv6Frag => return Err(Unusable::Fragment),
-                p if is_ipv6_extension(p) => return Err(Unusable::Ipv6Extension),
-                _ => return Err(Unusable::NotTcp),
-            }
-            let payload = packet.get(40..40 + repr.payload_len).ok_or(Unusable::Malformed)?;
-            (IpHeader::V6(repr), payload, repr.src_addr.into(), repr.dst_addr.into())
-        }
-        _ => return Err(Unusable::Malformed),
-    };
+    let (ip, payload, proto) = parse_ip(packet)?;
+    if proto != IpProtocol::Tcp {
+        return Err(Unusable::NotTcp);
+    }
+    let (src, dst) = ip.addrs();
     let tcp = TcpPacket::new_checked(payload).map_err(|_| Unusable::Malformed)?;
     let tcp_repr =
         TcpRepr::parse(&tcp, &IpAddress::from(src), &IpAddress::from(dst), &caps).map_err(|_| Unusable::Malformed)?;

@@ -16,6 +16,8 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use np_session::{MuxConfig, SessionKeys};
+
+use crate::bridge::UdpStatus;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -47,6 +49,8 @@ pub struct Dialed {
     pub keys: SessionKeys,
     /// The session id both ends log (hex).
     pub session: String,
+    /// Whether the session carries UDP (both ends have it).
+    pub udp: bool,
 }
 
 /// Configuration of [`Netstack`].
@@ -116,6 +120,8 @@ pub struct Status {
     pub sessions: Vec<(DeviceKey, String)>,
     /// Counters of the bridge.
     pub bridge: BridgeStats,
+    /// Each live UDP association, with what it carried.
+    pub udp: Vec<UdpStatus>,
 }
 
 /// What a [`StatusHandle`] asks of the running netstack.
@@ -417,7 +423,7 @@ impl<D: Dialer> Shell<D> {
             Ok(d) => {
                 let _ = d.stream.set_nodelay(true);
                 self.links.insert(link, LinkIo { stream: d.stream, out: Vec::new(), written: 0, stalled_since: None });
-                self.bridge.connected(link, Ok(Established { keys: d.keys, session: d.session }), now);
+                self.bridge.connected(link, Ok(Established { keys: d.keys, session: d.session, udp: d.udp }), now);
             }
             Err(failed) => self.bridge.connected(link, Err(failed), now),
         }
@@ -530,6 +536,7 @@ impl<D: Dialer> Shell<D> {
             stats: stack.stats().clone(),
             sessions: map.devices().map(|(_, d)| (d.clone(), self.bridge.describe(d))).collect(),
             bridge: self.bridge.stats(),
+            udp: self.bridge.udp_status(),
         }
     }
 }

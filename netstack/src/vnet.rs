@@ -142,6 +142,33 @@ mod tests {
     }
 
     #[test]
+    fn a_datagram_whose_checksum_the_kernel_left_to_us_parses_only_as_partial() {
+        use crate::packet::{parse_udp, parse_udp_with, udp_packet};
+        for (app, virt) in
+            [("198.18.0.1:5000", "198.18.0.2:53"), ("[fd6e:7000::c612:1]:5000", "[fd6e:7000::c612:2]:53")]
+        {
+            let (app, virt) = (app.parse().expect("app"), virt.parse().expect("virt"));
+            let mut p = udp_packet(app, virt, b"a question");
+            let start = if p[0] >> 4 == 4 { 20 } else { 40 };
+            let len = (p.len() - start) as u32;
+            let pseudo = match (app, virt) {
+                (std::net::SocketAddr::V4(a), std::net::SocketAddr::V4(v)) => {
+                    checksum::pseudo_header_v4(a.ip(), v.ip(), IpProtocol::Udp, len)
+                }
+                (std::net::SocketAddr::V6(a), std::net::SocketAddr::V6(v)) => {
+                    checksum::pseudo_header_v6(a.ip(), v.ip(), IpProtocol::Udp, len)
+                }
+                _ => unreachable!(),
+            };
+            // What the kernel writes into a NEEDS_CSUM datagram's checksum field.
+            p[start + 6..start + 8].copy_from_slice(&pseudo.to_be_bytes());
+            assert!(parse_udp(&p).is_err(), "a complete checksum is checked");
+            let d = parse_udp_with(&p, RxChecksum::Partial).expect("a partial one is not");
+            assert_eq!(&p[d.payload], b"a question");
+        }
+    }
+
+    #[test]
     fn the_kernels_header_says_how_to_take_the_packet() {
         let mut hdr = [0u8; VNET_HDR_LEN];
         assert_eq!(rx(&hdr), Some(RxChecksum::Complete));

@@ -94,7 +94,7 @@ impl Dialer for HostDialer {
                     tokio::spawn(serve_flow(flow, dialer.clone()));
                 }
             });
-            Ok(Dialed { stream: client, keys: ck, session: "0000test".into() })
+            Ok(Dialed { stream: client, keys: ck, session: "0000test".into(), udp: false })
         })
     }
 }
@@ -437,7 +437,7 @@ impl Dialer for StallingDialer {
             shrink(server.as_raw_fd(), libc::SO_RCVBUF);
             let (ck, dk) = session_keys();
             tokio::spawn(stalling_device(server, dk));
-            Ok(Dialed { stream: client, keys: ck, session: "0000stal".into() })
+            Ok(Dialed { stream: client, keys: ck, session: "0000stal".into(), udp: false })
         })
     }
 }

@@ -727,7 +727,8 @@ impl Deployment {
         assert!(ok, "npd did not start: {}", read(&log));
     }
 
-    /// Starts `np forward --to pi4@alice_device` as @alice in pc; returns once every `-L` listens.
+    /// Starts `np forward --to pi4@alice_device` as @alice in pc; returns once every `-L` (and
+    /// every `-U` in `extra`) listens, their addresses in that order.
     pub fn forward(&self, forwards: &[&str], extra: &[&str]) -> Result<crate::stack::Forward, String> {
         let mut cmd = Command::new(bin("np"));
         cmd.args(["forward", "--as", "@alice", "--to", "pi4@alice_device", "--relay", "@relay"])
@@ -746,10 +747,13 @@ impl Deployment {
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut addrs = Vec::new();
-        while addrs.len() < forwards.len() {
+        // `-U` forwards in `extra` print their line too (`forwarding udp ADDR -> ...`).
+        let expected = forwards.len() + extra.iter().filter(|a| **a == "-U").count();
+        while addrs.len() < expected {
             match lines.next() {
                 Some(Ok(line)) => {
                     if let Some(rest) = line.strip_prefix("forwarding ") {
+                        let rest = rest.strip_prefix("udp ").unwrap_or(rest);
                         addrs.push(rest.split_whitespace().next().unwrap().parse().unwrap());
                     }
                 }

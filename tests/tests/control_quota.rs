@@ -130,6 +130,7 @@ fn five_thousand_session_requests_from_an_unpermitted_identity_leave_a_managers_
             session: id,
             handshake: vec![0; 48],
             targets: vec!["localhost:22".into()],
+            features: Default::default(),
         })
         .encode()
     });

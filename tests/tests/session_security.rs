@@ -48,6 +48,7 @@ async fn a_replayed_request_and_a_tampered_signature_are_refused() {
         session: [3; 16],
         handshake: msg1,
         targets: vec![format!("localhost:{port}")],
+        features: Default::default(),
     });
     let env = Envelope::seal(&alice, &keys, &dev, &dev_keys, now_ms(), &req.encode()).unwrap();
 

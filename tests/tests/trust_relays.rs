@@ -96,6 +96,7 @@ fn request(id: u8, relay: &str, targets: Vec<String>) -> SessionRequest {
         // Never looked at: the request is refused before the handshake.
         handshake: vec![0; 48],
         targets,
+        features: Default::default(),
     }
 }
 

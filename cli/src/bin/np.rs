@@ -35,6 +35,10 @@ struct Cli {
     /// is declared dead and set up again on the next flow.
     #[arg(long, global = true, default_value = "15s", value_parser = humantime::parse_duration)]
     keepalive: Duration,
+    /// A UDP association (`np up`, `np forward -U`) with no datagram either way for this long
+    /// ends; the next datagram opens a new one.
+    #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    udp_idle: Duration,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -70,8 +74,13 @@ enum Cmd {
         #[arg(long, value_name = "HOST:PORT", requires = "relay", value_parser = np_relay_proto::record::parse_address)]
         relay_address: Option<String>,
         /// A forward, [BIND:]PORT:HOST:PORT; HOST:PORT is dialled on the device's side. Repeatable.
-        #[arg(short = 'L', required = true)]
+        #[arg(short = 'L', required_unless_present = "udp_forwards")]
         forwards: Vec<LocalForward>,
+        /// A UDP forward, [BIND:]PORT:HOST:PORT: datagrams to the local port go to HOST:PORT from
+        /// the device (which must permit `udp/HOST:PORT`), answers come back to their sender.
+        /// Repeatable.
+        #[arg(short = 'U')]
+        udp_forwards: Vec<LocalForward>,
         /// How long to wait for the device to answer.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -380,7 +389,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Forward { me, to, relay, relay_address, forwards, timeout } => {
+        Cmd::Forward { me, to, relay, relay_address, forwards, udp_forwards, timeout } => {
             let t0 = std::time::Instant::now();
             let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
             if cli.verbose {
@@ -393,11 +402,32 @@ async fn run(cli: Cli) -> Result<()> {
             let (router, _requests) = Router::start(incoming);
             let relays = np_cli::relay_book(relay.as_ref(), relay_address);
             let choice = np_cli::relay_choice(relay, cli.verbose);
-            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays, choice };
-            let targets = forwards.iter().map(|f| f.target.clone()).collect();
+            let connector = Connector {
+                ctl,
+                router,
+                timeout,
+                mux: np_cli::mux_config(cli.keepalive, cli.udp_idle),
+                relays,
+                choice,
+            };
+            let tcp = forwards.iter().map(|f| f.target.clone());
+            let targets = tcp.chain(udp_forwards.iter().map(|f| format!("udp/{}", f.target))).collect();
             let slot = Arc::new(SessionSlot::new(connector, to, targets, cli.verbose));
+            let udp = async {
+                match udp_forwards.is_empty() {
+                    true => std::future::pending().await,
+                    false => np_cli::forward_udp::run(slot.clone(), udp_forwards).await,
+                }
+            };
+            let tcp = async {
+                match forwards.is_empty() {
+                    true => std::future::pending().await,
+                    false => np_cli::forward::run(slot.clone(), forwards).await,
+                }
+            };
             tokio::select! {
-                r = np_cli::forward::run(slot, forwards) => r,
+                r = tcp => r,
+                r = udp => r,
                 _ = np_cli::shutdown_signal() => Ok(()),
             }
         }
@@ -420,7 +450,14 @@ async fn run(cli: Cli) -> Result<()> {
             let (router, _requests) = Router::start(incoming);
             let relays = np_cli::relay_book(relay.as_ref(), relay_address);
             let choice = np_cli::relay_choice(relay, cli.verbose);
-            let connector = Connector { ctl, router, timeout, mux: np_cli::mux_config(cli.keepalive), relays, choice };
+            let connector = Connector {
+                ctl,
+                router,
+                timeout,
+                mux: np_cli::mux_config(cli.keepalive, cli.udp_idle),
+                relays,
+                choice,
+            };
             let opts = UpOptions { devices, routes, subnet, subnet6, name, eager, accept_routes, verbose: cli.verbose };
             np_cli::up::run(connector, opts, np_cli::shutdown_signal()).await
         }

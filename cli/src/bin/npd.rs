@@ -32,7 +32,8 @@ struct Cli {
     /// A policy identity to ask whether others may connect, and to what.
     #[arg(long)]
     policy: Option<Name>,
-    /// Targets this daemon will dial: comma-separated host:port, *:port, host:* or *:*.
+    /// Targets this daemon will dial: comma-separated host:port, *:port, host:* or *:*, a port
+    /// also a range LO-HI; TCP unless prefixed udp/ (e.g. `localhost:22,udp/localhost:60000-61000`).
     #[arg(long, default_value = "localhost:22")]
     permit_open: String,
     /// A LAN prefix behind this device that clients may route to it (repeatable, e.g.
@@ -65,6 +66,9 @@ struct Cli {
     /// intervals is ended.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     keepalive: Duration,
+    /// A UDP association with no datagram either way for this long ends (its socket closes).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    udp_idle: Duration,
 }
 
 fn main() -> ExitCode {
@@ -101,7 +105,7 @@ async fn run(cli: Cli) -> Result<()> {
     cfg.max_sessions_per_requester = cli.max_sessions_per_requester.max(1);
     cfg.share_with = cli.share_with;
     cfg.heartbeat = cli.heartbeat;
-    cfg.mux = np_cli::mux_config(cli.keepalive);
+    cfg.mux = np_cli::mux_config(cli.keepalive, cli.udp_idle);
     {
         // Published (or withdrawn, when empty) on every start, for the same readers as the
         // device's info.

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::mux::{Event, FlowId, Mux, MuxConfig, Pull};
+use crate::mux::{AssocId, AssocStats, Event, FlowId, Mux, MuxConfig, Pull, UdpCounters};
 use crate::record::{Opener, Sealer, HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
 use crate::{SessionError, SessionKeys};
 
@@ -65,6 +65,28 @@ pub enum ConnEvent {
         /// The peer's reason.
         reason: String,
     },
+    /// The client opened a UDP association (device side): send its datagrams to `target`, or
+    /// refuse it with [`Connection::udp_close`].
+    UdpOpened {
+        /// The association.
+        assoc: AssocId,
+        /// `host:port`.
+        target: String,
+    },
+    /// A whole datagram of an association.
+    Datagram {
+        /// The association.
+        assoc: AssocId,
+        /// The payload.
+        bytes: Bytes,
+    },
+    /// The association ended (the peer's close, idle, evicted); it no longer exists.
+    UdpClosed {
+        /// The association.
+        assoc: AssocId,
+        /// Why.
+        reason: String,
+    },
     /// The session is over: [`SessionError::Closed`] for an orderly end, anything else for a
     /// failure (tampering, truncation, abuse, timeout). Every flow is gone.
     Ended {
@@ -82,7 +104,10 @@ impl PartialEq for ConnEvent {
             | (Readable { flow: a }, Readable { flow: b })
             | (Writable { flow: a }, Writable { flow: b }) => a == b,
             (FlowRefused { flow: a, reason: x }, FlowRefused { flow: b, reason: y })
-            | (FlowReset { flow: a, reason: x }, FlowReset { flow: b, reason: y }) => a == b && x == y,
+            | (FlowReset { flow: a, reason: x }, FlowReset { flow: b, reason: y })
+            | (UdpOpened { assoc: a, target: x }, UdpOpened { assoc: b, target: y })
+            | (UdpClosed { assoc: a, reason: x }, UdpClosed { assoc: b, reason: y }) => a == b && x == y,
+            (Datagram { assoc: a, bytes: x }, Datagram { assoc: b, bytes: y }) => a == b && x == y,
             // Errors carry an `io::Error`, which has no equality: compare what they say.
             (Ended { error: a }, Ended { error: b }) => a.to_string() == b.to_string(),
             _ => false,
@@ -512,6 +537,49 @@ impl Connection {
         self.mux.has_flow(flow) || self.inboxes.contains_key(&flow)
     }
 
+    // ---- UDP associations ----
+
+    /// Does this session carry UDP (negotiated at the handshake)?
+    pub fn has_udp(&self) -> bool {
+        self.mux.config().udp
+    }
+
+    /// Opens a UDP association to `target` (`host:port`); see [`Mux::udp_open`].
+    pub fn udp_open(&mut self, target: &str, now: Instant) -> Result<AssocId, SessionError> {
+        self.check()?;
+        let r = self.mux.udp_open(target, now);
+        // An eviction may have queued an event.
+        self.drain_mux();
+        r
+    }
+
+    /// Queues one datagram; `false` if it was dropped (and counted).
+    pub fn udp_send(&mut self, assoc: AssocId, bytes: Bytes, now: Instant) -> bool {
+        self.ended.is_none() && self.mux.udp_send(assoc, bytes, now)
+    }
+
+    /// Ends (or, on the device, refuses) an association.
+    pub fn udp_close(&mut self, assoc: AssocId, reason: &str) {
+        if self.ended.is_none() {
+            self.mux.udp_close(assoc, reason);
+        }
+    }
+
+    /// Does the association exist?
+    pub fn has_assoc(&self, assoc: AssocId) -> bool {
+        self.mux.has_assoc(assoc)
+    }
+
+    /// What each live association carried.
+    pub fn udp_stats(&self) -> Vec<AssocStats> {
+        self.mux.udp_stats()
+    }
+
+    /// Session-wide UDP counters (drops, expiries, evictions).
+    pub fn udp_counters(&self) -> UdpCounters {
+        self.mux.udp_counters()
+    }
+
     // ---- internals ----
 
     fn check(&self) -> Result<(), SessionError> {
@@ -575,6 +643,13 @@ impl Connection {
                     self.events.push_back(ConnEvent::FlowReset { flow, reason });
                 }
                 Event::FlowWritable { flow } => self.events.push_back(ConnEvent::Writable { flow }),
+                Event::UdpOpened { assoc, target } => self.events.push_back(ConnEvent::UdpOpened { assoc, target }),
+                Event::Datagram { assoc, bytes } => {
+                    // A copy, so a queued datagram never pins the whole record it came in.
+                    let bytes = if bytes.len() < COPY_BELOW { Bytes::copy_from_slice(&bytes) } else { bytes };
+                    self.events.push_back(ConnEvent::Datagram { assoc, bytes });
+                }
+                Event::UdpClosed { assoc, reason } => self.events.push_back(ConnEvent::UdpClosed { assoc, reason }),
                 Event::Closed { reason } => self.end(SessionError::Closed(reason)),
             }
         }

@@ -32,9 +32,13 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use bytes::{Bytes, BytesMut};
 
 use crate::connection::{Chunk, ConnEvent, Connection, Recv};
+use crate::mux::AssocId;
+
+mod udp;
 use crate::mux::{FlowId, MuxConfig};
 use crate::record::{HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
 use crate::{SessionError, SessionKeys};
+pub use udp::{UdpAssoc, UdpSender};
 
 /// Bytes of records the writer gathers before one socket write: up to eight full records (what
 /// is pending, never waited for), enough to amortise the syscall and the lock; eight measured a
@@ -89,6 +93,12 @@ struct Shared {
     conn: Connection,
     slots: HashMap<FlowId, Slot>,
     incoming: Option<mpsc::Sender<IncomingFlow>>,
+    /// Each live association's queue of received datagrams.
+    udp_slots: HashMap<AssocId, mpsc::Sender<Bytes>>,
+    /// Associations the client opened, for the device's application.
+    incoming_udp: Option<mpsc::Sender<UdpAssoc>>,
+    /// Datagrams dropped because their association's queue was full.
+    udp_dropped: u64,
 }
 
 struct Inner {
@@ -155,7 +165,32 @@ impl Inner {
                         slot.wake();
                     }
                 }
+                ConnEvent::UdpOpened { assoc, target } => {
+                    let rx = st.udp_slot(assoc);
+                    let a = UdpAssoc::new(self.clone(), assoc, target, rx);
+                    // Holds as many as the mux lets the client open; full only if the
+                    // application stopped taking them.
+                    let refused = match &st.incoming_udp {
+                        Some(tx) => tx.try_send(a).err().map(|e| match e {
+                            mpsc::error::TrySendError::Full(a) | mpsc::error::TrySendError::Closed(a) => a,
+                        }),
+                        None => Some(a),
+                    };
+                    if let Some(mut a) = refused {
+                        // Its drop would lock the state we hold: end it here instead.
+                        a.ended = true;
+                        st.udp_slots.remove(&assoc);
+                        st.conn.udp_close(assoc, "UDP associations not accepted");
+                    }
+                }
+                ConnEvent::Datagram { assoc, bytes } => st.udp_deliver(assoc, bytes),
+                ConnEvent::UdpClosed { assoc, .. } => {
+                    // Dropping the sender ends the association's `recv`.
+                    st.udp_slots.remove(&assoc);
+                }
                 ConnEvent::Ended { error } => {
+                    st.udp_slots.clear();
+                    st.incoming_udp = None;
                     for slot in st.slots.values_mut() {
                         if let Some(tx) = slot.open_tx.take() {
                             let _ = tx.send(Err(OpenError::Session(error.clone())));
@@ -249,6 +284,7 @@ impl SessionHandle {
 pub struct DeviceSession {
     handle: SessionHandle,
     incoming: mpsc::Receiver<IncomingFlow>,
+    incoming_udp: Option<mpsc::Receiver<UdpAssoc>>,
 }
 
 impl std::fmt::Debug for DeviceSession {
@@ -266,6 +302,12 @@ impl DeviceSession {
     /// The session, to close it or wait for its end.
     pub fn handle(&self) -> &SessionHandle {
         &self.handle
+    }
+
+    /// The UDP associations the client opens, once (`None` after the first call). Each must be
+    /// checked against the permits and refused ([`UdpAssoc::close`]) or served.
+    pub fn take_udp(&mut self) -> Option<mpsc::Receiver<UdpAssoc>> {
+        self.incoming_udp.take()
     }
 }
 
@@ -667,10 +709,13 @@ pub fn device_session<S>(stream: S, keys: SessionKeys, config: MuxConfig) -> Dev
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    // No more flows can wait for an answer than the peer may have open.
+    // No more flows can wait for an answer than the peer may have open; the same for
+    // associations.
     let (tx, rx) = mpsc::channel(config.max_peer_flows.max(1));
+    let (udp_tx, udp_rx) = mpsc::channel(config.max_udp_assocs.max(1));
     let handle = start(stream, keys, config, Some(tx));
-    DeviceSession { handle, incoming: rx }
+    handle.guard.inner.lock().incoming_udp = Some(udp_tx);
+    DeviceSession { handle, incoming: rx, incoming_udp: Some(udp_rx) }
 }
 
 fn start<S>(
@@ -687,7 +732,14 @@ where
     let conn = Connection::new(&keys, config, now());
     drop(keys);
     let inner = Arc::new(Inner {
-        shared: Mutex::new(Shared { conn, slots: HashMap::new(), incoming }),
+        shared: Mutex::new(Shared {
+            conn,
+            slots: HashMap::new(),
+            incoming,
+            udp_slots: HashMap::new(),
+            incoming_udp: None,
+            udp_dropped: 0,
+        }),
         transmit: Notify::new(),
         drained: Notify::new(),
         done,

@@ -24,6 +24,15 @@ const RESET: u8 = 7;
 const PING: u8 = 8;
 const PONG: u8 = 9;
 const CLOSE: u8 = 10;
+const UDP_OPEN: u8 = 11;
+const DATAGRAM: u8 = 12;
+const UDP_CLOSE: u8 = 13;
+
+/// Header bytes in front of a `Datagram` payload (`type assoc:u32 len:u16`).
+pub const DATAGRAM_HEADER: usize = 7;
+/// Largest datagram a session carries: the largest UDP payload over IPv4 (65535 less the IP and
+/// UDP headers), which also fits a record with its header. Longer ones are dropped and counted.
+pub const MAX_DATAGRAM: usize = 65_507;
 
 /// One mux frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +91,28 @@ pub enum Frame {
     Pong {
         /// The `Ping`'s id.
         id: u64,
+    },
+    /// Client asks the device for a UDP association to `target` (`host:port`); only in a
+    /// session that negotiated UDP.
+    UdpOpen {
+        /// The new association's id.
+        assoc: u32,
+        /// Where the device should send.
+        target: String,
+    },
+    /// One whole datagram of an association.
+    Datagram {
+        /// The association.
+        assoc: u32,
+        /// The payload (at most [`MAX_DATAGRAM`]).
+        bytes: Bytes,
+    },
+    /// The association is over (refused, idle, evicted); either side may send it.
+    UdpClose {
+        /// The association.
+        assoc: u32,
+        /// Why.
+        reason: String,
     },
     /// The whole session ends.
     Close {
@@ -149,6 +180,24 @@ impl Frame {
                 out.push(CLOSE);
                 put_text(out, reason);
             }
+            Frame::UdpOpen { assoc, target } => {
+                out.push(UDP_OPEN);
+                out.extend_from_slice(&assoc.to_be_bytes());
+                put_text(out, target);
+            }
+            Frame::Datagram { assoc, bytes } => {
+                // Senders never queue more (`Mux::udp_send` drops it): cut rather than corrupt.
+                let n = bytes.len().min(MAX_DATAGRAM);
+                out.push(DATAGRAM);
+                out.extend_from_slice(&assoc.to_be_bytes());
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+                out.extend_from_slice(&bytes[..n]);
+            }
+            Frame::UdpClose { assoc, reason } => {
+                out.push(UDP_CLOSE);
+                out.extend_from_slice(&assoc.to_be_bytes());
+                put_text(out, reason);
+            }
         }
     }
 
@@ -163,6 +212,8 @@ impl Frame {
             Frame::Credit { .. } => 9,
             Frame::Ping { .. } | Frame::Pong { .. } => 9,
             Frame::Close { reason } => 1 + text(reason),
+            Frame::UdpOpen { target: s, .. } | Frame::UdpClose { reason: s, .. } => 5 + text(s),
+            Frame::Datagram { bytes, .. } => DATAGRAM_HEADER + bytes.len().min(MAX_DATAGRAM),
         }
     }
 }
@@ -254,6 +305,18 @@ impl FrameReader {
             PING => Frame::Ping { id: self.u64()? },
             PONG => Frame::Pong { id: self.u64()? },
             CLOSE => Frame::Close { reason: self.text()? },
+            UDP_OPEN => Frame::UdpOpen { assoc: self.u32()?, target: self.text()? },
+            DATAGRAM => {
+                let assoc = self.u32()?;
+                let len = self.u16()? as usize;
+                if len > MAX_DATAGRAM {
+                    return Err(SessionError::BadFrame("datagram too long"));
+                }
+                let start = self.pos;
+                self.take(len)?;
+                Frame::Datagram { assoc, bytes: self.buf.slice(start..start + len) }
+            }
+            UDP_CLOSE => Frame::UdpClose { assoc: self.u32()?, reason: self.text()? },
             _ => return Err(SessionError::BadFrame("unknown frame type")),
         };
         Ok(Some(f))
@@ -282,6 +345,10 @@ mod tests {
             any::<u64>().prop_map(|id| Frame::Ping { id }),
             any::<u64>().prop_map(|id| Frame::Pong { id }),
             text().prop_map(|reason| Frame::Close { reason }),
+            (any::<u32>(), text()).prop_map(|(assoc, target)| Frame::UdpOpen { assoc, target }),
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300))
+                .prop_map(|(assoc, b)| Frame::Datagram { assoc, bytes: Bytes::from(b) }),
+            (any::<u32>(), text()).prop_map(|(assoc, reason)| Frame::UdpClose { assoc, reason }),
         ]
     }
 

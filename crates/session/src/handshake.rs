@@ -5,7 +5,9 @@
 //! message 2, so a recorded session stays secret if a long-term key is stolen later.
 //!
 //! Message 1 travels inside the encrypted control-plane request, message 2 over the relay
-//! connection. Neither carries a payload. The prologue is chosen by the caller and binds the
+//! connection. Message 1 carries no payload; message 2 may carry the device's feature bits (at
+//! most [`MAX_FEATURES_LEN`] bytes, encrypted and authenticated by the handshake), but only when
+//! the client's request said it reads them: an older client refuses any payload. The prologue is chosen by the caller and binds the
 //! session id, identity names and relay address: a mismatch makes the handshake fail.
 
 use crate::SessionError;
@@ -15,6 +17,9 @@ pub const NOISE_PARAMS: &str = "Noise_KK_25519_AESGCM_SHA256";
 
 /// Size of each handshake message without payload: a 32-byte ephemeral key and a 16-byte tag.
 pub const HANDSHAKE_MSG_LEN: usize = 48;
+
+/// Longest feature payload message 2 may carry.
+pub const MAX_FEATURES_LEN: usize = 16;
 
 /// Which end of the handshake this side was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +157,18 @@ impl Initiator {
         read_empty(&mut self.state, msg2)?;
         split(&mut self.state, Role::Initiator)
     }
+
+    /// [`Initiator::finish`] for a client that asked for the device's features: message 2 may
+    /// carry them (empty from a device too old to know any).
+    pub fn finish_with_features(mut self, msg2: &[u8]) -> Result<(SessionKeys, Vec<u8>), SessionError> {
+        if msg2.len() < HANDSHAKE_MSG_LEN || msg2.len() > HANDSHAKE_MSG_LEN + MAX_FEATURES_LEN {
+            return Err(SessionError::Crypto);
+        }
+        let mut payload = [0u8; HANDSHAKE_MSG_LEN + MAX_FEATURES_LEN];
+        let n = self.state.read_message(msg2, &mut payload).map_err(|_| SessionError::Crypto)?;
+        let features = payload.get(..n).ok_or(SessionError::Crypto)?.to_vec();
+        Ok((split(&mut self.state, Role::Initiator)?, features))
+    }
 }
 
 /// Both ends of a whole handshake between two throwaway static keys, run in memory: the
@@ -188,12 +205,27 @@ impl Responder {
         prologue: &[u8],
         msg1: &[u8],
     ) -> Result<(Vec<u8>, SessionKeys), SessionError> {
+        Responder::respond_with_features(my_x25519_private, client_x25519_public, prologue, msg1, &[])
+    }
+
+    /// [`Responder::respond`] with `features` in message 2, for a client that said it reads
+    /// them (at most [`MAX_FEATURES_LEN`] bytes).
+    pub fn respond_with_features(
+        my_x25519_private: &[u8; 32],
+        client_x25519_public: &[u8; 32],
+        prologue: &[u8],
+        msg1: &[u8],
+        features: &[u8],
+    ) -> Result<(Vec<u8>, SessionKeys), SessionError> {
+        if features.len() > MAX_FEATURES_LEN {
+            return Err(SessionError::Handshake("feature payload too long"));
+        }
         let mut state = builder(my_x25519_private, client_x25519_public, prologue)?
             .build_responder()
             .map_err(|_| SessionError::Handshake("cannot build responder"))?;
         read_empty(&mut state, msg1)?;
-        let mut msg2 = vec![0u8; HANDSHAKE_MSG_LEN];
-        let n = state.write_message(&[], &mut msg2).map_err(|_| SessionError::Crypto)?;
+        let mut msg2 = vec![0u8; HANDSHAKE_MSG_LEN + features.len()];
+        let n = state.write_message(features, &mut msg2).map_err(|_| SessionError::Crypto)?;
         msg2.truncate(n);
         let keys = split(&mut state, Role::Responder)?;
         Ok((msg2, keys))
@@ -286,5 +318,30 @@ mod tests {
         assert!(Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &msg1[..47]).is_err());
         assert!(Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &[]).is_err());
         assert!(init.finish(&[0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn features_travel_in_message_2_only_to_a_client_that_reads_them() {
+        let (c, d) = pair();
+        let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
+        let (msg2, dk) =
+            Responder::respond_with_features(d.x25519_private(), &c.public().x25519, b"p", &msg1, &[0, 0, 0, 1])
+                .expect("respond");
+        let (ck, features) = init.finish_with_features(&msg2).expect("finish");
+        assert_eq!(features, vec![0, 0, 0, 1]);
+        assert_eq!(ck.send_key(), dk.recv_key());
+        // An older client (strict `finish`) refuses a payload: a device sends one only when asked.
+        let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
+        let (msg2, _) = Responder::respond_with_features(d.x25519_private(), &c.public().x25519, b"p", &msg1, &[1])
+            .expect("respond");
+        assert!(init.finish(&msg2).is_err());
+        // A new client reads an older device's empty answer as no features.
+        let (init, msg1) = Initiator::start(c.x25519_private(), &d.public().x25519, b"p").expect("start");
+        let (msg2, _) = Responder::respond(d.x25519_private(), &c.public().x25519, b"p", &msg1).expect("respond");
+        assert_eq!(init.finish_with_features(&msg2).expect("finish").1, Vec::<u8>::new());
+        let too_long = [0u8; MAX_FEATURES_LEN + 1];
+        assert!(
+            Responder::respond_with_features(d.x25519_private(), &c.public().x25519, b"p", &msg1, &too_long).is_err()
+        );
     }
 }

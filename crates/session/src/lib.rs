@@ -24,6 +24,9 @@ pub use error::SessionError;
 pub use handshake::{in_memory_pair, Initiator, Responder, Role, SessionKeys};
 
 pub use connection::{Chunk, ConnEvent, ConnStats, Connection, Recv};
-pub use driver::{client_session, device_session, DeviceSession, FlowStream, IncomingFlow, OpenError, SessionHandle};
-pub use mux::{Event, FlowId, Mux, MuxConfig};
+pub use driver::{
+    client_session, device_session, DeviceSession, FlowStream, IncomingFlow, OpenError, SessionHandle, UdpAssoc,
+    UdpSender,
+};
+pub use mux::{AssocId, AssocStats, Event, FlowId, Mux, MuxConfig, UdpCounters};
 pub use record::{Opener, Sealer, MAX_RECORD_PLAINTEXT};

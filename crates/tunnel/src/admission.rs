@@ -6,7 +6,7 @@
 //! A [`Refusal`] is typed and travels on the wire to the requester, who prints its `Display`.
 
 use crate::msg::SessionRequest;
-use crate::permit::{PermitOpen, Target};
+use crate::permit::{PermitOpen, Proto, Target};
 use crate::replay::{ReplayGuard, Stale};
 use np_identity::Name;
 use serde::{Deserialize, Serialize};
@@ -115,15 +115,21 @@ pub struct Permits {
 }
 
 impl Permits {
-    /// The normalised target if both lists permit it.
+    /// The normalised target if both lists permit it (for a TCP flow).
     pub fn check(&self, target: &str) -> Result<Target, Refusal> {
+        self.check_proto(Proto::Tcp, target)
+    }
+
+    /// [`Permits::check`] for `proto` (a UDP association needs a `udp/` pattern in both).
+    pub fn check_proto(&self, proto: Proto, target: &str) -> Result<Target, Refusal> {
         let t: Target = target.parse().map_err(|_| Refusal::BadTarget { target: clip(target) })?;
-        if !self.device.0.iter().any(|p| p.matches(&t)) {
-            return Err(Refusal::TargetNotPermitted { target: t.to_string(), permit_open: self.device.to_string() });
+        let shown = || if proto == Proto::Udp { format!("udp/{t}") } else { t.to_string() };
+        if !self.device.permits(proto, &t) {
+            return Err(Refusal::TargetNotPermitted { target: shown(), permit_open: self.device.to_string() });
         }
         if let Some(p) = &self.policy {
-            if !p.0.iter().any(|p| p.matches(&t)) {
-                return Err(Refusal::TargetNotPermittedByPolicy { target: t.to_string() });
+            if !p.permits(proto, &t) {
+                return Err(Refusal::TargetNotPermittedByPolicy { target: shown() });
             }
         }
         Ok(t)
@@ -199,7 +205,11 @@ pub fn admit(
     }
     let permits = Permits { device: cfg.permit.clone(), policy };
     for t in &req.targets {
-        permits.check(t)?;
+        // `udp/HOST:PORT` names a UDP association (`np forward -U`); anything else a TCP flow.
+        match t.strip_prefix("udp/") {
+            Some(u) => permits.check_proto(Proto::Udp, u)?,
+            None => permits.check(t)?,
+        };
     }
     if !cfg.trusted_relays.contains(&req.relay) {
         return Err(Refusal::RelayNotTrusted { relay: req.relay.clone() });
@@ -255,6 +265,7 @@ mod tests {
             session: [9; 16],
             handshake: vec![1, 2, 3],
             targets: vec!["localhost:22".into()],
+            features: Default::default(),
         }
     }
 
@@ -277,6 +288,26 @@ mod tests {
         assert_eq!(a.relay, n("@relay"));
         assert!(a.permits.check("localhost:22").is_ok());
         assert!(matches!(a.permits.check("127.0.0.1:22"), Err(Refusal::TargetNotPermitted { .. })));
+    }
+
+    #[test]
+    fn udp_targets_are_checked_against_udp_patterns_only() {
+        let mut c = cfg();
+        c.permit = PermitOpen::parse_list("localhost:22,udp/localhost:53").expect("list");
+        let mut r = req(1);
+        r.targets = vec!["udp/localhost:53".into()];
+        let a = run(&c, "@alice", &r, None).expect("admitted");
+        assert!(a.permits.check_proto(Proto::Udp, "localhost:53").is_ok());
+        assert!(a.permits.check("localhost:53").is_err(), "a UDP pattern permits no TCP");
+        r.targets = vec!["udp/localhost:22".into()];
+        assert!(
+            matches!(run(&c, "@alice", &r, None), Err(Refusal::TargetNotPermitted { target, .. }) if target == "udp/localhost:22")
+        );
+        // A policy narrows UDP as it does TCP: its TCP pattern permits no association.
+        c.policy = Some(n("@policy"));
+        let policy = PolicyVerdict::Permit(PermitOpen::parse_list("localhost:53").expect("list"));
+        r.targets = vec!["udp/localhost:53".into()];
+        assert!(matches!(run(&c, "@bob", &r, Some(&policy)), Err(Refusal::TargetNotPermittedByPolicy { .. })));
     }
 
     #[test]

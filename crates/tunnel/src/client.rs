@@ -3,7 +3,7 @@
 //! multiplexed session.
 
 use crate::admission::Refusal;
-use crate::msg::{prologue, SessionRequest, TunnelMsg};
+use crate::msg::{prologue, Features, SessionRequest, TunnelMsg};
 use crate::relays::{RelayBook, RelayError};
 use crate::router::Router;
 use np_control_client::ControlClient;
@@ -52,6 +52,15 @@ pub struct Transport {
     pub keys: SessionKeys,
     /// The session's id in the logs of both ends: the first bytes of its random id, in hex.
     pub session: String,
+    /// The features both ends have (see [`Features`]).
+    pub features: Features,
+}
+
+impl Transport {
+    /// `base` for this session: with the features both ends negotiated.
+    pub fn mux_config(&self, base: &MuxConfig) -> MuxConfig {
+        MuxConfig { udp: self.features.has(Features::UDP), ..base.clone() }
+    }
 }
 
 /// How both ends name a session in their logs.
@@ -94,9 +103,10 @@ impl Connector {
         step: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<SessionHandle, SetupError> {
         let t0 = Instant::now();
-        let (stream, keys) = self.open_transport(device, relay, targets, step).await?;
+        let t = self.dial(device, relay, targets, step).await?;
         tracing::info!(device = %device, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
-        Ok(client_session(stream, keys, self.mux.clone()))
+        let config = t.mux_config(&self.mux);
+        Ok(client_session(t.stream, t.keys, config))
     }
 
     /// [`Connector::dial`] through the best relay the device trusts ([`Connector::choice`]):
@@ -140,7 +150,8 @@ impl Connector {
         let t0 = Instant::now();
         let (t, relay) = self.dial_best(device, targets, step).await?;
         tracing::info!(device = %device, %relay, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
-        Ok((client_session(t.stream, t.keys, self.mux.clone()), relay))
+        let config = t.mux_config(&self.mux);
+        Ok((client_session(t.stream, t.keys, config), relay))
     }
 
     /// Everything of [`Connector::open_session`] up to the session itself: the request, the
@@ -183,6 +194,7 @@ impl Connector {
             session,
             handshake: msg1,
             targets: targets.to_vec(),
+            features: Features::ours(),
         });
         let refusal = self.router.expect(request_id);
         let ttl = self.timeout.max(Duration::from_secs(1));
@@ -219,11 +231,12 @@ impl Connector {
         };
         let fut = async {
             let ((), (stream, msg2)) = tokio::try_join!(send, join)?;
-            let keys = init
-                .finish(&msg2)
+            let (keys, features) = init
+                .finish_with_features(&msg2)
                 .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?;
+            let features = Features::from_payload(&features).common(Features::ours());
             step("handshake complete");
-            Ok::<_, SetupError>(Transport { stream, keys, session: session_id(&session) })
+            Ok::<_, SetupError>(Transport { stream, keys, session: session_id(&session), features })
         };
         let result = tokio::select! {
             r = tokio::time::timeout(ttl, fut) => match r {

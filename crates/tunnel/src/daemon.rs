@@ -4,7 +4,7 @@
 //! trusted relay at its signed address, and dialling permitted targets only.
 
 use crate::admission::{self, Admission, AdmissionConfig, Permits, Refusal};
-use crate::msg::{prologue, SessionRequest, TunnelMsg};
+use crate::msg::{prologue, Features, SessionRequest, TunnelMsg};
 use crate::permit::PermitOpen;
 use crate::policy::PolicyClient;
 use crate::relays::RelayBook;
@@ -395,9 +395,17 @@ impl Daemon {
             Refusal::Internal
         })?;
         let pro = prologue(&r.session, from, self.ctl.me(), &self.cfg.device, &admission.relay);
-        let (msg2, keys) =
-            Responder::respond(self.ctl.keys().x25519_private(), &client_keys.x25519, &pro, &r.handshake)
-                .map_err(|_| Refusal::Handshake)?;
+        // Features are answered only to a client that offered some (an older one refuses any
+        // payload in message 2), and used only when both have them.
+        let features = r.features.common(Features::ours());
+        let (msg2, keys) = Responder::respond_with_features(
+            self.ctl.keys().x25519_private(),
+            &client_keys.x25519,
+            &pro,
+            &r.handshake,
+            &features.to_payload(),
+        )
+        .map_err(|_| Refusal::Handshake)?;
         let relay = admission.relay.clone();
         let cannot_reach = |detail: String| {
             // The detail stays here: whatever answered at the relay's address, the requester
@@ -422,7 +430,8 @@ impl Daemon {
             .map_err(|_| cannot_reach(format!("no answer within {}s", RELAY_JOIN_TIMEOUT.as_secs())))??;
         let session_id = crate::client::session_id(&r.session);
         tracing::info!(requester = %from, session = %session_id, %relay, "session accepted");
-        let mut session = device_session(stream, keys, self.cfg.mux.clone());
+        let config = MuxConfig { udp: features.has(Features::UDP), ..self.cfg.mux.clone() };
+        let mut session = device_session(stream, keys, config);
         place.keep(session.handle().clone());
         let permits = Arc::new(admission.permits);
         let dial_timeout = self.cfg.dial_timeout;
@@ -430,6 +439,15 @@ impl Daemon {
         // Every flow's logs carry the session id and the mux's flow id; the client's carry the
         // same pair (and its TUN flow id), so one flow can be followed end to end.
         let span = tracing::info_span!("session", session = %session_id);
+        if let Some(mut assocs) = session.take_udp() {
+            let (permits, span) = (permits.clone(), span.clone());
+            tokio::spawn(async move {
+                while let Some(a) = assocs.recv().await {
+                    let assoc_span = tracing::debug_span!(parent: &span, "udp", assoc = a.id());
+                    tokio::spawn(crate::udp::serve_assoc(a, permits.clone(), dial_timeout).instrument(assoc_span));
+                }
+            });
+        }
         tokio::spawn(async move {
             while let Some(flow) = session.next_flow().await {
                 let flow_span = tracing::debug_span!(parent: &span, "flow", mux_flow = flow.id());

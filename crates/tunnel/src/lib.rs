@@ -25,6 +25,7 @@ pub mod replay;
 pub mod router;
 pub mod routes;
 pub mod slot;
+pub mod udp;
 
 pub use admission::Refusal;
 pub use client::{session_id, Connector, SetupError, Transport};

@@ -1,6 +1,9 @@
 //! Permit-open: which `host:port` targets a daemon will dial.
 //!
-//! Patterns are `host:port`, `*:port`, `host:*` and `*:*`. Matching is on the *spelling* of the
+//! Patterns are `host:port`, `*:port`, `host:*` and `*:*`, the port also a range `LO-HI`, each
+//! for TCP unless prefixed `udp/` (`udp/localhost:60000-61000`, which mosh needs; `tcp/` may be
+//! written too). A pattern without a protocol is TCP, as before protocols existed, so an old
+//! permit never starts permitting UDP. Matching is on the *spelling* of the
 //! host after normalisation (lower case, no brackets, no trailing dot), never on what it resolves
 //! to: permitting `localhost:22` permits exactly `localhost:22`, not `0.0.0.0:22`, `[::]:22`,
 //! `127.0.0.2:22`, `127.1:22` or any other way to reach the same machine. The daemon then dials
@@ -82,41 +85,85 @@ impl fmt::Display for Target {
     }
 }
 
+/// The transport a pattern permits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Proto {
+    /// TCP flows (the default when a pattern names none).
+    #[default]
+    Tcp,
+    /// UDP associations.
+    Udp,
+}
+
 /// One pattern.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pattern {
+    proto: Proto,
     host: Option<String>,
-    port: Option<u16>,
+    /// Inclusive port range; `None` is any port.
+    ports: Option<(u16, u16)>,
 }
 
 impl FromStr for Pattern {
     type Err = BadTarget;
     fn from_str(s: &str) -> Result<Self, BadTarget> {
         let bad = || BadTarget(s.to_string());
-        let (host, p) = split_host_port(s.trim(), true).ok_or_else(bad)?;
-        let port = if p == "*" { None } else { Some(p.parse::<u16>().map_err(|_| bad())?) };
-        Ok(Pattern { host, port })
+        let s = s.trim();
+        let (proto, rest) = match s.split_once('/') {
+            Some(("udp", rest)) => (Proto::Udp, rest),
+            Some(("tcp", rest)) => (Proto::Tcp, rest),
+            Some(_) => return Err(bad()),
+            None => (Proto::Tcp, s),
+        };
+        let (host, p) = split_host_port(rest, true).ok_or_else(bad)?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad);
+        let ports = match p.split_once('-') {
+            _ if p == "*" => None,
+            Some((lo, hi)) => {
+                let (lo, hi) = (port(lo)?, port(hi)?);
+                if lo > hi {
+                    return Err(bad());
+                }
+                Some((lo, hi))
+            }
+            None => {
+                let p = port(p)?;
+                Some((p, p))
+            }
+        };
+        Ok(Pattern { proto, host, ports })
     }
 }
 
 impl fmt::Display for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.proto == Proto::Udp {
+            f.write_str("udp/")?;
+        }
         let h = match &self.host {
             None => "*".to_string(),
             Some(h) if h.contains(':') => format!("[{h}]"),
             Some(h) => h.clone(),
         };
-        match self.port {
+        match self.ports {
             None => write!(f, "{h}:*"),
-            Some(p) => write!(f, "{h}:{p}"),
+            Some((lo, hi)) if lo == hi => write!(f, "{h}:{lo}"),
+            Some((lo, hi)) => write!(f, "{h}:{lo}-{hi}"),
         }
     }
 }
 
 impl Pattern {
-    /// Whether `t` is permitted by this pattern.
+    /// Whether `t` is permitted by this pattern for TCP.
     pub fn matches(&self, t: &Target) -> bool {
-        self.host.as_ref().is_none_or(|h| h == &t.host) && self.port.is_none_or(|p| p == t.port)
+        self.matches_proto(Proto::Tcp, t)
+    }
+
+    /// Whether `t` is permitted by this pattern for `proto`.
+    pub fn matches_proto(&self, proto: Proto, t: &Target) -> bool {
+        self.proto == proto
+            && self.host.as_ref().is_none_or(|h| h == &t.host)
+            && self.ports.is_none_or(|(lo, hi)| (lo..=hi).contains(&t.port))
     }
 }
 
@@ -127,7 +174,7 @@ pub struct PermitOpen(pub Vec<Pattern>);
 impl Default for PermitOpen {
     /// `localhost:22`.
     fn default() -> Self {
-        PermitOpen(vec![Pattern { host: Some("localhost".into()), port: Some(22) }])
+        PermitOpen(vec![Pattern { proto: Proto::Tcp, host: Some("localhost".into()), ports: Some((22, 22)) }])
     }
 }
 
@@ -137,14 +184,25 @@ impl PermitOpen {
         s.split(',').filter(|p| !p.trim().is_empty()).map(str::parse).collect::<Result<_, _>>().map(PermitOpen)
     }
 
-    /// Parses the target string and checks it; `Ok(normalised)` if permitted.
+    /// Parses the target string and checks it for a TCP flow; `Ok(normalised)` if permitted.
     pub fn check(&self, target: &str) -> Result<Target, String> {
+        self.check_proto(Proto::Tcp, target)
+    }
+
+    /// [`PermitOpen::check`] for `proto`.
+    pub fn check_proto(&self, proto: Proto, target: &str) -> Result<Target, String> {
         let t: Target = target.parse().map_err(|e: BadTarget| e.to_string())?;
-        if self.0.iter().any(|p| p.matches(&t)) {
+        if self.permits(proto, &t) {
             Ok(t)
         } else {
-            Err(format!("{t} is not in the device's permit-open list ({self})"))
+            let shown = if proto == Proto::Udp { format!("udp/{t}") } else { t.to_string() };
+            Err(format!("{shown} is not in the device's permit-open list ({self})"))
         }
+    }
+
+    /// Whether a pattern permits the (normalised) target for `proto`.
+    pub fn permits(&self, proto: Proto, t: &Target) -> bool {
+        self.0.iter().any(|p| p.matches_proto(proto, t))
     }
 }
 
@@ -234,6 +292,37 @@ mod tests {
         }
         // What is dialled is an address, without brackets.
         assert_eq!(p.check("[FD00::1]:443").map(|t| t.host), Ok("fd00::1".into()));
+    }
+
+    #[test]
+    fn udp_patterns_and_port_ranges() {
+        let p = PermitOpen::parse_list("localhost:22, udp/localhost:60000-61000, udp/[fd00::53]:53, tcp/db:5432-5433")
+            .expect("list");
+        assert_eq!(p.to_string(), "localhost:22,udp/localhost:60000-61000,udp/[fd00::53]:53,db:5432-5433");
+        // TCP stays TCP: a plain pattern never permits UDP, and a `udp/` one never TCP.
+        assert!(p.check("localhost:22").is_ok());
+        assert!(p.check_proto(Proto::Udp, "localhost:22").is_err());
+        assert!(p.check("localhost:60000").is_err());
+        for ok in ["localhost:60000", "localhost:60500", "localhost:61000", "[FD00::53]:53"] {
+            assert!(p.check_proto(Proto::Udp, ok).is_ok(), "{ok}");
+        }
+        for refused in ["localhost:59999", "localhost:61001", "127.0.0.1:60000", "[fd00::53]:54"] {
+            assert!(p.check_proto(Proto::Udp, refused).is_err(), "{refused}");
+        }
+        assert!(p.check("db:5433").is_ok() && p.check("db:5434").is_err());
+        let err = p.check_proto(Proto::Udp, "localhost:9").expect_err("refused");
+        assert!(err.starts_with("udp/localhost:9 is not"), "{err}");
+        assert!(PermitOpen::parse_list("udp/*:*").expect("any").check_proto(Proto::Udp, "10.1.2.3:9").is_ok());
+        for bad in [
+            "udp/localhost:5-4",
+            "udp/localhost:0-4",
+            "sctp/localhost:1",
+            "udp/localhost:1-",
+            "udp/:1",
+            "udp/localhost:1-2-3",
+        ] {
+            assert!(PermitOpen::parse_list(bad).is_err(), "{bad}");
+        }
     }
 
     proptest::proptest! {

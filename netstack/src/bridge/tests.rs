@@ -31,6 +31,8 @@ struct World {
     connects: Vec<Action>,
     /// Refuse every new flow (with this reason) instead of accepting it.
     refuse: Option<String>,
+    /// Packets the bridge wrote, kept here instead of going to the application (UDP tests).
+    captured: Option<Vec<Vec<u8>>>,
 }
 
 impl World {
@@ -47,6 +49,7 @@ impl World {
             devices: Vec::new(),
             connects: Vec::new(),
             refuse: None,
+            captured: None,
         }
     }
 
@@ -57,10 +60,14 @@ impl World {
             let (ck, dk) = session_keys();
             self.devices.push(Device {
                 link,
-                conn: Connection::new(&dk, self.bridge.config.mux.clone(), self.now),
+                conn: Connection::new(&dk, MuxConfig { udp: true, ..self.bridge.config.mux.clone() }, self.now),
                 events: Vec::new(),
             });
-            self.bridge.connected(link, Ok(Established { keys: ck, session: format!("s{}", link.0) }), self.now);
+            self.bridge.connected(
+                link,
+                Ok(Established { keys: ck, session: format!("s{}", link.0), udp: true }),
+                self.now,
+            );
         }
     }
 
@@ -78,7 +85,10 @@ impl World {
             moved = true;
         }
         while let Some(p) = self.bridge.poll_packet() {
-            self.app.queues.rx.push_back(p);
+            match &mut self.captured {
+                Some(c) => c.push(p),
+                None => self.app.queues.rx.push_back(p),
+            }
             moved = true;
         }
         for d in &mut self.devices {
@@ -88,11 +98,19 @@ impl World {
                 moved = true;
             }
             while let Some(ev) = d.conn.poll_event() {
-                if let ConnEvent::FlowOpened { flow, .. } = &ev {
-                    match &self.refuse {
+                match &ev {
+                    ConnEvent::FlowOpened { flow, .. } => match &self.refuse {
                         Some(reason) => d.conn.refuse(*flow, reason).expect("refuse"),
                         None => d.conn.accept(*flow).expect("accept"),
+                    },
+                    // The device of the UDP tests: port 9 is not permitted, anything else echoes.
+                    ConnEvent::UdpOpened { assoc, target } if target.ends_with(":9") => {
+                        d.conn.udp_close(*assoc, &format!("udp/{target} is not in the device's permit-open list"));
                     }
+                    ConnEvent::Datagram { assoc, bytes } => {
+                        d.conn.udp_send(*assoc, bytes.clone(), self.now);
+                    }
+                    _ => {}
                 }
                 d.events.push(ev);
                 moved = true;
@@ -487,3 +505,6 @@ fn a_device_added_while_up_is_served_and_a_removed_one_is_cut_off() {
     assert_eq!(w.connects.len(), 0, "no session is set up for a removed device");
     assert_ne!(w.socket(again).state(), tcp::State::Established);
 }
+
+#[path = "tests_udp.rs"]
+mod udp;

@@ -1,7 +1,10 @@
 //! Packets from the TUN: whose they are, which flow they belong to, and what to answer for
 //! those no flow takes. Only segments of open flows reach smoltcp.
 
+use std::net::SocketAddr;
 use std::time::Instant;
+
+use np_session::frame::MAX_DATAGRAM;
 
 use super::flow::{Flow, FlowState, Tuple};
 use super::{Event, FlowId, RxChecksum, Stack};
@@ -93,7 +96,7 @@ impl Stack {
                 return false;
             }
             Err(Unusable::NotTcp) => {
-                self.stats.not_tcp += 1;
+                self.intake_udp(packet, checksum);
                 return false;
             }
         };
@@ -156,6 +159,58 @@ impl Stack {
             }
         }
         false
+    }
+
+    /// A packet that is not TCP: a UDP datagram to a mapped address becomes an
+    /// [`Event::Datagram`]; anything else is dropped and counted.
+    fn intake_udp(&mut self, packet: &[u8], checksum: RxChecksum) {
+        let d = match packet::parse_udp_with(packet, checksum) {
+            Ok(d) => d,
+            Err(Unusable::NotTcp) => {
+                self.stats.not_tcp += 1;
+                return;
+            }
+            // Fragments and extension headers were told apart by the TCP parse already.
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        let Some(payload) = packet.get(d.payload.clone()) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if payload.len() > MAX_DATAGRAM {
+            // Only IPv6 can carry one (a session carries what fits IPv4).
+            self.stats.udp_oversized += 1;
+            return;
+        }
+        let Some(target) = self.map.lookup(d.dst.ip(), d.dst.port()) else {
+            self.stats.unmapped += 1;
+            self.reply(packet::port_unreachable(d.src, d.dst, payload));
+            self.stats.unreachables_sent += 1;
+            return;
+        };
+        self.stats.udp_datagrams_in += 1;
+        self.events.push_back(Event::Datagram { src: d.src, dst: d.dst, target, payload: payload.to_vec() });
+    }
+
+    /// Writes a datagram from `from` (a virtual address) to `to` (the application) to the TUN.
+    pub fn send_datagram(&mut self, from: SocketAddr, to: SocketAddr, payload: &[u8]) {
+        let p = packet::udp_packet(from, to, payload);
+        if p.is_empty() {
+            self.stats.udp_oversized += 1;
+            return;
+        }
+        self.stats.udp_datagrams_out += 1;
+        self.reply(p);
+    }
+
+    /// Tells the application at `app` that its datagrams to `virt` are not delivered (an ICMP
+    /// port unreachable quoting `payload`, the datagram it answers, or nothing).
+    pub fn udp_unreachable(&mut self, app: SocketAddr, virt: SocketAddr, payload: &[u8]) {
+        self.stats.unreachables_sent += 1;
+        self.reply(packet::port_unreachable(app, virt, payload));
     }
 
     /// Queue a packet the stack wrote itself (a reset, an unreachable), unless the queue is full.

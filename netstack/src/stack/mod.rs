@@ -152,6 +152,18 @@ pub enum Event {
     /// The flow is over (closed both ways, reset, aborted, or its handshake was cancelled); the
     /// id is no longer valid.
     Closed(FlowId),
+    /// A UDP datagram to a mapped address. Answers go back with [`Stack::send_datagram`], a
+    /// refusal with [`Stack::udp_unreachable`].
+    Datagram {
+        /// The application's address and port.
+        src: SocketAddr,
+        /// The virtual address and port it sent to.
+        dst: SocketAddr,
+        /// Where the datagram goes.
+        target: FlowTarget,
+        /// The payload.
+        payload: Vec<u8>,
+    },
 }
 
 /// Why a flow operation failed.
@@ -193,9 +205,14 @@ pub struct Stats {
     /// address, so another host routed the packet in (this host forwards IP). `np up` serves
     /// its own host only; a neighbour must never reach a device as this host's identity.
     pub foreign_source: u64,
-    /// Dropped: not TCP.
+    /// Dropped: neither TCP nor UDP (ICMP, say).
     pub not_tcp: u64,
-    /// TCP to an address that is not mapped.
+    /// UDP datagrams to mapped addresses, and written back to applications.
+    pub udp_datagrams_in: u64,
+    pub udp_datagrams_out: u64,
+    /// UDP datagrams dropped for being longer than a session carries.
+    pub udp_oversized: u64,
+    /// TCP or UDP to an address that is not mapped.
     pub unmapped: u64,
     /// New SYNs dropped because too many handshakes were pending.
     pub pending_full: u64,

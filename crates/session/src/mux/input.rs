@@ -26,7 +26,7 @@ impl Mux {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.fail(e)),
             };
-            if let Err(e) = self.handle_frame(frame) {
+            if let Err(e) = self.handle_frame(frame, now) {
                 return Err(self.fail(e));
             }
             if self.closed.is_some() {
@@ -40,7 +40,7 @@ impl Mux {
         e
     }
 
-    fn handle_frame(&mut self, frame: Frame) -> Result<(), SessionError> {
+    fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), SessionError> {
         match frame {
             Frame::Open { flow, target } => {
                 if flow == 0 || self.is_local(flow) {
@@ -151,6 +151,9 @@ impl Mux {
                 self.pong = Some(id);
             }
             Frame::Pong { .. } => {}
+            f @ (Frame::UdpOpen { .. } | Frame::Datagram { .. } | Frame::UdpClose { .. }) => {
+                self.handle_udp_frame(f, now)?;
+            }
             Frame::Close { reason } => {
                 self.closed = Some(reason.clone());
                 self.clear_flows();

@@ -47,8 +47,10 @@ mod send;
 #[cfg(test)]
 mod tests;
 mod transmit;
+mod udp;
 
 pub use transmit::Pull;
+pub use udp::{AssocId, AssocStats, UdpCounters};
 
 /// A flow's id: odd when the client opened it, even when the device did.
 pub type FlowId = u32;
@@ -77,6 +79,19 @@ pub struct MuxConfig {
     /// Records sealed under one key before the driver's record layer rekeys (both ends must
     /// agree: it is part of the protocol, not a local tuning). Lowered only by tests.
     pub records_per_key: u64,
+    /// Whether this session carries UDP associations. Negotiated at the handshake (a peer
+    /// that does not know the UDP frames would end the session on the first one), so it is
+    /// set per session, never by a flag.
+    pub udp: bool,
+    /// A UDP association with no datagram either way for this long ends (both ends run it;
+    /// the first to fire tells the other).
+    pub udp_idle_timeout: Duration,
+    /// Most UDP associations a session holds at once. Both ends must agree: the client evicts
+    /// its least recently used one to open past it, so a peer that opens more is closed for
+    /// abuse. Each costs the device a socket.
+    pub max_udp_assocs: usize,
+    /// Bytes of UDP frames queued for sending past which datagrams are dropped (and counted).
+    pub max_udp_queued: usize,
 }
 
 /// Pings a peer may send in a burst, and per second after it. A peer of ours pings once per
@@ -100,6 +115,14 @@ impl Default for MuxConfig {
             // pauses the reader; each frame is at most ~1 KiB (a reason text).
             max_control_backlog: 1024,
             records_per_key: crate::record::DEFAULT_RECORDS_PER_KEY,
+            udp: false,
+            // What NAT gateways keep an unanswered UDP mapping for (RFC 4787 asks for at least
+            // two minutes only for answered ones; 30 s is the common floor for DNS-like use).
+            udp_idle_timeout: Duration::from_secs(30),
+            // Each is a socket on the device; mosh or a resolver needs a handful.
+            max_udp_assocs: 256,
+            // Four full records: a burst at line rate waits at most a few records behind TCP.
+            max_udp_queued: 256 * 1024,
         }
     }
 }
@@ -149,6 +172,28 @@ pub enum Event {
     FlowWritable {
         /// The flow.
         flow: FlowId,
+    },
+    /// The client opened a UDP association to `target` (device side). Refuse it with
+    /// [`Mux::udp_close`]; otherwise send its datagrams there.
+    UdpOpened {
+        /// The association.
+        assoc: AssocId,
+        /// `host:port` to send to.
+        target: String,
+    },
+    /// A datagram of an association.
+    Datagram {
+        /// The association.
+        assoc: AssocId,
+        /// The payload (a slice of the decrypted record).
+        bytes: Bytes,
+    },
+    /// The peer ended the association, or it went idle or was evicted here; it no longer exists.
+    UdpClosed {
+        /// The association.
+        assoc: AssocId,
+        /// Why.
+        reason: String,
     },
     /// The session ended (peer's `Close` or keepalive timeout).
     Closed {
@@ -223,6 +268,7 @@ pub struct Mux {
     last_recv: Instant,
     next_ping: u64,
     closed: Option<String>,
+    udp: udp::Assocs,
 }
 
 impl Mux {
@@ -253,6 +299,7 @@ impl Mux {
             last_recv: now,
             next_ping: 0,
             closed: None,
+            udp: udp::Assocs::new(),
         }
     }
 
@@ -289,6 +336,7 @@ impl Mux {
         self.local_flows = 0;
         self.early_sent = 0;
         self.early_recv = 0;
+        self.udp.clear();
     }
 
     fn maybe_retire(&mut self, flow: FlowId) {
@@ -400,7 +448,8 @@ impl Mux {
         if self.closed.is_some() {
             return None;
         }
-        Some((self.last_send + self.config.keepalive_interval).min(self.last_recv + self.config.idle_timeout))
+        let t = (self.last_send + self.config.keepalive_interval).min(self.last_recv + self.config.idle_timeout);
+        Some(self.udp.deadline().map_or(t, |d| d.min(t)))
     }
 
     /// Runs timers: queues a keepalive `Ping` or declares the session dead.
@@ -414,6 +463,7 @@ impl Mux {
             self.events.push_back(Event::Closed { reason: reason.to_owned() });
             return;
         }
+        self.udp_sweep(now);
         if now >= self.last_send + self.config.keepalive_interval {
             if !self.wants_transmit() {
                 self.control.push_back(Frame::Ping { id: self.next_ping });

@@ -713,3 +713,6 @@ fn owned_and_copied_sends_keep_stream_order_and_small_chunks_share_records() {
     assert_eq!(took, window - want.len(), "up to the credit left");
     assert_eq!(big.len(), window * 2 - took, "the rest stays with the caller");
 }
+
+#[path = "tests/udp.rs"]
+mod udp;

@@ -16,14 +16,19 @@ pub type Pull<'a> = dyn FnMut(super::FlowId, &mut Vec<u8>, usize) -> u64 + 'a;
 impl Mux {
     /// Is there anything to transmit?
     pub fn wants_transmit(&self) -> bool {
-        self.pong.is_some() || !self.control.is_empty() || !self.credit_ready.is_empty() || !self.ready.is_empty()
+        self.pong.is_some()
+            || !self.control.is_empty()
+            || !self.credit_ready.is_empty()
+            || !self.ready.is_empty()
+            || self.udp.has_output()
     }
 
     /// Are so many control frames waiting to be sent that the driver should stop reading from
     /// the peer until it has sent some? Reading on would let a peer that never reads make us
     /// queue answers (to its opens, ...) without bound; pausing pushes back on its writes.
     pub fn is_backlogged(&self) -> bool {
-        self.control.len() >= self.config.max_control_backlog
+        // UDP answers count too: each refusal of a peer's association queues a `UdpClose`.
+        self.control.len() >= self.config.max_control_backlog || self.udp_queued() >= self.config.max_udp_queued
     }
 
     /// Control frames waiting to be sent (for tests and metrics).
@@ -73,6 +78,10 @@ impl Mux {
                 f.encode(out);
             }
         }
+        // Datagrams next: at most half the record while flows have data, so neither starves.
+        let udp_room = if self.ready.is_empty() { max } else { max / 2 };
+        let before = used(out);
+        self.transmit_udp(out, before, udp_room, max);
         let rounds = self.ready.len();
         for _ in 0..rounds {
             let room = max.saturating_sub(used(out));
