@@ -24,6 +24,7 @@ const RESET: u8 = 7;
 const PING: u8 = 8;
 const PONG: u8 = 9;
 const CLOSE: u8 = 10;
+const ACK: u8 = 11;
 
 /// One mux frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +89,12 @@ pub enum Frame {
         /// Why.
         reason: String,
     },
+    /// The sender has opened this many of the receiver's records (the count, not an index), so
+    /// the receiver may forget them (see [`crate::retain`]).
+    Ack {
+        /// Records opened.
+        records: u64,
+    },
 }
 
 fn put_text(out: &mut Vec<u8>, s: &str) {
@@ -149,6 +156,10 @@ impl Frame {
                 out.push(CLOSE);
                 put_text(out, reason);
             }
+            Frame::Ack { records } => {
+                out.push(ACK);
+                out.extend_from_slice(&records.to_be_bytes());
+            }
         }
     }
 
@@ -161,7 +172,7 @@ impl Frame {
             Frame::OpenOk { .. } | Frame::Fin { .. } => 5,
             Frame::Data { bytes, .. } => DATA_HEADER + bytes.len(),
             Frame::Credit { .. } => 9,
-            Frame::Ping { .. } | Frame::Pong { .. } => 9,
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::Ack { .. } => 9,
             Frame::Close { reason } => 1 + text(reason),
         }
     }
@@ -254,6 +265,7 @@ impl FrameReader {
             PING => Frame::Ping { id: self.u64()? },
             PONG => Frame::Pong { id: self.u64()? },
             CLOSE => Frame::Close { reason: self.text()? },
+            ACK => Frame::Ack { records: self.u64()? },
             _ => return Err(SessionError::BadFrame("unknown frame type")),
         };
         Ok(Some(f))
@@ -282,6 +294,7 @@ mod tests {
             any::<u64>().prop_map(|id| Frame::Ping { id }),
             any::<u64>().prop_map(|id| Frame::Pong { id }),
             text().prop_map(|reason| Frame::Close { reason }),
+            any::<u64>().prop_map(|records| Frame::Ack { records }),
         ]
     }
 

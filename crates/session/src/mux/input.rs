@@ -151,6 +151,7 @@ impl Mux {
                 self.pong = Some(id);
             }
             Frame::Pong { .. } => {}
+            Frame::Ack { records } => self.events.push_back(Event::Acked { records }),
             Frame::Close { reason } => {
                 self.closed = Some(reason.clone());
                 self.clear_flows();

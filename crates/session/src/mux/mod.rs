@@ -77,6 +77,9 @@ pub struct MuxConfig {
     /// Records sealed under one key before the driver's record layer rekeys (both ends must
     /// agree: it is part of the protocol, not a local tuning). Lowered only by tests.
     pub records_per_key: u64,
+    /// Keep sealed records until acknowledged so the session can resume on a new transport;
+    /// `None`: a broken transport ends the session (acknowledgements are sent either way).
+    pub resume: Option<crate::resume::ResumeConfig>,
 }
 
 /// Pings a peer may send in a burst, and per second after it. A peer of ours pings once per
@@ -100,6 +103,7 @@ impl Default for MuxConfig {
             // pauses the reader; each frame is at most ~1 KiB (a reason text).
             max_control_backlog: 1024,
             records_per_key: crate::record::DEFAULT_RECORDS_PER_KEY,
+            resume: None,
         }
     }
 }
@@ -149,6 +153,11 @@ pub enum Event {
     FlowWritable {
         /// The flow.
         flow: FlowId,
+    },
+    /// The peer has opened this many of our records (its `Ack`; checked by the connection).
+    Acked {
+        /// Records opened.
+        records: u64,
     },
     /// The session ended (peer's `Close` or keepalive timeout).
     Closed {
@@ -223,6 +232,9 @@ pub struct Mux {
     last_recv: Instant,
     next_ping: u64,
     closed: Option<String>,
+    /// No data frames go out while set: the connection holds as many unacknowledged records as
+    /// it may (see `Mux::set_data_paused`).
+    data_paused: bool,
 }
 
 impl Mux {
@@ -253,6 +265,7 @@ impl Mux {
             last_recv: now,
             next_ping: 0,
             closed: None,
+            data_paused: false,
         }
     }
 
@@ -401,6 +414,24 @@ impl Mux {
             return None;
         }
         Some((self.last_send + self.config.keepalive_interval).min(self.last_recv + self.config.idle_timeout))
+    }
+
+    /// Stops (or restarts) sending flow data: control frames still go out. Flows see this as
+    /// their credit running out (the peer grants none for data it has not received), so it is
+    /// backpressure, never loss.
+    pub fn set_data_paused(&mut self, paused: bool) {
+        self.data_paused = paused;
+    }
+
+    /// Has nothing been received for the idle timeout?
+    pub fn idle_expired(&self, now: Instant) -> bool {
+        now >= self.last_recv + self.config.idle_timeout
+    }
+
+    /// Restarts the keepalive clocks (a new transport was just set up).
+    pub fn touch(&mut self, now: Instant) {
+        self.last_recv = now;
+        self.last_send = now;
     }
 
     /// Runs timers: queues a keepalive `Ping` or declares the session dead.

@@ -16,7 +16,10 @@ pub type Pull<'a> = dyn FnMut(super::FlowId, &mut Vec<u8>, usize) -> u64 + 'a;
 impl Mux {
     /// Is there anything to transmit?
     pub fn wants_transmit(&self) -> bool {
-        self.pong.is_some() || !self.control.is_empty() || !self.credit_ready.is_empty() || !self.ready.is_empty()
+        self.pong.is_some()
+            || !self.control.is_empty()
+            || !self.credit_ready.is_empty()
+            || (!self.ready.is_empty() && !self.data_paused)
     }
 
     /// Are so many control frames waiting to be sent that the driver should stop reading from
@@ -73,7 +76,7 @@ impl Mux {
                 f.encode(out);
             }
         }
-        let rounds = self.ready.len();
+        let rounds = if self.data_paused { 0 } else { self.ready.len() };
         for _ in 0..rounds {
             let room = max.saturating_sub(used(out));
             if room <= DATA_HEADER {
