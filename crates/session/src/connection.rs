@@ -312,10 +312,15 @@ impl Connection {
             match self.opener.next() {
                 Ok(Some(record)) => {
                     self.stats.records_received += 1;
-                    self.unacked_bytes += record.len();
-                    self.unacked_since.get_or_insert(now);
-                    if self.unacked_bytes >= ACK_BYTES {
-                        self.ack_now = true;
+                    // A record of nothing but an `Ack` is acknowledged only by the next record
+                    // that goes anyway: answering it would make two idle peers trade Acks
+                    // forever (QUIC's "ack-eliciting" rule).
+                    if !crate::frame::is_ack_only(&record) {
+                        self.unacked_bytes += record.len();
+                        self.unacked_since.get_or_insert(now);
+                        if self.unacked_bytes >= ACK_BYTES {
+                            self.ack_now = true;
+                        }
                     }
                     if let Err(e) = self.mux.handle_frames(record.freeze(), now) {
                         self.drain_mux();
@@ -448,10 +453,11 @@ impl Connection {
             self.end(SessionError::Protocol("the peer resumed after a record never sent"));
             return;
         }
-        if let Err(e) = self.retained.ack(peer_opened) {
-            self.end(e);
+        if peer_opened < self.retained.acked() {
+            self.end(SessionError::Protocol("the peer resumed from before its own acknowledgement"));
             return;
         }
+        self.retained.ack(peer_opened);
         let resent: usize = self.retained.all().map(|b| b.len()).sum();
         self.stats.records_resent += self.sealer.counter() - peer_opened;
         self.pending.extend(self.retained.all());
@@ -494,6 +500,11 @@ impl Connection {
         self.mux.set_data_paused(true);
     }
 
+    /// Are sealed records kept? Not once the session ended: nothing will be resent.
+    fn retaining(&self) -> bool {
+        self.resume.is_some() && self.ended.is_none()
+    }
+
     /// Data goes out only while live and within the retain limit.
     fn update_pause(&mut self) {
         let over = self.resume.is_some_and(|r| self.retained.bytes() >= r.retain_limit);
@@ -526,7 +537,7 @@ impl Connection {
         let start = buf.len();
         let first = self.sealer.counter();
         self.seal_records(now, buf, max, pull);
-        if self.resume.is_some() && buf.len() > start {
+        if self.retaining() && buf.len() > start {
             self.retained.push(first, self.sealer.counter() - first, Bytes::copy_from_slice(&buf[start..]));
             self.update_pause();
         }
@@ -549,7 +560,7 @@ impl Connection {
             return None;
         }
         let bytes = Bytes::from(buf);
-        if self.resume.is_some() {
+        if self.retaining() {
             self.retained.push(first, self.sealer.counter() - first, bytes.clone());
             self.update_pause();
         }
@@ -910,18 +921,12 @@ impl Connection {
                 }
                 Event::FlowWritable { flow } => self.events.push_back(ConnEvent::Writable { flow }),
                 Event::Acked { records } => {
-                    let acked = if records > self.sealer.counter() {
-                        Err(SessionError::Protocol("acknowledgement of a record never sent"))
-                    } else {
-                        self.retained.ack(records)
-                    };
-                    match acked {
-                        Ok(()) => self.update_pause(),
-                        Err(e) => {
-                            self.end(e);
-                            return;
-                        }
+                    if records > self.sealer.counter() {
+                        self.end(SessionError::Protocol("acknowledgement of a record never sent"));
+                        return;
                     }
+                    self.retained.ack(records);
+                    self.update_pause();
                 }
                 Event::Closed { reason } => self.end(SessionError::Closed(reason)),
             }
@@ -929,5 +934,7 @@ impl Connection {
     }
 }
 
+#[cfg(test)]
+mod resume_tests;
 #[cfg(test)]
 mod tests;

@@ -178,6 +178,11 @@ impl Frame {
     }
 }
 
+/// Is this record plaintext a lone `Ack` (which needs no acknowledgement of its own)?
+pub fn is_ack_only(plaintext: &[u8]) -> bool {
+    plaintext.len() == 9 && plaintext[0] == ACK
+}
+
 /// Writes a `Data` header; the caller appends `len` payload bytes right after.
 pub fn encode_data_header(out: &mut Vec<u8>, flow: u32, len: usize) {
     out.push(DATA);

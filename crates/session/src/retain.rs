@@ -11,7 +11,6 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::record::HEADER_LEN;
-use crate::SessionError;
 
 #[derive(Debug)]
 struct Batch {
@@ -49,12 +48,18 @@ impl Retained {
         self.bytes
     }
 
+    /// The peer's latest acknowledgement: it has opened every record below this.
+    pub(crate) fn acked(&self) -> u64 {
+        self.acked
+    }
+
     /// The peer has opened every record below `upto` (which the caller has checked is no more
-    /// than we sealed): forget them. An acknowledgement below an earlier one is a peer breaking
-    /// the protocol (its count of opened records only grows).
-    pub(crate) fn ack(&mut self, upto: u64) -> Result<(), SessionError> {
-        if upto < self.acked {
-            return Err(SessionError::Protocol("acknowledgement went backwards"));
+    /// than we sealed): forget them. An acknowledgement below an earlier one changes nothing:
+    /// a record resent after a resume still carries the `Ack` it was sealed with, older than
+    /// what the resume itself told us.
+    pub(crate) fn ack(&mut self, upto: u64) {
+        if upto <= self.acked {
+            return;
         }
         self.acked = upto;
         while let Some(front) = self.batches.front_mut() {
@@ -76,7 +81,6 @@ impl Retained {
             }
             break;
         }
-        Ok(())
     }
 
     /// Everything held, in order: what to resend after [`Retained::ack`] of what the peer has.
@@ -121,16 +125,17 @@ mod tests {
         r.push(0, 3, a.clone());
         r.push(3, 4, b.clone());
         assert_eq!(r.bytes(), a.len() + b.len());
-        r.ack(2).expect("ack");
+        r.ack(2);
         let rest: Vec<u8> = r.all().flat_map(|b| b.to_vec()).collect();
         let mut want = sealed(2, 1).to_vec();
         want.extend_from_slice(&b);
         assert_eq!(rest, want, "exactly the records from 2 on, byte for byte");
         assert_eq!(r.bytes(), want.len());
-        r.ack(5).expect("ack");
+        r.ack(5);
         assert_eq!(r.all().flat_map(|b| b.to_vec()).collect::<Vec<u8>>(), sealed(5, 2).to_vec());
-        assert!(r.ack(4).is_err(), "backwards");
-        r.ack(7).expect("ack");
+        r.ack(4);
+        assert_eq!(r.acked(), 5, "an older acknowledgement changes nothing");
+        r.ack(7);
         assert_eq!((r.bytes(), r.all().count()), (0, 0));
     }
 }
