@@ -441,9 +441,7 @@ impl Connection {
 
     /// The peer proved itself and has opened `peer_opened` of our records: resend the rest.
     fn resumed(&mut self, peer_opened: u64, now: Instant) {
-        let Transport::Resuming { since, exchange } =
-            std::mem::replace(&mut self.transport, Transport::Live)
-        else {
+        let Transport::Resuming { since, exchange } = std::mem::replace(&mut self.transport, Transport::Live) else {
             return;
         };
         // An honest peer's count lies between its last acknowledgement and what we sealed; a
@@ -584,7 +582,9 @@ impl Connection {
                 Frame::Ack { records: opened }.encode(buf);
             }
             let room = MAX_RECORD_PLAINTEXT - (buf.len() - start - HEADER_LEN);
-            if !self.mux.poll_transmit_with(now, buf, room, pull) && !(ack && self.ack_now) {
+            let wrote = self.mux.poll_transmit_with(now, buf, room, pull);
+            // A lone Ack goes only when due; otherwise it waits to ride on the next record.
+            if !wrote && !(ack && self.ack_now) {
                 buf.truncate(start);
                 break;
             }

@@ -550,5 +550,7 @@ fn idle_peers_do_not_trade_acknowledgements() {
     }
     let idle = p.c.stats().records_sent + p.d.stats().records_sent - before;
     assert!(idle <= 8 * 4 + 8 * 2, "{idle} records in two idle minutes");
-    assert!(p.c.retained_bytes() <= HEADER_LEN + 9 + TAG_LEN + 64 && p.d.retained_bytes() <= HEADER_LEN + 9 + TAG_LEN + 64);
+    assert!(
+        p.c.retained_bytes() <= HEADER_LEN + 9 + TAG_LEN + 64 && p.d.retained_bytes() <= HEADER_LEN + 9 + TAG_LEN + 64
+    );
 }
