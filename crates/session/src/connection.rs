@@ -550,6 +550,10 @@ impl Connection {
         if let Some(bytes) = self.pending.pop_front() {
             return Some(bytes);
         }
+        if !self.wants_transmit() {
+            // Not even a buffer to make.
+            return None;
+        }
         // One record may go past `max`; a huge `max` still starts with a sane allocation.
         let mut buf = Vec::with_capacity(max.min(1 << 20) + HEADER_LEN + MAX_RECORD_PLAINTEXT + TAG_LEN);
         let first = self.sealer.counter();
@@ -584,7 +588,8 @@ impl Connection {
             let room = MAX_RECORD_PLAINTEXT - (buf.len() - start - HEADER_LEN);
             let wrote = self.mux.poll_transmit_with(now, buf, room, pull);
             // A lone Ack goes only when due; otherwise it waits to ride on the next record.
-            if !wrote && !(ack && self.ack_now) {
+            let lone_ack_due = ack && self.ack_now;
+            if !(wrote || lone_ack_due) {
                 buf.truncate(start);
                 break;
             }

@@ -50,6 +50,8 @@ pub enum SetupError {
 pub struct Transport {
     pub stream: TcpStream,
     pub keys: SessionKeys,
+    /// The session's random id, as both sides present it to the relay.
+    pub id: [u8; 16],
     /// The session's id in the logs of both ends: the first bytes of its random id, in hex.
     pub session: String,
 }
@@ -94,9 +96,32 @@ impl Connector {
         step: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<SessionHandle, SetupError> {
         let t0 = Instant::now();
-        let (stream, keys) = self.open_transport(device, relay, targets, step).await?;
+        let t = self.dial(device, relay, targets, step).await?;
         tracing::info!(device = %device, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
-        Ok(client_session(stream, keys, self.mux.clone()))
+        Ok(self.start_session(t, device, relay))
+    }
+
+    /// Runs the session over its transport; one that resumes rejoins its relay whenever the
+    /// transport breaks ([`crate::rejoin`]).
+    fn start_session(&self, t: Transport, device: &DeviceRef, relay: &Name) -> SessionHandle {
+        let handle = client_session(t.stream, t.keys, self.mux.clone());
+        if self.mux.resume.is_some() {
+            crate::rejoin::keep(
+                handle.clone(),
+                crate::rejoin::Rejoin {
+                    ctl: self.ctl.clone(),
+                    relays: self.relays.clone(),
+                    relay: relay.clone(),
+                    role: Role::Client,
+                    session: t.id,
+                    peer: device.identity.clone(),
+                    ask_device: Some((self.router.clone(), device.device.clone())),
+                    eager_for: None,
+                    kick: Default::default(),
+                },
+            );
+        }
+        handle
     }
 
     /// [`Connector::dial`] through the best relay the device trusts ([`Connector::choice`]):
@@ -140,7 +165,8 @@ impl Connector {
         let t0 = Instant::now();
         let (t, relay) = self.dial_best(device, targets, step).await?;
         tracing::info!(device = %device, %relay, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
-        Ok((client_session(t.stream, t.keys, self.mux.clone()), relay))
+        let handle = self.start_session(t, device, &relay);
+        Ok((handle, relay))
     }
 
     /// Everything of [`Connector::open_session`] up to the session itself: the request, the
@@ -223,7 +249,7 @@ impl Connector {
                 .finish(&msg2)
                 .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?;
             step("handshake complete");
-            Ok::<_, SetupError>(Transport { stream, keys, session: session_id(&session) })
+            Ok::<_, SetupError>(Transport { stream, keys, id: session, session: session_id(&session) })
         };
         let result = tokio::select! {
             r = tokio::time::timeout(ttl, fut) => match r {
