@@ -276,6 +276,10 @@ impl Daemon {
                 }
             }
             TunnelMsg::SessionQuery { query_id, device, session } if device == self.cfg.device => {
+                // Each answer costs a control-plane send: held to the same budget as refusals.
+                if !self.may_refuse(&req.from) {
+                    return;
+                }
                 // Only about the sender's own sessions: anyone else learns nothing (ids are
                 // random, so there is nothing to learn but "no").
                 let held = self.held.lock().is_ok_and(|held| {
