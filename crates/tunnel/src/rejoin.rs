@@ -34,6 +34,10 @@ const REJOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// then every few seconds, so a relay that is gone for long costs little.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
+/// How long the resume exchange may take on a stream the relay paired: two messages each way.
+/// A peer that says nothing in that time (or a relay that paired us with a silent stranger) is
+/// left for another attempt rather than waited on until the window ends.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the client waits for the device's word on whether it still holds the session.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,7 +109,14 @@ async fn run(handle: SessionHandle, r: Rejoin) {
                     if handle.resume_with(stream).is_err() {
                         return;
                     }
-                    match handle.resumed().await {
+                    let outcome = match tokio::time::timeout(EXCHANGE_TIMEOUT, handle.resumed()).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::warn!(attempts, "the resume exchange stalled; rejoining again");
+                            Ok(false)
+                        }
+                    };
+                    match outcome {
                         Ok(true) => {
                             resumes += 1;
                             tracing::info!(
