@@ -81,6 +81,25 @@ pub fn mux_config(keepalive: std::time::Duration, udp_idle: std::time::Duration)
     }
 }
 
+/// The longest `--resume-window`: a day. A suspended session holds its flows' state and up to
+/// its retain limit of records, so a window is bounded like every other wait.
+pub const MAX_RESUME_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Parses `--resume-window` (a duration, at most [`MAX_RESUME_WINDOW`]; 0 for none).
+pub fn parse_resume_window(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > MAX_RESUME_WINDOW {
+        return Err(format!("at most {}", humantime::format_duration(MAX_RESUME_WINDOW)));
+    }
+    Ok(d)
+}
+
+/// `mux` with sessions resuming for `window` after their transport breaks (none for 0).
+pub fn with_resume(mux: np_session::MuxConfig, window: std::time::Duration) -> np_session::MuxConfig {
+    let resume = (!window.is_zero()).then(|| np_session::ResumeConfig { window, ..Default::default() });
+    np_session::MuxConfig { resume, ..mux }
+}
+
 /// Makes large allocations (TCP socket buffers of `np up`, 1 MiB each) always come straight
 /// from mmap. glibc otherwise raises its mmap threshold after the first such buffer is freed and
 /// then serves later ones from the heap, zero-filled by hand: every half-open flow of a SYN flood

@@ -23,7 +23,15 @@ fn relay_killed_mid_transfer_no_corruption_and_new_flows_within_2s() {
     let mut s = Stack::start();
     let (src, ep) = (source(1 << 30), echo());
     let _npd = s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{src},localhost:{ep}")]);
-    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{src}"), &format!("0:localhost:{ep}")], &[]).unwrap();
+    // Resumption off: this is how a session that does not resume ends (`resume_forward.rs`
+    // has the relay killed under one that does).
+    let f = s
+        .forward(
+            "pi4@alice_device",
+            &[&format!("0:localhost:{src}"), &format!("0:localhost:{ep}")],
+            &["--resume-window", "0"],
+        )
+        .unwrap();
     let mut c = TcpStream::connect(f.addrs[0]).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut got = Vec::new();
@@ -139,12 +147,30 @@ fn a_partition_longer_than_the_keepalive_is_noticed_by_both_sides_and_recovered(
     let ep = echo();
     // A short keepalive (a session silent for three intervals is dead), so both sides notice the
     // partition in about a second of real time; the binaries' timers read the real clock.
-    let _npd =
-        s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{ep}"), "--keepalive", KEEPALIVE]);
+    // Resumption off: a partition would be waited out otherwise.
+    let _npd = s.npd(
+        "pi4",
+        &[
+            "--manager",
+            "@alice",
+            "--permit-open",
+            &format!("localhost:{ep}"),
+            "--keepalive",
+            KEEPALIVE,
+            "--resume-window",
+            "0",
+        ],
+    );
     let cut = Arc::new(AtomicBool::new(false));
     let real = s.relay_addr;
     s.relay_addr = partition_proxy(real, cut.clone());
-    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{ep}")], &["--keepalive", KEEPALIVE]).unwrap();
+    let f = s
+        .forward(
+            "pi4@alice_device",
+            &[&format!("0:localhost:{ep}")],
+            &["--keepalive", KEEPALIVE, "--resume-window", "0"],
+        )
+        .unwrap();
     let mut live = TcpStream::connect(f.addrs[0]).unwrap();
     live.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
     live.write_all(b"ping").unwrap();

@@ -492,7 +492,9 @@ fn e2e_case(
     let f = s.forward(
         "pi4@alice_device",
         &[&format!("0:localhost:{port}")],
-        &["--timeout", "5s", "--keepalive", E2E_KEEPALIVE],
+        // Resumption off: these cases test how a tampered session ends, truncations included
+        // (a truncation is only a broken transport to a session that resumes).
+        &["--timeout", "5s", "--keepalive", E2E_KEEPALIVE, "--resume-window", "0"],
     );
     s.relay_addr = real_relay;
     let recs = || (std::mem::take(&mut *rec_up.lock().unwrap()), std::mem::take(&mut *rec_down.lock().unwrap()));
@@ -550,7 +552,16 @@ fn e2e_setup() -> (tokio::runtime::Runtime, Stack, Proc, SocketAddr, u16, Vec<u8
     let port = echo();
     let npd = s.npd(
         "pi4",
-        &["--manager", "@alice", "--permit-open", &format!("localhost:{port}"), "--keepalive", E2E_KEEPALIVE],
+        &[
+            "--manager",
+            "@alice",
+            "--permit-open",
+            &format!("localhost:{port}"),
+            "--keepalive",
+            E2E_KEEPALIVE,
+            "--resume-window",
+            "0",
+        ],
     );
     let real_relay = s.relay_addr;
     let (rec, up, down) = e2e_case(&rt, &mut s, real_relay, port, Tamper::None, Tamper::None);

@@ -282,9 +282,13 @@ const NOTICE: Duration = Duration::from_secs(6);
 /// answered; returns them and the flow.
 fn live_flow(d: &mut Deployment) -> (np_tests::stack::Forward, std::net::TcpStream) {
     let permit = d.permit();
-    d.start_npd(&["--manager", "@alice", "--permit-open", &permit, "--keepalive", KEEPALIVE]);
+    // Resumption off: these tests are about noticing a dead session and setting up a new one.
+    d.start_npd(&["--manager", "@alice", "--permit-open", &permit, "--keepalive", KEEPALIVE, "--resume-window", "0"]);
     let fwd = d
-        .forward(&[&format!("0:localhost:{}", d.echo_port)], &["--keepalive", KEEPALIVE, "--timeout", SETUP_TIMEOUT])
+        .forward(
+            &[&format!("0:localhost:{}", d.echo_port)],
+            &["--keepalive", KEEPALIVE, "--timeout", SETUP_TIMEOUT, "--resume-window", "0"],
+        )
         .unwrap_or_else(|log| panic!("np forward: {log}"));
     let mut live = connect_in(&d.hosts.pc, fwd.addrs[0], Duration::from_secs(10)).unwrap();
     live.set_read_timeout(Some(NOTICE + Duration::from_secs(4))).unwrap();

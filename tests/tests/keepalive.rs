@@ -36,9 +36,19 @@ fn round_trip(c: &mut TcpStream, msg: &[u8]) -> Result<(), String> {
 fn idle_flow(keepalive: &str) -> (Result<(), String>, Stack) {
     let s = Stack::start_with_relay(&["--idle-timeout", RELAY_IDLE]);
     let ep = echo();
-    let _npd =
-        s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{ep}"), "--keepalive", keepalive]);
-    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{ep}")], &["--keepalive", keepalive]).unwrap();
+    // Resumption off: a session the relay idled out would otherwise resume.
+    let permit = format!("localhost:{ep}");
+    let _npd = s.npd(
+        "pi4",
+        &["--manager", "@alice", "--permit-open", &permit, "--keepalive", keepalive, "--resume-window", "0"],
+    );
+    let f = s
+        .forward(
+            "pi4@alice_device",
+            &[&format!("0:localhost:{ep}")],
+            &["--keepalive", keepalive, "--resume-window", "0"],
+        )
+        .unwrap();
     let mut c = TcpStream::connect(f.addrs[0]).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     round_trip(&mut c, b"before the idle period").unwrap();

@@ -84,6 +84,11 @@ enum Cmd {
         /// How long to wait for the device to answer.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// How long a session whose relay connection broke (relay restart, network change,
+        /// sleep) waits to resume; its flows stall meanwhile, and reset after it. 0 turns
+        /// resumption off [at most 24h].
+        #[arg(long, default_value = "10m", value_parser = np_cli::parse_resume_window)]
+        resume_window: Duration,
     },
     /// Bring up a virtual interface where each device has an address: `ssh pi@100.80.0.2` just works.
     ///
@@ -389,7 +394,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Forward { me, to, relay, relay_address, forwards, udp_forwards, timeout } => {
+        Cmd::Forward { me, to, relay, relay_address, forwards, udp_forwards, timeout, resume_window } => {
             let t0 = std::time::Instant::now();
             let (ctl, incoming) = np_cli::connect_control(&home, me.as_ref()).await?;
             if cli.verbose {
@@ -402,14 +407,8 @@ async fn run(cli: Cli) -> Result<()> {
             let (router, _requests) = Router::start(incoming);
             let relays = np_cli::relay_book(relay.as_ref(), relay_address);
             let choice = np_cli::relay_choice(relay, cli.verbose);
-            let connector = Connector {
-                ctl,
-                router,
-                timeout,
-                mux: np_cli::mux_config(cli.keepalive, cli.udp_idle),
-                relays,
-                choice,
-            };
+            let mux = np_cli::with_resume(np_cli::mux_config(cli.keepalive, cli.udp_idle), resume_window);
+            let connector = Connector { ctl, router, timeout, mux, relays, choice };
             let tcp = forwards.iter().map(|f| f.target.clone());
             let targets = tcp.chain(udp_forwards.iter().map(|f| format!("udp/{}", f.target))).collect();
             let slot = Arc::new(SessionSlot::new(connector, to, targets, cli.verbose));

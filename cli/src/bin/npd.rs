@@ -69,6 +69,11 @@ struct Cli {
     /// A UDP association with no datagram either way for this long ends (its socket closes).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     udp_idle: Duration,
+    /// How long a session whose relay connection broke waits for its client to resume it; its
+    /// flows (and the services' connections) stay open meanwhile. 0 turns resumption off
+    /// [at most 24h].
+    #[arg(long, default_value = "10m", value_parser = np_cli::parse_resume_window)]
+    resume_window: Duration,
 }
 
 fn main() -> ExitCode {
@@ -105,7 +110,7 @@ async fn run(cli: Cli) -> Result<()> {
     cfg.max_sessions_per_requester = cli.max_sessions_per_requester.max(1);
     cfg.share_with = cli.share_with;
     cfg.heartbeat = cli.heartbeat;
-    cfg.mux = np_cli::mux_config(cli.keepalive, cli.udp_idle);
+    cfg.mux = np_cli::with_resume(np_cli::mux_config(cli.keepalive, cli.udp_idle), cli.resume_window);
     {
         // Published (or withdrawn, when empty) on every start, for the same readers as the
         // device's info.

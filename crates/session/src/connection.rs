@@ -7,18 +7,37 @@
 //! bytes until the application takes them. The mux's credit is the only flow control: `send`
 //! takes what the peer's credit allows, and taking received bytes grants credit back.
 //!
+//! A session can outlive its transport ([`MuxConfig::resume`]): every record carries (or a
+//! timer sends) an `Ack` of the peer's records opened so far, sealed records are kept until
+//! acknowledged, and when the transport breaks the connection is *suspended* rather than ended:
+//! flows keep their state while the shell finds a new transport and calls
+//! [`Connection::resume`], which runs the exchange of [`crate::resume`] and resends exactly the
+//! records the peer lacks. Acknowledgements are sent whether or not this side resumes.
+//!
 //! No tokio, no clock reads, no sockets: the driver (`driver.rs`, for `np forward` and `npd`)
 //! and `np up`'s bridge are shells that move bytes between a socket and this.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use crate::frame::Frame;
+use crate::handshake::Role;
 use crate::mux::{AssocId, AssocStats, Event, FlowId, Mux, MuxConfig, Pull, UdpCounters};
 use crate::record::{Opener, Sealer, HEADER_LEN, MAX_RECORD_PLAINTEXT, TAG_LEN};
+use crate::resume::{Exchange, ResumeConfig, ResumeKey, Step};
+use crate::retain::Retained;
 use crate::{SessionError, SessionKeys};
 
+/// Bytes of the peer's records opened past which an `Ack` is sent at once, in a record of its
+/// own if nothing else is going out. Acks ride on every record sent anyway, so this only
+/// matters for a one-way transfer whose receiver sends little; an eighth of the default
+/// retain limit keeps the sender well clear of its limit (one 9-byte frame per 1 MiB).
+const ACK_BYTES: usize = 1 << 20;
+/// How long an `Ack` may wait for a record to ride on: an idle receiver still lets the sender
+/// forget what it keeps (and a sender with a small retain limit is never stuck on it).
+const ACK_DELAY: Duration = Duration::from_millis(200);
 /// Received chunks shorter than this are copied into the flow's queue; longer ones stay slices
 /// of the decrypted record. A slice keeps the whole receive buffer it came from alive, so a peer
 /// sending one byte per record on many unread flows could otherwise make each byte of credit
@@ -154,8 +173,27 @@ impl Inbox {
     }
 }
 
+/// Where a connection's transport stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportState {
+    /// Records flow.
+    Live,
+    /// The transport broke (or a resume attempt failed): give the connection a new one with
+    /// [`Connection::resume`] before [`Connection::poll_timeout`] passes, or the session ends.
+    Suspended,
+    /// A resume exchange is under way on a new transport.
+    Resuming,
+}
+
+enum Transport {
+    Live,
+    Suspended { since: Instant },
+    Resuming { since: Instant, exchange: Exchange },
+}
+
 /// The sans-IO session. See the module docs.
 pub struct Connection {
+    role: Role,
     mux: Mux,
     sealer: Sealer,
     opener: Opener,
@@ -164,6 +202,26 @@ pub struct Connection {
     ended: Option<SessionError>,
     /// Records sealed and bytes of plaintext moved, for tests and metrics.
     stats: ConnStats,
+    resume: Option<ResumeConfig>,
+    resume_key: Option<ResumeKey>,
+    transport: Transport,
+    /// Records sealed and not yet acknowledged (empty unless `resume` is set; the count of the
+    /// peer's acknowledgements is checked either way).
+    retained: Retained,
+    /// Bytes to send before any new record: the resume exchange's messages, resent records.
+    pending: VecDeque<Bytes>,
+    /// The count of the peer's records our latest `Ack` (or resume proof) told it about.
+    ack_sent: u64,
+    /// Plaintext opened since then, and when the first of it was.
+    unacked_bytes: usize,
+    unacked_since: Option<Instant>,
+    /// An `Ack` is due now, in a record of its own if need be.
+    ack_now: bool,
+    /// Why the last resume attempt failed, for the shell's logs.
+    resume_error: Option<SessionError>,
+    /// The latest time given to any call: when a transport was lost, for the calls that are not
+    /// given the time.
+    clock: Instant,
 }
 
 /// Counters of one connection.
@@ -173,6 +231,10 @@ pub struct ConnStats {
     pub records_sent: u64,
     /// Records opened.
     pub records_received: u64,
+    /// Resumes completed.
+    pub resumes: u64,
+    /// Records resent by resumes.
+    pub records_resent: u64,
 }
 
 impl std::fmt::Debug for Connection {
@@ -189,7 +251,15 @@ impl Connection {
     pub fn new(keys: &SessionKeys, config: MuxConfig, now: Instant) -> Connection {
         let sealer = Sealer::with_counter(keys.send_key(), 0, config.records_per_key);
         let opener = Opener::with_counter(keys.recv_key(), 0, config.records_per_key);
+        let resume = config.resume;
+        let resume_key = match resume {
+            Some(_) => ResumeKey::derive(keys)
+                .inspect_err(|e| tracing::warn!(error = %e, "no resume key: this session cannot resume"))
+                .ok(),
+            None => None,
+        };
         Connection {
+            role: keys.role(),
             mux: Mux::new(keys.role(), config, now),
             sealer,
             opener,
@@ -197,6 +267,17 @@ impl Connection {
             events: VecDeque::new(),
             ended: None,
             stats: ConnStats::default(),
+            resume,
+            resume_key,
+            transport: Transport::Live,
+            retained: Retained::default(),
+            pending: VecDeque::new(),
+            ack_sent: 0,
+            unacked_bytes: 0,
+            unacked_since: None,
+            ack_now: false,
+            resume_error: None,
+            clock: now,
         }
     }
 
@@ -214,7 +295,8 @@ impl Connection {
 
     /// Bytes read from the peer.
     pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
-        if self.ended.is_some() {
+        // Late bytes of a transport already given up are not part of the stream any more.
+        if self.ended.is_some() || matches!(self.transport, Transport::Suspended { .. }) {
             return;
         }
         self.opener.push(bytes);
@@ -237,19 +319,34 @@ impl Connection {
     /// Takes back the buffer from [`Connection::lend_input_buffer`], with what was read into
     /// it appended, and processes it.
     pub fn handle_input_buffer(&mut self, buf: BytesMut, now: Instant) {
-        if self.ended.is_some() {
+        self.opener.give_back_buffer(buf);
+        if self.ended.is_some() || matches!(self.transport, Transport::Suspended { .. }) {
+            self.opener.discard_partial();
             return;
         }
-        self.opener.give_back_buffer(buf);
         self.process_input(now);
     }
 
     /// Opens and handles every complete record in the receive buffer.
     pub fn process_input(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
+        if !self.advance_resume(now) {
+            return;
+        }
         while self.ended.is_none() {
             match self.opener.next() {
                 Ok(Some(record)) => {
                     self.stats.records_received += 1;
+                    // A record of nothing but an `Ack` is acknowledged only by the next record
+                    // that goes anyway: answering it would make two idle peers trade Acks
+                    // forever (QUIC's "ack-eliciting" rule).
+                    if !crate::frame::is_ack_only(&record) {
+                        self.unacked_bytes += record.len();
+                        self.unacked_since.get_or_insert(now);
+                        if self.unacked_bytes >= ACK_BYTES {
+                            self.ack_now = true;
+                        }
+                    }
                     if let Err(e) = self.mux.handle_frames(record.freeze(), now) {
                         self.drain_mux();
                         self.end(e);
@@ -268,6 +365,9 @@ impl Connection {
 
     /// The peer's end of stream. Orderly only after the peer's `Close`; otherwise the session
     /// was cut ([`SessionError::Truncated`]), maybe by an attacker hiding the rest.
+    ///
+    /// A session that resumes is suspended instead (the peer resends the rest on the next
+    /// transport; a truncation by an attacker is no different from a relay that died).
     pub fn handle_eof(&mut self) {
         if self.ended.is_some() {
             return;
@@ -276,12 +376,162 @@ impl Connection {
             Err(e) => e,
             Ok(()) => SessionError::Truncated,
         };
-        self.end(err);
+        self.transport_lost(err, self.clock);
     }
 
-    /// The transport failed.
+    /// The transport failed. A session that resumes is suspended instead.
     pub fn handle_io_error(&mut self, err: std::io::Error) {
-        self.end(err.into());
+        self.transport_lost(err.into(), self.clock);
+    }
+
+    // ---- resumption ----
+
+    /// Where the transport stands.
+    pub fn transport_state(&self) -> TransportState {
+        match self.transport {
+            Transport::Live => TransportState::Live,
+            Transport::Suspended { .. } => TransportState::Suspended,
+            Transport::Resuming { .. } => TransportState::Resuming,
+        }
+    }
+
+    /// Since when the session has been without a working transport, if it is.
+    pub fn suspended_since(&self) -> Option<Instant> {
+        match self.transport {
+            Transport::Live => None,
+            Transport::Suspended { since } | Transport::Resuming { since, .. } => Some(since),
+        }
+    }
+
+    /// Why the latest resume attempt failed (the shell logs it and tries another transport).
+    pub fn resume_error(&self) -> Option<&SessionError> {
+        self.resume_error.as_ref()
+    }
+
+    /// Bytes of sealed records kept until the peer acknowledges them.
+    pub fn retained_bytes(&self) -> usize {
+        self.retained.bytes()
+    }
+
+    /// Can this session resume (it is configured to, and has not ended)?
+    pub fn is_resumable(&self) -> bool {
+        self.ended.is_none() && self.resume.is_some() && self.resume_key.is_some()
+    }
+
+    /// Starts resuming on a new transport: what the old one still held is forgotten, and the
+    /// next transmit is this side's resume `Hello`. Called while suspended, or while live to move
+    /// to another transport at once (the old one is then given up), or while resuming to start
+    /// over on yet another transport.
+    pub fn resume(&mut self, now: Instant) -> Result<(), SessionError> {
+        self.check()?;
+        if !self.is_resumable() {
+            return Err(SessionError::ResumeRefused("this session does not keep records to resend"));
+        }
+        let since = self.suspended_since().unwrap_or(now);
+        let (exchange, hello) = Exchange::start(self.role, self.opener.counter())?;
+        self.opener.discard_partial();
+        self.pending.clear();
+        self.pending.push_back(Bytes::from(hello));
+        self.transport = Transport::Resuming { since, exchange };
+        self.mux.set_data_paused(true);
+        tracing::debug!(opened = self.opener.counter(), sealed = self.sealer.counter(), "resuming");
+        Ok(())
+    }
+
+    /// Runs the resume exchange on what has arrived. Returns whether records may be opened.
+    fn advance_resume(&mut self, now: Instant) -> bool {
+        loop {
+            let Transport::Resuming { exchange, .. } = &mut self.transport else {
+                return matches!(self.transport, Transport::Live) && self.ended.is_none();
+            };
+            let Some(key) = &self.resume_key else {
+                return false;
+            };
+            match exchange.handle_input(key, self.opener.recv_buffer()) {
+                Ok(Step::Wait) => return false,
+                Ok(Step::SendProof(proof)) => self.pending.push_back(Bytes::from(proof)),
+                Ok(Step::Done { peer_opened }) => self.resumed(peer_opened, now),
+                Err(e) => {
+                    tracing::debug!(error = %e, "resume attempt failed");
+                    let since = self.suspended_since().unwrap_or(now);
+                    self.transport = Transport::Suspended { since };
+                    self.pending.clear();
+                    self.opener.discard_partial();
+                    self.resume_error = Some(e);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// The peer proved itself and has opened `peer_opened` of our records: resend the rest.
+    fn resumed(&mut self, peer_opened: u64, now: Instant) {
+        let Transport::Resuming { since, exchange } = std::mem::replace(&mut self.transport, Transport::Live) else {
+            return;
+        };
+        // An honest peer's count lies between its last acknowledgement and what we sealed; a
+        // peer with the session's keys that claims otherwise is broken, and resending could
+        // not help.
+        if peer_opened > self.sealer.counter() {
+            self.end(SessionError::Protocol("the peer resumed after a record never sent"));
+            return;
+        }
+        if peer_opened < self.retained.acked() {
+            self.end(SessionError::Protocol("the peer resumed from before its own acknowledgement"));
+            return;
+        }
+        self.retained.ack(peer_opened);
+        let resent: usize = self.retained.all().map(|b| b.len()).sum();
+        self.stats.records_resent += self.sealer.counter() - peer_opened;
+        self.pending.extend(self.retained.all());
+        self.ack_sent = exchange.opened();
+        self.mux.touch(now);
+        self.stats.resumes += 1;
+        self.resume_error = None;
+        self.update_pause();
+        tracing::debug!(
+            resent_records = self.sealer.counter() - peer_opened,
+            resent_bytes = resent,
+            suspended_ms = now.saturating_duration_since(since).as_millis() as u64,
+            "session resumed"
+        );
+    }
+
+    /// The transport is gone: suspend if the session can resume, else end.
+    fn transport_lost(&mut self, err: SessionError, now: Instant) {
+        if self.ended.is_some() {
+            return;
+        }
+        if !self.is_resumable() {
+            self.end(err);
+            return;
+        }
+        match self.transport {
+            Transport::Live => {
+                tracing::debug!(error = %err, "transport lost: session suspended");
+                self.transport = Transport::Suspended { since: now };
+            }
+            Transport::Resuming { since, .. } => {
+                tracing::debug!(error = %err, "transport lost while resuming");
+                self.transport = Transport::Suspended { since };
+                self.resume_error = Some(err);
+            }
+            Transport::Suspended { .. } => {}
+        }
+        self.pending.clear();
+        self.opener.discard_partial();
+        self.mux.set_data_paused(true);
+    }
+
+    /// Are sealed records kept? Not once the session ended: nothing will be resent.
+    fn retaining(&self) -> bool {
+        self.resume.is_some() && self.ended.is_none()
+    }
+
+    /// Data goes out only while live and within the retain limit.
+    fn update_pause(&mut self) {
+        let over = self.resume.is_some_and(|r| self.retained.bytes() >= r.retain_limit);
+        self.mux.set_data_paused(over || !matches!(self.transport, Transport::Live));
     }
 
     // ---- output ----
@@ -295,14 +545,84 @@ impl Connection {
     /// [`Connection::poll_transmit`], pulling the bytes of flows in pull mode
     /// ([`Connection::offer`]) straight from the application's buffers into the records through
     /// `pull` (see [`Mux::poll_transmit_with`](crate::mux::Mux::poll_transmit_with)).
+    ///
+    /// A session that resumes keeps a copy of what it seals here; the shells that move many
+    /// bytes use [`Connection::poll_transmit_bytes`] instead, which keeps them without a copy.
     pub fn poll_transmit_with(&mut self, now: Instant, buf: &mut Vec<u8>, max: usize, pull: &mut Pull<'_>) -> usize {
         let begin = buf.len();
         while buf.len() < max {
+            let Some(bytes) = self.pending.pop_front() else { break };
+            buf.extend_from_slice(&bytes);
+        }
+        if !self.pending.is_empty() {
+            return buf.len() - begin;
+        }
+        let start = buf.len();
+        let first = self.sealer.counter();
+        self.seal_records(now, buf, max, pull);
+        if self.retaining() && buf.len() > start {
+            self.retained.push(first, self.sealer.counter() - first, Bytes::copy_from_slice(&buf[start..]));
+            self.update_pause();
+        }
+        buf.len() - begin
+    }
+
+    /// What to write to the transport next, at least about `max` bytes if that much is pending
+    /// (it may be less: one call returns one piece): the resume exchange, resent records, or
+    /// newly sealed ones. The records are kept for a resume without a copy (this and the
+    /// retained copy share the buffer).
+    pub fn poll_transmit_bytes(&mut self, now: Instant, max: usize) -> Option<Bytes> {
+        if let Some(bytes) = self.pending.pop_front() {
+            return Some(bytes);
+        }
+        if !self.wants_transmit() {
+            // Not even a buffer to make.
+            return None;
+        }
+        // One record may go past `max`; a huge `max` still starts with a sane allocation.
+        let mut buf = Vec::with_capacity(max.min(1 << 20) + HEADER_LEN + MAX_RECORD_PLAINTEXT + TAG_LEN);
+        let first = self.sealer.counter();
+        self.seal_records(now, &mut buf, max, &mut |_, _, _| 0);
+        if buf.is_empty() {
+            return None;
+        }
+        let bytes = Bytes::from(buf);
+        if self.retaining() {
+            self.retained.push(first, self.sealer.counter() - first, bytes.clone());
+            self.update_pause();
+        }
+        Some(bytes)
+    }
+
+    /// Seals records of what the mux has to send (and any `Ack` due) into `buf` until `max`.
+    fn seal_records(&mut self, now: Instant, buf: &mut Vec<u8>, max: usize, pull: &mut Pull<'_>) {
+        self.clock = self.clock.max(now);
+        if !matches!(self.transport, Transport::Live) {
+            return;
+        }
+        while buf.len() < max {
             let start = buf.len();
             buf.extend_from_slice(&[0u8; HEADER_LEN]);
-            if !self.mux.poll_transmit_with(now, buf, MAX_RECORD_PLAINTEXT, pull) {
+            // Every record tells the peer how far we have opened, when that moved: it lets the
+            // peer forget what it keeps, at 9 bytes a record.
+            let opened = self.opener.counter();
+            let ack = opened > self.ack_sent && self.ended.is_none();
+            if ack {
+                Frame::Ack { records: opened }.encode(buf);
+            }
+            let room = MAX_RECORD_PLAINTEXT - (buf.len() - start - HEADER_LEN);
+            let wrote = self.mux.poll_transmit_with(now, buf, room, pull);
+            // A lone Ack goes only when due; otherwise it waits to ride on the next record.
+            let lone_ack_due = ack && self.ack_now;
+            if !(wrote || lone_ack_due) {
                 buf.truncate(start);
                 break;
+            }
+            if ack {
+                self.ack_sent = opened;
+                self.unacked_bytes = 0;
+                self.unacked_since = None;
+                self.ack_now = false;
             }
             buf.extend_from_slice(&[0u8; TAG_LEN]);
             let sealed = match buf.get_mut(start..) {
@@ -316,12 +636,13 @@ impl Connection {
             }
             self.stats.records_sent += 1;
         }
-        buf.len() - begin
     }
 
     /// Is anything waiting for [`Connection::poll_transmit`]?
     pub fn wants_transmit(&self) -> bool {
-        self.mux.wants_transmit()
+        !self.pending.is_empty()
+            || (matches!(self.transport, Transport::Live)
+                && (self.mux.wants_transmit() || (self.ack_now && self.opener.counter() > self.ack_sent)))
     }
 
     /// The next event.
@@ -334,13 +655,36 @@ impl Connection {
         if self.ended.is_some() {
             return None;
         }
-        self.mux.poll_timeout()
+        if let (Some(since), Some(r)) = (self.suspended_since(), self.resume) {
+            return Some(since + r.window);
+        }
+        let ack = self.unacked_since.filter(|_| !self.ack_now).map(|t| t + ACK_DELAY);
+        match (self.mux.poll_timeout(), ack) {
+            (Some(m), Some(a)) => Some(m.min(a)),
+            (m, a) => m.or(a),
+        }
     }
 
-    /// Runs the keepalive timers.
+    /// Runs the timers: keepalives, a delayed `Ack`, the resume window.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
         if self.ended.is_some() {
             return;
+        }
+        if let (Some(since), Some(r)) = (self.suspended_since(), self.resume) {
+            if now >= since + r.window {
+                self.end(SessionError::ResumeExpired(r.window.as_secs()));
+            }
+            return;
+        }
+        if self.is_resumable() && self.mux.idle_expired(now) {
+            // Nothing heard for the idle timeout: the transport is dead even if the socket
+            // has not said so; the shell finds another.
+            self.transport_lost(SessionError::Closed("keepalive timeout".into()), now);
+            return;
+        }
+        if self.unacked_since.is_some_and(|t| now >= t + ACK_DELAY) {
+            self.ack_now = true;
         }
         self.mux.handle_timeout(now);
         self.drain_mux();
@@ -352,13 +696,14 @@ impl Connection {
     /// are queued that the peer is evidently not reading ours (reading on would let it make us
     /// queue without bound; pausing pushes back on its writes).
     pub fn wants_input(&self) -> bool {
-        self.ended.is_none() && !self.mux.is_backlogged()
+        self.ended.is_none() && !self.mux.is_backlogged() && !matches!(self.transport, Transport::Suspended { .. })
     }
 
     /// Has the session ended, and is everything (the final `Close`) transmitted? Then the
     /// shell shuts the stream down.
     pub fn is_drained(&self) -> bool {
-        self.ended.is_some() && !self.mux.wants_transmit()
+        self.ended.is_some()
+            && (!matches!(self.transport, Transport::Live) || (self.pending.is_empty() && !self.mux.wants_transmit()))
     }
 
     /// Why the session ended, if it has.
@@ -600,6 +945,11 @@ impl Connection {
             other => self.mux.close(&other.to_string()),
         }
         self.inboxes.clear();
+        self.retained.clear();
+        if !matches!(self.transport, Transport::Live) {
+            // No transport to say goodbye on.
+            self.pending.clear();
+        }
         self.ended = Some(err.clone());
         self.events.push_back(ConnEvent::Ended { error: err });
     }
@@ -650,11 +1000,21 @@ impl Connection {
                     self.events.push_back(ConnEvent::Datagram { assoc, bytes });
                 }
                 Event::UdpClosed { assoc, reason } => self.events.push_back(ConnEvent::UdpClosed { assoc, reason }),
+                Event::Acked { records } => {
+                    if records > self.sealer.counter() {
+                        self.end(SessionError::Protocol("acknowledgement of a record never sent"));
+                        return;
+                    }
+                    self.retained.ack(records);
+                    self.update_pause();
+                }
                 Event::Closed { reason } => self.end(SessionError::Closed(reason)),
             }
         }
     }
 }
 
+#[cfg(test)]
+mod resume_tests;
 #[cfg(test)]
 mod tests;

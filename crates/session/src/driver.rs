@@ -9,6 +9,13 @@
 //! protocol (framing, truncation, keepalives, credit) is the connection's; this file only moves
 //! bytes and wakes tasks.
 //!
+//! A session configured to resume ([`MuxConfig::resume`]) outlives its stream: when the stream
+//! breaks the connection is suspended, the owner learns it from
+//! [`SessionHandle::transport_lost`], finds a new stream (rejoins the relay) and hands it over
+//! with [`SessionHandle::resume_with`]. Each stream has its own reader and writer, numbered by an
+//! epoch so that a late read from an old stream is never taken for the new one's bytes; the old
+//! writer runs the connection's timers (the resume window) until a new stream arrives.
+//!
 //! Memory stays bounded against a hostile peer: the reader pauses while the connection says not
 //! to read (the peer is not reading our answers), a write that makes no progress for the idle
 //! timeout ends the session, and incoming flows wait in a bounded channel.
@@ -31,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::connection::{Chunk, ConnEvent, Connection, Recv};
+use crate::connection::{Chunk, ConnEvent, Connection, Recv, TransportState};
 use crate::mux::AssocId;
 
 mod udp;
@@ -99,6 +106,9 @@ struct Shared {
     incoming_udp: Option<mpsc::Sender<UdpAssoc>>,
     /// Datagrams dropped because their association's queue was full.
     udp_dropped: u64,
+    /// The stream in use: bumped by each [`SessionHandle::resume_with`]. A reader or writer of
+    /// an earlier one stops.
+    epoch: u64,
 }
 
 struct Inner {
@@ -107,6 +117,8 @@ struct Inner {
     /// The writer sent something: a reader paused on a backlog may go on.
     drained: Notify,
     done: watch::Sender<Option<SessionError>>,
+    /// The transport's state and epoch, as of the last dispatch.
+    transport: watch::Sender<(TransportState, u64)>,
 }
 
 impl Inner {
@@ -205,6 +217,8 @@ impl Inner {
         if st.conn.wants_transmit() || st.conn.is_drained() {
             self.transmit.notify_one();
         }
+        let now = (st.conn.transport_state(), st.epoch);
+        self.transport.send_if_modified(|t| std::mem::replace(t, now) != now);
     }
 }
 
@@ -277,6 +291,76 @@ impl SessionHandle {
     /// The error that ended the session, if it has ended.
     pub fn error(&self) -> Option<SessionError> {
         self.guard.inner.lock().conn.error().cloned()
+    }
+
+    /// Where the session's transport stands.
+    pub fn transport_state(&self) -> TransportState {
+        self.guard.inner.lock().conn.transport_state()
+    }
+
+    /// Waits until the transport is lost (the session suspended: hand it a new stream with
+    /// [`SessionHandle::resume_with`]); `Err` once the session has ended instead.
+    pub async fn transport_lost(&self) -> Result<(), SessionError> {
+        let mut rx = self.guard.inner.transport.subscribe();
+        let mut done = self.guard.inner.done.subscribe();
+        loop {
+            if let Some(e) = done.borrow_and_update().clone() {
+                return Err(e);
+            }
+            if rx.borrow_and_update().0 == TransportState::Suspended {
+                return Ok(());
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Err(SessionError::Closed("session ended".into())) },
+                r = done.changed() => if r.is_err() { return Err(SessionError::Closed("session ended".into())) },
+            }
+        }
+    }
+
+    /// Waits until the resume begun by [`SessionHandle::resume_with`] has finished: `Ok(true)`
+    /// when the session is live again, `Ok(false)` when the attempt failed (the session is
+    /// suspended again; [`SessionHandle::resume_error`] says why), `Err` when the session ended.
+    pub async fn resumed(&self) -> Result<bool, SessionError> {
+        let mut rx = self.guard.inner.transport.subscribe();
+        let mut done = self.guard.inner.done.subscribe();
+        loop {
+            if let Some(e) = done.borrow_and_update().clone() {
+                return Err(e);
+            }
+            match rx.borrow_and_update().0 {
+                TransportState::Live => return Ok(true),
+                TransportState::Suspended => return Ok(false),
+                TransportState::Resuming => {}
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Err(SessionError::Closed("session ended".into())) },
+                r = done.changed() => if r.is_err() { return Err(SessionError::Closed("session ended".into())) },
+            }
+        }
+    }
+
+    /// Why the latest resume attempt failed.
+    pub fn resume_error(&self) -> Option<SessionError> {
+        self.guard.inner.lock().conn.resume_error().cloned()
+    }
+
+    /// Resumes the session over `stream` (a new transport to the same peer, e.g. the relay
+    /// rejoined): the resume exchange runs on it, then the records the peer lacks are resent.
+    /// Any earlier stream is given up. See [`SessionHandle::resumed`] for the outcome.
+    pub fn resume_with<S>(&self, stream: S) -> Result<(), SessionError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let inner = &self.guard.inner;
+        let epoch = {
+            let mut st = inner.lock();
+            st.conn.resume(now())?;
+            st.epoch += 1;
+            inner.dispatch(&mut st);
+            st.epoch
+        };
+        spawn_io(inner.clone(), stream, epoch);
+        Ok(())
     }
 }
 
@@ -728,7 +812,6 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (done, _) = watch::channel(None);
-    let write_timeout = config.idle_timeout;
     let conn = Connection::new(&keys, config, now());
     drop(keys);
     let inner = Arc::new(Inner {
@@ -739,24 +822,46 @@ where
             udp_slots: HashMap::new(),
             incoming_udp: None,
             udp_dropped: 0,
+            epoch: 0,
         }),
         transmit: Notify::new(),
         drained: Notify::new(),
         done,
+        transport: watch::channel((TransportState::Live, 0)).0,
     });
-    let (rd, wr) = tokio::io::split(stream);
-    tokio::spawn(read_loop(inner.clone(), rd));
-    tokio::spawn(write_loop(inner.clone(), wr, write_timeout));
+    spawn_io(inner.clone(), stream, 0);
     SessionHandle { guard: Arc::new(HandleGuard { inner }) }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R) {
+/// Starts the reader and writer of one stream.
+fn spawn_io<S>(inner: Arc<Inner>, stream: S, epoch: u64)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let write_timeout = inner.lock().conn.config().idle_timeout;
+    let (rd, wr) = tokio::io::split(stream);
+    tokio::spawn(read_loop(inner.clone(), rd, epoch));
+    tokio::spawn(write_loop(inner, wr, write_timeout, epoch));
+}
+
+/// Is this stream's epoch over, or the session, or its transport (nothing more to read)?
+fn stream_over(st: &Shared, epoch: u64) -> bool {
+    st.epoch != epoch || st.conn.error().is_some() || st.conn.transport_state() == TransportState::Suspended
+}
+
+/// Resolves when the stream of `epoch` is given up for a newer one.
+async fn superseded(rx: &mut watch::Receiver<(TransportState, u64)>, epoch: u64) {
+    let _ = rx.wait_for(|t| t.1 != epoch).await;
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R, epoch: u64) {
     let mut done = inner.done.subscribe();
+    let mut transport = inner.transport.subscribe();
     loop {
         // The connection's own buffer, borrowed so the read needs no lock and no copy.
         let mut buf = {
             let mut st = inner.lock();
-            if st.conn.error().is_some() {
+            if stream_over(&st, epoch) {
                 return;
             }
             st.conn.lend_input_buffer()
@@ -765,11 +870,17 @@ async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R) {
             r = rd.read_buf(&mut buf) => r,
             // The session ended elsewhere (writer error, local close): stop reading.
             _ = done.wait_for(Option::is_some) => return,
+            // A new stream took over: this one's bytes are no longer the session's (the buffer,
+            // holding at most the start of a record, is dropped; the peer resends it).
+            _ = superseded(&mut transport, epoch) => return,
         };
         // In a block of its own: the guard must be gone before the next await.
         let paused = {
             let mut guard = inner.lock();
             let st = &mut *guard;
+            if st.epoch != epoch {
+                return;
+            }
             let now = now();
             match read {
                 Ok(0) => {
@@ -783,7 +894,7 @@ async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R) {
                 }
             }
             inner.dispatch(st);
-            if st.conn.error().is_some() {
+            if stream_over(st, epoch) {
                 return;
             }
             !st.conn.wants_input()
@@ -797,7 +908,7 @@ async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R) {
                 }
                 let (ended, paused) = {
                     let st = inner.lock();
-                    (st.conn.error().is_some(), !st.conn.wants_input())
+                    (stream_over(&st, epoch), !st.conn.wants_input())
                 };
                 if ended {
                     return;
@@ -810,26 +921,58 @@ async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R) {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, stall: Duration) {
+async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, stall: Duration, epoch: u64) {
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + MAX_RECORD_PLAINTEXT + HEADER_LEN + TAG_LEN);
+    // A session that resumes keeps what it sends: taken as shared buffers, no copy.
+    let mut pieces: Vec<Bytes> = Vec::new();
+    let mut transport = inner.transport.subscribe();
+    // Set once this stream is lost: the loop then only runs the timers (the resume window)
+    // until a newer stream takes over.
+    let mut lost = false;
     loop {
         let (drained, timeout) = {
             let mut guard = inner.lock();
             let st = &mut *guard;
+            if st.epoch != epoch {
+                return;
+            }
             let now = now();
             if st.conn.poll_timeout().is_some_and(|t| t <= now) {
                 st.conn.handle_timeout(now);
             }
-            st.conn.poll_transmit(now, &mut out, WRITE_BATCH);
+            if !lost {
+                if st.conn.is_resumable() {
+                    let mut size = 0;
+                    while size < WRITE_BATCH {
+                        let Some(b) = st.conn.poll_transmit_bytes(now, WRITE_BATCH - size) else { break };
+                        size += b.len();
+                        pieces.push(b);
+                    }
+                } else {
+                    st.conn.poll_transmit(now, &mut out, WRITE_BATCH);
+                }
+            }
             inner.dispatch(st);
+            if st.conn.transport_state() == TransportState::Suspended {
+                lost = true;
+                out.clear();
+                pieces.clear();
+            }
             (st.conn.is_drained(), st.conn.poll_timeout())
         };
-        if !out.is_empty() {
-            tracing::trace!(bytes = out.len(), "writing records");
+        if !out.is_empty() || !pieces.is_empty() {
+            tracing::trace!(bytes = out.len() + pieces.iter().map(Bytes::len).sum::<usize>(), "writing records");
             // A peer that reads nothing for as long as the idle timeout is gone or hostile
             // (pinging us while our answers pile up); either way the session is over. Without
             // this bound the writer would wait forever and the keepalive timer never run.
-            let written = match tokio::time::timeout(stall, wr.write_all(&out)).await {
+            let write = async {
+                if out.is_empty() {
+                    write_chunks(&mut wr, &mut pieces).await.map(drop)
+                } else {
+                    wr.write_all(&out).await
+                }
+            };
+            let written = match tokio::time::timeout(stall, write).await {
                 Ok(r) => r,
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -837,18 +980,28 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, stall: 
                 )),
             };
             out.clear();
+            pieces.clear();
             if let Err(e) = written {
                 let mut st = inner.lock();
+                if st.epoch != epoch {
+                    return;
+                }
                 st.conn.handle_io_error(e);
                 inner.dispatch(&mut st);
-                return;
+                if st.conn.error().is_some() {
+                    return;
+                }
+                lost = true;
+                continue;
             }
             // `notify_one` keeps a permit, so a reader that is about to wait still sees it.
             inner.drained.notify_one();
             continue;
         }
         if drained {
-            let _ = wr.shutdown().await;
+            if !lost {
+                let _ = wr.shutdown().await;
+            }
             return;
         }
         match timeout {
@@ -856,9 +1009,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, stall: 
                 tokio::select! {
                     _ = inner.transmit.notified() => {}
                     _ = tokio::time::sleep_until(tokio::time::Instant::from_std(t)) => {}
+                    _ = superseded(&mut transport, epoch) => return,
                 }
             }
-            None => inner.transmit.notified().await,
+            None => tokio::select! {
+                _ = inner.transmit.notified() => {}
+                _ = superseded(&mut transport, epoch) => return,
+            },
         }
     }
 }

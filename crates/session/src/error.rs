@@ -41,6 +41,15 @@ pub enum SessionError {
     /// The session is closed (locally, by the peer, or by a keepalive timeout).
     #[error("session closed: {0}")]
     Closed(String),
+    /// A resume attempt on a new transport was refused: the peer's resume message was
+    /// malformed, forged, replayed or from another session. Only that attempt fails; the session
+    /// waits for another within its resume window.
+    #[error("resume refused: {0}")]
+    ResumeRefused(&'static str),
+    /// The transport broke and no resume succeeded within the resume window: every flow is
+    /// gone, as when a session ends.
+    #[error("the session's transport broke and it did not resume within {0} s")]
+    ResumeExpired(u64),
     /// Reading or writing the underlying byte stream failed.
     #[error("transport I/O failed: {0}")]
     Io(Arc<std::io::Error>),
@@ -58,15 +67,18 @@ impl SessionError {
     /// keepalive, so retrying would keep the flow open a second keepalive interval.
     pub fn is_stale(&self) -> bool {
         match self {
-            SessionError::Closed(_) | SessionError::Io(_) | SessionError::Truncated | SessionError::KeyExhausted => {
-                true
-            }
+            SessionError::Closed(_)
+            | SessionError::Io(_)
+            | SessionError::Truncated
+            | SessionError::KeyExhausted
+            | SessionError::ResumeExpired(_) => true,
             SessionError::Crypto
             | SessionError::Handshake(_)
             | SessionError::RecordTooLarge { .. }
             | SessionError::BadFrame(_)
             | SessionError::Protocol(_)
             | SessionError::Limit(_)
+            | SessionError::ResumeRefused(_)
             | SessionError::UnknownFlow(_) => false,
         }
     }
@@ -89,6 +101,7 @@ mod tests {
             SessionError::Io(Arc::new(std::io::ErrorKind::ConnectionReset.into())),
             SessionError::Truncated,
             SessionError::KeyExhausted,
+            SessionError::ResumeExpired(600),
         ] {
             assert!(stale.is_stale(), "{stale}");
         }

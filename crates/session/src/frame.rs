@@ -33,6 +33,7 @@ pub const DATAGRAM_HEADER: usize = 7;
 /// Largest datagram a session carries: the largest UDP payload over IPv4 (65535 less the IP and
 /// UDP headers), which also fits a record with its header. Longer ones are dropped and counted.
 pub const MAX_DATAGRAM: usize = 65_507;
+const ACK: u8 = 14;
 
 /// One mux frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +120,12 @@ pub enum Frame {
         /// Why.
         reason: String,
     },
+    /// The sender has opened this many of the receiver's records (the count, not an index), so
+    /// the receiver may forget them (see [`crate::retain`]).
+    Ack {
+        /// Records opened.
+        records: u64,
+    },
 }
 
 fn put_text(out: &mut Vec<u8>, s: &str) {
@@ -198,6 +205,10 @@ impl Frame {
                 out.extend_from_slice(&assoc.to_be_bytes());
                 put_text(out, reason);
             }
+            Frame::Ack { records } => {
+                out.push(ACK);
+                out.extend_from_slice(&records.to_be_bytes());
+            }
         }
     }
 
@@ -210,12 +221,17 @@ impl Frame {
             Frame::OpenOk { .. } | Frame::Fin { .. } => 5,
             Frame::Data { bytes, .. } => DATA_HEADER + bytes.len(),
             Frame::Credit { .. } => 9,
-            Frame::Ping { .. } | Frame::Pong { .. } => 9,
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::Ack { .. } => 9,
             Frame::Close { reason } => 1 + text(reason),
             Frame::UdpOpen { target: s, .. } | Frame::UdpClose { reason: s, .. } => 5 + text(s),
             Frame::Datagram { bytes, .. } => DATAGRAM_HEADER + bytes.len().min(MAX_DATAGRAM),
         }
     }
+}
+
+/// Is this record plaintext a lone `Ack` (which needs no acknowledgement of its own)?
+pub fn is_ack_only(plaintext: &[u8]) -> bool {
+    plaintext.len() == 9 && plaintext[0] == ACK
 }
 
 /// Writes a `Data` header; the caller appends `len` payload bytes right after.
@@ -317,6 +333,7 @@ impl FrameReader {
                 Frame::Datagram { assoc, bytes: self.buf.slice(start..start + len) }
             }
             UDP_CLOSE => Frame::UdpClose { assoc: self.u32()?, reason: self.text()? },
+            ACK => Frame::Ack { records: self.u64()? },
             _ => return Err(SessionError::BadFrame("unknown frame type")),
         };
         Ok(Some(f))
@@ -349,6 +366,7 @@ mod tests {
             (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300))
                 .prop_map(|(assoc, b)| Frame::Datagram { assoc, bytes: Bytes::from(b) }),
             (any::<u32>(), text()).prop_map(|(assoc, reason)| Frame::UdpClose { assoc, reason }),
+            any::<u64>().prop_map(|records| Frame::Ack { records }),
         ]
     }
 

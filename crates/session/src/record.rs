@@ -396,6 +396,12 @@ impl Opener {
         Ok(Some(record))
     }
 
+    /// Forgets the start of a record not yet whole: its transport broke, and the peer resends
+    /// the whole record on the next one (see [`crate::resume`]).
+    pub fn discard_partial(&mut self) {
+        self.buf.clear();
+    }
+
     /// Call at end of stream: an error if a partial record is left over.
     pub fn finish(&self) -> Result<(), SessionError> {
         if let Some(e) = &self.failed {

@@ -371,3 +371,122 @@ async fn a_peer_that_never_reads_is_ended_after_the_idle_timeout() {
     assert!(matches!(&err, SessionError::Io(e) if e.to_string().contains("read nothing")), "{err}");
     assert!(t0.elapsed() >= idle, "ended after {:?}, before the idle timeout", t0.elapsed());
 }
+
+/// A "relay" between two accepted connections: copies both ways until aborted, which closes
+/// both (the relay process killed).
+async fn relay_pair() -> (TcpStream, TcpStream, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (a, b, accepted) = tokio::join!(TcpStream::connect(addr), TcpStream::connect(addr), async {
+        let (x, _) = l.accept().await.expect("accept");
+        let (y, _) = l.accept().await.expect("accept");
+        (x, y)
+    });
+    let (mut x, mut y) = accepted;
+    let relay = tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut x, &mut y).await;
+    });
+    (a.expect("connect"), b.expect("connect"), relay)
+}
+
+fn resuming() -> MuxConfig {
+    MuxConfig { resume: Some(np_session::ResumeConfig::default()), ..MuxConfig::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_survives_its_relay_dying_and_both_sides_resuming_over_a_new_one() {
+    tokio::time::timeout(LIMIT, async {
+        let echo = echo_server().await;
+        let (ck, dk) = keys();
+        let (c1, d1, relay1) = relay_pair().await;
+        let client = client_session(c1, ck, resuming());
+        let dev = device_session(d1, dk, resuming());
+        let dev_handle = dev.handle().clone();
+        let _served = serve_device(dev);
+        let flow = client.open(&echo).await.expect("open");
+        let total = 48 << 20;
+        let transfer = tokio::spawn(echo_through(flow, total, 7));
+        // Let some of it through, then kill the relay mid-transfer.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        relay1.abort();
+        client.transport_lost().await.expect("client suspended");
+        dev_handle.transport_lost().await.expect("device suspended");
+        assert!(!transfer.is_finished(), "the transfer waits: a stall, not an error");
+        let (c2, d2, _relay2) = relay_pair().await;
+        client.resume_with(c2).expect("client resumes");
+        dev_handle.resume_with(d2).expect("device resumes");
+        assert!(client.resumed().await.expect("resumed"), "{:?}", client.resume_error());
+        assert!(dev_handle.resumed().await.expect("resumed"));
+        let (sent, got, n) = transfer.await.expect("transfer");
+        assert_eq!(n, total);
+        assert_eq!(sent, got, "the echo's SHA-256 is right");
+        assert!(client.error().is_none());
+    })
+    .await
+    .expect("within the limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_on_the_new_transport_is_refused_and_the_session_waits_for_its_peer() {
+    tokio::time::timeout(LIMIT, async {
+        let echo = echo_server().await;
+        let (ck, dk) = keys();
+        let (c1, d1, relay1) = relay_pair().await;
+        let client = client_session(c1, ck, resuming());
+        let dev = device_session(d1, dk, resuming());
+        let dev_handle = dev.handle().clone();
+        let _served = serve_device(dev);
+        let mut flow = client.open(&echo).await.expect("open");
+        flow.write_all(b"before").await.expect("write");
+        let mut buf = [0u8; 6];
+        flow.read_exact(&mut buf).await.expect("echo");
+        relay1.abort();
+        client.transport_lost().await.expect("suspended");
+        dev_handle.transport_lost().await.expect("suspended");
+        // The device restarted: another session's keys answer at the relay.
+        let (_, stranger_keys) = keys();
+        let (c2, d2, _relay2) = relay_pair().await;
+        client.resume_with(c2).expect("resume");
+        let (idle, _idle_peer) = tokio::io::duplex(64);
+        let stranger = device_session(idle, stranger_keys, resuming());
+        stranger.handle().resume_with(d2).expect("the stranger tries");
+        assert!(!client.resumed().await.expect("still waiting"), "refused");
+        assert!(
+            matches!(client.resume_error(), Some(SessionError::ResumeRefused(r)) if r.contains("authenticate")),
+            "{:?}",
+            client.resume_error()
+        );
+        // The real device comes back.
+        let (c3, d3, _relay3) = relay_pair().await;
+        client.resume_with(c3).expect("resume");
+        dev_handle.resume_with(d3).expect("resume");
+        assert!(client.resumed().await.expect("resumed"));
+        flow.write_all(b"after").await.expect("write");
+        let mut buf = [0u8; 5];
+        flow.read_exact(&mut buf).await.expect("echo");
+        assert_eq!(&buf, b"after");
+    })
+    .await
+    .expect("within the limit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_not_resumed_in_its_window_ends_and_its_flows_fail() {
+    let (ck, dk) = keys();
+    let (c1, d1, relay1) = relay_pair().await;
+    let window = Duration::from_secs(30);
+    let cfg = MuxConfig {
+        resume: Some(np_session::ResumeConfig { window, ..np_session::ResumeConfig::default() }),
+        ..MuxConfig::default()
+    };
+    let client = client_session(c1, ck, cfg.clone());
+    let dev = device_session(d1, dk, cfg);
+    let _served = serve_device(dev);
+    let flow = client.open("hold:1").await.expect("open");
+    relay1.abort();
+    client.transport_lost().await.expect("suspended");
+    let err = client.closed().await;
+    assert!(matches!(err, SessionError::ResumeExpired(30)), "{err}");
+    let (mut r, _w) = tokio::io::split(flow);
+    assert!(r.read(&mut [0u8; 8]).await.is_err(), "the flow fails, as when a session ends");
+}

@@ -50,6 +50,8 @@ pub enum SetupError {
 pub struct Transport {
     pub stream: TcpStream,
     pub keys: SessionKeys,
+    /// The session's random id, as both sides present it to the relay.
+    pub id: [u8; 16],
     /// The session's id in the logs of both ends: the first bytes of its random id, in hex.
     pub session: String,
     /// The features both ends have (see [`Features`]).
@@ -105,8 +107,31 @@ impl Connector {
         let t0 = Instant::now();
         let t = self.dial(device, relay, targets, step).await?;
         tracing::info!(device = %device, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
+        Ok(self.start_session(t, device, relay))
+    }
+
+    /// Runs the session over its transport; one that resumes rejoins its relay whenever the
+    /// transport breaks ([`crate::rejoin`]).
+    fn start_session(&self, t: Transport, device: &DeviceRef, relay: &Name) -> SessionHandle {
         let config = t.mux_config(&self.mux);
-        Ok(client_session(t.stream, t.keys, config))
+        let handle = client_session(t.stream, t.keys, config);
+        if self.mux.resume.is_some() {
+            crate::rejoin::keep(
+                handle.clone(),
+                crate::rejoin::Rejoin {
+                    ctl: self.ctl.clone(),
+                    relays: self.relays.clone(),
+                    relay: relay.clone(),
+                    role: Role::Client,
+                    session: t.id,
+                    peer: device.identity.clone(),
+                    ask_device: Some((self.router.clone(), device.device.clone())),
+                    eager_for: None,
+                    kick: Default::default(),
+                },
+            );
+        }
+        handle
     }
 
     /// [`Connector::dial`] through the best relay the device trusts ([`Connector::choice`]):
@@ -150,8 +175,8 @@ impl Connector {
         let t0 = Instant::now();
         let (t, relay) = self.dial_best(device, targets, step).await?;
         tracing::info!(device = %device, %relay, elapsed_ms = t0.elapsed().as_millis() as u64, "session established");
-        let config = t.mux_config(&self.mux);
-        Ok((client_session(t.stream, t.keys, config), relay))
+        let handle = self.start_session(t, device, &relay);
+        Ok((handle, relay))
     }
 
     /// Everything of [`Connector::open_session`] up to the session itself: the request, the
@@ -236,7 +261,7 @@ impl Connector {
                 .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?;
             let features = Features::from_payload(&features).common(Features::ours());
             step("handshake complete");
-            Ok::<_, SetupError>(Transport { stream, keys, session: session_id(&session), features })
+            Ok::<_, SetupError>(Transport { stream, keys, id: session, session: session_id(&session), features })
         };
         let result = tokio::select! {
             r = tokio::time::timeout(ttl, fut) => match r {

@@ -33,6 +33,9 @@ const RELAY_LIST_TTL: Duration = Duration::from_secs(30);
 /// the device a few answers rather than a control-plane round trip each.
 const REFUSAL_BURST: f64 = 20.0;
 const REFUSALS_PER_SEC: f64 = 5.0;
+/// How long an answer to a session query may wait for its asker on the control plane: it is
+/// useful only while the asker's session waits to resume, and the asker waits 10 s.
+const QUERY_ANSWER_TTL: Duration = Duration::from_secs(10);
 /// Requesters whose refusal budget is remembered; the table is cleared when full.
 const REFUSAL_TABLE_MAX: usize = 10_000;
 
@@ -128,6 +131,10 @@ fn now_ms() -> u64 {
 struct Held {
     id: u64,
     who: Name,
+    /// The session's id at the relay.
+    session: [u8; 16],
+    /// Wakes the session's rejoining when its client asks about it ([`crate::rejoin`]).
+    kick: Arc<tokio::sync::Notify>,
     /// `None` while being set up: counted against the requester's cap from admission on.
     handle: Option<np_session::SessionHandle>,
 }
@@ -268,6 +275,31 @@ impl Daemon {
                     tracing::warn!(to = %req.from, error = %e, "could not answer");
                 }
             }
+            TunnelMsg::SessionQuery { query_id, device, session } if device == self.cfg.device => {
+                // Each answer costs a control-plane send: held to the same budget as refusals.
+                if !self.may_refuse(&req.from) {
+                    return;
+                }
+                // Only about the sender's own sessions: anyone else learns nothing (ids are
+                // random, so there is nothing to learn but "no").
+                let held = self.held.lock().is_ok_and(|held| {
+                    let found = held.iter().find(|h| {
+                        h.who == req.from
+                            && h.session == session
+                            && h.handle.as_ref().is_none_or(|s| s.error().is_none())
+                    });
+                    if let Some(h) = found {
+                        // The client is rejoining: so do we, if we had stopped trying.
+                        h.kick.notify_one();
+                    }
+                    found.is_some()
+                });
+                tracing::debug!(requester = %req.from, held, "asked whether a session is still held");
+                let msg = TunnelMsg::SessionStatus { query_id, held };
+                if let Err(e) = self.ctl.send(&req.from, &msg.encode(), QUERY_ANSWER_TTL).await {
+                    tracing::debug!(to = %req.from, error = %e, "could not answer a session query");
+                }
+            }
             other => tracing::debug!(from = %req.from, msg = ?std::mem::discriminant(&other), "ignoring message"),
         }
     }
@@ -370,13 +402,30 @@ impl Daemon {
         let (admission, place) = {
             let mut held = self.held.lock().map_err(|_| Refusal::Internal)?;
             held.retain(|h| h.handle.as_ref().is_none_or(|s| s.error().is_none()));
-            let live = held.iter().filter(|h| &h.who == from).count();
+            let mut live = held.iter().filter(|h| &h.who == from).count();
+            // Sessions waiting to resume hold a requester's places until their window ends; a
+            // requester at its cap gets its places back from them, oldest first, rather than be
+            // refused (a client that does not resume, or came back as a new process, leaves
+            // such sessions behind at every break).
+            while live >= self.cfg.max_sessions_per_requester {
+                let Some(i) = held.iter().position(|h| {
+                    &h.who == from
+                        && h.handle.as_ref().is_some_and(|s| s.transport_state() != np_session::TransportState::Live)
+                }) else {
+                    break;
+                };
+                let h = held.remove(i);
+                if let Some(s) = h.handle {
+                    s.close("a new session of this requester needed the place of this suspended one");
+                }
+                live -= 1;
+            }
             let admission = {
                 let mut replay = self.replay.lock().map_err(|_| Refusal::Internal)?;
                 admission::admit(&cfg, from, &r, now_ms(), verdict.as_ref(), &mut replay, live)?
             };
             let id = self.next_held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            held.push(Held { id, who: from.clone(), handle: None });
+            held.push(Held { id, who: from.clone(), session: r.session, kick: Default::default(), handle: None });
             (admission, Place { daemon: self, id, kept: false })
         };
         self.join_and_serve(from, &r, admission, place).await
@@ -432,7 +481,23 @@ impl Daemon {
         tracing::info!(requester = %from, session = %session_id, %relay, "session accepted");
         let config = MuxConfig { udp: features.has(Features::UDP), ..self.cfg.mux.clone() };
         let mut session = device_session(stream, keys, config);
-        place.keep(session.handle().clone());
+        let kick = place.keep(session.handle().clone());
+        if self.cfg.mux.resume.is_some() {
+            crate::rejoin::keep(
+                session.handle().clone(),
+                crate::rejoin::Rejoin {
+                    ctl: self.ctl.clone(),
+                    relays: self.relays.clone(),
+                    relay: relay.clone(),
+                    role: Role::Device,
+                    session: r.session,
+                    peer: from.clone(),
+                    ask_device: None,
+                    eager_for: Some(crate::rejoin::DEVICE_EAGER),
+                    kick,
+                },
+            );
+        }
         let permits = Arc::new(admission.permits);
         let dial_timeout = self.cfg.dial_timeout;
         let requester = from.clone();
@@ -469,13 +534,16 @@ struct Place<'a> {
 }
 
 impl Place<'_> {
-    fn keep(&mut self, handle: np_session::SessionHandle) {
+    /// Fills the place; returns what wakes the session's rejoining.
+    fn keep(&mut self, handle: np_session::SessionHandle) -> Arc<tokio::sync::Notify> {
         if let Ok(mut held) = self.daemon.held.lock() {
             if let Some(h) = held.iter_mut().find(|h| h.id == self.id) {
                 h.handle = Some(handle);
                 self.kept = true;
+                return h.kick.clone();
             }
         }
+        Arc::default()
     }
 }
 

@@ -11,7 +11,8 @@
 //! - [`choose`]: which relay a session goes through;
 //! - [`daemon`]: the device daemon's checks and service;
 //! - [`policy`]: delegating the decision to a policy identity;
-//! - [`routes`]: the LAN routes a device advertises.
+//! - [`routes`]: the LAN routes a device advertises;
+//! - [`rejoin`]: both ends rejoining the relay when a session's transport breaks, to resume it.
 
 pub mod admission;
 pub mod choose;
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod msg;
 pub mod permit;
 pub mod policy;
+pub mod rejoin;
 pub mod relays;
 pub mod replay;
 pub mod router;

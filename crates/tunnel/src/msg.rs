@@ -19,6 +19,11 @@ pub enum TunnelMsg {
     EndSessions { request_id: [u8; 16], device: String, identity: Name },
     /// Device → manager: done, `count` sessions ended (or refused, with why).
     SessionsEnded { request_id: [u8; 16], result: Result<u32, String> },
+    /// Client → device: the transport of session `session` broke; do you still hold it (to
+    /// resume), or has it gone (npd restarted)? Answered only about the sender's own sessions.
+    SessionQuery { query_id: [u8; 16], device: String, session: [u8; 16] },
+    /// Device → client: whether it holds the session named in the query.
+    SessionStatus { query_id: [u8; 16], held: bool },
 }
 
 /// A client's request for a session with one device.

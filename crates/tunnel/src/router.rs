@@ -131,6 +131,7 @@ impl Router {
                     TunnelMsg::SessionRefused { request_id, .. } => Some(*request_id),
                     TunnelMsg::PolicyAnswer { query_id, .. } => Some(*query_id),
                     TunnelMsg::SessionsEnded { request_id, .. } => Some(*request_id),
+                    TunnelMsg::SessionStatus { query_id, .. } => Some(*query_id),
                     _ => None,
                 };
                 let fp = FromPeer { from: m.from, msg };

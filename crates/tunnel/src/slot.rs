@@ -72,10 +72,14 @@ impl SessionSlot {
     pub async fn get(&self, first: Option<&str>) -> Result<SessionHandle, SlotError> {
         let mut cur = self.current.lock().await;
         if let Some(h) = cur.as_ref() {
-            if h.error().is_none() {
-                return Ok(h.clone());
+            match (h.error(), h.transport_state()) {
+                (None, np_session::TransportState::Live) => return Ok(h.clone()),
+                // Its flows wait for it to resume (it keeps at it on its own); a new flow
+                // should not wait with them, for a relay that may not come back or a device
+                // that may have forgotten the session.
+                (None, _) => tracing::info!(device = %self.device, "session resuming; a new one for new flows"),
+                (Some(_), _) => tracing::info!(device = %self.device, "session ended; setting up a new one"),
             }
-            tracing::info!(device = %self.device, "session ended; setting up a new one");
         }
         let step = progress(self.verbose);
         let targets = match (self.targets.is_empty(), first) {
@@ -130,6 +134,9 @@ impl SessionSlot {
             Ok(cur) => match cur.as_ref() {
                 None => "none yet".into(),
                 Some(h) => match h.error() {
+                    None if h.transport_state() != np_session::TransportState::Live => {
+                        "resuming (the relay connection broke)".into()
+                    }
                     None => "established".into(),
                     Some(e) => format!("ended: {e}"),
                 },

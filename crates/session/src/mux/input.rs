@@ -154,6 +154,7 @@ impl Mux {
             f @ (Frame::UdpOpen { .. } | Frame::Datagram { .. } | Frame::UdpClose { .. }) => {
                 self.handle_udp_frame(f, now)?;
             }
+            Frame::Ack { records } => self.events.push_back(Event::Acked { records }),
             Frame::Close { reason } => {
                 self.closed = Some(reason.clone());
                 self.clear_flows();

@@ -92,6 +92,9 @@ pub struct MuxConfig {
     pub max_udp_assocs: usize,
     /// Bytes of UDP frames queued for sending past which datagrams are dropped (and counted).
     pub max_udp_queued: usize,
+    /// Keep sealed records until acknowledged so the session can resume on a new transport;
+    /// `None`: a broken transport ends the session (acknowledgements are sent either way).
+    pub resume: Option<crate::resume::ResumeConfig>,
 }
 
 /// Pings a peer may send in a burst, and per second after it. A peer of ours pings once per
@@ -123,6 +126,7 @@ impl Default for MuxConfig {
             max_udp_assocs: 256,
             // Four full records: a burst at line rate waits at most a few records behind TCP.
             max_udp_queued: 256 * 1024,
+            resume: None,
         }
     }
 }
@@ -194,6 +198,11 @@ pub enum Event {
         assoc: AssocId,
         /// Why.
         reason: String,
+    },
+    /// The peer has opened this many of our records (its `Ack`; checked by the connection).
+    Acked {
+        /// Records opened.
+        records: u64,
     },
     /// The session ended (peer's `Close` or keepalive timeout).
     Closed {
@@ -269,6 +278,9 @@ pub struct Mux {
     next_ping: u64,
     closed: Option<String>,
     udp: udp::Assocs,
+    /// No data frames go out while set: the connection holds as many unacknowledged records as
+    /// it may (see `Mux::set_data_paused`).
+    data_paused: bool,
 }
 
 impl Mux {
@@ -300,6 +312,7 @@ impl Mux {
             next_ping: 0,
             closed: None,
             udp: udp::Assocs::new(),
+            data_paused: false,
         }
     }
 
@@ -450,6 +463,24 @@ impl Mux {
         }
         let t = (self.last_send + self.config.keepalive_interval).min(self.last_recv + self.config.idle_timeout);
         Some(self.udp.deadline().map_or(t, |d| d.min(t)))
+    }
+
+    /// Stops (or restarts) sending flow data: control frames still go out. Flows see this as
+    /// their credit running out (the peer grants none for data it has not received), so it is
+    /// backpressure, never loss.
+    pub fn set_data_paused(&mut self, paused: bool) {
+        self.data_paused = paused;
+    }
+
+    /// Has nothing been received for the idle timeout?
+    pub fn idle_expired(&self, now: Instant) -> bool {
+        now >= self.last_recv + self.config.idle_timeout
+    }
+
+    /// Restarts the keepalive clocks (a new transport was just set up).
+    pub fn touch(&mut self, now: Instant) {
+        self.last_recv = now;
+        self.last_send = now;
     }
 
     /// Runs timers: queues a keepalive `Ping` or declares the session dead.

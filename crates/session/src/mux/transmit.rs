@@ -19,8 +19,9 @@ impl Mux {
         self.pong.is_some()
             || !self.control.is_empty()
             || !self.credit_ready.is_empty()
-            || !self.ready.is_empty()
-            || self.udp.has_output()
+            // Flow data and datagrams wait while the connection holds all the unacknowledged
+            // records it may (see `set_data_paused`); datagrams beyond their queue are dropped.
+            || (!self.data_paused && (!self.ready.is_empty() || self.udp.has_output()))
     }
 
     /// Are so many control frames waiting to be sent that the driver should stop reading from
@@ -79,10 +80,12 @@ impl Mux {
             }
         }
         // Datagrams next: at most half the record while flows have data, so neither starves.
-        let udp_room = if self.ready.is_empty() { max } else { max / 2 };
-        let before = used(out);
-        self.transmit_udp(out, before, udp_room, max);
-        let rounds = self.ready.len();
+        let rounds = if self.data_paused { 0 } else { self.ready.len() };
+        if !self.data_paused {
+            let udp_room = if self.ready.is_empty() { max } else { max / 2 };
+            let before = used(out);
+            self.transmit_udp(out, before, udp_room, max);
+        }
         for _ in 0..rounds {
             let room = max.saturating_sub(used(out));
             if room <= DATA_HEADER {
