@@ -87,7 +87,7 @@ enum Cmd {
         /// How long a session whose relay connection broke (relay restart, network change,
         /// sleep) waits to resume; its flows stall meanwhile, and reset after it. 0 turns
         /// resumption off [at most 24h].
-        #[arg(long, default_value = "10m", value_parser = np_cli::parse_resume_window)]
+        #[arg(long, env = "NP_RESUME_WINDOW", default_value = "10m", value_parser = np_cli::parse_resume_window)]
         resume_window: Duration,
     },
     /// Bring up a virtual interface where each device has an address: `ssh pi@100.80.0.2` just works.

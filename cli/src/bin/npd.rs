@@ -72,7 +72,7 @@ struct Cli {
     /// How long a session whose relay connection broke waits for its client to resume it; its
     /// flows (and the services' connections) stay open meanwhile. 0 turns resumption off
     /// [at most 24h].
-    #[arg(long, default_value = "10m", value_parser = np_cli::parse_resume_window)]
+    #[arg(long, env = "NP_RESUME_WINDOW", default_value = "10m", value_parser = np_cli::parse_resume_window)]
     resume_window: Duration,
 }
 

@@ -580,7 +580,10 @@ impl Connection {
             return None;
         }
         // One record may go past `max`; a huge `max` still starts with a sane allocation.
-        let mut buf = Vec::with_capacity(max.min(1 << 20) + HEADER_LEN + MAX_RECORD_PLAINTEXT + TAG_LEN);
+        // A spent batch of at least this size is sealed into again (later calls of a write ask
+        // for less).
+        let capacity = max.min(1 << 20) + HEADER_LEN + MAX_RECORD_PLAINTEXT + TAG_LEN;
+        let mut buf = self.retained.reusable(capacity).unwrap_or_else(|| Vec::with_capacity(capacity));
         let first = self.sealer.counter();
         self.seal_records(now, &mut buf, max, &mut |_, _, _| 0);
         if buf.is_empty() {
@@ -690,6 +693,7 @@ impl Connection {
         self.drain_mux();
         // Timers fire when the session is quiet; reads are rare then.
         self.opener.shed_spares();
+        self.retained.shed_spares();
     }
 
     /// Should the shell read more from the peer? Not once ended, and not while so many answers
