@@ -176,4 +176,26 @@ mod tests {
         r.ack(7);
         assert_eq!((r.bytes(), r.all().count()), (0, 0));
     }
+
+    #[test]
+    fn an_acknowledged_batchs_buffer_is_sealed_into_again_once_the_writer_is_done() {
+        let mut r = Retained::default();
+        let mut v = Vec::with_capacity(4096);
+        v.extend_from_slice(&sealed(0, 3));
+        let batch = Bytes::from(v);
+        let writing = batch.clone();
+        r.push(0, 3, batch);
+        assert!(r.reusable(4096).is_none(), "still held until acknowledged");
+        r.ack(3);
+        assert!(r.reusable(4096).is_none(), "the writer still holds it");
+        drop(writing);
+        let again = r.reusable(4096).expect("free now");
+        assert!(again.is_empty() && again.capacity() >= 4096);
+        assert!(r.reusable(1).is_none(), "handed out once");
+        // Idle: spares are forgotten.
+        r.push(3, 1, sealed(3, 1));
+        r.ack(4);
+        r.shed_spares();
+        assert!(r.reusable(1).is_none());
+    }
 }
