@@ -1,11 +1,12 @@
 //! Two `np-control` nodes on one PostgreSQL database (a throwaway cluster the test starts):
-//! a device connected to node A and a client connected to node B set up a session and carry
-//! bytes. The session request is stored by B and reaches the device at once, because B's commit
+//! a device connected to node A and a client connected to node B set up a session, carry
+//! bytes and run `ssh`. The session request is stored by B and reaches the device at once, because B's commit
 //! wakes A through LISTEN/NOTIFY.
 #![allow(clippy::unwrap_used)]
 
 use np_testpg::TempPostgres;
 use np_tests::servers::echo;
+use np_tests::sshd::Sshd;
 use np_tests::stack::{np, Stack};
 use np_tests::{np_keys_new, wait_until, Control};
 use std::io::{Read, Write};
@@ -74,7 +75,8 @@ fn device_on_one_node_client_on_the_other() {
     // @bob enrols through node B, so his home points there; the code B issues pins A's cert.
     let bob = b.identity("@bob");
     let port = echo();
-    let permit = format!("localhost:{port}");
+    let sshd = Sshd::start();
+    let permit = format!("localhost:{port},localhost:{}", sshd.port);
     let _npd = s.npd("pi4", &["--manager", "@bob", "--manager", "@alice", "--permit-open", &permit]);
     let msg = b"across two control-plane nodes".repeat(1000);
     let forward = format!("0:localhost:{port}");
@@ -86,9 +88,14 @@ fn device_on_one_node_client_on_the_other() {
     let one = started.elapsed();
 
     let started = Instant::now();
-    let fwd = s.forward_as(&bob, "@bob", "pi4@alice_device", &[&forward], &[]).unwrap();
+    let ssh_forward = format!("0:localhost:{}", sshd.port);
+    let fwd = s.forward_as(&bob, "@bob", "pi4@alice_device", &[&forward, &ssh_forward], &[]).unwrap();
     assert_eq!(round_trip(fwd.addrs[0], &msg), msg);
     let two = started.elapsed();
+    // And a real ssh session through it: the client's node and the device's node differ.
+    let out = sshd.ssh(fwd.addrs[1].port(), "echo ok-across-nodes");
+    assert!(out.status.success(), "ssh failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok-across-nodes");
     println!(
         "np forward start to first bytes back: {} ms with client and device on one node, {} ms across two nodes",
         one.as_millis(),
