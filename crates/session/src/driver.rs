@@ -854,6 +854,15 @@ async fn superseded(rx: &mut watch::Receiver<(TransportState, u64)>, epoch: u64)
     let _ = rx.wait_for(|t| t.1 != epoch).await;
 }
 
+/// For the writer of stream `epoch`: resolves `true` once a newer stream took over (or the
+/// session is gone), `false` once this stream is lost (unless it is known to be already).
+async fn transport_changed(rx: &mut watch::Receiver<(TransportState, u64)>, epoch: u64, lost: bool) -> bool {
+    match rx.wait_for(|t| t.1 != epoch || (!lost && t.0 == TransportState::Suspended)).await {
+        Ok(t) => t.1 != epoch,
+        Err(_) => true,
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, mut rd: R, epoch: u64) {
     let mut done = inner.done.subscribe();
     let mut transport = inner.transport.subscribe();
@@ -929,6 +938,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, stall: 
     // Set once this stream is lost: the loop then only runs the timers (the resume window)
     // until a newer stream takes over.
     let mut lost = false;
+    // Whether the lost stream's writing side was shut down.
+    let mut shut = false;
     loop {
         let (drained, timeout) = {
             let mut guard = inner.lock();
@@ -998,6 +1009,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, stall: 
             inner.drained.notify_one();
             continue;
         }
+        if lost && !shut {
+            // The stream is done with, whatever comes next: say so at once. Held open, it kept
+            // the relay pairing it with a peer that was gone (a killed client) for as long as
+            // the resume window, and the relay's slot with it.
+            shut = true;
+            let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+        }
         if drained {
             if !lost {
                 let _ = wr.shutdown().await;
@@ -1009,12 +1027,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, mut wr: W, stall: 
                 tokio::select! {
                     _ = inner.transmit.notified() => {}
                     _ = tokio::time::sleep_until(tokio::time::Instant::from_std(t)) => {}
-                    _ = superseded(&mut transport, epoch) => return,
+                    // A newer stream took over (stop), or the reader lost this one (shut it, above).
+                    stop = transport_changed(&mut transport, epoch, lost) => if stop { return },
                 }
             }
             None => tokio::select! {
                 _ = inner.transmit.notified() => {}
-                _ = superseded(&mut transport, epoch) => return,
+                stop = transport_changed(&mut transport, epoch, lost) => if stop { return },
             },
         }
     }
