@@ -106,3 +106,20 @@ fn npd_restarted_the_client_says_the_session_cannot_resume_and_new_flows_get_a_n
     assert!(matches!(held.read(&mut b), Ok(0) | Err(_)), "the old flow ends");
     assert!(wait_until(Duration::from_secs(10), || echo_ok(f.addrs[0])), "{}", log(&s, "forward.log"));
 }
+
+/// A client that will not resume (here `np forward --resume-window 0`; `np nc` and `np up` do
+/// not resume either) says so in its request, and npd ends its session as soon as the client is
+/// gone instead of keeping it, and a place, waiting for the whole resume window.
+#[test]
+fn a_client_that_will_not_resume_leaves_no_session_waiting_at_the_device() {
+    let s = Stack::start();
+    let port = echo();
+    let _npd = s.npd("pi4", &["--manager", "@alice", "--permit-open", &format!("localhost:{port}")]);
+    let f = s.forward("pi4@alice_device", &[&format!("0:localhost:{port}")], &["--resume-window", "0"]).unwrap();
+    assert!(echo_ok(f.addrs[0]));
+    drop(f);
+    let ended = wait_until(Duration::from_secs(10), || log(&s, "npd-pi4.log").contains("session ended"));
+    let npd_log = log(&s, "npd-pi4.log");
+    assert!(ended, "npd kept the session: {npd_log}");
+    assert!(!npd_log.contains("rejoining the relay"), "{npd_log}");
+}

@@ -61,7 +61,8 @@ pub struct Transport {
 impl Transport {
     /// `base` for this session: with the features both ends negotiated.
     pub fn mux_config(&self, base: &MuxConfig) -> MuxConfig {
-        MuxConfig { udp: self.features.has(Features::UDP), ..base.clone() }
+        let resume = if self.features.has(Features::RESUME) { base.resume } else { None };
+        MuxConfig { udp: self.features.has(Features::UDP), resume, ..base.clone() }
     }
 }
 
@@ -95,6 +96,15 @@ fn random16() -> [u8; 16] {
 }
 
 impl Connector {
+    /// What this client's session requests offer: everything this build knows, less resuming
+    /// when it will not resume (so the device does not keep the session waiting for it).
+    fn offered_features(&self) -> Features {
+        match self.mux.resume {
+            Some(_) => Features::ours(),
+            None => Features::ours().without(Features::RESUME),
+        }
+    }
+
     /// Opens a session to `device` through `relay`. `targets` are checked by the device up
     /// front so an unpermitted one is refused at once. `step` is told each step as it completes.
     pub async fn open_session(
@@ -114,8 +124,9 @@ impl Connector {
     /// transport breaks ([`crate::rejoin`]).
     fn start_session(&self, t: Transport, device: &DeviceRef, relay: &Name) -> SessionHandle {
         let config = t.mux_config(&self.mux);
+        let resumes = config.resume.is_some();
         let handle = client_session(t.stream, t.keys, config);
-        if self.mux.resume.is_some() {
+        if resumes {
             crate::rejoin::keep(
                 handle.clone(),
                 crate::rejoin::Rejoin {
@@ -219,7 +230,7 @@ impl Connector {
             session,
             handshake: msg1,
             targets: targets.to_vec(),
-            features: Features::ours(),
+            features: self.offered_features(),
         });
         let refusal = self.router.expect(request_id);
         let ttl = self.timeout.max(Duration::from_secs(1));
@@ -259,7 +270,7 @@ impl Connector {
             let (keys, features) = init
                 .finish_with_features(&msg2)
                 .map_err(|e| SetupError::Handshake { device: dev_name.clone(), reason: e.to_string() })?;
-            let features = Features::from_payload(&features).common(Features::ours());
+            let features = Features::from_payload(&features).common(self.offered_features());
             step("handshake complete");
             Ok::<_, SetupError>(Transport { stream, keys, id: session, session: session_id(&session), features })
         };

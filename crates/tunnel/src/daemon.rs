@@ -479,10 +479,13 @@ impl Daemon {
             .map_err(|_| cannot_reach(format!("no answer within {}s", RELAY_JOIN_TIMEOUT.as_secs())))??;
         let session_id = crate::client::session_id(&r.session);
         tracing::info!(requester = %from, session = %session_id, %relay, "session accepted");
-        let config = MuxConfig { udp: features.has(Features::UDP), ..self.cfg.mux.clone() };
+        // Resumed only if the client said it will come back (see `Features::RESUME`).
+        let resume = if features.has(Features::RESUME) { self.cfg.mux.resume } else { None };
+        let resumes = resume.is_some();
+        let config = MuxConfig { udp: features.has(Features::UDP), resume, ..self.cfg.mux.clone() };
         let mut session = device_session(stream, keys, config);
         let kick = place.keep(session.handle().clone());
-        if self.cfg.mux.resume.is_some() {
+        if resumes {
             crate::rejoin::keep(
                 session.handle().clone(),
                 crate::rejoin::Rejoin {

@@ -60,10 +60,19 @@ pub struct Features(pub u32);
 impl Features {
     /// UDP associations in the mux (`UdpOpen`, `Datagram`, `UdpClose` frames).
     pub const UDP: Features = Features(1);
+    /// The side that offers it will rejoin and resume the session when its relay connection
+    /// breaks. A device keeps a session waiting for that only if its client said so: one that
+    /// will not come back (an `np nc` that exited) must not hold a place for the resume window.
+    pub const RESUME: Features = Features(2);
 
     /// Everything this build knows.
     pub fn ours() -> Features {
-        Features::UDP
+        Features(Features::UDP.0 | Features::RESUME.0)
+    }
+
+    /// These bits, less those of `f`.
+    pub fn without(self, f: Features) -> Features {
+        Features(self.0 & !f.0)
     }
 
     /// Whether every bit of `f` is set.
@@ -174,6 +183,10 @@ mod tests {
         let bytes = postcard::to_stdvec(&old).expect("encode");
         assert_eq!(TunnelMsg::decode(&bytes), Some(TunnelMsg::SessionRequest(req(Features::default()))));
         assert!(Features::ours().has(Features::UDP));
+        assert!(Features::ours().has(Features::RESUME));
+        let no_resume = Features::ours().without(Features::RESUME);
+        assert!(no_resume.has(Features::UDP) && !no_resume.has(Features::RESUME));
+        assert!(!no_resume.common(Features::ours()).has(Features::RESUME));
         assert!(!Features::default().has(Features::UDP));
         assert_eq!(Features::from_payload(&Features::UDP.to_payload()), Features::UDP);
         assert_eq!(Features::from_payload(&[]), Features::default());
