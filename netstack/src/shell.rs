@@ -549,11 +549,13 @@ async fn read_packet(
     hdr: &mut [u8; VNET_HDR_LEN],
     packet: &mut [u8],
 ) -> io::Result<usize> {
-    if !vnet {
-        return tun.recv(packet).await;
+    loop {
+        tun.readable().await?;
+        match try_read_packet(tun, vnet, hdr, packet) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
     }
-    let n = tun.recv_vectored(&mut [IoSliceMut::new(hdr), IoSliceMut::new(packet)]).await?;
-    Ok(n.saturating_sub(VNET_HDR_LEN))
 }
 
 /// [`read_packet`] if one is waiting, else `WouldBlock`.
