@@ -446,7 +446,13 @@ impl Daemon {
         let pro = prologue(&r.session, from, self.ctl.me(), &self.cfg.device, &admission.relay);
         // Features are answered only to a client that offered some (an older one refuses any
         // payload in message 2), and used only when both have them.
-        let features = r.features.common(Features::ours());
+        // Resuming is not offered back by a daemon that does not resume (`--resume-window 0`):
+        // its client then ends the session with the transport instead of rejoining in vain.
+        let ours = match self.cfg.mux.resume {
+            Some(_) => Features::ours(),
+            None => Features::ours().without(Features::RESUME),
+        };
+        let features = r.features.common(ours);
         let (msg2, keys) = Responder::respond_with_features(
             self.ctl.keys().x25519_private(),
             &client_keys.x25519,
